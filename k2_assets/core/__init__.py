@@ -1,0 +1,1 @@
+"""Plain-Python core of K2: decoding, validation and Iceberg writing. Never imports Dagster."""

@@ -1,0 +1,170 @@
+"""Binance public trade dumps (data.binance.vision) -> v2 trades for one UTC date.
+
+Files in the history directory (any depth), as Binance publishes them or redistributed:
+    SYMBOL-trades-YYYY-MM-DD[suffix].csv|.zip      trade_id,price,qty,quote_qty,time,is_buyer_maker[,is_best_match]
+    SYMBOL-aggTrades-YYYY-MM-DD[suffix].csv|.zip   agg_trade_id,price,quantity,first_trade_id,last_trade_id,time,is_buyer_maker[,is_best_match]
+with or without a header line. Times are epoch milliseconds before 2025-01-01 and microseconds from
+then on (Binance switched the spot dumps); each value is judged on its own magnitude.
+
+source_sequence is the exchange's trade id (contiguous per symbol) or, for aggTrades, the aggregate
+id (also contiguous). When both kinds exist for a symbol and day, the raw trades win and the
+aggTrades file is reported as skipped, since loading both would count the same volume twice.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from k2_assets.core import decode, schemas
+from k2_assets.core.decode import Batch, Rows
+
+EXCHANGE = "BINANCE"
+FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$")
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
+MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch us are above it since 1973
+
+
+@dataclass(frozen=True)
+class DumpFile:
+    path: Path
+    symbol: str
+    kind: str  # "trades" or "aggTrades"
+    day: date
+
+
+def find_files(history_dir: Path, day: date | None = None) -> list[DumpFile]:
+    found = []
+    for path in sorted(history_dir.rglob("*")):
+        match = FILE_PATTERN.match(path.name)
+        if match and path.is_file():
+            file_day = date.fromisoformat(match["date"])
+            if day is None or file_day == day:
+                found.append(DumpFile(path, match["symbol"], match["kind"], file_day))
+    return found
+
+
+def quote_currency(symbol: str) -> str | None:
+    for asset in QUOTE_ASSETS:
+        if symbol.endswith(asset) and len(symbol) > len(asset):
+            return asset
+    return None
+
+
+def read_dump(path: Path) -> bytes:
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".csv")]
+            if len(members) != 1:
+                raise ValueError(f"{path}: expected one .csv inside the zip, found {members}")
+            return archive.read(members[0])
+    return path.read_bytes()
+
+
+def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None = None) -> tuple[Batch, list[str]]:
+    """Decode every dump for `day`; returns the batch and notes on skipped files."""
+    now = now or decode.utc_now()
+    files = find_files(history_dir, day)
+    raw_symbols = {f.symbol for f in files if f.kind == "trades"}
+    tables, rejects, read, used, notes = [], [], 0, [], []
+    for dump in files:
+        rel = dump.path.relative_to(history_dir).as_posix()
+        if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
+            notes.append(f"{rel}: skipped, raw trades for {dump.symbol} on {day} are loaded instead")
+            continue
+        rows, table = _decode(dump, day, rel, now)
+        used.append(rel)
+        read += len(rows)
+        tables.append(table)
+        rejects.append(
+            decode.rejected_table(
+                rows, rows.rejected(), source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
+                source_file=rel, rejected_at=now,
+            )
+        )
+    schema = schemas.arrow_schema(schemas.TRADE)
+    batch = Batch(
+        pa.concat_tables(tables) if tables else schema.empty_table(),
+        pa.concat_tables(rejects) if rejects else schemas.arrow_schema(schemas.REJECTED).empty_table(),
+        read,
+        used,
+    )
+    return batch, notes
+
+
+def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
+    lines = decode.read_lines(read_dump(dump.path))
+    first_row = 1
+    if len(lines) and not lines[0].as_py()[:1].isdigit():  # a header line
+        lines, first_row = lines.slice(1), 2
+    agg = dump.kind == "aggTrades"
+    base = 8 if agg else 7
+    # The optional is_best_match column: a file has it on every line or on none.
+    first_len = len(lines[0].as_py().split(",")) if len(lines) else base
+    n_fields = base if first_len == base else base - 1
+    rows = Rows(lines, n_fields, first_row=first_row)
+    if agg:
+        id_s, price_s, qty_s, first_s, last_s, time_s, maker_s = rows.fields[:7]
+    else:
+        id_s, price_s, qty_s, _quote_qty, time_s, maker_s = rows.fields[:6]
+    best_s = rows.fields[n_fields - 1] if n_fields == base else None
+
+    trade_id = rows.integer(id_s, "agg_trade_id" if agg else "trade_id")
+    price = rows.decimal(price_s, "price")
+    quantity = rows.decimal(qty_s, "quantity")
+    epoch = rows.integer(time_s, "time")
+    micros = pc.if_else(pc.greater_equal(epoch, MICROS_FROM), epoch, pc.multiply(epoch, 1000))
+    ts = pc.cast(micros, pa.timestamp("us", tz="UTC"))
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    outside = pc.or_(pc.less(ts, pa.scalar(start, ts.type)), pc.greater_equal(ts, pa.scalar(start + timedelta(days=1), ts.type)))
+    rows.reject(outside, "time ", time_s, f" is outside the UTC day {day}")
+    maker = pc.utf8_lower(maker_s)
+    rows.reject(pc.invert(pc.is_in(maker, pa.array(["true", "false"]))), "is_buyer_maker '", maker_s, "' is not True or False")
+    currency = quote_currency(dump.symbol)
+    if currency is None:
+        rows.reject(pa.repeat(True, len(rows)), f"no known quote currency at the end of symbol {dump.symbol}")
+    vendor_keys, vendor_cols = [], []
+    if agg:
+        first_id = rows.integer(first_s, "first_trade_id")
+        last_id = rows.integer(last_s, "last_trade_id")
+        vendor_keys += ["record_type", "first_trade_id", "last_trade_id"]
+        vendor_cols += [pa.repeat(pa.scalar("aggTrade"), len(rows)), pc.cast(first_id, pa.string()), pc.cast(last_id, pa.string())]
+    if best_s is not None:
+        vendor_keys.append("is_best_match")
+        vendor_cols.append(best_s)
+
+    ok = rows.accepted()
+    n = len(ok)
+    ids = pc.take(trade_id, ok)
+    prefix = f"{EXCHANGE}:{dump.symbol}:" + ("agg:" if agg else "")
+    columns = {
+        "message_id": pc.binary_join_element_wise(prefix, pc.cast(ids, pa.string()), ""),
+        "trade_id": pc.cast(ids, pa.string()),
+        "exchange": pa.repeat(pa.scalar(EXCHANGE), n),
+        "symbol": pa.repeat(pa.scalar(dump.symbol), n),
+        "asset_class": pa.repeat(pa.scalar("CRYPTO"), n),
+        "currency": pa.repeat(pa.scalar(currency or ""), n),
+        # is_buyer_maker means the seller was the taker: the aggressor sold.
+        "side": pc.if_else(pc.equal(pc.take(maker, ok), "true"), "SELL", "BUY"),
+        "price": pc.take(price, ok),
+        "quantity": pc.take(quantity, ok),
+        "exchange_timestamp": pc.take(ts, ok),
+        "trade_date": pa.repeat(pa.scalar(day, pa.date32()), n),
+        "ingest_timestamp": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+        "source_sequence": ids,
+        "trade_conditions": pa.repeat(pa.scalar([], pa.list_(pa.string())), n),
+        "venue": pa.nulls(n, pa.string()),
+        "vendor_data": decode.string_map(vendor_keys, [pc.take(c, ok) for c in vendor_cols], n)
+        if vendor_keys
+        else pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.string())),
+        "source_file": pa.repeat(pa.scalar(rel), n),
+        "source_row": pc.take(rows.line_numbers, ok),
+    }
+    return rows, schemas.build_table(schemas.TRADE, columns, n)

@@ -1,0 +1,96 @@
+"""The Iceberg catalog and K2's tables: namespace `market`, schemas derived from the Avro contracts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pyiceberg.catalog import Catalog
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.table import Table
+from pyiceberg.table.sorting import SortField, SortOrder
+from pyiceberg.transforms import IdentityTransform
+
+from k2_assets.core import schemas
+
+NAMESPACE = "market"
+
+# Small metadata: merge manifests on commit, keep a bounded metadata.json history.
+TABLE_PROPERTIES = {
+    "format-version": "2",
+    "commit.manifest-merge.enabled": "true",
+    "commit.manifest.min-count-to-merge": "20",
+    "commit.manifest.target-size-bytes": str(8 * 1024 * 1024),
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "50",
+    "write.parquet.compression-codec": "zstd",
+}
+
+
+@dataclass(frozen=True)
+class TableDef:
+    schema: str
+    partition_by: tuple[str, ...]
+    sort_by: tuple[str, ...] = ()
+
+
+TABLES: dict[str, TableDef] = {
+    "trades": TableDef(schemas.TRADE, ("exchange", "trade_date"), ("symbol", "exchange_timestamp", "source_sequence")),
+    "quotes": TableDef(schemas.QUOTE, ("exchange", "trade_date"), ("symbol", "exchange_timestamp", "source_sequence")),
+    "rejected": TableDef(schemas.REJECTED, ("source", "partition_date"), ("source_file", "source_row")),
+}
+
+
+def open_catalog(uri: str, warehouse: str) -> Catalog:
+    """A pyiceberg SQL catalog: SQLite by default, Postgres by URI; file or s3:// warehouse."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if warehouse.startswith("file://"):
+        Path(urlparse(warehouse).path).mkdir(parents=True, exist_ok=True)
+    properties = {"uri": uri, "warehouse": warehouse}
+    # Object-store credentials come from the environment only.
+    for env_name, prop in (
+        ("K2_S3_ENDPOINT", "s3.endpoint"),
+        ("AWS_ACCESS_KEY_ID", "s3.access-key-id"),
+        ("AWS_SECRET_ACCESS_KEY", "s3.secret-access-key"),
+        ("AWS_REGION", "s3.region"),
+    ):
+        if os.environ.get(env_name):
+            properties[prop] = os.environ[env_name]
+    return SqlCatalog("k2", **properties)
+
+
+def table_identifier(name: str) -> str:
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; K2 tables are {sorted(TABLES)}")
+    return f"{NAMESPACE}.{name}"
+
+
+def ensure_table(catalog: Catalog, name: str) -> Table:
+    """Load `market.<name>`, creating the namespace and table on first use (safe when writers race)."""
+    identifier = table_identifier(name)
+    try:
+        return catalog.load_table(identifier)
+    except NoSuchTableError:
+        pass
+    definition = TABLES[name]
+    schema = schemas.iceberg_schema(definition.schema)
+    spec = PartitionSpec(
+        *(
+            PartitionField(source_id=schema.find_field(col).field_id, field_id=1000 + i, transform=IdentityTransform(), name=col)
+            for i, col in enumerate(definition.partition_by)
+        )
+    )
+    order = SortOrder(*(SortField(source_id=schema.find_field(col).field_id, transform=IdentityTransform()) for col in definition.sort_by))
+    try:
+        catalog.create_namespace(NAMESPACE)
+    except NamespaceAlreadyExistsError:
+        pass
+    try:
+        return catalog.create_table(identifier, schema=schema, partition_spec=spec, sort_order=order, properties=TABLE_PROPERTIES)
+    except TableAlreadyExistsError:
+        return catalog.load_table(identifier)

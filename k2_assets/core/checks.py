@@ -1,0 +1,165 @@
+"""Data-quality rules for trades and quotes, as pandera schemas.
+
+One module, two users: the Dagster asset checks run these on every partition as it stands in
+Iceberg after a write, and the tests run them on hand-made frames. Each rule has a constant name,
+which is the asset check's name in the UI and in compliance reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import pandera.pandas as pa
+import pyarrow as arrow
+
+EXCHANGES = {"ASX": "Australia/Sydney", "BINANCE": "UTC"}
+CURRENCIES = {"AUD", "USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY"}
+SYMBOL_PATTERNS = {"ASX": r"^[A-Z0-9]{3,6}$", "BINANCE": r"^[A-Z0-9]{5,20}$"}
+DECIMAL_18_8 = r"^-?\d{1,10}(\.\d{1,8})?$"
+SAMPLE_SIZE = 5
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    blocking: bool = True  # severity ERROR; otherwise WARN
+
+
+TRADE_RULES = (
+    Rule("price_positive", "price > 0"),
+    Rule("quantity_positive", "quantity > 0"),
+    Rule("price_precision", "price fits decimal(18,8)"),
+    Rule("quantity_precision", "quantity fits decimal(18,8)"),
+    Rule("symbol_format", "symbol matches the exchange's symbol format"),
+    Rule("known_exchange", "exchange is one K2 knows"),
+    Rule("known_currency", "currency is one K2 knows"),
+    Rule("known_side", "side is BUY, SELL or UNKNOWN"),
+    Rule("trade_date_is_partition", "trade_date equals the partition's session date"),
+    Rule("timestamp_in_session", "exchange_timestamp falls inside the partition's session day (exchange time zone)"),
+    Rule("message_id_unique", "no message_id appears twice in the partition"),
+)
+QUOTE_RULES = (
+    Rule("bid_price_positive", "bid price > 0 where a bid is present"),
+    Rule("ask_price_positive", "ask price > 0 where an ask is present"),
+    Rule("bid_quantity_positive", "bid size > 0 where a bid is present"),
+    Rule("ask_quantity_positive", "ask size > 0 where an ask is present"),
+    Rule("symbol_format", "symbol matches the exchange's symbol format"),
+    Rule("known_exchange", "exchange is one K2 knows"),
+    Rule("known_currency", "currency is one K2 knows"),
+    Rule("trade_date_is_partition", "trade_date equals the partition's session date"),
+    Rule("timestamp_in_session", "exchange_timestamp falls inside the partition's session day (exchange time zone)"),
+    Rule("message_id_unique", "no message_id appears twice in the partition"),
+)
+
+
+def rules(kind: str) -> tuple[Rule, ...]:
+    return {"trades": TRADE_RULES, "quotes": QUOTE_RULES}[kind]
+
+
+def session_bounds(exchange: str, session_date: date) -> tuple[datetime, datetime]:
+    """[start, end) in UTC of the exchange's session day."""
+    tz = ZoneInfo(EXCHANGES[exchange])
+    start = datetime.combine(session_date, time(0), tz)
+    end = datetime.combine(session_date + timedelta(days=1), time(0), tz)
+    return start.astimezone(ZoneInfo("UTC")), end.astimezone(ZoneInfo("UTC"))
+
+
+def _text(s: pd.Series) -> pd.Series:
+    return s.astype("string[pyarrow]")
+
+
+def schema(kind: str, exchange: str, session_date: date) -> pa.DataFrameSchema:
+    """The pandera schema for one partition (the session bounds depend on it)."""
+    start, end = session_bounds(exchange, session_date)
+    symbol_pattern = SYMBOL_PATTERNS.get(exchange, r"^[A-Z0-9]{2,20}$")
+    common = {
+        "message_id": pa.Column(checks=pa.Check(lambda s: ~s.duplicated(keep=False), name="message_id_unique")),
+        "symbol": pa.Column(checks=pa.Check(lambda s: _text(s).str.fullmatch(symbol_pattern), name="symbol_format")),
+        "exchange": pa.Column(checks=pa.Check(lambda s: s.isin(list(EXCHANGES)), name="known_exchange")),
+        "currency": pa.Column(checks=pa.Check(lambda s: s.isin(list(CURRENCIES)), name="known_currency")),
+        "trade_date": pa.Column(checks=pa.Check(lambda s: s == session_date, name="trade_date_is_partition")),
+        "exchange_timestamp": pa.Column(
+            checks=pa.Check(lambda s: (s >= start) & (s < end), name="timestamp_in_session")
+        ),
+    }
+    if kind == "trades":
+        columns = {
+            **common,
+            "price": pa.Column(
+                checks=[
+                    pa.Check(lambda s: s > 0, name="price_positive"),
+                    pa.Check(lambda s: _text(s).str.fullmatch(DECIMAL_18_8), name="price_precision"),
+                ]
+            ),
+            "quantity": pa.Column(
+                checks=[
+                    pa.Check(lambda s: s > 0, name="quantity_positive"),
+                    pa.Check(lambda s: _text(s).str.fullmatch(DECIMAL_18_8), name="quantity_precision"),
+                ]
+            ),
+            "side": pa.Column(checks=pa.Check(lambda s: s.isin(["BUY", "SELL", "UNKNOWN"]), name="known_side")),
+        }
+    else:
+        columns = {
+            **common,
+            **{
+                col: pa.Column(nullable=True, checks=pa.Check(lambda s: s > 0, name=f"{col}_positive", ignore_na=True))
+                for col in ("bid_price", "ask_price", "bid_quantity", "ask_quantity")
+            },
+        }
+    return pa.DataFrameSchema(columns, name=f"{exchange.lower()}_{kind}", strict=False, coerce=False)
+
+
+@dataclass
+class Outcome:
+    rule: Rule
+    failed: int = 0
+    sample: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.failed == 0
+
+
+SAMPLE_COLUMNS = ("message_id", "symbol", "source_file", "source_row", "kafka_offset")
+
+
+def to_frame(table: arrow.Table) -> pd.DataFrame:
+    """Arrow -> pandas with Arrow-backed dtypes, so decimals stay exact."""
+    return table.to_pandas(types_mapper=pd.ArrowDtype)
+
+
+def validate(frame: pd.DataFrame, kind: str, exchange: str, session_date: date) -> dict[str, Outcome]:
+    """Run every rule; the outcome of each carries its failing-row count and a sample of them."""
+    outcomes = {rule.name: Outcome(rule) for rule in rules(kind)}
+    if frame.empty:
+        return outcomes
+    frame = frame.reset_index(drop=True)
+    try:
+        schema(kind, exchange, session_date).validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+        for name, group in cases.groupby("check"):
+            outcome = outcomes.get(str(name))
+            if outcome is None:  # a structural error (missing column, wrong type) fails everything
+                for o in outcomes.values():
+                    o.failed = max(o.failed, len(frame))
+                    o.sample = [{"error": f"{name}: {group['failure_case'].iloc[0]}"}]
+                continue
+            index = group["index"].dropna().astype(int).unique()
+            outcome.failed = len(index)
+            column = str(group["column"].iloc[0])
+            keep = [c for c in dict.fromkeys((*SAMPLE_COLUMNS, column)) if c in frame.columns]
+            sample = frame.loc[index[:SAMPLE_SIZE], keep]
+            outcome.sample = [{k: _plain(v) for k, v in row.items()} for row in sample.to_dict("records")]
+    return outcomes
+
+
+def _plain(value):
+    if value is None or (not isinstance(value, (list, dict, str)) and pd.isna(value)):
+        return None
+    return value if isinstance(value, (int, float, str, bool)) else str(value)

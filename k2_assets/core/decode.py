@@ -1,0 +1,231 @@
+"""Vectorized decoding of delimited vendor files: every row is either a typed value or a reason.
+
+Rows are kept in vendor order with their 1-based line numbers. Each validation step records the
+first reason a row fails; nothing is rounded, coerced or dropped without a reason.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from k2_assets.core import schemas
+
+DECIMAL = pa.decimal128(18, 8)
+# decimal(18,8): at most 10 integer digits and 8 fractional ones; more fractional digits only if zeros.
+DECIMAL_PATTERN = r"^\d{1,10}(\.\d{0,8}0*)?$"
+NUMBER_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+INTEGER_PATTERN = r"^\d{1,18}$"
+
+
+def read_lines(data: bytes) -> pa.StringArray:
+    """Split a file's bytes into lines (LF or CRLF), keeping empty lines so line numbers stay true."""
+    if not data:
+        return pa.array([], pa.string())
+    table = pcsv.read_csv(
+        io.BytesIO(data),
+        read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
+        parse_options=pcsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(
+            column_types={"line": pa.string()}, strings_can_be_null=False, quoted_strings_can_be_null=False
+        ),
+    )
+    return table.column("line").combine_chunks()
+
+
+@dataclass
+class Batch:
+    """One partition's decode: rows for the table, rejected rows, and how many source rows were read."""
+
+    rows: pa.Table
+    rejected: pa.Table
+    read: int
+    files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.read != self.rows.num_rows + self.rejected.num_rows:
+            raise AssertionError(f"counts do not reconcile: read {self.read} != {self.rows.num_rows} + {self.rejected.num_rows}")
+
+
+class Rows:
+    """The lines of one file split into fields, plus the first failure reason of each row."""
+
+    def __init__(self, lines: pa.StringArray, n_fields: int, first_row: int = 1):
+        self.lines = lines
+        self.line_numbers = pa.array(np.arange(first_row, first_row + len(lines), dtype=np.int64))
+        self.reasons: pa.Array = pa.nulls(len(lines), pa.string())
+        split = pc.split_pattern(lines, ",")
+        lengths = pc.list_value_length(split)
+        shape_ok = pc.equal(lengths, n_fields)
+        self.first_field = pc.list_element(split, 0)
+        self.reject(pc.invert(shape_ok), f"expected {n_fields} comma-separated fields, found ", pc.cast(lengths, pa.string()))
+        if not pc.all(shape_ok).as_py():
+            split = pc.if_else(shape_ok, split, pa.scalar([""] * n_fields, type=split.type))
+        self.fields = [pc.list_element(split, i) for i in range(n_fields)]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def take(self, indices: pa.Array) -> "Rows":
+        """The subset of rows at `indices`, keeping line numbers and reasons."""
+        subset = object.__new__(Rows)
+        subset.lines = pc.take(self.lines, indices)
+        subset.line_numbers = pc.take(self.line_numbers, indices)
+        subset.reasons = pc.take(self.reasons, indices)
+        subset.fields = [pc.take(f, indices) for f in self.fields]
+        subset.first_field = pc.take(self.first_field, indices)
+        return subset
+
+    def accepted(self) -> pa.Array:
+        return pc.indices_nonzero(self.ok)
+
+    def rejected(self) -> pa.Array:
+        return pc.indices_nonzero(pc.invert(self.ok))
+
+    @property
+    def ok(self) -> pa.BooleanArray:
+        return pc.is_null(self.reasons)
+
+    def reject(self, mask: pa.BooleanArray, *message: pa.Array | str) -> None:
+        """Record a reason for rows in `mask` that have none yet; the message parts (text or
+        per-row arrays) are joined only for those rows."""
+        fresh = pc.and_(pc.fill_null(mask, True), pc.is_null(self.reasons))
+        where = pc.indices_nonzero(fresh)
+        if len(where) == 0:
+            return
+        parts = [p if isinstance(p, str) else pc.take(p, where) for p in message]
+        text = pc.binary_join_element_wise(*parts, "") if len(parts) > 1 else (
+            pa.array([parts[0]] * len(where), pa.string()) if isinstance(parts[0], str) else parts[0]
+        )
+        self.reasons = pc.replace_with_mask(self.reasons, fresh, pc.cast(text, pa.string()))
+
+    def decimal(self, values: pa.StringArray, name: str, positive: bool = True) -> pa.Array:
+        """Parse exact decimal(18,8) values; bad ones get a reason, never a rounded value."""
+        reasons, parsed = by_unique(values, lambda u: _decimal_unique(u, name, positive))
+        self.reject(pc.is_valid(reasons), reasons)
+        return parsed
+
+    def integer(self, values: pa.StringArray, name: str) -> pa.Array:
+        good = pc.match_substring_regex(values, INTEGER_PATTERN)
+        self.reject(pc.invert(good), f"{name} '", values, "' is not a whole number")
+        return pc.cast(pc.if_else(good, values, "0"), pa.int64())
+
+
+def by_unique(values: pa.Array, fn):
+    """Apply `fn` to the distinct values only and spread its results back (prices, dates repeat a lot)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    results = fn(encoded.dictionary)
+    if isinstance(results, tuple):
+        return tuple(pc.take(r, encoded.indices) for r in results)
+    return pc.take(results, encoded.indices)
+
+
+def _decimal_unique(values: pa.StringArray, name: str, positive: bool) -> tuple[pa.Array, pa.Array]:
+    reasons = pa.nulls(len(values), pa.string())
+
+    def first(mask, reason):
+        nonlocal reasons
+        reasons = pc.if_else(pc.and_(pc.fill_null(mask, True), pc.is_null(reasons)), reason, reasons)
+
+    first(pc.invert(pc.match_substring_regex(values, NUMBER_PATTERN)), pc.binary_join_element_wise(f"{name} '", values, "' is not a number", ""))
+    first(pc.starts_with(values, "-"), pc.binary_join_element_wise(f"{name} ", values, " is negative", ""))
+    fits = pc.match_substring_regex(values, DECIMAL_PATTERN)
+    first(pc.invert(fits), pc.binary_join_element_wise(f"{name} ", values, " does not fit decimal(18,8) without rounding", ""))
+    parsed = pc.cast(pc.if_else(fits, values, "0"), DECIMAL)
+    if positive:
+        first(pc.less_equal(parsed, pa.scalar(0, DECIMAL)), pc.binary_join_element_wise(f"{name} ", values, " must be greater than zero", ""))
+    return reasons, parsed
+
+
+def parse_us_date(values: pa.StringArray) -> pa.Array:
+    """MM/DD/YYYY -> date32, null where the text is not a real calendar date."""
+    return by_unique(values, _parse_us_date_unique)
+
+
+def _parse_us_date_unique(values: pa.StringArray) -> pa.Array:
+    shaped = pc.match_substring_regex(values, r"^\d{2}/\d{2}/\d{4}$")
+    iso = pc.binary_join_element_wise(
+        pc.utf8_slice_codeunits(values, 6, 10), pc.utf8_slice_codeunits(values, 0, 2), pc.utf8_slice_codeunits(values, 3, 5), "-"
+    )
+    iso = pc.if_else(shaped, iso, pa.scalar(None, pa.string()))
+    return _iso_date(iso)
+
+
+def _iso_date(iso: pa.StringArray) -> pa.Array:
+    parsed = pc.cast(pc.strptime(iso, format="%Y-%m-%d", unit="s", error_is_null=True), pa.date32())
+    # strptime rolls 02/30 over into March: accept only dates that print back the same.
+    same = pc.equal(pc.strftime(parsed, format="%Y-%m-%d"), iso)
+    return pc.if_else(pc.fill_null(same, False), parsed, pa.scalar(None, pa.date32()))
+
+
+def parse_clock_micros(values: pa.StringArray) -> pa.Array:
+    """HH:MM:SS[.ffffff] -> microseconds since midnight, null where malformed or out of range."""
+    valid = pc.match_substring_regex(values, r"^([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?$")
+    safe = pc.if_else(valid, values, "00:00:00")
+    micros = pc.cast(pc.cast(pc.binary_join_element_wise("1970-01-01T", safe, ""), pa.timestamp("us")), pa.int64())
+    return pc.if_else(valid, micros, pa.scalar(None, pa.int64()))
+
+
+def local_to_utc(dates: pa.Array, clock_micros: pa.Array, tz: str) -> pa.Array:
+    """Exchange-local date + time of day -> UTC timestamp[us]."""
+    days = pc.cast(pc.cast(dates, pa.int32()), pa.int64())
+    local = pc.add(pc.multiply(days, 86_400_000_000), clock_micros)
+    naive = pc.cast(local, pa.timestamp("us"))
+    return pc.assume_timezone(naive, timezone=tz, ambiguous="earliest", nonexistent="earliest")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def rejected_table(
+    rows: Rows,
+    indices: pa.Array,
+    *,
+    source: str,
+    partition_date: date,
+    exchange: str | None,
+    symbol: str | None,
+    source_file: str,
+    rejected_at: datetime,
+) -> pa.Table:
+    """The market.rejected rows for `indices` of `rows`: raw line, position and reason."""
+    n = len(indices)
+    columns = {
+        "source": pa.array([source] * n, pa.string()),
+        "partition_date": pa.array([partition_date] * n, pa.date32()),
+        "exchange": pa.array([exchange] * n, pa.string()),
+        "symbol": pa.array([symbol] * n, pa.string()),
+        "source_file": pa.array([source_file] * n, pa.string()),
+        "source_row": pc.take(rows.line_numbers, indices),
+        "kafka_topic": pa.nulls(n, pa.string()),
+        "kafka_partition": pa.nulls(n, pa.int32()),
+        "kafka_offset": pa.nulls(n, pa.int64()),
+        "raw": pc.cast(pc.take(rows.lines, indices), pa.binary()),
+        "reason": pc.take(rows.reasons, indices),
+        "rejected_at": pa.array([rejected_at] * n, pa.timestamp("us", tz="UTC")),
+    }
+    return schemas.build_table(schemas.REJECTED, columns, n)
+
+
+def string_map(keys: list[str], columns: list[pa.Array], n: int) -> pa.MapArray:
+    """A map<string,string> per row from parallel value columns; null values leave the key out."""
+    present = np.stack([pc.is_valid(c).to_numpy(zero_copy_only=False) for c in columns], axis=1)  # rows x keys
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    flat = np.flatnonzero(present.ravel())  # row-major cell positions
+    rows_idx, key_idx = np.divmod(flat, len(keys))
+    values = pa.chunked_array([c.cast(pa.string()) for c in columns], pa.string()).combine_chunks()
+    return pa.MapArray.from_arrays(
+        pa.array(offsets),
+        pa.array(keys, pa.string()).take(pa.array(key_idx)),
+        values.take(pa.array(key_idx * n + rows_idx)),  # values are key-major
+    )

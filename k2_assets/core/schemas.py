@@ -1,0 +1,71 @@
+"""The Avro contracts in schemas/ are the single source of truth; Iceberg and Arrow schemas derive from them."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+from pyiceberg.io.pyarrow import schema_to_pyarrow
+from pyiceberg.schema import Schema
+from pyiceberg.utils.schema_conversion import AvroSchemaConversion
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+
+TRADE = "trade_v2"
+QUOTE = "quote_v2"
+REJECTED = "rejected_v1"
+
+
+@cache
+def avro_schema(name: str) -> dict:
+    """The parsed Avro schema `schemas/<name>.avsc`."""
+    return json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
+
+
+@cache
+def iceberg_schema(name: str) -> Schema:
+    return AvroSchemaConversion().avro_to_iceberg(avro_schema(name))
+
+
+@cache
+def arrow_schema(name: str) -> pa.Schema:
+    """Arrow schema matching the Iceberg table (field ids, nullability), with plain string/binary types."""
+    schema = schema_to_pyarrow(iceberg_schema(name))
+    return pa.schema([_plain(f) for f in schema])
+
+
+def _plain(field: pa.Field) -> pa.Field:
+    large = {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}
+    t = field.type
+    if t in large:
+        t = large[t]
+    elif pa.types.is_large_list(t) or pa.types.is_list(t):
+        t = pa.list_(_plain(t.value_field))
+    elif pa.types.is_map(t):
+        t = pa.map_(_plain(t.key_field), _plain(t.item_field))
+    # No field-id metadata: the catalog assigns column ids, and pyiceberg matches Arrow columns by name.
+    return pa.field(field.name, t, nullable=field.nullable)
+
+
+def build_table(name: str, columns: dict[str, pa.Array], n: int) -> pa.Table:
+    """A table of schema `name` from named columns; optional columns not given are null."""
+    schema = arrow_schema(name)
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            arrays.append(columns[f.name].cast(f.type))
+        elif f.nullable:
+            arrays.append(pa.nulls(n, f.type))
+        else:
+            raise KeyError(f"{name}: required column {f.name!r} missing")
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def enum_symbols(name: str, field: str) -> list[str]:
+    """Allowed values of an Avro enum field (e.g. side)."""
+    for f in avro_schema(name)["fields"]:
+        if f["name"] == field:
+            return list(f["type"]["symbols"])
+    raise KeyError(field)

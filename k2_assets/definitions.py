@@ -1,0 +1,23 @@
+"""The Dagster code location: every asset, check, job, schedule and resource of K2."""
+
+import dagster as dg
+
+from k2_assets.core.settings import apply_defaults
+
+apply_defaults()  # before any EnvVar below is read: embedded defaults for one machine
+
+from k2_assets.defs import asx, binance  # noqa: E402
+from k2_assets.defs.resources import IcebergResource  # noqa: E402
+
+defs = dg.Definitions(
+    assets=[*asx.assets, *binance.assets],
+    jobs=[*asx.jobs, *binance.jobs],
+    schedules=[*asx.schedules, *binance.schedules],
+    resources={
+        "iceberg": IcebergResource(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
+        **asx.resources,
+        **binance.resources,
+    },
+    # One process per run: a step in its own process costs seconds of start-up and buys nothing here.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,15 @@
+from pathlib import Path
+
+import dagster as dg
+
+
+class BinanceHistoryResource(dg.ConfigurableResource):
+    """Directory of Binance's public trade dumps (SYMBOL-trades-YYYY-MM-DD.csv/.zip, SYMBOL-aggTrades-...)."""
+
+    history_dir: str
+
+    def path(self) -> Path:
+        path = Path(self.history_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Binance history directory {path} does not exist (set K2_BINANCE_HISTORY_DIR)")
+        return path

@@ -1,0 +1,106 @@
+"""Shared by the batch sources: write one partition to Iceberg, check it, and describe it in Dagster."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, BooleanExpression, EqualTo
+
+from k2_assets.core import checks, writer
+from k2_assets.core.decode import Batch
+from k2_assets.defs.resources import IcebergResource
+
+
+def check_specs(asset_name: str, kind: str) -> list[dg.AssetCheckSpec]:
+    """One Dagster asset check per pandera rule, named after the rule."""
+    return [
+        dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=False)
+        for rule in checks.rules(kind)
+    ]
+
+
+def write_partition(
+    context: dg.AssetExecutionContext,
+    iceberg: IcebergResource,
+    batch: Batch,
+    *,
+    kind: str,
+    exchange: str,
+    session_date: date,
+    where: BooleanExpression,
+    keep: BooleanExpression | None = None,
+    extra_metadata: dict | None = None,
+) -> dg.MaterializeResult:
+    """Replace the partition's rows and its rejects, validate what the table now holds, report it all."""
+    source = context.asset_key.to_user_string()
+    properties = {"k2.source": source, "k2.partition": context.partition_key, "k2.run_id": context.run.run_id}
+    result = writer.replace_rows(iceberg.table(kind), batch.rows, where, keep=keep, properties=properties)
+    writer.replace_rows(
+        iceberg.table("rejected"),
+        batch.rejected,
+        And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat())),
+        properties=properties,
+    )
+    context.log.info(
+        f"{source} {context.partition_key}: read {batch.read}, wrote {result.written}, "
+        f"already present {result.skipped_existing}, rejected {batch.rejected.num_rows}"
+    )
+    stored = iceberg.table(kind).scan(
+        row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
+    ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
+    outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
+    check_results = [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.ERROR if outcome.rule.blocking else dg.AssetCheckSeverity.WARN,
+            metadata={
+                "failed_rows": outcome.failed,
+                "checked_rows": stored.num_rows,
+                "sample": dg.MetadataValue.json(outcome.sample),
+                "snapshot_id": str(result.snapshot_id),
+            },
+        )
+        for name, outcome in outcomes.items()
+    ]
+    metadata = {
+        "dagster/row_count": stored.num_rows,
+        "rows_read": batch.read,
+        "rows_written": result.written,
+        "rows_already_present": result.skipped_existing,
+        "rows_rejected": batch.rejected.num_rows,
+        "snapshot_id": str(result.snapshot_id),
+        "table": f"market.{kind}",
+        "files": dg.MetadataValue.json(batch.files),
+        **summary(batch.rows),
+        **(extra_metadata or {}),
+    }
+    if batch.rejected.num_rows:
+        reasons = batch.rejected.group_by("reason").aggregate([("reason", "count")]).sort_by([("reason_count", "descending")])
+        metadata["rejected_reasons"] = dg.MetadataValue.md(
+            "| reason | rows |\n|---|---|\n" + "\n".join(f"| {r} | {n} |" for r, n in zip(*reasons.to_pydict().values()))
+        )
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results)
+
+
+def summary(rows: pa.Table) -> dict:
+    """Symbols, per-symbol counts and the time range of what was written."""
+    if rows.num_rows == 0:
+        return {"symbols": dg.MetadataValue.json([])}
+    per_symbol = rows.group_by("symbol").aggregate(
+        [("symbol", "count"), ("exchange_timestamp", "min"), ("exchange_timestamp", "max")]
+    ).sort_by("symbol")
+    lines = ["| symbol | rows | first (UTC) | last (UTC) |", "|---|---|---|---|"]
+    for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in ("symbol", "symbol_count", "exchange_timestamp_min", "exchange_timestamp_max"))):
+        lines.append(f"| {s} | {n} | {first:%Y-%m-%d %H:%M:%S.%f} | {last:%Y-%m-%d %H:%M:%S.%f} |")
+    ts = rows.column("exchange_timestamp")
+    return {
+        "symbols": dg.MetadataValue.json(per_symbol.column("symbol").to_pylist()),
+        "per_symbol": dg.MetadataValue.md("\n".join(lines)),
+        "first_timestamp": pc.min(ts).as_py().isoformat(),
+        "last_timestamp": pc.max(ts).as_py().isoformat(),
+    }
+

@@ -1,0 +1,16 @@
+"""Partitions: one per exchange session date."""
+
+import dagster as dg
+
+# ASX sessions are Sydney weekdays; the key is the Sydney date, which starts the day before in UTC.
+# end_offset=1 makes today's session a partition as soon as the day starts.
+asx_sessions = dg.TimeWindowPartitionsDefinition(
+    cron_schedule="0 0 * * 1-5",
+    start="2014-01-01",
+    fmt="%Y-%m-%d",
+    timezone="Australia/Sydney",
+    end_offset=1,
+)
+
+# Binance trades around the clock; the key is the UTC date.
+binance_days = dg.DailyPartitionsDefinition(start_date="2017-07-14", timezone="UTC")
