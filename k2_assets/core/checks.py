@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -18,7 +19,6 @@ import pyarrow as arrow
 EXCHANGES = {"ASX": "Australia/Sydney", "BINANCE": "UTC"}
 CURRENCIES = {"AUD", "USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY"}
 SYMBOL_PATTERNS = {"ASX": r"^[A-Z0-9]{3,6}$", "BINANCE": r"^[A-Z0-9]{5,20}$"}
-DECIMAL_18_8 = r"^-?\d{1,10}(\.\d{1,8})?$"
 SAMPLE_SIZE = 5
 
 
@@ -72,6 +72,20 @@ def _text(s: pd.Series) -> pd.Series:
     return s.astype("string[pyarrow]")
 
 
+def _fits_decimal_18_8(s: pd.Series) -> pd.Series:
+    """True where the value is exact at 8 decimals with at most 10 integer digits."""
+    dtype = getattr(s.dtype, "pyarrow_dtype", None)
+    if dtype is not None and arrow.types.is_decimal(dtype) and dtype.scale <= 8 and dtype.precision - dtype.scale <= 10:
+        return pd.Series(True, index=s.index)  # the column type already guarantees it
+    step, limit = Decimal("1e-8"), Decimal("1e10")
+
+    def fits(value) -> bool:
+        d = Decimal(str(value))
+        return d.is_finite() and d == d.quantize(step) and abs(d) < limit
+
+    return s.map(fits).astype(bool)
+
+
 def schema(kind: str, exchange: str, session_date: date) -> pa.DataFrameSchema:
     """The pandera schema for one partition (the session bounds depend on it)."""
     start, end = session_bounds(exchange, session_date)
@@ -92,13 +106,13 @@ def schema(kind: str, exchange: str, session_date: date) -> pa.DataFrameSchema:
             "price": pa.Column(
                 checks=[
                     pa.Check(lambda s: s > 0, name="price_positive"),
-                    pa.Check(lambda s: _text(s).str.fullmatch(DECIMAL_18_8), name="price_precision"),
+                    pa.Check(_fits_decimal_18_8, name="price_precision"),
                 ]
             ),
             "quantity": pa.Column(
                 checks=[
                     pa.Check(lambda s: s > 0, name="quantity_positive"),
-                    pa.Check(lambda s: _text(s).str.fullmatch(DECIMAL_18_8), name="quantity_precision"),
+                    pa.Check(_fits_decimal_18_8, name="quantity_precision"),
                 ]
             ),
             "side": pa.Column(checks=pa.Check(lambda s: s.isin(["BUY", "SELL", "UNKNOWN"]), name="known_side")),

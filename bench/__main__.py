@@ -1,0 +1,62 @@
+"""Run K2's benchmarks: `python -m bench [--only NAME] [--list]` from the repo root.
+
+Every public module of this package that defines `run() -> str` is a benchmark: `run` measures,
+writes its JSON under bench/results/, and returns the human-readable report printed here.
+Progress goes to stderr, reports to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+
+import bench
+from bench._common import BenchUnavailable
+
+def discover() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_") and not m.ispkg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = discover()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", metavar="NAME", action="append", help=f"run only this benchmark (repeatable); one of {names}")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(names))
+        return 0
+    selected = names
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
+        selected = [n for n in names if n in args.only]
+    failed = []
+    for name in selected:
+        module = importlib.import_module(f"bench.{name}")
+        if not callable(getattr(module, "run", None)):
+            continue
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        try:
+            report = module.run()
+        except BenchUnavailable as exc:
+            print(f"[bench] {name}: cannot run: {exc}", file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        print(report, flush=True)
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Helpers shared by the benchmark modules (private: not itself a benchmark)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class BenchUnavailable(Exception):
+    """A benchmark cannot run here (e.g. its input data is absent); the message says why."""
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of N repetitions of one stage, and how many rows each repetition handled."""
+
+    seconds: list[float] = field(default_factory=list)
+    rows: int = 0
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def rate(self, seconds: float) -> float:
+        return self.rows / seconds if seconds else float("inf")
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "repetitions": len(self.seconds),
+            "best_s": self.best,
+            "median_s": self.median,
+            "rows_per_s_best": self.rate(self.best),
+            "rows_per_s_median": self.rate(self.median),
+        }
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    value = fn(*args, **kwargs)
+    return time.perf_counter() - start, value
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def environment() -> dict:
+    import dagster
+    import pandas
+    import pandera
+    import pyarrow
+    import pyiceberg
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": {
+            "pyarrow": pyarrow.__version__,
+            "pyiceberg": pyiceberg.__version__,
+            "dagster": dagster.__version__,
+            "pandas": pandas.__version__,
+            "pandera": pandera.__version__,
+        },
+    }
+
+
+def write_results(name: str, results: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path

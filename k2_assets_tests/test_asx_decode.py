@@ -1,0 +1,152 @@
+"""ASX vendor files decoded without Dagster: counts, times, sequences and rejects on the real sample."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+from datetime import date, datetime, timezone
+from decimal import Decimal
+
+import pyarrow.compute as pc
+import pytest
+
+from k2_assets.core import asx
+from k2_assets_tests.conftest import vendor_rows
+
+SESSIONS = [date(2014, 3, d) for d in range(10, 15)]
+SYMBOLS = {"3153": "MWR", "7078": "BHP", "7181": "DVN", "7458": "RIO"}
+
+
+def expected_counts(asx_dir, kind):
+    counts = collections.Counter()
+    for company, symbol in SYMBOLS.items():
+        for row in vendor_rows(asx_dir / kind / f"{company}.csv"):
+            month, day, year = row[0].split("/")
+            counts[(symbol, date(int(year), int(month), int(day)))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["trades", "quotes"])
+def test_every_source_row_is_decoded_per_symbol_and_session(asx_dir, kind):
+    expected = expected_counts(asx_dir, kind)
+    got = collections.Counter()
+    for session in SESSIONS:
+        batch = asx.load_session(asx_dir, session, kind, source=f"asx_{kind}")
+        assert batch.read == batch.rows.num_rows + batch.rejected.num_rows
+        for symbol, n in collections.Counter(batch.rows.column("symbol").to_pylist()).items():
+            got[(symbol, session)] += n
+        assert batch.rejected.num_rows == 0  # the real sample has no malformed rows
+    assert got == expected
+    assert sum(got.values()) == {"trades": 200_545, "quotes": 169_629}[kind]
+
+
+def test_sydney_local_time_becomes_utc_and_session_date_is_sydney_date(asx_dir):
+    batch = asx.load_session(asx_dir, date(2014, 3, 10), "trades", source="asx_trades")
+    bhp = batch.rows.filter(pc.equal(batch.rows.column("symbol"), "BHP"))
+    first = bhp.slice(0, 1).to_pylist()[0]
+    # 03/10/2014,07:57:14.754 in Sydney (AEDT, UTC+11) is the evening before in UTC.
+    assert first["exchange_timestamp"] == datetime(2014, 3, 9, 20, 57, 14, 754000, tzinfo=timezone.utc)
+    assert first["trade_date"] == date(2014, 3, 10)
+    assert first["price"] == Decimal("36.667") and first["quantity"] == Decimal("20000")
+    assert first["trade_conditions"] == ["3"] and first["venue"] == "X"
+    assert first["source_file"] == "trades/7078.csv" and first["source_row"] == 1
+    assert first["message_id"] == "ASX:BHP:20140310:1" and first["source_sequence"] == 1
+    assert dict(first["vendor_data"]) == {"company_id": "7078", "isin": "AU000000BHP4"}
+    assert set(batch.rows.column("currency").to_pylist()) == {"AUD"}
+    assert set(batch.rows.column("side").to_pylist()) == {"UNKNOWN"}
+
+
+def test_sequences_restart_each_session_and_follow_vendor_order(asx_dir):
+    for session in SESSIONS[:2]:
+        batch = asx.load_session(asx_dir, session, "trades", source="asx_trades")
+        for symbol in ("BHP", "RIO"):
+            rows = batch.rows.filter(pc.equal(batch.rows.column("symbol"), symbol))
+            seq = rows.column("source_sequence").to_pylist()
+            lines = rows.column("source_row").to_pylist()
+            assert sorted(seq) == list(range(1, len(seq) + 1))
+            by_seq = [line for _, line in sorted(zip(seq, lines))]
+            assert by_seq == sorted(lines)  # sequence order is file order
+
+
+def test_exact_repeats_are_separate_fills_with_their_own_ids(asx_dir):
+    """DVN has 232 rows of which 3 repeat an earlier row exactly: all 232 are kept (see docs/asx.md)."""
+    rows = []
+    for session in SESSIONS:
+        batch = asx.load_session(asx_dir, session, "trades", source="asx_trades")
+        rows += batch.rows.filter(pc.equal(batch.rows.column("symbol"), "DVN")).to_pylist()
+    assert len(rows) == 232
+    assert len({r["message_id"] for r in rows}) == 232
+    key = collections.Counter((r["exchange_timestamp"], r["price"], r["quantity"], tuple(r["trade_conditions"])) for r in rows)
+    assert sum(n - 1 for n in key.values() if n > 1) == 3
+
+
+def test_price_in_the_buyer_id_column_is_kept_uninterpreted(asx_dir):
+    found = 0
+    for session in SESSIONS:
+        batch = asx.load_session(asx_dir, session, "trades", source="asx_trades")
+        bhp = batch.rows.filter(pc.equal(batch.rows.column("symbol"), "BHP"))
+        values = pc.map_lookup(bhp.column("vendor_data"), "buyer_id_price", "first")
+        found += pc.sum(pc.is_valid(values)).as_py()
+        assert pc.sum(pc.is_valid(pc.map_lookup(bhp.column("vendor_data"), "buyer_id", "first"))).as_py() == 0
+    assert found == 71
+
+
+def test_one_sided_quotes_have_a_null_side(asx_dir):
+    batch = asx.load_session(asx_dir, date(2014, 3, 10), "quotes", source="asx_quotes")
+    first_bhp = batch.rows.filter(pc.equal(batch.rows.column("symbol"), "BHP")).slice(0, 1).to_pylist()[0]
+    # 03/10/2014,05:43:45.676,37.7,0.0,300,0: a bid of 300 at 37.70 and no ask.
+    assert first_bhp["bid_price"] == Decimal("37.7") and first_bhp["bid_quantity"] == Decimal("300")
+    assert first_bhp["ask_price"] is None and first_bhp["ask_quantity"] is None
+
+
+BAD_LINES = {
+    "03/10/2014,10:30:00.000,36.123456789,100,0,,": "price 36.123456789 does not fit decimal(18,8) without rounding",
+    "03/10/2014,10:30:00.000,abc,100,0,,": "price 'abc' is not a number",
+    "03/10/2014,10:30:00.000,36.50,0,0,,": "volume 0 must be greater than zero",
+    "03/10/2014,10:30:00.000,-36.50,10,0,,": "price -36.50 is negative",
+    "03/10/2014,10:30:00.000,36.50,10,0,": "expected 7 comma-separated fields, found 6",
+    "03/10/2014,25:61:00.000,36.50,10,0,,": "time '25:61:00.000' is not a HH:MM:SS.mmm time",
+    "02/30/2014,10:30:00.000,36.50,10,0,,": "date '02/30/2014' is not a MM/DD/YYYY date",
+    "": "expected 7 comma-separated fields, found 1",
+}
+
+
+def bad_copy(asx_dir, tmp_path):
+    """The real BHP file with one bad line of each kind inserted after line 100."""
+    data = tmp_path / "asx"
+    shutil.copytree(asx_dir / "reference-data", data / "reference-data")
+    (data / "trades").mkdir()
+    lines = (asx_dir / "trades" / "7078.csv").read_bytes().decode().split("\r\n")
+    lines[100:100] = list(BAD_LINES)
+    (data / "trades" / "7078.csv").write_bytes("\r\n".join(lines).encode())
+    return data
+
+
+def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(asx_dir, tmp_path):
+    data = bad_copy(asx_dir, tmp_path)
+    batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+    expected_good = sum(1 for r in vendor_rows(asx_dir / "trades" / "7078.csv") if r[0] == "03/10/2014")
+    assert batch.rows.num_rows == expected_good
+    assert batch.read == expected_good + len(BAD_LINES)
+    rejected = batch.rejected.to_pylist()
+    assert {r["reason"] for r in rejected} == set(BAD_LINES.values())
+    for r in rejected:
+        assert BAD_LINES[r["raw"].decode()] == r["reason"]
+        assert 101 <= r["source_row"] <= 100 + len(BAD_LINES)
+        assert r["source_file"] == "trades/7078.csv" and r["symbol"] == "BHP" and r["source"] == "asx_trades"
+    # Rejected rows keep their place in the sequence: the row after them is numbered as in the file.
+    after = batch.rows.filter(pc.equal(batch.rows.column("source_row"), 101 + len(BAD_LINES))).to_pylist()[0]
+    assert after["source_sequence"] == 101 + len(BAD_LINES)
+    # No other session sees them.
+    other = asx.load_session(data, date(2014, 3, 11), "trades", source="asx_trades")
+    assert other.rejected.num_rows == 0
+
+
+def test_unknown_company_rejects_its_rows(asx_dir, tmp_path):
+    data = tmp_path / "asx"
+    shutil.copytree(asx_dir / "reference-data", data / "reference-data")
+    (data / "trades").mkdir()
+    shutil.copy(asx_dir / "trades" / "7181.csv", data / "trades" / "9999.csv")
+    batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+    assert batch.rows.num_rows == 0 and batch.rejected.num_rows == 19
+    assert set(batch.rejected.column("reason").to_pylist()) == {"company id 9999 is not in reference-data/company_info.csv"}

@@ -1,0 +1,249 @@
+"""`k2 demo` end to end, as a user on a fresh machine runs it.
+
+Starts the real command with an empty K2_HOME, waits for the Dagster UI, checks what the UI's GraphQL
+API shows, runs one ASX partition through the daemon, and stops everything with Ctrl-C (SIGINT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+K2 = REPO / ".venv" / "bin" / "k2"
+SESSION = "2014-03-10"  # the first ASX session in the demo data
+
+STARTUP_TIMEOUT = 90
+RUN_TIMEOUT = 120
+SHUTDOWN_TIMEOUT = 20
+
+ASSETS_QUERY = """
+{
+  assetNodes {
+    assetKey { path }
+    isPartitioned
+    assetChecksOrError { __typename ... on AssetChecks { checks { name } } }
+  }
+}
+"""
+
+REPOSITORIES_QUERY = """
+{
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection { nodes { name location { name } jobs { name } schedules { name } } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on Error { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+RUN_STATUS = """
+query($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run { status } } }
+"""
+
+MATERIALIZATION_QUERY = """
+query($partition: String!) {
+  assetNodes(assetKeys: [{path: ["asx_trades"]}]) {
+    assetMaterializations(partitions: [$partition]) {
+      partition
+      runId
+      metadataEntries { label ... on IntMetadataEntry { intValue } }
+    }
+    assetChecksOrError {
+      ... on AssetChecks {
+        checks { name executionForLatestMaterialization { runId status evaluation { success } } }
+      }
+    }
+  }
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def non_loopback_address() -> str | None:
+    """The address this machine would use to reach another host (no packet is sent), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def log_tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+
+
+def wait_for_server(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"k2 demo exited with {process.returncode} before the UI answered:\n{log_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the Dagster UI did not answer on port {port} within {STARTUP_TIMEOUT} s:\n{log_tail(log)}")
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+def launch_partition_run(port: int, job: str, partition: str) -> str:
+    params = {
+        "selector": {"repositoryLocationName": "k2", "repositoryName": "__repository__", "jobName": job},
+        "runConfigData": {},
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
+    }
+    result = graphql(port, LAUNCH_RUN, {"params": params})["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    return result["run"]["runId"]
+
+
+def wait_for_run(port: int, run_id: str, log: Path) -> str:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    status = None
+    while time.monotonic() < deadline:
+        status = graphql(port, RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            return status
+        time.sleep(1)
+    pytest.fail(f"run {run_id} still {status} after {RUN_TIMEOUT} s:\n{log_tail(log)}")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(process: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C, as a user stops it; then every process of the group must be gone."""
+    os.kill(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=SHUTDOWN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"k2 demo still running {SHUTDOWN_TIMEOUT} s after SIGINT:\n{log_tail(log)}")
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not group_alive(process.pid), f"children of k2 demo outlived it after SIGINT:\n{log_tail(log)}"
+
+
+def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
+    home = tmp_path / "k2"
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("K2_", "DAGSTER_"))}
+    env["K2_HOME"] = str(home)
+    port = free_port()
+    log = tmp_path / "k2-demo.log"
+
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(K2), "demo", "--port", str(port)],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for_server(port, process, log)
+
+        # The demo vendor files, written on first start.
+        data = home / "data"
+        assert (data / "asx" / "reference-data" / "company_info.csv").is_file()
+        assert sorted((data / "asx" / "trades").glob("*.csv"))
+        assert sorted((data / "asx" / "quotes").glob("*.csv"))
+        assert [*(data / "binance").glob("*-trades-*.csv"), *(data / "binance").glob("*-trades-*.zip")]
+        assert (home / "dagster" / "dagster.yaml").is_file()
+
+        # The UI listens on loopback only.
+        address = non_loopback_address()
+        if address is not None:
+            with pytest.raises(OSError), socket.create_connection((address, port), timeout=3):
+                pass
+
+        # What the asset catalog shows.
+        nodes = {tuple(n["assetKey"]["path"]): n for n in graphql(port, ASSETS_QUERY)["assetNodes"]}
+        assert {("asx_trades",), ("asx_quotes",), ("binance_trades_history",)} <= nodes.keys()
+        checks = {}
+        for key in ("asx_trades", "asx_quotes", "binance_trades_history"):
+            node = nodes[(key,)]
+            assert node["isPartitioned"], key
+            assert node["assetChecksOrError"]["__typename"] == "AssetChecks", node
+            checks[key] = {c["name"] for c in node["assetChecksOrError"]["checks"]}
+        assert {"price_positive", "message_id_unique", "timestamp_in_session", "trade_date_is_partition"} <= checks["asx_trades"]
+        assert {"bid_price_positive", "ask_price_positive", "message_id_unique"} <= checks["asx_quotes"]
+        assert {"price_positive", "message_id_unique"} <= checks["binance_trades_history"]
+
+        # Jobs and schedules of the code location.
+        repositories = graphql(port, REPOSITORIES_QUERY)["repositoriesOrError"]
+        assert repositories["__typename"] == "RepositoryConnection", repositories
+        (repository,) = repositories["nodes"]
+        assert repository["location"]["name"] == "k2"
+        assert {"asx_history_job", "binance_history_job"} <= {j["name"] for j in repository["jobs"]}
+        assert {"asx_daily_schedule", "binance_history_job_schedule"} <= {s["name"] for s in repository["schedules"]}
+
+        # One ASX session through the queue, the daemon and the code server.
+        run_id = launch_partition_run(port, "asx_history_job", SESSION)
+        assert wait_for_run(port, run_id, log) == "SUCCESS", log_tail(log)
+
+        (asset,) = graphql(port, MATERIALIZATION_QUERY, {"partition": SESSION})["assetNodes"]
+        (materialization,) = asset["assetMaterializations"]
+        assert materialization["partition"] == SESSION
+        assert materialization["runId"] == run_id
+        metadata = {e["label"]: e.get("intValue") for e in materialization["metadataEntries"]}
+        assert metadata["rows_written"] > 0
+        assert metadata["dagster/row_count"] == metadata["rows_written"]
+        executions = {c["name"]: c["executionForLatestMaterialization"] for c in asset["assetChecksOrError"]["checks"]}
+        assert executions.keys() == checks["asx_trades"]
+        for name, execution in executions.items():
+            assert execution is not None, name
+            assert execution["runId"] == run_id, name
+            assert execution["status"] == "SUCCEEDED", (name, execution)
+            assert execution["evaluation"]["success"], (name, execution)
+
+        stop(process, log)
+    finally:
+        # Whatever failed above, leave no process behind.
+        if process.poll() is None or group_alive(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
