@@ -8,11 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from k2_assets.core.settings import Settings, apply_defaults
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+STOP_GRACE_SECONDS = 30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +51,17 @@ def _write_demo_data(out: Path, seed: int) -> None:
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     data_dir = settings.home / "data"
-    if args.regenerate or not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists():
-        if settings.asx_data_dir == data_dir / "asx" or args.regenerate:
-            _write_demo_data(data_dir, seed=7)
+    defaults = (settings.asx_data_dir == data_dir / "asx", settings.binance_history_dir == data_dir / "binance")
+    missing = not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists() or not settings.binance_history_dir.is_dir()
+    if args.regenerate or (missing and any(defaults)):
+        _write_demo_data(data_dir, seed=7)
+    for path, name in ((settings.asx_data_dir, "K2_ASX_DATA_DIR"), (settings.binance_history_dir, "K2_BINANCE_HISTORY_DIR")):
+        if not path.exists():
+            print(f"k2: warning: {name}={path} does not exist; its asset will fail until it does", file=sys.stderr)
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home / "dagster")))
     dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
+    if not (dagster_home / "dagster.yaml").exists():  # never overwrite an instance's own configuration
+        shutil.copy(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
     command = [
         str(Path(sys.executable).with_name("dagster")), "dev",
         "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", args.host, "-p", str(args.port),
@@ -62,18 +69,24 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     print(f"k2: Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     # A process started from a non-interactive shell inherits SIGINT as ignored, and dagster dev
     # would then never stop: restore the default handler in the child before it starts.
-    process = subprocess.Popen(command, cwd=PROJECT_DIR, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command, cwd=dagster_home, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
+    stopping: list[float] = []
 
     def forward(signum, _frame):
+        stopping.append(time.monotonic())
         process.send_signal(signal.SIGINT)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    try:
-        return process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    while True:
+        try:
+            return process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            if stopping and time.monotonic() - stopping[0] > STOP_GRACE_SECONDS:
+                print("k2: dagster dev did not stop in time; killing it", file=sys.stderr)
+                process.kill()
 
 
 if __name__ == "__main__":

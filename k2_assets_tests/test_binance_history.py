@@ -166,7 +166,10 @@ def test_history_never_duplicates_trades_that_arrived_live(btcusdt_dir, catalog_
     k2_catalog.ensure_table(catalog, "trades").append(live)
 
     resources = make_resources(catalog_props, binance_dir=btcusdt_dir)
-    result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
+    result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources, raise_on_error=False)
+    # The bad live row fails a blocking (ERROR) check: the data is written and described, the run is red.
+    assert not result.success
+    assert "timestamp_in_session" in result.get_step_failure_events()[0].step_failure_data.error.message
     meta = metadata(result)
     assert meta["rows_already_present"] == 1000 and meta["rows_written"] == 15702
     table = catalog.load_table("market.trades").scan().to_arrow()

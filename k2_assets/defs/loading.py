@@ -17,7 +17,7 @@ from k2_assets.defs.resources import IcebergResource
 def check_specs(asset_name: str, kind: str) -> list[dg.AssetCheckSpec]:
     """One Dagster asset check per pandera rule, named after the rule."""
     return [
-        dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=False)
+        dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=rule.blocking)
         for rule in checks.rules(kind)
     ]
 
