@@ -16,7 +16,9 @@ read in place, never copied.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -117,32 +119,45 @@ def catalog_props(home: Path) -> dict[str, str]:
     return {"catalog_uri": f"sqlite:///{home}/catalog.db", "warehouse": f"file://{home}/warehouse"}
 
 
+CORE_STEPS = ("decode", "write rows", "write rejected", "scan back", "validate")
+
+
 def backfill_core(data: Path, home: Path) -> dict:
     """Per session and kind, the work of `loading.write_partition` minus Dagster's metadata."""
     asx._decode_file.cache_clear()
     props = catalog_props(home)
     cat = catalog.open_catalog(props["catalog_uri"], props["warehouse"])
     totals = {"read": 0, "written": 0, "rejected": 0, "stored": 0, "failed_checks": 0}
+    steps = dict.fromkeys(CORE_STEPS, 0.0)
     for day in SESSIONS:
         for kind in KINDS:
             source = f"asx_{kind}"
-            batch = asx.load_session(data, day, kind, source=source)
             where = writer.partition_filter(asx.EXCHANGE, day)
             properties = {"k2.source": source, "k2.partition": day.isoformat(), "k2.run_id": "bench"}
+            t0 = time.perf_counter()
+            batch = asx.load_session(data, day, kind, source=source)
+            t1 = time.perf_counter()
             result = writer.replace_rows(catalog.ensure_table(cat, kind), batch.rows, where, properties=properties)
+            t2 = time.perf_counter()
             writer.replace_rows(
                 catalog.ensure_table(cat, "rejected"),
                 batch.rejected,
                 And(EqualTo("source", source), EqualTo("partition_date", day.isoformat())),
                 properties=properties,
             )
+            t3 = time.perf_counter()
             stored = catalog.ensure_table(cat, kind).scan(row_filter=where, snapshot_id=result.snapshot_id).to_arrow()
+            t4 = time.perf_counter()
             outcomes = checks.validate(checks.to_frame(stored), kind, asx.EXCHANGE, day)
+            t5 = time.perf_counter()
+            for step, seconds in zip(CORE_STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                steps[step] += seconds
             totals["read"] += batch.read
             totals["written"] += result.written
             totals["rejected"] += batch.rejected.num_rows
             totals["stored"] += stored.num_rows
             totals["failed_checks"] += sum(not o.passed for o in outcomes.values())
+    totals["steps"] = steps
     return totals
 
 
@@ -187,6 +202,7 @@ def table_counts(home: Path) -> dict[str, int]:
 def bench_backfill(data: Path, label: str, fn) -> tuple[Timing, dict]:
     timing = Timing()
     totals: dict = {}
+    steps: dict[str, list[float]] = {}
     for i in range(BACKFILL_REPEAT):
         with tempfile.TemporaryDirectory(prefix=f"k2-bench-{label}-") as tmp:
             home = Path(tmp)
@@ -199,8 +215,12 @@ def bench_backfill(data: Path, label: str, fn) -> tuple[Timing, dict]:
         if counts["trades"] + counts["quotes"] != totals["written"] or counts["rejected"] != totals["rejected"]:
             raise AssertionError(f"{label}: tables hold {counts}, but the loads wrote {totals}")
         totals["table_rows"] = counts
+        for step, step_seconds in totals.pop("steps", {}).items():
+            steps.setdefault(step, []).append(step_seconds)
         progress(f"backfill {label} {i + 1}/{BACKFILL_REPEAT}: {seconds:.2f}s")
     timing.rows = totals["read"]
+    if steps:
+        totals["steps_median_s"] = {step: statistics.median(v) for step, v in steps.items()}
     progress(f"backfill {label}: best {timing.best:.2f}s, median {timing.median:.2f}s ({timing.rate(timing.best):,.0f} rows/s best)")
     return timing, totals
 
@@ -238,19 +258,25 @@ def render(results: dict) -> str:
         )
     c = results["counts"]
     ratio = s["parse_normalize"]["best_s"] / s["raw_read_csv"]["best_s"]
+    steps = results["backfill_core_steps_median_s"]
     lines += [
         "-" * len(header),
+        "core backfill by step (median s over the 5 days x 2 kinds): "
+        + ", ".join(f"{step} {seconds:.2f}" for step, seconds in steps.items())
+        + f"; Dagster overhead ≈ {s['backfill_dagster']['median_s'] - s['backfill_core']['median_s']:.2f} s",
         f"rows read {c['read']:,} = written {c['written']:,} + rejected {c['rejected']:,}  (checked for both paths; tables hold the same)",
         f"decode vs raw read: {ratio:.1f}x the floor's time; validate failures: {c['validate_failed_rows']} rows; "
         f"failed checks after backfill: core {c['core_failed_checks']}, dagster {c['dagster_failed_checks']}",
-        f"peak RSS: {results['peak_rss_mb']:.0f} MB    (verdicts use the median)    JSON: {results['json']}",
+        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
+        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); verdicts use the median; JSON: {results['json']}",
     ]
     return "\n".join(lines)
 
 
 def run() -> str:
     data = data_dir()
-    progress(f"ASX sample: {data}")
+    load_before = os.getloadavg()[0]
+    progress(f"ASX sample: {data} (load average {load_before:.2f} on {os.cpu_count()} CPUs)")
     decode, floor, batches = bench_parse(data)
     validate, failures = bench_validate(batches)
     del batches
@@ -290,7 +316,9 @@ def run() -> str:
             "core_failed_checks": core_totals["failed_checks"],
             "dagster_failed_checks": dagster_totals["failed_checks"],
         },
+        "backfill_core_steps_median_s": core_totals.get("steps_median_s", {}),
         "peak_rss_mb": peak_rss_mb(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "json": str(json_path),
     }
     write_results(NAME, results)

@@ -52,6 +52,11 @@ class Company:
 
 def read_companies(data_dir: Path) -> dict[str, Company]:
     path = data_dir / "reference-data" / "company_info.csv"
+    return _companies(path, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _companies(path: Path, mtime_ns: int) -> dict[str, Company]:
     table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"company_id": pa.string()}))
     return {
         row["company_id"]: Company(row["company_id"], row["symbol"].strip().upper(), row["ISIN"], row["company_name"])
@@ -90,29 +95,37 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
         sequence = pc.add(pc.indices_nonzero(ok), 1)
         n = len(accepted)
         if n:
-            columns = {name: pc.take(col, accepted) for name, col in decoded.columns.items()}
+            columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
             ymd = session_date.strftime("%Y%m%d")
+            constant = lambda value: pa.repeat(pa.scalar(value, pa.string()), n)  # noqa: E731
             columns.update(
+                exchange=constant(EXCHANGE),
+                symbol=constant(company.symbol),
+                asset_class=constant("EQUITY"),
+                currency=constant(CURRENCY),
                 message_id=pc.binary_join_element_wise(f"{EXCHANGE}:{company.symbol}:{ymd}", pc.cast(sequence, pa.string()), ":"),
                 source_sequence=pc.cast(sequence, pa.int64()),
                 trade_date=pa.repeat(pa.scalar(session_date, pa.date32()), n),
                 ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
                 source_file=pa.repeat(pa.scalar(rel, pa.string()), n),
-                source_row=pc.take(decoded.rows.line_numbers, accepted),
+                source_row=decode.pick(decoded.rows.line_numbers, accepted),
             )
+            if kind == "trades":
+                columns["side"] = constant("UNKNOWN")
             tables.append(schemas.build_table(schema_name, columns, n))
-        rejects.append(
-            decode.rejected_table(
-                decoded.rows,
-                rejected,
-                source=source,
-                partition_date=session_date,
-                exchange=EXCHANGE,
-                symbol=company.symbol if company else None,
-                source_file=rel,
-                rejected_at=now,
+        if len(rejected):
+            rejects.append(
+                decode.rejected_table(
+                    decoded.rows,
+                    rejected,
+                    source=source,
+                    partition_date=session_date,
+                    exchange=EXCHANGE,
+                    symbol=company.symbol if company else None,
+                    source_file=rel,
+                    rejected_at=now,
+                )
             )
-        )
     rows_table = pa.concat_tables(tables) if tables else schema.empty_table()
     rejected_table = pa.concat_tables(rejects) if rejects else schemas.arrow_schema(schemas.REJECTED).empty_table()
     return Batch(rows_table, rejected_table, read, files)
@@ -134,7 +147,7 @@ class _Decoded:
 def _decode_file(path: Path, size: int, mtime_ns: int, kind: str, company: Company | None) -> _Decoded:
     """Parse and validate one whole vendor file (cached: a backfill meets the same multi-day file per session)."""
     fields = TRADE_FIELDS if kind == "trades" else QUOTE_FIELDS
-    rows = Rows(decode.read_lines(path.read_bytes()), len(fields))
+    rows = Rows.parse(path.read_bytes(), len(fields))
     raw_date = rows.first_field
     dates = decode.parse_us_date(raw_date)
     rows.reject(pc.is_null(dates), "date '", raw_date, "' is not a MM/DD/YYYY date")
@@ -147,33 +160,15 @@ def _decode_file(path: Path, size: int, mtime_ns: int, kind: str, company: Compa
     clock = decode.parse_clock_micros(raw_time)
     rows.reject(pc.is_null(clock), "time '", raw_time, "' is not a HH:MM:SS.mmm time")
     n = len(rows)
-    columns = {
-        "exchange": pa.repeat(pa.scalar(EXCHANGE, pa.string()), n),
-        "symbol": pa.repeat(pa.scalar(company.symbol, pa.string()), n),
-        "asset_class": pa.repeat(pa.scalar("EQUITY", pa.string()), n),
-        "currency": pa.repeat(pa.scalar(CURRENCY, pa.string()), n),
-        "exchange_timestamp": decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE),
-    }
-    ids = [pa.repeat(pa.scalar(company.company_id, pa.string()), n), pa.repeat(pa.scalar(company.isin, pa.string()), n)]
+    columns = {"exchange_timestamp": decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)}
     if kind == "trades":
         _, _, price_s, volume_s, qualifiers, venue, buyer = rows.fields
-        buyer_is_price = pc.match_substring_regex(buyer, decode.DECIMAL_PATTERN)
-        null = pa.scalar(None, pa.string())
         columns.update(
-            side=pa.repeat(pa.scalar("UNKNOWN", pa.string()), n),
             price=rows.decimal(price_s, "price"),
             quantity=rows.decimal(volume_s, "volume"),
             trade_conditions=decode.by_unique(qualifiers, _conditions),
-            venue=pc.if_else(pc.equal(venue, ""), null, venue),
-            vendor_data=decode.string_map(
-                ["company_id", "isin", "buyer_id", "buyer_id_price"],
-                [
-                    *ids,
-                    pc.if_else(pc.or_(pc.equal(buyer, ""), buyer_is_price), null, buyer),
-                    pc.if_else(pc.and_(pc.not_equal(buyer, ""), buyer_is_price), buyer, null),
-                ],
-                n,
-            ),
+            venue=pc.if_else(pc.equal(venue, ""), pa.scalar(None, pa.string()), venue),
+            vendor_data=decode.by_unique(buyer, lambda values: _trade_vendor_data(company, values)),
         )
     else:
         _, _, bid_s, ask_s, bid_vol_s, ask_vol_s = rows.fields
@@ -187,8 +182,26 @@ def _decode_file(path: Path, size: int, mtime_ns: int, kind: str, company: Compa
             rows.reject(pc.xor(empty, pc.equal(size, zero)), f"{name} side has a zero price or a zero size but not both")
             columns[f"{name}_price"] = pc.if_else(empty, null, price)
             columns[f"{name}_quantity"] = pc.if_else(empty, null, size)
-        columns["vendor_data"] = decode.string_map(["company_id", "isin"], ids, n)
+        one = decode.string_map(["company_id", "isin"], [pa.array([company.company_id]), pa.array([company.isin])], 1)
+        columns["vendor_data"] = pc.take(one, pa.array(np.zeros(n, dtype=np.int32)))
     return _Decoded(rows, session, columns)
+
+
+def _trade_vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:
+    """vendor_data for each distinct BuyerID value (a price there is kept apart, uninterpreted)."""
+    n = len(buyer)
+    is_price = pc.match_substring_regex(buyer, decode.DECIMAL_PATTERN)
+    null = pa.scalar(None, pa.string())
+    return decode.string_map(
+        ["company_id", "isin", "buyer_id", "buyer_id_price"],
+        [
+            pa.repeat(pa.scalar(company.company_id, pa.string()), n),
+            pa.repeat(pa.scalar(company.isin, pa.string()), n),
+            pc.if_else(pc.or_(pc.equal(buyer, ""), is_price), null, buyer),
+            pc.if_else(pc.and_(pc.not_equal(buyer, ""), is_price), buyer, null),
+        ],
+        n,
+    )
 
 
 def _conditions(qualifiers: pa.StringArray) -> pa.Array:

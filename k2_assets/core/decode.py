@@ -69,13 +69,66 @@ class Rows:
             split = pc.if_else(shape_ok, split, pa.scalar([""] * n_fields, type=split.type))
         self.fields = [pc.list_element(split, i) for i in range(n_fields)]
 
+    @classmethod
+    def parse(cls, data: bytes, n_fields: int) -> "Rows":
+        """Split a headerless file with Arrow's CSV reader; any odd row sends the whole file down the
+        line-by-line path, which gives every row its exact reason and line number."""
+        names = [f"f{i}" for i in range(n_fields)]
+        odd: list = []
+        try:
+            table = pcsv.read_csv(
+                io.BytesIO(data),
+                read_options=pcsv.ReadOptions(column_names=names, block_size=1 << 24),
+                parse_options=pcsv.ParseOptions(
+                    quote_char=False, ignore_empty_lines=False, invalid_row_handler=lambda row: odd.append(row) or "skip"
+                ),
+                convert_options=pcsv.ConvertOptions(
+                    column_types={n: pa.string() for n in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
+                ),
+            )
+        except pa.ArrowInvalid:
+            odd.append(None)
+        if odd or table.num_rows != data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1) or (
+            table.num_rows and pc.any(pc.equal(table.column(0), "")).as_py()
+        ):
+            return cls(read_lines(data), n_fields)
+        rows = object.__new__(cls)
+        rows.fields = [c.combine_chunks() for c in table.columns]
+        rows.first_field = rows.fields[0]
+        rows.line_numbers = pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64))
+        rows.reasons = pa.nulls(table.num_rows, pa.string())
+        rows._lines = None
+        return rows
+
+    @property
+    def lines(self) -> pa.StringArray:
+        """The raw lines; rebuilt from the fields when parsed by the CSV reader (exact: there is no quoting)."""
+        if self._lines is None:
+            self._lines = pc.binary_join_element_wise(*self.fields, ",")
+        return self._lines
+
+    @lines.setter
+    def lines(self, value: pa.StringArray) -> None:
+        self._lines = value
+
+    @classmethod
+    def from_reasons(cls, reasons: pa.Array) -> "Rows":
+        """Rows already parsed elsewhere (e.g. JSON messages): only their reasons are tracked here."""
+        rows = object.__new__(cls)
+        rows.lines = pa.nulls(len(reasons), pa.string())
+        rows.line_numbers = pa.nulls(len(reasons), pa.int64())
+        rows.reasons = reasons
+        rows.fields = []
+        rows.first_field = rows.lines
+        return rows
+
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.reasons)
 
     def take(self, indices: pa.Array) -> "Rows":
         """The subset of rows at `indices`, keeping line numbers and reasons."""
         subset = object.__new__(Rows)
-        subset.lines = pc.take(self.lines, indices)
+        subset._lines = None if self._lines is None else pc.take(self._lines, indices)
         subset.line_numbers = pc.take(self.line_numbers, indices)
         subset.reasons = pc.take(self.reasons, indices)
         subset.fields = [pc.take(f, indices) for f in self.fields]
@@ -115,6 +168,14 @@ class Rows:
         good = pc.match_substring_regex(values, INTEGER_PATTERN)
         self.reject(pc.invert(good), f"{name} '", values, "' is not a whole number")
         return pc.cast(pc.if_else(good, values, "0"), pa.int64())
+
+
+def pick(column: pa.Array, indices: pa.Array) -> pa.Array:
+    """`take`, but a zero-copy slice when the indices are one ascending run (a session in vendor order)."""
+    n = len(indices)
+    if n and indices[n - 1].as_py() - indices[0].as_py() + 1 == n:
+        return column.slice(indices[0].as_py(), n)
+    return pc.take(column, indices)
 
 
 def by_unique(values: pa.Array, fn):
