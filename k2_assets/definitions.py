@@ -13,6 +13,7 @@ defs = dg.Definitions(
     assets=[*asx.assets, *binance.assets],
     jobs=[*asx.jobs, *binance.jobs],
     schedules=[*asx.schedules, *binance.schedules],
+    sensors=binance.sensors,
     resources={
         "iceberg": IcebergResource(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
         **asx.resources,

@@ -70,3 +70,37 @@ def make_resources(catalog_props: dict, asx_dir: Path | None = None, binance_dir
 def vendor_rows(path: Path) -> list[list[str]]:
     """A vendor CSV read independently of K2's decoder (for expected counts)."""
     return [line.split(",") for line in path.read_bytes().decode().split("\r\n") if line]
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """The embedded Kafka-compatible broker (Tansu), one per test process."""
+    from k2_assets.core.kafka import EmbeddedBroker
+
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def topic(broker, request) -> str:
+    """A fresh topic per test (the broker outlives tests), with 3 partitions."""
+    import re
+    import uuid
+
+    from k2_assets.core.kafka import ensure_topics
+
+    name = "t." + re.sub(r"[^a-zA-Z0-9]", "_", request.node.name)[:60] + "." + uuid.uuid4().hex[:6]
+    ensure_topics(broker.bootstrap, {name: 3})
+    return name
+
+
+def btc_trade_events(btcusdt_dir: Path) -> list[dict]:
+    """The real BTCUSDT trades as Binance trade-stream events."""
+    import csv
+
+    with open(btcusdt_dir / "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [
+        {"e": "trade", "E": int(r[4]) + 1, "s": "BTCUSDT", "t": int(r[0]), "p": r[1], "q": r[2], "T": int(r[4]), "m": r[5] == "True", "M": True}
+        for r in rows
+    ]

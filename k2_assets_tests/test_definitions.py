@@ -13,6 +13,7 @@ import pyarrow as pa
 from k2_assets.core import catalog as k2_catalog, checks, schemas
 from k2_assets.core.settings import Settings
 from k2_assets.defs.asx.schedules import asx_daily_schedule
+from k2_assets.defs.binance.schedules import binance_history_schedule
 from k2_assets.defs.partitions import asx_sessions, binance_days
 
 
@@ -21,7 +22,9 @@ def test_defs_load_with_every_asset_and_check():
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"asx_trades", "asx_quotes", "binance_trades_history"}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        "asx_trades", "asx_quotes", "binance_trades_history", "binance_trades", "kafka/market_crypto_trades_binance"}
+    assert graph.get(dg.AssetKey("binance_trades")).parent_keys == {dg.AssetKey(["kafka", "market_crypto_trades_binance"])}
     check_names = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     for rule in checks.TRADE_RULES:
         assert ("asx_trades", rule.name) in check_names and ("binance_trades_history", rule.name) in check_names
@@ -52,7 +55,10 @@ def test_asx_partitions_are_sydney_weekdays_and_the_schedule_loads_the_day_just_
     with dg.build_schedule_context(scheduled_execution_time=datetime(2014, 3, 10, 8, 30, tzinfo=ZoneInfo("UTC"))) as context:
         request = asx_daily_schedule(context)
     assert request.partition_key == "2014-03-10"
-    assert "2024-01-01" in binance_days.get_partition_keys(current_time=datetime(2024, 1, 2, tzinfo=ZoneInfo("UTC")))
+    # Binance: today's UTC partition exists (live batches land in it); the history schedule loads yesterday.
+    assert binance_days.get_partition_keys(current_time=datetime(2024, 1, 2, 5, tzinfo=ZoneInfo("UTC")))[-1] == "2024-01-02"
+    with dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 2, 3, tzinfo=ZoneInfo("UTC"))) as context:
+        assert binance_history_schedule(context).partition_key == "2024-01-01"
 
 
 def test_iceberg_schemas_are_derived_from_the_avro_contracts(catalog):

@@ -12,6 +12,7 @@ DEFAULTS = {
     "K2_WAREHOUSE": "file://{K2_HOME}/warehouse",
     "K2_ASX_DATA_DIR": "{K2_HOME}/data/asx",
     "K2_BINANCE_HISTORY_DIR": "{K2_HOME}/data/binance",
+    "K2_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
 }
 
 
@@ -31,6 +32,7 @@ class Settings:
     warehouse: str
     asx_data_dir: Path
     binance_history_dir: Path
+    kafka_bootstrap: str
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -42,4 +44,5 @@ class Settings:
             warehouse=values["K2_WAREHOUSE"],
             asx_data_dir=Path(values["K2_ASX_DATA_DIR"]),
             binance_history_dir=Path(values["K2_BINANCE_HISTORY_DIR"]),
+            kafka_bootstrap=values["K2_KAFKA_BOOTSTRAP"],
         )

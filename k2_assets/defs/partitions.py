@@ -12,5 +12,6 @@ asx_sessions = dg.TimeWindowPartitionsDefinition(
     end_offset=1,
 )
 
-# Binance trades around the clock; the key is the UTC date.
-binance_days = dg.DailyPartitionsDefinition(start_date="2017-07-14", timezone="UTC")
+# Binance trades around the clock; the key is the UTC date. end_offset=1: today's partition exists,
+# so live micro-batches can be reported against it as they land.
+binance_days = dg.DailyPartitionsDefinition(start_date="2017-07-14", timezone="UTC", end_offset=1)

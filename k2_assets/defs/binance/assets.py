@@ -39,3 +39,20 @@ def binance_trades_history(
         keep=And(live, NotNull("kafka_topic")),
         extra_metadata={"skipped_files": dg.MetadataValue.json(notes)},
     )
+
+
+kafka_topic = dg.AssetSpec(
+    key=["kafka", "market_crypto_trades_binance"],
+    description="Kafka topic market.crypto.trades.binance: v2 trades produced from Binance's WebSocket trade stream.",
+    group_name="binance",
+    kinds={"kafka"},
+)
+
+binance_trades = dg.AssetSpec(
+    key="binance_trades",
+    deps=[kafka_topic],
+    description="Binance trades arriving live (WebSocket -> Kafka -> sensor micro-batches) in market.trades, exactly once.",
+    partitions_def=binance_days,
+    group_name="binance",
+    kinds={"iceberg", "kafka"},
+)

@@ -13,3 +13,10 @@ class BinanceHistoryResource(dg.ConfigurableResource):
         if not path.is_dir():
             raise FileNotFoundError(f"Binance history directory {path} does not exist (set K2_BINANCE_HISTORY_DIR)")
         return path
+
+
+class KafkaResource(dg.ConfigurableResource):
+    """The Kafka cluster the live trades arrive on (the embedded broker by default)."""
+
+    bootstrap: str
+    topic: str = "market.crypto.trades.binance"

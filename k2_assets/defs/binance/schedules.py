@@ -1,3 +1,5 @@
+from datetime import timedelta, timezone
+
 import dagster as dg
 
 from k2_assets.defs.partitions import binance_days
@@ -9,5 +11,10 @@ binance_history_job = dg.define_asset_job(
     description="Load one UTC day of Binance trade dumps.",
 )
 
-# Binance publishes a day's dumps early the next day (UTC).
-binance_history_schedule = dg.build_schedule_from_partitioned_job(binance_history_job, hour_of_day=3)
+
+
+@dg.schedule(job=binance_history_job, cron_schedule="0 3 * * *", execution_timezone="UTC")
+def binance_history_schedule(context: dg.ScheduleEvaluationContext):
+    """Load yesterday's dumps at 03:00 UTC, once Binance has published them."""
+    day = (context.scheduled_execution_time.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
+    return dg.RunRequest(run_key=f"binance-history-{day}", partition_key=day)

@@ -1,0 +1,189 @@
+"""Binance trade stream -> Kafka: the long-running producer.
+
+Connects to Binance's combined stream (`/stream?streams=btcusdt@trade/...`), turns every trade
+event into a v2 trade (k2_assets.core.live_codec) and produces it, keyed by symbol, with an
+idempotent acks=all producer. Anything that cannot become a trade goes to the dead-letter topic
+with its raw bytes and the reason. Reconnects back off exponentially with full jitter, the
+connection is renewed before Binance's 24-hour cut, and every reconnect is logged with the last
+trade id seen per symbol, so a gap across the outage is visible (and repairable by trade id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import Producer
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from k2_assets.core import live_codec
+from k2_assets.core.kafka import ensure_topics, producer_config
+
+log = logging.getLogger("k2.stream")
+BINANCE_WS_URL = "wss://stream.binance.com:9443"
+MAX_CONNECTION_SECONDS = 23.5 * 3600  # Binance closes every connection at 24 hours
+
+
+@dataclass
+class StreamStats:
+    received: int = 0
+    produced: int = 0
+    dead_lettered: int = 0
+    produce_errors: int = 0
+    reconnects: int = 0
+    last_trade_id: dict[str, int] = field(default_factory=dict)
+    gaps: list[dict] = field(default_factory=list)
+
+
+def stream_url(base_url: str, symbols: list[str]) -> str:
+    return base_url.rstrip("/") + "/stream?streams=" + "/".join(f"{s.lower()}@trade" for s in symbols)
+
+
+def _event(name: str, **fields) -> None:
+    """Structured log line (JSON), one per notable event."""
+    log.info(json.dumps({"event": name, **fields}, default=str))
+
+
+class BinanceProducer:
+    """One WebSocket connection at a time into one Kafka producer."""
+
+    def __init__(self, symbols: list[str], bootstrap: str, *, base_url: str = BINANCE_WS_URL,
+                 topic: str = live_codec.TOPIC, dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0,
+                 max_connection_seconds: float = MAX_CONNECTION_SECONDS):
+        if not symbols:
+            raise ValueError("at least one symbol is required")
+        self.symbols = [s.upper() for s in symbols]
+        self.url = stream_url(base_url, self.symbols)
+        self.topic, self.dead_letter_topic = topic, dead_letter_topic
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.max_connection_seconds = max_connection_seconds
+        self.stats = StreamStats()
+        self.producer = Producer(producer_config(bootstrap, **{"error_cb": self._on_error}))
+        self.stop_event = asyncio.Event()
+        self._ws = None
+
+    def _on_error(self, error) -> None:
+        _event("kafka_error", error=str(error))
+
+    def _delivered(self, error, message) -> None:
+        if error is not None:
+            self.stats.produce_errors += 1
+            _event("produce_error", error=str(error), topic=message.topic())
+
+    def handle_frame(self, raw: bytes | str, ingest_us: int) -> None:
+        """Decode one frame and produce its trade, or dead-letter it with the reason."""
+        self.stats.received += 1
+        raw_bytes = raw.encode() if isinstance(raw, str) else raw
+        try:
+            (event,) = live_codec.events_in_frame(raw_bytes)
+            trade = live_codec.trade_from_event(event, ingest_us)
+        except live_codec.InvalidEvent as exc:
+            self.stats.dead_lettered += 1
+            self._produce(self.dead_letter_topic, None, raw_bytes, [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())])
+            return
+        symbol, trade_id = trade["symbol"], trade["source_sequence"]
+        last = self.stats.last_trade_id.get(symbol)
+        if last is not None and trade_id > last + 1:
+            self.stats.gaps.append({"symbol": symbol, "first_missing": last + 1, "last_missing": trade_id - 1})
+        if last is None or trade_id > last:
+            self.stats.last_trade_id[symbol] = trade_id
+        self._produce(self.topic, symbol.encode(), live_codec.encode(trade), live_codec.HEADERS)
+        self.stats.produced += 1
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._delivered)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self.producer.poll(0.05)
+
+    async def run(self) -> StreamStats:
+        """Stream until stop() is called; reconnect on any connection failure."""
+        attempt = 0
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                await self._connection()
+            except (OSError, ConnectionClosed, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                reason = "renewed before the 24-hour limit" if not self.stop_event.is_set() else "stopped"
+            if self.stop_event.is_set():
+                break
+            # A connection that lived a while was healthy: start the backoff again from the bottom.
+            attempt = 0 if time.monotonic() - started > 60 else attempt + 1
+            delay = random.uniform(0, min(self.backoff_max, self.backoff_initial * 2**attempt))
+            self.stats.reconnects += 1
+            _event("reconnect", reason=reason, attempt=attempt, delay_seconds=round(delay, 3), last_trade_id=dict(self.stats.last_trade_id))
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+        self.close()
+        return self.stats
+
+    async def _connection(self) -> None:
+        async with connect(self.url, ping_interval=20, ping_timeout=60, max_size=2**20, open_timeout=10) as ws:
+            self._ws = ws
+            _event("connected", url=self.url, last_trade_id=dict(self.stats.last_trade_id))
+            try:
+                async with asyncio.timeout(self.max_connection_seconds):
+                    count = 0
+                    async for frame in ws:
+                        self.handle_frame(frame, time.time_ns() // 1000)
+                        count += 1
+                        if count % 1000 == 0:
+                            self.producer.poll(0)
+            except TimeoutError:
+                return  # renew the connection before the exchange cuts it
+            finally:
+                self._ws = None
+                self.producer.poll(0)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._ws is not None:
+            asyncio.ensure_future(self._ws.close())
+
+    def close(self, timeout: float = 30.0) -> None:
+        remaining = self.producer.flush(timeout)
+        _event("stopped", produced=self.stats.produced, dead_lettered=self.stats.dead_lettered,
+               unflushed=remaining, last_trade_id=dict(self.stats.last_trade_id))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`k2 stream binance --symbols BTCUSDT,ETHUSDT`: run the producer until SIGTERM or Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="k2 stream binance", description=main.__doc__)
+    parser.add_argument("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT,BNBUSDT")
+    parser.add_argument("--url", default=os.environ.get("K2_BINANCE_WS_URL", BINANCE_WS_URL), help="stream base URL")
+    parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    parser.add_argument("--partitions", type=int, default=3, help="partitions of the topic if K2 creates it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    ensure_topics(args.bootstrap, {live_codec.TOPIC: args.partitions, live_codec.DEAD_LETTER_TOPIC: 1})
+    producer = BinanceProducer([s.strip() for s in args.symbols.split(",") if s.strip()], args.bootstrap, base_url=args.url)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, producer.stop)
+        await producer.run()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

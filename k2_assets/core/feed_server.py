@@ -1,0 +1,692 @@
+"""A local stand-in for Binance's spot market-data endpoints, for demos and tests without internet.
+
+It speaks the wire format of wss://stream.binance.com:9443 (raw `/ws/<stream>` and combined
+`/stream?streams=a/b` paths, `<symbol>@trade` events, SUBSCRIBE control messages, ping frames) and
+answers the REST calls a gap-filling client makes (`/api/v3/historicalTrades`, `/ping`,
+`/exchangeInfo`) on the same port, so K2's production client runs unchanged against it.
+
+Trades come from a source: a data.binance.vision dump (`replay_file`) or an endless random walk
+(`random_walk`). On request the server injects the faults a real feed has: disconnects, id gaps,
+duplicates, swapped neighbours and garbled frames, each decided per trade from a seed.
+
+    python -m k2_assets.core.feed_server --replay BTCUSDT-trades-2024-01-01.zip --port 9443 --speedup 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import csv
+import heapq
+import io
+import logging
+import random
+import re
+import signal
+import struct
+import threading
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+log = logging.getLogger(__name__)
+
+MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch µs are above it since 1973
+DUMP_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-trades-")
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
+DEFAULT_START_PRICES = {"BTCUSDT": "42690.21", "ETHUSDT": "2281.40", "BNBUSDT": "312.50", "SOLUSDT": "101.20"}
+
+MAX_BATCH = 2000  # frames written per event-loop turn when unpaced
+MAX_SCAN = 20_000  # rows walked per turn, so a rarely traded subscription cannot stall the loop
+MIN_TICK = 0.005  # paced sends are batched per tick of at least this many seconds
+IDLE = 0.05  # poll period while there is nothing to send
+
+# Per-trade faults, decided once when the trade enters the server.
+NONE, SKIP, DUPLICATE, SWAP, MALFORMED = range(5)
+
+
+# --- trade sources -----------------------------------------------------------------------------
+
+
+def replay_file(path: str | Path, symbol: str | None = None) -> Iterator[dict]:
+    """Trades of a data.binance.vision `SYMBOL-trades-*.csv|.zip` dump, in file order."""
+    path = Path(path)
+    if symbol is None:
+        match = DUMP_NAME.match(path.name)
+        if not match:
+            raise ValueError(f"{path.name}: cannot tell the symbol from the name; pass symbol=")
+        symbol = match["symbol"]
+    symbol = symbol.upper()
+    with _open_dump(path) as text:
+        for row in csv.reader(text):
+            if not row or not row[0].strip().isdigit():
+                continue  # the optional header line
+            trade_time = int(row[4])
+            if trade_time >= MICROS_FROM:
+                trade_time //= 1000
+            yield {
+                "trade_id": int(row[0]),
+                "price": _eight_dp(row[1]),
+                "qty": _eight_dp(row[2]),
+                "time_ms": trade_time,
+                "is_buyer_maker": row[5].strip().lower() == "true",
+                "symbol": symbol,
+            }
+
+
+@contextlib.contextmanager
+def _open_dump(path: Path) -> Iterator[io.TextIOBase]:
+    if path.suffix != ".zip":
+        with path.open(newline="") as text:
+            yield text
+        return
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.namelist() if m.endswith(".csv")]
+        if len(members) != 1:
+            raise ValueError(f"{path}: expected one .csv inside the zip, found {members}")
+        with archive.open(members[0]) as raw:
+            yield io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def _eight_dp(text: str) -> str:
+    """A decimal string as the stream prints it: exactly 8 decimal places."""
+    whole, _, frac = text.strip().partition(".")
+    if len(frac) > 8 and frac[8:].strip("0"):
+        raise ValueError(f"{text!r} has more than 8 decimal places")
+    return f"{whole}.{frac[:8]:0<8}"
+
+
+def random_walk(symbols: Iterable[str] | str, start_prices: dict[str, str | float] | None = None, seed: int = 0,
+                start_time_ms: int | None = None) -> Iterator[dict]:
+    """Endless trades for `symbols`: a random walk on a 0.01 tick, contiguous ids per symbol, in time order."""
+    if isinstance(symbols, str):
+        symbols = symbols.split(",")
+    symbols = [s.strip().upper() for s in symbols if s.strip()]
+    if not symbols:
+        raise ValueError("random_walk needs at least one symbol")
+    rng = np.random.default_rng(seed)
+    prices = {**DEFAULT_START_PRICES, **{k.upper(): str(v) for k, v in (start_prices or {}).items()}}
+    ticks = [max(1, round(Decimal(prices.get(s, "100.00")) * 100)) for s in symbols]
+    ids = [int(i) for i in rng.integers(10**8, 10**9, len(symbols))]
+    now_ms = int(time.time() * 1000) if start_time_ms is None else start_time_ms
+    moves = np.array([-2, -1, -1, 0, 0, 0, 1, 1, 2])
+    chunk = 4096  # drawn with numpy a chunk at a time: per-trade Python RNG calls would cap the server near 60k msg/s
+    while True:
+        gaps = rng.exponential(40.0, chunk).astype(np.int64)  # ms; several trades often share a millisecond
+        times = (now_ms + np.cumsum(gaps)).tolist()
+        now_ms = times[-1]
+        which = rng.integers(0, len(symbols), chunk).tolist()
+        steps = rng.choice(moves, chunk).tolist()
+        notionals = rng.lognormal(4.5, 1.6, chunk).tolist()  # quote-currency value: mostly tens to hundreds
+        makers = (rng.random(chunk) < 0.5).tolist()
+        for t, i, step, notional, maker in zip(times, which, steps, notionals, makers):
+            tick = ticks[i] = max(1, ticks[i] + step)
+            lots = max(1, int(notional * 10_000_000 / tick))  # 0.00001 lot size
+            yield {
+                "trade_id": ids[i],
+                "price": f"{tick // 100}.{tick % 100:02d}000000",
+                "qty": f"{lots // 100_000}.{lots % 100_000:05d}000",
+                "time_ms": t,
+                "is_buyer_maker": maker,
+                "symbol": symbols[i],
+            }
+            ids[i] += 1
+
+
+def merge_by_time(*sources: Iterable[dict]) -> Iterator[dict]:
+    """Interleave several time-ordered sources (e.g. one dump per symbol) into one, by trade time."""
+    return heapq.merge(*sources, key=lambda trade: trade["time_ms"])
+
+
+# --- the market: every trade the server has taken from its source ----------------------------------
+
+
+class _Trade:
+    __slots__ = ("pos", "symbol", "trade_id", "price", "qty", "time_ms", "maker", "fault", "tail")
+
+    def __init__(self, pos: int, trade: dict, fault: int):
+        self.pos = pos
+        self.symbol = trade["symbol"]
+        self.trade_id = trade["trade_id"]
+        self.price = trade["price"]
+        self.qty = trade["qty"]
+        self.time_ms = trade["time_ms"]
+        self.maker = bool(trade["is_buyer_maker"])
+        self.fault = fault
+        # The event after its "E" field, encoded once: only the event time differs per send. Formatted
+        # rather than dumped (a third of the cost); the source's strings are symbols and decimals, no escaping needed.
+        self.tail = (f',"s":"{self.symbol}","t":{self.trade_id},"p":"{self.price}","q":"{self.qty}",'
+                     f'"T":{self.time_ms},"m":{"true" if self.maker else "false"},"M":true}}').encode()
+
+    def rest(self) -> dict:
+        quote = (Decimal(self.price) * Decimal(self.qty)).quantize(Decimal("0.00000001"), ROUND_HALF_UP)
+        return {"id": self.trade_id, "price": self.price, "qty": self.qty, "quoteQty": f"{quote:f}", "time": self.time_ms,
+                "isBuyerMaker": self.maker, "isBestMatch": True}
+
+
+class _Market:
+    """Trades pulled lazily from the source, addressed by position; only the last `history_limit` are kept."""
+
+    CHUNK = 4096
+
+    def __init__(self, source: Iterable[dict], history_limit: int, skip_ids: set[int], ratios: tuple[float, ...], seed: int):
+        self._source = iter(source)
+        self._limit = history_limit
+        self._skip_ids = skip_ids
+        self._thresholds = [sum(ratios[: i + 1]) for i in range(len(ratios))]  # skip, duplicate, swap, malformed
+        self._rng = random.Random(seed)
+        self.rows: list[_Trade] = []
+        self.base = 0  # position of rows[0]
+        self.by_symbol: dict[str, list[_Trade]] = {}
+        self.exhausted = False
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.rows)
+
+    def pull(self) -> bool:
+        """Take the next chunk from the source; False once it is exhausted."""
+        if self.exhausted:
+            return False
+        pos, rng, thresholds, skip_ids = self.end, self._rng, self._thresholds, self._skip_ids
+        faulty = thresholds[-1] > 0
+        added = 0
+        for trade in self._source:
+            fault = NONE
+            if trade["trade_id"] in skip_ids:
+                fault = SKIP
+            elif faulty:
+                r = rng.random()
+                fault = next((i + 1 for i, t in enumerate(thresholds) if r < t), NONE)
+            row = _Trade(pos + added, trade, fault)
+            self.rows.append(row)
+            self.by_symbol.setdefault(row.symbol, []).append(row)
+            added += 1
+            if added == self.CHUNK:
+                break
+        if added < self.CHUNK:
+            self.exhausted = True
+        if len(self.rows) > 2 * self._limit:
+            self._trim()
+        return added > 0
+
+    def _trim(self) -> None:
+        cut = len(self.rows) - self._limit
+        del self.rows[:cut]
+        self.base += cut
+        for rows in self.by_symbol.values():
+            del rows[: bisect.bisect_left(rows, self.base, key=lambda r: r.pos)]
+
+    def time_at(self, pos: int) -> int | None:
+        """Trade time of the row at `pos` (pulling as needed), None past the end of a finite source."""
+        while pos >= self.end:
+            if not self.pull():
+                return None
+        return self.rows[max(pos, self.base) - self.base].time_ms
+
+    def from_id(self, symbol: str, from_id: int, limit: int) -> list[_Trade]:
+        pulled = 0
+        while not self.exhausted and pulled < 1_000_000:  # a far-future fromId on an endless walk must not hang
+            rows = self.by_symbol.get(symbol)
+            if rows and rows[-1].trade_id >= from_id + limit - 1:
+                break
+            self.pull()
+            pulled += self.CHUNK
+        rows = self.by_symbol.get(symbol, [])
+        start = bisect.bisect_left(rows, from_id, key=lambda r: r.trade_id)
+        return rows[start : start + limit]
+
+    def before(self, symbol: str, pos: int, limit: int) -> list[_Trade]:
+        rows = self.by_symbol.get(symbol, [])
+        stop = bisect.bisect_left(rows, pos, key=lambda r: r.pos)
+        return rows[max(0, stop - limit) : stop]
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+class _Connection:
+    """What the server tracks for one WebSocket client."""
+
+    def __init__(self, number: int, ws: ServerConnection, pos: int):
+        self.number = number
+        self.ws = ws
+        self.pos = pos  # next market position to consider
+        self.streams: list[str] = []
+        self.combined = False
+        self.prefixes: dict[str, bytes] = {}  # subscribed symbol -> payload start up to the "E" value
+        self.suffix = b""
+        self.held: bytes | None = None  # an event held back to swap it with the next one
+        self.sent = 0  # frames sent on this connection
+        self.reason = "client closed"
+
+    def subscribe(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            if stream not in self.streams:
+                self.streams.append(stream)
+        self._refresh()
+
+    def unsubscribe(self, streams: Iterable[str]) -> None:
+        gone = set(streams)
+        self.streams = [s for s in self.streams if s not in gone]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.prefixes = {}
+        for stream in self.streams:
+            symbol, _, kind = stream.partition("@")
+            if kind == "trade" and symbol:
+                start = b'{"stream":"%s","data":' % stream.encode() if self.combined else b""
+                self.prefixes[symbol.upper()] = start + b'{"e":"trade","E":'
+        self.suffix = b"}" if self.combined else b""
+
+
+class FeedServer:
+    """A Binance spot market-data server on 127.0.0.1 serving trades from `source` (see module doc)."""
+
+    def __init__(self, source: Iterable[dict], *, host: str = "127.0.0.1", port: int = 0,
+                 rate: float | None = None, speedup: float | None = None, shared_cursor: bool = True,
+                 ping_interval: float | None = 20.0, ping_timeout: float | None = 60.0,
+                 drop_every: int | None = None, max_connection_seconds: float | None = None,
+                 skip_ids: Iterable[int] = (), skip_ids_ratio: float = 0.0, duplicate_ratio: float = 0.0,
+                 out_of_order_ratio: float = 0.0, malformed_ratio: float = 0.0, seed: int = 0,
+                 symbols: Iterable[str] | None = None, history_limit: int = 200_000):
+        if rate is not None and speedup is not None:
+            raise ValueError("pace by rate or by speedup, not both")
+        if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
+            raise ValueError("rate and speedup must be positive (None = unpaced)")
+        if drop_every is not None and drop_every < 1:
+            raise ValueError("drop_every must be at least 1")
+        ratios = (skip_ids_ratio, duplicate_ratio, out_of_order_ratio, malformed_ratio)
+        if min(ratios) < 0 or sum(ratios) > 1:
+            raise ValueError("fault ratios must be >= 0 and add up to at most 1")
+        self.host, self.port = host, port
+        self.rate, self.speedup = rate, speedup
+        self.shared_cursor = shared_cursor
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.drop_every, self.max_connection_seconds = drop_every, max_connection_seconds
+        self._market = _Market(source, history_limit, set(skip_ids), ratios, seed)
+        self._symbols = {s.upper() for s in symbols} if symbols is not None else None
+        self._cursor = 0  # where the next connection starts when the cursor is shared
+        self._frontier = 0  # the furthest position any connection reached: the market's "now"
+        self._server: Server | None = None
+        self._connections = 0
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("connections", "frames", "events", "duplicates", "skipped", "malformed", "out_of_order",
+             "drops", "expired", "control_messages", "rest_requests"), 0)
+
+    # lifecycle
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def symbols(self) -> set[str]:
+        """Symbols the exchange lists: given explicitly, or those seen in the source so far."""
+        return self._symbols if self._symbols is not None else set(self._market.by_symbol)
+
+    @property
+    def cursor(self) -> int:
+        """Market position (0-based index into the source) where the next connection starts."""
+        return self._cursor if self.shared_cursor else self._market.base
+
+    async def start(self) -> FeedServer:
+        self._market.pull()  # learn the symbols before the first REST call
+        self._server = await serve(
+            self._handle, self.host, self.port, process_request=self._process_request,
+            compression=None,  # Binance negotiates none, and frames are written pre-encoded (see _write)
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout, logger=log)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "start() first"
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> FeedServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # WebSocket
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._connections += 1
+        self.stats["connections"] += 1
+        conn = _Connection(self._connections, ws, self.cursor)
+        url = urlsplit(ws.request.path)
+        conn.combined = url.path.startswith("/stream")
+        if conn.combined:
+            streams = parse_qs(url.query).get("streams", [""])[0].split("/")
+        else:
+            streams = url.path.removeprefix("/ws").split("/")
+        conn.subscribe(s.lower() for s in streams if s)
+        reader = asyncio.create_task(self._read(conn))
+        try:
+            await self._pump(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            reader.cancel()
+            peer = ws.remote_address[:2] if ws.remote_address else ("?", 0)
+            log.info("connection %d from %s:%s %s: %d frames from position %d, %s", conn.number, *peer,
+                     ws.request.path, conn.sent, conn.pos, conn.reason)
+
+    async def _read(self, conn: _Connection) -> None:
+        """Answer Binance's live control messages (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, ...)."""
+        with contextlib.suppress(ConnectionClosed):
+            async for message in conn.ws:
+                self.stats["control_messages"] += 1
+                await conn.ws.send(orjson.dumps(self._control(conn, message)).decode())
+
+    def _control(self, conn: _Connection, message: str | bytes) -> dict:
+        try:
+            request = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            return {"code": 3, "msg": f"Invalid JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"code": 3, "msg": "Invalid JSON: expected an object"}
+        method, params, request_id = request.get("method"), request.get("params"), request.get("id")
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+                return {"code": 2, "msg": "Invalid request: 'params' must be a list of stream names", "id": request_id}
+            streams = [p.lower() for p in params]
+            conn.subscribe(streams) if method == "SUBSCRIBE" else conn.unsubscribe(streams)
+            return {"result": None, "id": request_id}
+        if method == "LIST_SUBSCRIPTIONS":
+            return {"result": list(conn.streams), "id": request_id}
+        if method == "SET_PROPERTY" and isinstance(params, list) and params[:1] == ["combined"]:
+            conn.combined = bool(params[1:2] and params[1])
+            conn._refresh()
+            return {"result": None, "id": request_id}
+        if method == "GET_PROPERTY" and params == ["combined"]:
+            return {"result": conn.combined, "id": request_id}
+        return {"code": 2, "msg": f"Invalid request: unknown variant {method!r}, expected one of SUBSCRIBE, "
+                "UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY", "id": request_id}
+
+    async def _pump(self, conn: _Connection) -> None:
+        """Send the market to one connection, paced, with the configured faults, until it closes."""
+        ws = conn.ws
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        anchor: tuple[float, int] | None = None  # (loop time, trade time or frames sent) pacing starts from
+        while ws.state is State.OPEN:
+            now = loop.time()
+            if self.max_connection_seconds is not None and now - opened >= self.max_connection_seconds:
+                self.stats["expired"] += 1
+                conn.reason = "closed by server: max_connection_seconds"
+                await ws.close(1001, "connection lifetime exceeded")
+                return
+            if not conn.prefixes.keys() & self.symbols:
+                await asyncio.sleep(IDLE)  # nothing subscribed that trades: wait for a SUBSCRIBE
+                continue
+            budget, until_ms = MAX_BATCH, None
+            if self.rate is not None:
+                anchor = anchor or (now, conn.sent)
+                budget = min(MAX_BATCH, int((now - anchor[0]) * self.rate) - (conn.sent - anchor[1]))
+                if budget <= 0:
+                    await asyncio.sleep(max(MIN_TICK, (conn.sent - anchor[1] + 1) / self.rate - (now - anchor[0])))
+                    continue
+            elif self.speedup is not None:
+                if anchor is None:
+                    first = self._market.time_at(conn.pos)
+                    anchor = (now, first) if first is not None else None
+                if anchor is not None:
+                    until_ms = anchor[1] + (now - anchor[0]) * 1000 * self.speedup
+            payloads, stop = self._take(conn, budget, until_ms)
+            if payloads:
+                await self._write(ws, payloads)
+                conn.sent += len(payloads)
+            if self.drop_every is not None and conn.sent >= self.drop_every:
+                # Abrupt, like a dropped TCP link: no close frame. close() still flushes what was written.
+                self.stats["drops"] += 1
+                conn.reason = "dropped by server: drop_every"
+                ws.transport.close()
+                await ws.wait_closed()
+                return
+            if stop == "end":
+                await asyncio.sleep(IDLE)
+            elif stop == "time":
+                due = (self._market.time_at(conn.pos) - anchor[1]) / 1000 / self.speedup - (loop.time() - anchor[0])
+                await asyncio.sleep(min(max(due, MIN_TICK), IDLE))
+            else:
+                await asyncio.sleep(0)  # let pings, control replies and other clients run
+
+    def _take(self, conn: _Connection, budget: int, until_ms: float | None) -> tuple[list[bytes], str]:
+        """Advance `conn` through the market; return the frames to send now and why it stopped."""
+        market, stats = self._market, self.stats
+        limit = budget if self.drop_every is None else min(budget, self.drop_every - conn.sent)
+        event_ms = b"%d" % int(time.time() * 1000)  # "E": when the event leaves the exchange
+        prefixes, suffix = conn.prefixes, conn.suffix
+        out: list[bytes] = []
+        stop = "budget"
+        for _ in range(MAX_SCAN):
+            if limit - len(out) - (conn.held is not None) <= 0:
+                break
+            index = conn.pos - market.base
+            if index < 0:  # a slow reader fell behind the kept history: those trades are gone
+                conn.pos, index = market.base, 0
+            if index >= len(market.rows):
+                if market.pull():
+                    continue
+                stop = "end"
+                break
+            row = market.rows[index]
+            if until_ms is not None and row.time_ms > until_ms:
+                stop = "time"
+                break
+            conn.pos += 1
+            prefix = prefixes.get(row.symbol)
+            if prefix is None:
+                continue
+            fault = row.fault
+            if fault == SKIP:
+                stats["skipped"] += 1
+                continue
+            payload = prefix + event_ms + row.tail + suffix
+            if fault == MALFORMED:
+                out.append(payload[: len(payload) // 2])  # a truncated frame: the event is lost
+                stats["malformed"] += 1
+            elif fault == SWAP and conn.held is None and limit - len(out) >= 2:
+                conn.held = payload
+                continue
+            else:
+                out.append(payload)
+                stats["events"] += 1
+                if fault == DUPLICATE and limit - len(out) - (conn.held is not None) >= 1:
+                    out.append(payload)
+                    stats["duplicates"] += 1
+            if conn.held is not None:
+                out.append(conn.held)
+                conn.held = None
+                stats["events"] += 1
+                stats["out_of_order"] += 1
+        if stop == "end" and conn.held is not None:
+            out.append(conn.held)  # nothing left to swap it with
+            conn.held = None
+            stats["events"] += 1
+        stats["frames"] += len(out)
+        if self.shared_cursor:
+            self._cursor = max(self._cursor, conn.pos)
+        self._frontier = max(self._frontier, conn.pos)
+        return out, stop
+
+    @staticmethod
+    async def _write(ws: ServerConnection, payloads: list[bytes]) -> None:
+        # websockets' send() costs ~10 µs a frame, too slow for 100k msg/s: all but the last frame are
+        # framed here (unmasked, unfragmented, no extension) and written at once; send() then writes the
+        # last one and applies flow control.
+        parts = []
+        for payload in payloads[:-1]:
+            n = len(payload)
+            parts.append(struct.pack("!BB", 0x81, n) if n < 126 else
+                         struct.pack("!BBH", 0x81, 126, n) if n < 65536 else struct.pack("!BBQ", 0x81, 127, n))
+            parts.append(payload)
+        if parts and ws.state is State.OPEN:
+            ws.transport.write(b"".join(parts))
+        await ws.send(payloads[-1], text=True)
+
+    # REST
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path in ("/ws", "/stream") or url.path.startswith("/ws/"):
+            return None  # a WebSocket handshake
+        if not url.path.startswith("/api/"):
+            return connection.respond(404, "Not Found\n")
+        self.stats["rest_requests"] += 1
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        status, body = self._rest(url.path, query)
+        response = connection.respond(status, orjson.dumps(body).decode())
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json;charset=UTF-8"
+        return response
+
+    def _rest(self, path: str, query: dict[str, str]) -> tuple[int, object]:
+        if path == "/api/v3/ping":
+            return 200, {}
+        if path == "/api/v3/time":
+            return 200, {"serverTime": int(time.time() * 1000)}
+        if path == "/api/v3/exchangeInfo":
+            symbols = sorted(self.symbols)
+            if "symbol" in query:
+                if query["symbol"].upper() not in symbols:
+                    return 400, {"code": -1121, "msg": "Invalid symbol."}
+                symbols = [query["symbol"].upper()]
+            return 200, {"timezone": "UTC", "serverTime": int(time.time() * 1000), "rateLimits": [], "exchangeFilters": [],
+                         "symbols": [_symbol_info(s) for s in symbols]}
+        if path in ("/api/v3/historicalTrades", "/api/v3/trades"):
+            return self._trades(query, from_id_allowed=path.endswith("historicalTrades"))
+        return 404, {"code": -1000, "msg": f"Unknown endpoint {path}."}
+
+    def _trades(self, query: dict[str, str], from_id_allowed: bool) -> tuple[int, object]:
+        symbol = query.get("symbol", "").upper()
+        if not symbol:
+            return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."}
+        for name in ("limit", "fromId"):
+            if name in query and not re.fullmatch(r"[0-9]{1,20}", query[name]):
+                return 400, {"code": -1100, "msg": f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."}
+        limit = int(query.get("limit", 500))
+        if not 1 <= limit <= 1000:
+            return 400, {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is '1 to 1000'."}
+        if symbol not in self.symbols:
+            return 400, {"code": -1121, "msg": "Invalid symbol."}
+        if from_id_allowed and "fromId" in query:
+            rows = self._market.from_id(symbol, int(query["fromId"]), limit)
+        else:
+            rows = self._market.before(symbol, self._frontier, limit)
+        return 200, [row.rest() for row in rows]
+
+
+def _symbol_info(symbol: str) -> dict:
+    quote = next((q for q in QUOTE_ASSETS if symbol.endswith(q) and len(symbol) > len(q)), symbol[-4:])
+    return {"symbol": symbol, "status": "TRADING", "baseAsset": symbol[: -len(quote)], "baseAssetPrecision": 8,
+            "quoteAsset": quote, "quotePrecision": 8, "quoteAssetPrecision": 8, "orderTypes": ["LIMIT", "MARKET"],
+            "isSpotTradingAllowed": True, "permissions": ["SPOT"],
+            "filters": [{"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"}]}
+
+
+# --- running it ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_in_thread(source: Iterable[dict], **kwargs) -> Iterator[FeedServer]:
+    """Run a FeedServer(source, **kwargs) on its own event loop in a background thread; yield it started."""
+    server = FeedServer(source, **kwargs)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="feed-server", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=10)
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m k2_assets.core.feed_server", description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--replay", action="append", metavar="FILE", help="data.binance.vision trades dump (.csv/.zip); repeat to merge")
+    what.add_argument("--random-walk", metavar="SYMBOLS", help="comma-separated symbols, e.g. BTCUSDT,ETHUSDT")
+    parser.add_argument("--symbol", help="symbol of a --replay file whose name does not start with it")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9443)
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="messages per second per connection")
+    pace.add_argument("--speedup", type=float, help="replay at N times the original pace (default 1 = real time)")
+    pace.add_argument("--unpaced", action="store_true", help="send as fast as the client reads")
+    parser.add_argument("--no-shared-cursor", action="store_true", help="every connection replays from the start")
+    parser.add_argument("--ping-interval", type=float, default=20.0)
+    parser.add_argument("--ping-timeout", type=float, default=60.0)
+    parser.add_argument("--drop-every", type=int)
+    parser.add_argument("--max-connection-seconds", type=float)
+    parser.add_argument("--skip-ids", default="", help="comma-separated trade ids never to stream")
+    parser.add_argument("--skip-ids-ratio", type=float, default=0.0)
+    parser.add_argument("--duplicate-ratio", type=float, default=0.0)
+    parser.add_argument("--out-of-order-ratio", type=float, default=0.0)
+    parser.add_argument("--malformed-ratio", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.replay:
+        source = merge_by_time(*(replay_file(path, args.symbol) for path in args.replay))
+        symbols = None
+    else:
+        symbols = [s.strip().upper() for s in args.random_walk.split(",") if s.strip()]
+        source = random_walk(symbols, seed=args.seed)
+    speedup = args.speedup if args.speedup or args.rate or args.unpaced else 1.0
+    server = FeedServer(
+        source, host=args.host, port=args.port, rate=args.rate, speedup=None if args.unpaced else speedup,
+        shared_cursor=not args.no_shared_cursor, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+        drop_every=args.drop_every, max_connection_seconds=args.max_connection_seconds,
+        skip_ids={int(i) for i in args.skip_ids.split(",") if i.strip()}, skip_ids_ratio=args.skip_ids_ratio,
+        duplicate_ratio=args.duplicate_ratio, out_of_order_ratio=args.out_of_order_ratio,
+        malformed_ratio=args.malformed_ratio, seed=args.seed, symbols=symbols)
+
+    async def serve_until_signalled() -> None:
+        await server.start()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+        log.info("serving %s (streams: /ws/<symbol>@trade, /stream?streams=...; REST: %s/api/v3/...) symbols %s",
+                 server.ws_url, server.http_url, ",".join(sorted(server.symbols)))
+        await stopping.wait()
+        await server.stop()
+        log.info("stopped; stats %s", server.stats)
+
+    asyncio.run(serve_until_signalled())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

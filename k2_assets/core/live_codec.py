@@ -1,0 +1,203 @@
+"""Binance trade events -> v2 trade messages for Kafka, and Kafka micro-batches -> Arrow rows.
+
+The Kafka message value is one v2 trade as a JSON object whose field names are exactly those of
+schemas/trade_v2.avsc (decimals as the exchange's own decimal strings, timestamps as epoch
+microseconds, trade_date as ISO date). JSON rather than Avro binary because the writer decodes a
+whole micro-batch at once with Arrow's C++ JSON reader; per-record Avro decoding in Python runs at
+~40k records/s on this machine, a quarter of the throughput target. The headers name the contract.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pjson
+
+from k2_assets.core import decode, schemas
+
+EXCHANGE = "BINANCE"
+TOPIC = "market.crypto.trades.binance"
+DEAD_LETTER_TOPIC = "market.crypto.trades.binance.dlq"
+HEADERS = [("k2-schema", b"k2.market.v2.Trade"), ("content-type", b"application/json")]
+DECIMAL_TEXT = decode.DECIMAL_PATTERN
+
+
+class InvalidEvent(ValueError):
+    """An exchange event that cannot become a v2 trade; the message says why."""
+
+
+def events_in_frame(raw: bytes | str) -> list[dict]:
+    """The trade events of one WebSocket frame: a combined-stream envelope or a bare event."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"malformed JSON: {exc}") from None
+    if isinstance(message, dict) and "data" in message and "stream" in message:
+        message = message["data"]
+    if not isinstance(message, dict):
+        raise InvalidEvent("frame is not a JSON object")
+    return [message]
+
+
+def trade_from_event(event: dict, ingest_us: int) -> dict:
+    """A Binance `trade` event -> a v2 trade (dict of trade_v2.avsc fields)."""
+    if event.get("e") != "trade":
+        raise InvalidEvent(f"event type {event.get('e')!r} is not 'trade'")
+    symbol, trade_id, price, qty, trade_time, maker = (event.get(k) for k in ("s", "t", "p", "q", "T", "m"))
+    if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
+        raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
+    if not isinstance(trade_id, int) or isinstance(trade_id, bool) or trade_id < 0:
+        raise InvalidEvent(f"trade id {trade_id!r} is not a non-negative integer")
+    for name, value in (("price", price), ("quantity", qty)):
+        if not isinstance(value, str) or not _is_decimal(value):
+            raise InvalidEvent(f"{name} {value!r} is not a decimal string that fits decimal(18,8)")
+        if not any(c in "123456789" for c in value):
+            raise InvalidEvent(f"{name} {value} must be greater than zero")
+    if not isinstance(trade_time, int) or isinstance(trade_time, bool) or trade_time <= 0:
+        raise InvalidEvent(f"trade time {trade_time!r} is not epoch milliseconds")
+    if not isinstance(maker, bool):
+        raise InvalidEvent(f"buyer-is-maker flag {maker!r} is not a boolean")
+    currency = _quote_currency(symbol)
+    if currency is None:
+        raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
+    exchange_us = trade_time * 1000
+    vendor = {"event_time": str(event.get("E"))}
+    if "M" in event:
+        vendor["is_best_match"] = str(event["M"])
+    return {
+        "message_id": f"{EXCHANGE}:{symbol}:{trade_id}",
+        "trade_id": str(trade_id),
+        "exchange": EXCHANGE,
+        "symbol": symbol,
+        "asset_class": "CRYPTO",
+        "currency": currency,
+        # m: the buyer is the maker, so the aggressor sold.
+        "side": "SELL" if maker else "BUY",
+        "price": price,
+        "quantity": qty,
+        "exchange_timestamp": exchange_us,
+        "trade_date": datetime.fromtimestamp(exchange_us / 1e6, tz=timezone.utc).date().isoformat(),
+        "ingest_timestamp": ingest_us,
+        "source_sequence": trade_id,
+        "trade_conditions": [],
+        "venue": None,
+        "vendor_data": vendor,
+    }
+
+
+def _is_decimal(text: str) -> bool:
+    whole, _, frac = text.partition(".")
+    return whole.isdigit() and len(whole) <= 10 and (frac == "" or frac.isdigit()) and len(frac.rstrip("0")) <= 8
+
+
+def _quote_currency(symbol: str) -> str | None:
+    from k2_assets.core.binance_history import quote_currency
+
+    return quote_currency(symbol)
+
+
+def encode(trade: dict) -> bytes:
+    return orjson.dumps(trade)
+
+
+# What the writer reads from each message: the v2 fields a producer sets (Kafka position comes from Kafka).
+_WIRE = pa.schema(
+    [
+        ("message_id", pa.string()), ("trade_id", pa.string()), ("exchange", pa.string()), ("symbol", pa.string()),
+        ("asset_class", pa.string()), ("currency", pa.string()), ("side", pa.string()), ("price", pa.string()),
+        ("quantity", pa.string()), ("exchange_timestamp", pa.int64()), ("trade_date", pa.string()),
+        ("ingest_timestamp", pa.int64()), ("source_sequence", pa.int64()), ("trade_conditions", pa.list_(pa.string())),
+        ("venue", pa.string()), ("vendor_data", pa.struct([(k, pa.string()) for k in ("event_time", "is_best_match")])),
+    ]
+)
+VENDOR_KEYS = ("event_time", "is_best_match")  # what Binance's trade stream carries beyond the v2 core
+_REQUIRED = ("message_id", "exchange", "symbol", "asset_class", "currency", "side", "price", "quantity", "exchange_timestamp", "ingest_timestamp")
+
+
+def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str,
+                 now: datetime | None = None) -> tuple[pa.Table, pa.Table]:
+    """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
+    now = now or decode.utc_now()
+    n = len(values)
+    raw = pa.array(values, pa.binary())
+    wire, reasons = _parse(values)
+    rows = decode.Rows.from_reasons(reasons)
+    for name in _REQUIRED:
+        rows.reject(pc.is_null(wire.column(name)), f"field {name} is missing")
+    price = rows.decimal(pc.fill_null(wire.column("price"), "0"), "price")
+    quantity = rows.decimal(pc.fill_null(wire.column("quantity"), "0"), "quantity")
+    rows.reject(pc.invert(pc.is_in(wire.column("side"), pa.array(["BUY", "SELL", "UNKNOWN"]))), "side '", pc.fill_null(wire.column("side"), ""), "' is not BUY, SELL or UNKNOWN")
+    ts = pc.cast(pc.fill_null(wire.column("exchange_timestamp"), 0), pa.timestamp("us", tz="UTC"))
+    day = pc.cast(ts, pa.date32())
+    rows.reject(pc.not_equal(pc.cast(day, pa.string()), pc.fill_null(wire.column("trade_date"), "")), "trade_date does not match exchange_timestamp's UTC date")
+    ok = rows.accepted()
+    columns = {name: pc.take(wire.column(name), ok) for name in _WIRE.names}
+    columns.update(
+        price=pc.take(price, ok),
+        quantity=pc.take(quantity, ok),
+        exchange_timestamp=pc.take(ts, ok),
+        trade_date=pc.take(day, ok),
+        ingest_timestamp=pc.cast(columns["ingest_timestamp"], pa.timestamp("us", tz="UTC")),
+        trade_conditions=pc.fill_null(columns["trade_conditions"], pa.scalar([], pa.list_(pa.string()))),
+        kafka_topic=pa.repeat(pa.scalar(topic), len(ok)),
+        kafka_partition=pc.take(pa.array(partitions, pa.int32()), ok),
+        kafka_offset=pc.take(pa.array(offsets, pa.int64()), ok),
+    )
+    vendor = columns["vendor_data"]
+    columns["vendor_data"] = decode.string_map(list(VENDOR_KEYS), [pc.struct_field(vendor, k) for k in VENDOR_KEYS], len(ok))
+    trades = schemas.build_table(schemas.TRADE, columns, len(ok))
+    bad = rows.rejected()
+    rejected = schemas.build_table(
+        schemas.REJECTED,
+        {
+            "source": pa.repeat(pa.scalar(source), len(bad)),
+            # A message without a usable exchange time belongs to the day it was consumed.
+            "partition_date": pc.take(pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad),
+            "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
+            "symbol": pc.take(wire.column("symbol"), bad),
+            "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),
+            "kafka_partition": pc.take(pa.array(partitions, pa.int32()), bad),
+            "kafka_offset": pc.take(pa.array(offsets, pa.int64()), bad),
+            "raw": pc.take(raw, bad),
+            "reason": pc.take(rows.reasons, bad),
+            "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(bad)),
+        },
+        len(bad),
+    )
+    return trades, rejected
+
+
+def _parse(values: list[bytes]) -> tuple[pa.Table, pa.Array]:
+    """Parse all values with Arrow's JSON reader; a value that is not one v2 JSON object gets a reason.
+
+    A batch with bad messages is split in halves until each bad one stands alone, so a few bad
+    messages cost a few extra parses, not one per message."""
+    if not values:
+        return _WIRE.empty_table(), pa.array([], pa.string())
+    try:
+        if any(b"\n" in v for v in values):
+            raise pa.ArrowInvalid("a message spans lines")
+        return _read(values), pa.nulls(len(values), pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        if len(values) == 1:
+            return pa.Table.from_pylist([{}], schema=_WIRE), pa.array([f"not a v2 trade JSON object: {exc}"], pa.string())
+    half = len(values) // 2
+    first, first_reasons = _parse(values[:half])
+    second, second_reasons = _parse(values[half:])
+    return pa.concat_tables([first, second]), pa.concat_arrays([first_reasons, second_reasons])
+
+
+def _read(values: list[bytes]) -> pa.Table:
+    data = b"\n".join(values)
+    table = pjson.read_json(
+        io.BytesIO(data),
+        read_options=pjson.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+        parse_options=pjson.ParseOptions(explicit_schema=_WIRE, unexpected_field_behavior="ignore"),
+    )
+    if table.num_rows != len(values):
+        raise pa.ArrowInvalid(f"{len(values)} messages parsed as {table.num_rows} rows")
+    return table.combine_chunks()

@@ -1,0 +1,298 @@
+"""Kafka -> Iceberg micro-batches, exactly once.
+
+Exactly once rests on Iceberg, not on Kafka transactions (which the embedded broker does not
+isolate): every commit to `market.trades` carries, in its snapshot summary, the next Kafka offset to
+read for every partition of the topic (`k2.kafka.offsets.<topic>`). On start and after any failure
+the writer resumes from the highest offsets recorded in the table's snapshot lineage. A batch that
+was committed but not acknowledged anywhere else is therefore skipped, never written twice; a
+batch that was not committed is read again.
+
+Rejected messages go to `market.rejected` *before* the trades commit, in a commit of their own that
+records how far rejects were written (`k2.kafka.rejected.<topic>`); a replay skips rejects below
+that mark, so they too land exactly once. Consumer-group offsets are committed last, for lag
+monitoring only.
+
+Trades are also deduplicated by content: the writer never inserts a (symbol, trade id) that the
+partition already holds, whatever path it came by (a replayed feed, the history loader).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from pyiceberg.expressions import And, EqualTo
+from pyiceberg.table import Table
+
+from k2_assets.core import live_codec, writer
+from k2_assets.core.kafka import consumer_config, partition_count
+
+OFFSETS_KEY = "k2.kafka.offsets."
+REJECTED_KEY = "k2.kafka.rejected."
+SOURCE = "binance_trades"
+
+
+def recorded_offsets(table: Table, key: str) -> dict[int, int]:
+    """Highest next-offset per partition recorded under `key` in the table's current lineage."""
+    offsets: dict[int, int] = {}
+    snapshot = table.current_snapshot()
+    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
+    while snapshot is not None:
+        value = snapshot.summary.additional_properties.get(key) if snapshot.summary else None
+        if value:
+            for partition, offset in json.loads(value).items():
+                offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
+        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+    return offsets
+
+
+@dataclass
+class BatchReport:
+    """One committed micro-batch, as the sensor reports it."""
+
+    consumed: int
+    written: int
+    duplicates: int
+    rejected: int
+    offset_ranges: dict[int, tuple[int, int]]  # partition -> [first, last] offsets consumed
+    snapshot_id: int | None
+    partitions: dict[str, int]  # trade_date -> rows written
+    latency_seconds: dict[str, float]  # exchange time -> committed, p50 / max over the batch
+    committed_at: datetime
+
+
+@dataclass
+class _Seen:
+    """Trade ids already in the table, per (trade_date, symbol), as sorted int64 arrays."""
+
+    ids: dict[tuple[date, str], np.ndarray] = field(default_factory=dict)
+
+    def load(self, table: Table, day: date, symbol: str) -> np.ndarray:
+        key = (day, symbol)
+        if key not in self.ids:
+            where = And(writer.partition_filter(live_codec.EXCHANGE, day), EqualTo("symbol", symbol))
+            column = table.scan(row_filter=where, selected_fields=("source_sequence",)).to_arrow().column("source_sequence")
+            self.ids[key] = np.sort(column.to_numpy(zero_copy_only=False).astype(np.int64))
+        return self.ids[key]
+
+    def add(self, day: date, symbol: str, new: np.ndarray) -> None:
+        key = (day, symbol)
+        self.ids[key] = np.union1d(self.ids[key], new)
+
+
+class LiveWriter:
+    """Drains a Kafka topic into market.trades in micro-batches (see the module docstring)."""
+
+    def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
+                 group_id: str = "k2-binance-trades-writer", max_batch_rows: int = 250_000,
+                 max_batch_seconds: float = 1.0):
+        self.trades, self.rejected = trades, rejected
+        self.topic = topic
+        self.group_id = group_id
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_seconds = max_batch_seconds
+        self.consumer = Consumer(consumer_config(bootstrap, group_id))
+        self.partitions = partition_count(bootstrap, topic)
+        self.seen = _Seen()
+        self.position: dict[int, int] = {}
+        self._assign()
+
+    def _assign(self) -> None:
+        self.trades.refresh()
+        self.rejected.refresh()
+        recorded = recorded_offsets(self.trades, OFFSETS_KEY + self.topic)
+        self.position = {p: recorded.get(p, 0) for p in range(self.partitions)}
+        self.rejects_written = recorded_offsets(self.rejected, REJECTED_KEY + self.topic)
+        # Explicit assignment from the table's own offsets: no group rebalance, no trust in committed offsets.
+        self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in self.position.items()])
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None) -> list[BatchReport]:
+        """Write micro-batches for up to `seconds`, stopping early once the topic is idle."""
+        reports = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            messages = self._collect(deadline, idle_seconds)
+            if not messages:
+                break
+            reports.append(self._write(messages))
+            if on_batch is not None:
+                on_batch(reports[-1])
+        return reports
+
+    def _collect(self, deadline: float, idle_seconds: float) -> list:
+        batch: list = []
+        started = time.monotonic()
+        idle_since = time.monotonic()
+        while len(batch) < self.max_batch_rows:
+            now = time.monotonic()
+            if now >= deadline or now - started >= self.max_batch_seconds or now - idle_since >= idle_seconds:
+                break
+            messages = self.consumer.consume(min(50_000, self.max_batch_rows - len(batch)), timeout=0.1)
+            good = []
+            for m in messages:
+                error = m.error()
+                if error is None:
+                    good.append(m)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise RuntimeError(f"Kafka error while consuming {self.topic}: {error}")
+            if good:
+                batch.extend(good)
+                idle_since = time.monotonic()
+        return batch
+
+    def _write(self, messages: list) -> BatchReport:
+        values = [m.value() or b"" for m in messages]
+        partitions = [m.partition() for m in messages]
+        offsets = [m.offset() for m in messages]
+        rows, rejected = live_codec.decode_batch(values, self.topic, partitions, offsets, source=SOURCE)
+        ranges: dict[int, tuple[int, int]] = {}
+        for p, o in zip(partitions, offsets):
+            first, last = ranges.get(p, (o, o))
+            ranges[p] = (min(first, o), max(last, o))
+        next_offsets = {**self.position, **{p: last + 1 for p, (_, last) in ranges.items()}}
+
+        rejected = self._fresh_rejects(rejected)
+        if rejected.num_rows:
+            marks = {**{str(p): o for p, o in self.rejects_written.items()}, **{str(p): o for p, o in next_offsets.items()}}
+            self.rejected.append(rejected, snapshot_properties={REJECTED_KEY + self.topic: json.dumps(marks)})
+            self.rejects_written.update({int(p): o for p, o in marks.items()})
+            _crash_point("after_rejects_commit")
+
+        rows, duplicates = self._new_rows(rows)
+        snapshot_id = None
+        if rows.num_rows:
+            rows = rows.sort_by(writer.SORT_KEYS)
+            properties = {OFFSETS_KEY + self.topic: json.dumps({str(p): o for p, o in next_offsets.items()}), "k2.source": SOURCE}
+            self.trades.append(rows, snapshot_properties=properties)
+            snapshot_id = self.trades.current_snapshot().snapshot_id
+            self._remember(rows)
+        _crash_point("after_trades_commit")
+        self.position = next_offsets
+        # For lag monitoring only: the table's offsets are the truth.
+        self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=False)
+        committed = datetime.now(timezone.utc)
+        return BatchReport(
+            consumed=len(messages),
+            written=rows.num_rows,
+            duplicates=duplicates,
+            rejected=rejected.num_rows,
+            offset_ranges=ranges,
+            snapshot_id=snapshot_id,
+            partitions=_per_day(rows),
+            latency_seconds=_latency(rows, committed),
+            committed_at=committed,
+        )
+
+    def _fresh_rejects(self, rejected: pa.Table) -> pa.Table:
+        """Rejects below the recorded mark were written before a crash: drop them."""
+        if not rejected.num_rows or not self.rejects_written:
+            return rejected
+        marks = pa.array([self.rejects_written.get(p, 0) for p in rejected.column("kafka_partition").to_pylist()], pa.int64())
+        return rejected.filter(pc.greater_equal(rejected.column("kafka_offset"), marks))
+
+    def _new_rows(self, rows: pa.Table) -> tuple[pa.Table, int]:
+        """Drop trades the partition already holds and repeats within the batch."""
+        if not rows.num_rows:
+            return rows, 0
+        keep = np.zeros(rows.num_rows, dtype=bool)
+        days = rows.column("trade_date").to_numpy(zero_copy_only=False)
+        symbols = rows.column("symbol").to_numpy(zero_copy_only=False)
+        ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, key in enumerate(zip(days, symbols)):
+            groups[key].append(i)
+        for (day, symbol), index in groups.items():
+            index = np.asarray(index)
+            seen = self.seen.load(self.trades, _as_date(day), symbol)
+            group_ids = ids[index]
+            _, first = np.unique(group_ids, return_index=True)  # first occurrence within the batch
+            fresh = np.zeros(len(index), dtype=bool)
+            fresh[first] = True
+            fresh &= ~np.isin(group_ids, seen, assume_unique=False)
+            keep[index[fresh]] = True
+        return rows.filter(pa.array(keep)), int((~keep).sum())
+
+    def _remember(self, rows: pa.Table) -> None:
+        days = rows.column("trade_date").to_numpy(zero_copy_only=False)
+        symbols = rows.column("symbol").to_numpy(zero_copy_only=False)
+        ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
+        for key in set(zip(days, symbols)):
+            mask = (days == key[0]) & (symbols == key[1])
+            self.seen.add(_as_date(key[0]), key[1], ids[mask])
+
+
+def _as_date(value) -> date:
+    if isinstance(value, date):
+        return value
+    return np.datetime64(value, "D").astype(date)
+
+
+def _per_day(rows: pa.Table) -> dict[str, int]:
+    if not rows.num_rows:
+        return {}
+    counts = pc.value_counts(rows.column("trade_date"))
+    return {item["values"].isoformat(): item["counts"] for item in counts.to_pylist()}
+
+
+def _latency(rows: pa.Table, committed: datetime) -> dict[str, float]:
+    if not rows.num_rows:
+        return {}
+    ts = rows.column("exchange_timestamp").cast(pa.int64()).to_numpy()
+    lag = (committed.timestamp() * 1e6 - ts) / 1e6
+    return {"p50": float(np.percentile(lag, 50)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max())}
+
+
+def _crash_point(name: str) -> None:
+    """Crash tests kill the writer exactly here (K2_WRITER_CRASH_POINT) to prove recovery."""
+    if os.environ.get("K2_WRITER_CRASH_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m k2_assets.core.live_writer`: drain the topic into Iceberg until interrupted (or --seconds)."""
+    import argparse
+
+    from k2_assets.core import catalog
+    from k2_assets.core.settings import Settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    parser.add_argument("--topic", default=live_codec.TOPIC)
+    parser.add_argument("--seconds", type=float, default=float("inf"))
+    parser.add_argument("--max-batch-rows", type=int, default=250_000)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    cat = catalog.open_catalog(settings.catalog_uri, settings.warehouse)
+    live = LiveWriter(catalog.ensure_table(cat, "trades"), catalog.ensure_table(cat, "rejected"), args.bootstrap, topic=args.topic,
+                      max_batch_rows=args.max_batch_rows)
+    deadline = time.monotonic() + args.seconds
+    print(json.dumps({"ready": True, "resume_offsets": live.position}), flush=True)
+    try:
+        def report(batch: BatchReport) -> None:
+            print(json.dumps({"written": batch.written, "rejected": batch.rejected, "duplicates": batch.duplicates,
+                              "snapshot_id": batch.snapshot_id, "offsets": batch.offset_ranges}), flush=True)
+
+        while time.monotonic() < deadline:
+            live.drain(min(5.0, max(0.0, deadline - time.monotonic())), on_batch=report)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        live.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

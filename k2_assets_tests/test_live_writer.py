@@ -1,0 +1,172 @@
+"""Kafka -> Iceberg micro-batches on the real embedded broker and a real catalog: exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.compute as pc
+import pytest
+from confluent_kafka import Producer
+
+from k2_assets.core import catalog as k2_catalog, live_codec
+from k2_assets.core.kafka import producer_config
+from k2_assets.core.live_writer import OFFSETS_KEY, LiveWriter, recorded_offsets
+from k2_assets_tests.conftest import REPO, btc_trade_events
+
+INGEST_US = 1_704_110_400_000_000
+
+
+def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> None:
+    producer = Producer(producer_config(bootstrap))
+    for key, value in values:
+        producer.produce(topic, key=key, value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def trade_messages(events: list[dict]) -> list[tuple[bytes, bytes]]:
+    return [(e["s"].encode(), live_codec.encode(live_codec.trade_from_event(e, INGEST_US))) for e in events]
+
+
+def writer_for(catalog, broker, topic, **kwargs) -> LiveWriter:
+    return LiveWriter(k2_catalog.ensure_table(catalog, "trades"), k2_catalog.ensure_table(catalog, "rejected"), broker.bootstrap, topic=topic, **kwargs)
+
+
+def drain_all(writer: LiveWriter, rounds: int = 5):
+    reports = []
+    for _ in range(rounds):
+        batch = writer.drain(10, idle_seconds=0.5)
+        reports += batch
+        if not batch:
+            break
+    return reports
+
+
+def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, topic, catalog):
+    events = btc_trade_events(btcusdt_dir)
+    messages = trade_messages(events)
+    messages += trade_messages(events[100:600])  # a replayed stretch: the same trades again
+    bad = [(b"BTCUSDT", b"{not json"), (b"BTCUSDT", live_codec.encode({**live_codec.trade_from_event(events[0], INGEST_US), "price": "1.123456789"})),
+           (b"BTCUSDT", b"[]")]
+    messages[5000:5000] = bad
+    produce(broker.bootstrap, topic, messages)
+
+    writer = writer_for(catalog, broker, topic, max_batch_rows=4000)
+    reports = drain_all(writer)
+    writer.close()
+    assert len(reports) > 1  # several micro-batches
+    consumed = sum(r.consumed for r in reports)
+    assert consumed == len(messages)
+    assert consumed == sum(r.written + r.rejected + r.duplicates for r in reports)  # reconciles per batch too
+    for r in reports:
+        assert r.consumed == r.written + r.rejected + r.duplicates
+    table = catalog.load_table("market.trades").scan().to_arrow()
+    assert table.num_rows == 16702
+    assert sorted(table.column("source_sequence").to_pylist()) == list(range(3345206428, 3345223130))
+    assert pc.count_distinct(table.column("message_id")).as_py() == 16702
+    rejected = catalog.load_table("market.rejected").scan().to_arrow().to_pylist()
+    assert sorted(r["raw"] for r in rejected) == sorted(v for _, v in bad)
+    assert all(r["kafka_topic"] == topic and r["kafka_offset"] is not None and r["reason"] for r in rejected)
+    # The offsets are in the table, in the same commits as the rows.
+    assert sum(recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic).values()) == len(messages)
+
+
+def test_restart_resumes_from_the_table_not_from_kafka(btcusdt_dir, broker, topic, catalog):
+    events = btc_trade_events(btcusdt_dir)[:3000]
+    produce(broker.bootstrap, topic, trade_messages(events[:2000]))
+    first = writer_for(catalog, broker, topic)
+    drain_all(first)
+    first.close()
+    produce(broker.bootstrap, topic, trade_messages(events[2000:]))
+    # A new writer with a new consumer group: Kafka knows nothing of it, the table does.
+    second = writer_for(catalog, broker, topic, group_id="another-group")
+    assert sum(second.position.values()) == 2000
+    reports = drain_all(second)
+    second.close()
+    assert sum(r.consumed for r in reports) == 1000
+    assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 3000
+
+
+@pytest.mark.parametrize("point", ["after_rejects_commit", "after_trades_commit"])
+def test_crash_between_commit_and_acknowledgement(btcusdt_dir, broker, topic, catalog, k2_home, point):
+    """The writer dies right after an Iceberg commit, before acknowledging anything: no duplicates, no loss."""
+    events = btc_trade_events(btcusdt_dir)[:5000]
+    messages = trade_messages(events)
+    messages[10:10] = [(b"BTCUSDT", b"{bad")]
+    produce(broker.bootstrap, topic, messages)
+    result = run_writer(broker, topic, k2_home, seconds=20, crash_point=point)
+    assert result.returncode == -signal.SIGKILL
+    run_writer(broker, topic, k2_home, seconds=4)
+    assert_exactly(catalog, topic, 5000, rejected=1, consumed=len(messages))
+
+
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(btcusdt_dir, broker, topic, catalog, k2_home):
+    """20+ writer processes killed with SIGKILL at random moments while trades keep arriving."""
+    events = btc_trade_events(btcusdt_dir)
+    messages = trade_messages(events)
+    bad_at = {1234, 8000, 15000}
+    for i in sorted(bad_at, reverse=True):
+        messages.insert(i, (b"BTCUSDT", b"{bad " + str(i).encode()))
+    rng = random.Random(42)
+    chunks = [messages[i : i + 800] for i in range(0, len(messages), 800)]
+    env = writer_env(broker, topic, k2_home)
+    kills, killed_mid_batch = 0, 0
+    for i, chunk in enumerate(chunks):
+        produce(broker.bootstrap, topic, chunk)
+        out = k2_home / f"writer-{i}.log"
+        with open(out, "wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", broker.bootstrap,
+                                        "--topic", topic, "--seconds", "30", "--max-batch-rows", "300"], env=env,
+                                       stdout=log, stderr=subprocess.DEVNULL)
+            wait_for(lambda: b'"ready"' in out.read_bytes(), timeout=30)
+            time.sleep(rng.uniform(0.0, 1.0))  # somewhere among reading, writing and committing batches
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        kills += 1
+        lines = out.read_bytes().splitlines()
+        killed_mid_batch += len(lines) > 1 and len(lines) - 1 < len(chunk) // 300 + 1
+    assert kills >= 20
+    assert killed_mid_batch >= 5  # many kills landed after some of a chunk's batches had committed
+    run_writer(broker, topic, k2_home, seconds=8)
+    assert_exactly(catalog, topic, 16702, rejected=len(bad_at), consumed=len(messages))
+
+
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def writer_env(broker, topic, k2_home) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
+    env.update(K2_HOME=str(k2_home), PYTHONPATH=str(REPO))
+    return env
+
+
+def run_writer(broker, topic, k2_home, seconds: float, crash_point: str | None = None) -> subprocess.CompletedProcess:
+    env = writer_env(broker, topic, k2_home)
+    if crash_point:
+        env["K2_WRITER_CRASH_POINT"] = crash_point
+    return subprocess.run([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", broker.bootstrap, "--topic", topic,
+                           "--seconds", str(seconds), "--max-batch-rows", "1000"], env=env, capture_output=True, timeout=120)
+
+
+def assert_exactly(catalog, topic, trades: int, rejected: int, consumed: int) -> None:
+    table = catalog.load_table("market.trades").scan().to_arrow()
+    assert table.num_rows == trades
+    assert pc.count_distinct(table.column("message_id")).as_py() == trades
+    seq = sorted(table.column("source_sequence").to_pylist())
+    assert seq == list(range(seq[0], seq[0] + trades))
+    rejects = catalog.load_table("market.rejected").scan().to_arrow()
+    assert rejects.num_rows == rejected
+    assert len(set(rejects.column("kafka_offset").to_pylist())) == rejected
+    assert sum(recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic).values()) == consumed
+    offsets = sorted(table.column("kafka_offset").to_pylist() + rejects.column("kafka_offset").to_pylist())
+    assert len(offsets) == consumed and json.dumps(offsets) == json.dumps(sorted(set(offsets)))
