@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from k2_assets.core.settings import Settings, apply_defaults
+from k2_assets.core import kafka
+from k2_assets.core.settings import DEFAULTS, Settings, apply_defaults
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STOP_GRACE_SECONDS = 30
@@ -26,10 +27,27 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=3000)
     demo.add_argument("--regenerate", action="store_true", help="write the demo data again even if it exists")
 
+    demo.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT", help="live symbols of the local feed")
+    demo.add_argument("--rate", type=float, default=200.0, help="live trades per second from the local feed")
+
     data = commands.add_parser("demo-data", help="write demo vendor files (ASX CSV, Binance dumps) under $K2_HOME/data")
     data.add_argument("--out", type=Path, help="directory to write (default $K2_HOME/data)")
     data.add_argument("--seed", type=int, default=7)
 
+    commands.add_parser("stream", help="live producers: `k2 stream binance --symbols BTCUSDT,ETHUSDT`", add_help=False)
+    commands.add_parser("feed", help="local Binance-format feed server (see `k2 feed --help`)", add_help=False)
+    commands.add_parser("broker", help="run the embedded Kafka-compatible broker: `k2 broker [PORT]`", add_help=False)
+    commands.add_parser("writer", help="drain Kafka into market.trades outside Dagster (see `k2 writer --help`)", add_help=False)
+    recent = commands.add_parser("recent", help="a symbol's trades for the last N minutes (Iceberg + Kafka tail)")
+    recent.add_argument("--symbol", required=True)
+    recent.add_argument("--minutes", type=float, default=5)
+    recent.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    recent.add_argument("--limit", type=int, default=50, help="rows to print (table format)")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:  # these own their arguments
+        apply_defaults()
+        return PASS_THROUGH[argv[0]](argv[1:])
     args = parser.parse_args(argv)
     apply_defaults()
     settings = Settings.from_env()
@@ -38,7 +56,62 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         return _demo(settings, args)
+    if args.command == "recent":
+        return _recent(settings, args)
     return 2
+
+
+def _stream(argv: list[str]) -> int:
+    if not argv or argv[0] != "binance":
+        print("usage: k2 stream binance --symbols BTCUSDT,ETHUSDT [--url WS_BASE_URL] [--bootstrap HOST:PORT]", file=sys.stderr)
+        return 2
+    from k2_assets.core import binance_stream
+
+    return binance_stream.main(argv[1:])
+
+
+def _feed(argv: list[str]) -> int:
+    from k2_assets.core import feed_server
+
+    return feed_server.main(argv)
+
+
+def _broker(argv: list[str]) -> int:
+    from k2_assets.core import kafka
+
+    return kafka.main(argv)
+
+
+def _writer(argv: list[str]) -> int:
+    from k2_assets.core import live_writer
+
+    return live_writer.main(argv)
+
+
+PASS_THROUGH = {"stream": _stream, "feed": _feed, "broker": _broker, "writer": _writer}
+
+
+def _recent(settings: Settings, args: argparse.Namespace) -> int:
+    from k2_assets.core import catalog
+    from k2_assets.core.recent import recent_trades
+
+    table = catalog.ensure_table(catalog.open_catalog(settings.catalog_uri, settings.warehouse), "trades")
+    rows = recent_trades(table, settings.kafka_bootstrap, args.symbol, args.minutes)
+    columns = ["exchange_timestamp", "symbol", "source_sequence", "side", "price", "quantity", "kafka_offset"]
+    view = rows.select(columns)
+    if args.format == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(view, sys.stdout.buffer)
+    elif args.format == "json":
+        import orjson
+
+        for row in view.to_pylist():
+            sys.stdout.buffer.write(orjson.dumps(row, default=str) + b"\n")
+    else:
+        print(f"{rows.num_rows} trades of {args.symbol.upper()} in the last {args.minutes:g} minutes")
+        print(view.slice(max(0, view.num_rows - args.limit)).to_pandas().to_string(index=False))
+    return 0
 
 
 def _write_demo_data(out: Path, seed: int) -> None:
@@ -50,6 +123,7 @@ def _write_demo_data(out: Path, seed: int) -> None:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Demo data, then the live path (broker, local feed, producer) and dagster dev; Ctrl-C stops all."""
     data_dir = settings.home / "data"
     defaults = (settings.asx_data_dir == data_dir / "asx", settings.binance_history_dir == data_dir / "binance")
     missing = not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists() or not settings.binance_history_dir.is_dir()
@@ -62,31 +136,77 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():  # never overwrite an instance's own configuration
         shutil.copy(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
-    command = [
-        str(Path(sys.executable).with_name("dagster")), "dev",
-        "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", args.host, "-p", str(args.port),
-    ]
-    print(f"k2: Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    # A process started from a non-interactive shell inherits SIGINT as ignored, and dagster dev
-    # would then never stop: restore the default handler in the child before it starts.
-    process = subprocess.Popen(
-        command, cwd=dagster_home, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
-    )
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    k2 = [sys.executable, "-m", "k2_assets.cli"]
+    children: list[subprocess.Popen] = []
     stopping: list[float] = []
+
+    def start(name: str, command: list[str], **kwargs) -> subprocess.Popen:
+        # A process started from a non-interactive shell inherits SIGINT as ignored, and dagster dev
+        # would then never stop: restore the default handler in each child before it starts.
+        log = open(logs / f"{name}.log", "ab") if name != "dagster" else None
+        process = subprocess.Popen(command, stdout=log, stderr=log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+        children.append(process)
+        return process
 
     def forward(signum, _frame):
         stopping.append(time.monotonic())
-        process.send_signal(signal.SIGINT)
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    while True:
-        try:
-            return process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            if stopping and time.monotonic() - stopping[0] > STOP_GRACE_SECONDS:
-                print("k2: dagster dev did not stop in time; killing it", file=sys.stderr)
-                process.kill()
+    try:
+        if "K2_KAFKA_BOOTSTRAP" not in os.environ or os.environ["K2_KAFKA_BOOTSTRAP"] == DEFAULTS["K2_KAFKA_BOOTSTRAP"]:
+            port = kafka.free_port()
+            os.environ["K2_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{port}"
+            start("broker", [*k2, "broker", str(port)])
+            _wait_for_port(port, "the embedded Kafka broker")
+        feed_port = kafka.free_port()
+        start("feed", [*k2, "feed", "--random-walk", args.symbols, "--port", str(feed_port), "--rate", str(args.rate)])
+        _wait_for_port(feed_port, "the local Binance feed")
+        start("producer", [*k2, "stream", "binance", "--symbols", args.symbols, "--url", f"ws://127.0.0.1:{feed_port}"])
+        print(f"k2: live trades {args.symbols} from the local feed on ws://127.0.0.1:{feed_port} into Kafka at "
+              f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}", flush=True)
+        print(f"k2: Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
+        dagster = start("dagster", [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
+                                    "-h", args.host, "-p", str(args.port)], cwd=dagster_home)
+        while True:
+            if dagster.poll() is not None:
+                return dagster.returncode
+            if not stopping:
+                for child in children:
+                    if child.poll() is not None:
+                        print(f"k2: {child.args[3] if len(child.args) > 3 else child.args} exited with {child.returncode}; "
+                              f"see {logs}", file=sys.stderr)
+                        forward(signal.SIGTERM, None)
+                        break
+            elif time.monotonic() - stopping[0] > STOP_GRACE_SECONDS:
+                print("k2: a process did not stop in time; killing it", file=sys.stderr)
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            try:
+                child.wait(timeout=STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start listening on 127.0.0.1:{port}")
 
 
 if __name__ == "__main__":

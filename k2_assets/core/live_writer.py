@@ -94,7 +94,7 @@ class LiveWriter:
 
     def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
                  group_id: str = "k2-binance-trades-writer", max_batch_rows: int = 250_000,
-                 max_batch_seconds: float = 1.0):
+                 max_batch_seconds: float = 2.0):
         self.trades, self.rejected = trades, rejected
         self.topic = topic
         self.group_id = group_id
