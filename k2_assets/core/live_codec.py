@@ -65,7 +65,7 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
     if currency is None:
         raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
     exchange_us = trade_time * 1000
-    vendor = {"event_time": str(event.get("E"))}
+    vendor = {"event_time": str(event["E"])} if isinstance(event.get("E"), int) else {}
     if "M" in event:
         vendor["is_best_match"] = str(event["M"])
     return {

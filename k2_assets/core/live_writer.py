@@ -33,8 +33,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from pyiceberg.expressions import And, EqualTo
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec, writer
-from k2_assets.core.kafka import consumer_config, partition_count
+from k2_assets.core import live_codec, schemas, writer
+from k2_assets.core.kafka import consumer_config, ensure_topics, partition_count
 
 OFFSETS_KEY = "k2.kafka.offsets."
 REJECTED_KEY = "k2.kafka.rejected."
@@ -63,6 +63,7 @@ class BatchReport:
     written: int
     duplicates: int
     rejected: int
+    dead_lettered: int  # producer dead letters moved to market.rejected (not counted in consumed)
     offset_ranges: dict[int, tuple[int, int]]  # partition -> [first, last] offsets consumed
     snapshot_id: int | None
     partitions: dict[str, int]  # trade_date -> rows written
@@ -94,14 +95,18 @@ class LiveWriter:
 
     def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
                  group_id: str = "k2-binance-trades-writer", max_batch_rows: int = 250_000,
-                 max_batch_seconds: float = 2.0):
+                 max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None):
         self.trades, self.rejected = trades, rejected
         self.topic = topic
+        # The producer's dead letters (frames that never became trades) end in market.rejected too.
+        self.dead_letter_topic = dead_letter_topic if dead_letter_topic is not None else topic + ".dlq"
         self.group_id = group_id
         self.max_batch_rows = max_batch_rows
         self.max_batch_seconds = max_batch_seconds
         self.consumer = Consumer(consumer_config(bootstrap, group_id))
         self.partitions = partition_count(bootstrap, topic)
+        ensure_topics(bootstrap, {self.dead_letter_topic: 1})
+        self.dead_letter_partitions = partition_count(bootstrap, self.dead_letter_topic)
         self.seen = _Seen()
         self.position: dict[int, int] = {}
         self._assign()
@@ -112,8 +117,13 @@ class LiveWriter:
         recorded = recorded_offsets(self.trades, OFFSETS_KEY + self.topic)
         self.position = {p: recorded.get(p, 0) for p in range(self.partitions)}
         self.rejects_written = recorded_offsets(self.rejected, REJECTED_KEY + self.topic)
-        # Explicit assignment from the table's own offsets: no group rebalance, no trust in committed offsets.
-        self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in self.position.items()])
+        dead = recorded_offsets(self.rejected, REJECTED_KEY + self.dead_letter_topic)
+        self.dead_letter_position = {p: dead.get(p, 0) for p in range(self.dead_letter_partitions)}
+        # Explicit assignment from the tables' own offsets: no group rebalance, no trust in committed offsets.
+        self.consumer.assign(
+            [TopicPartition(self.topic, p, o) for p, o in self.position.items()]
+            + [TopicPartition(self.dead_letter_topic, p, o) for p, o in self.dead_letter_position.items()]
+        )
 
     def close(self) -> None:
         self.consumer.close()
@@ -153,6 +163,9 @@ class LiveWriter:
         return batch
 
     def _write(self, messages: list) -> BatchReport:
+        dead = [m for m in messages if m.topic() == self.dead_letter_topic]
+        if dead:
+            messages = [m for m in messages if m.topic() != self.dead_letter_topic]
         values = [m.value() or b"" for m in messages]
         partitions = [m.partition() for m in messages]
         offsets = [m.offset() for m in messages]
@@ -164,10 +177,19 @@ class LiveWriter:
         next_offsets = {**self.position, **{p: last + 1 for p, (_, last) in ranges.items()}}
 
         rejected = self._fresh_rejects(rejected)
-        if rejected.num_rows:
+        dead_rows = _dead_letters(dead)
+        if rejected.num_rows or dead_rows.num_rows:
             marks = {**{str(p): o for p, o in self.rejects_written.items()}, **{str(p): o for p, o in next_offsets.items()}}
-            self.rejected.append(rejected, snapshot_properties={REJECTED_KEY + self.topic: json.dumps(marks)})
+            dead_marks = {**self.dead_letter_position, **{m.partition(): m.offset() + 1 for m in dead}}
+            self.rejected.append(
+                pa.concat_tables([rejected, dead_rows]),
+                snapshot_properties={
+                    REJECTED_KEY + self.topic: json.dumps(marks),
+                    REJECTED_KEY + self.dead_letter_topic: json.dumps({str(p): o for p, o in dead_marks.items()}),
+                },
+            )
             self.rejects_written.update({int(p): o for p, o in marks.items()})
+            self.dead_letter_position = dead_marks
             _crash_point("after_rejects_commit")
 
         rows, duplicates = self._new_rows(rows)
@@ -188,6 +210,7 @@ class LiveWriter:
             written=rows.num_rows,
             duplicates=duplicates,
             rejected=rejected.num_rows,
+            dead_lettered=dead_rows.num_rows,
             offset_ranges=ranges,
             snapshot_id=snapshot_id,
             partitions=_per_day(rows),
@@ -233,6 +256,28 @@ class LiveWriter:
             self.seen.add(_as_date(key[0]), key[1], ids[mask])
 
 
+def _dead_letters(messages: list) -> pa.Table:
+    """Dead-letter messages -> market.rejected rows, with the producer's reason."""
+    now = datetime.now(timezone.utc)
+    n = len(messages)
+    headers = [dict(m.headers() or []) for m in messages]
+    return schemas.build_table(
+        schemas.REJECTED,
+        {
+            "source": pa.repeat(pa.scalar("binance_stream"), n),
+            "partition_date": pa.repeat(pa.scalar(now.date(), pa.date32()), n),
+            "exchange": pa.repeat(pa.scalar(live_codec.EXCHANGE), n),
+            "kafka_topic": pa.array([m.topic() for m in messages], pa.string()),
+            "kafka_partition": pa.array([m.partition() for m in messages], pa.int32()),
+            "kafka_offset": pa.array([m.offset() for m in messages], pa.int64()),
+            "raw": pa.array([m.value() or b"" for m in messages], pa.binary()),
+            "reason": pa.array([(h.get("k2-reason") or b"dead-lettered without a reason").decode("utf-8", "replace") for h in headers]),
+            "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+        },
+        n,
+    )
+
+
 def _as_date(value) -> date:
     if isinstance(value, date):
         return value
@@ -247,10 +292,13 @@ def _per_day(rows: pa.Table) -> dict[str, int]:
 
 
 def _latency(rows: pa.Table, committed: datetime) -> dict[str, float]:
+    """Seconds from the exchange's event time (Binance E, else the trade time) to the commit."""
     if not rows.num_rows:
         return {}
-    ts = rows.column("exchange_timestamp").cast(pa.int64()).to_numpy()
-    lag = (committed.timestamp() * 1e6 - ts) / 1e6
+    trade_ms = pc.divide(rows.column("exchange_timestamp").cast(pa.int64()), 1000)
+    event_ms = pc.cast(pc.map_lookup(rows.column("vendor_data"), "event_time", "first"), pa.int64(), safe=False)
+    ms = pc.coalesce(event_ms, trade_ms).to_numpy(zero_copy_only=False).astype(np.float64)
+    lag = committed.timestamp() - ms / 1e3
     return {"p50": float(np.percentile(lag, 50)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max())}
 
 

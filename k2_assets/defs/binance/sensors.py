@@ -46,7 +46,7 @@ def materializations(report: BatchReport) -> list[dg.AssetMaterialization]:
         "snapshot_id": str(report.snapshot_id),
         "latency_p50_seconds": report.latency_seconds.get("p50", 0.0),
         "latency_p95_seconds": report.latency_seconds.get("p95", 0.0),
-        "dead_lettered": report.rejected,
+        "dead_lettered": report.dead_lettered,
         "table": "market.trades",
     }
     return [
