@@ -353,7 +353,7 @@ class FeedServer:
             self._handle, self.host, self.port, process_request=self._process_request,
             compression=None,  # Binance negotiates none, and frames are written pre-encoded (see _write)
             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout, logger=log,
-            write_limit=2**20)  # a deep send buffer lets the next batch be built while the client reads
+            write_limit=2**22)  # a deep send buffer lets the next batch be built while the client reads
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
