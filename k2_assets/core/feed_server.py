@@ -48,7 +48,7 @@ DUMP_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-trades-")
 QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
 DEFAULT_START_PRICES = {"BTCUSDT": "42690.21", "ETHUSDT": "2281.40", "BNBUSDT": "312.50", "SOLUSDT": "101.20"}
 
-MAX_BATCH = 200  # frames written per event-loop turn when unpaced
+MAX_BATCH = 500  # frames written per event-loop turn when unpaced
 MAX_SCAN = 20_000  # rows walked per turn, so a rarely traded subscription cannot stall the loop
 MIN_TICK = 0.005  # paced sends are batched per tick of at least this many seconds
 IDLE = 0.05  # poll period while there is nothing to send
@@ -353,7 +353,7 @@ class FeedServer:
             self._handle, self.host, self.port, process_request=self._process_request,
             compression=None,  # Binance negotiates none, and frames are written pre-encoded (see _write)
             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout, logger=log,
-            write_limit=2**22)  # a deep send buffer lets the next batch be built while the client reads
+            write_limit=2**20)  # a deep send buffer lets the next batch be built while the client reads
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
