@@ -54,6 +54,7 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT")
 PARTITIONS = 3
 MAX_BATCH_ROWS = 250_000
 MAX_BATCH_SECONDS = 2.0
+RAW_JSON_BLOCK = 4 << 20  # Arrow parses blocks in parallel; 4 MB was the fastest of 1, 4, 64 MB and one block
 CONSUME_CHUNK = 50_000  # what LiveWriter._collect asks consume() for at most
 REPEAT = int(os.environ.get("K2_BENCH_LIVE_REPEAT", 2))
 DRAIN_LIMIT_S = 120.0
@@ -194,6 +195,15 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _proc_stat_cpu() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot; (0, 0) where there is no /proc."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[7], sum(fields[:8])
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
 def pid_cpu_seconds(pid: int) -> float:
     """CPU time of another process (the broker), from /proc; 0 where there is no /proc."""
     try:
@@ -212,16 +222,20 @@ class CpuMeter:
     def __enter__(self) -> "CpuMeter":
         self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
         self.broker0 = pid_cpu_seconds(self.broker_pid) if self.broker_pid else 0.0
+        self.stat0 = _proc_stat_cpu()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.wall0
         self.cpu = cpu_seconds() - self.cpu0
         self.broker = (pid_cpu_seconds(self.broker_pid) - self.broker0) if self.broker_pid else 0.0
+        steal, total = (b - a for a, b in zip(self.stat0, _proc_stat_cpu()))
+        self.steal = steal / total if total else 0.0
 
     def as_dict(self) -> dict:
         return {"wall_s": self.wall, "process_cpu_s": self.cpu, "broker_cpu_s": self.broker,
-                "process_cores": self.cpu / self.wall if self.wall else 0.0, "broker_cores": self.broker / self.wall if self.wall else 0.0}
+                "process_cores": self.cpu / self.wall if self.wall else 0.0, "broker_cores": self.broker / self.wall if self.wall else 0.0,
+                "machine_steal_fraction": self.steal}
 
 
 def load_average() -> float:
@@ -254,7 +268,7 @@ def raw_consume_decode_write(bootstrap: str, topic: str, n: int, out_dir: Path, 
                             raise RuntimeError(f"raw consumer: {m.error()}")
                 t1 = time.perf_counter()
                 values = [m.value() for m in batch]
-                table = pjson.read_json(io.BytesIO(b"\n".join(values)), read_options=pjson.ReadOptions(block_size=64 << 20))
+                table = pjson.read_json(io.BytesIO(b"\n".join(values)), read_options=pjson.ReadOptions(block_size=RAW_JSON_BLOCK))
                 if table.num_rows != len(values):
                     raise AssertionError(f"raw decode: {len(values)} values parsed as {table.num_rows} rows")
                 t2 = time.perf_counter()
@@ -287,9 +301,22 @@ class _StageClock:
         self.seconds: dict[str, float] = dict.fromkeys(("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids"), 0.0)
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
         self._saved_decode = live_codec.decode_batch
-        for attr, stage in (("_collect", "consume"), ("_write", "write"), ("_fresh_rejects", "rejects"), ("_new_rows", "dedup"),
-                            ("_remember", "remember ids")):
+        self.idle_collect = 0.0  # a _collect that returned nothing: drain's idle wait at the end, not work
+        for attr, stage in (("_write", "write"), ("_fresh_rejects", "rejects"), ("_new_rows", "dedup"), ("_remember", "remember ids")):
             setattr(writer, attr, self._wrap(getattr(writer, attr), stage))
+        collect = writer._collect
+
+        def timed_collect(*args, **kwargs):
+            start = time.perf_counter()
+            batch = collect(*args, **kwargs)
+            if batch:
+                self.seconds["consume"] += time.perf_counter() - start
+                self.calls["consume"] += 1
+            else:
+                self.idle_collect += time.perf_counter() - start
+            return batch
+
+        writer._collect = timed_collect
         writer.trades.append = self._wrap(writer.trades.append, "iceberg append")
         live_codec.decode_batch = self._wrap(live_codec.decode_batch, "decode")  # live_writer calls it through the module
 

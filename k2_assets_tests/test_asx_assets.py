@@ -35,7 +35,7 @@ def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(a
         assert meta["snapshot_id"] == str(catalog.load_table("market.trades").scan(
             row_filter=EqualTo("trade_date", session.isoformat())).snapshot().snapshot_id)
         evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == 11 + 10 and all(e.passed for e in evaluations)
+        assert len(evaluations) == 13 + 10 and all(e.passed for e in evaluations)
     counts, table = trades_by_symbol_day(catalog)
     assert counts == expected_counts(asx_dir, "trades")
     assert pc.count_distinct(table.column("message_id")).as_py() == table.num_rows
@@ -69,6 +69,12 @@ def test_rejected_rows_land_in_market_rejected_once_per_partition(asx_dir, tmp_p
     written = catalog.load_table("market.trades").scan().to_arrow()
     assert written.num_rows == meta["rows_written"]
     assert "does not fit decimal(18,8)" in meta["rejected_reasons"]
+    # The rejected rows leave a hole in BHP's sequence, and the hole is explained by them.
+    gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
+    assert [(g["symbol"], g["first_missing"], g["last_missing"], g["closed_at"]) for g in gaps] == [("BHP", 101, 100 + len(BAD_LINES), None)]
+    assert gaps[0]["explained_by"] == f"{len(BAD_LINES)} rejected row(s) in market.rejected"
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["no_unexplained_gaps"].passed and checks["time_monotonic_in_sequence"].passed
 
 
 def test_rerun_after_the_vendor_corrects_a_file_leaves_no_leftovers(asx_dir, tmp_path, catalog_props, catalog):

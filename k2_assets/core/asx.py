@@ -93,6 +93,7 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
         accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
         # Sequence = position among the session's rows in vendor order, rejected rows included.
         sequence = pc.add(pc.indices_nonzero(ok), 1)
+        rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
         n = len(accepted)
         if n:
             columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
@@ -124,6 +125,7 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
                     symbol=company.symbol if company else None,
                     source_file=rel,
                     rejected_at=now,
+                    sequences=rejected_sequence,
                 )
             )
     rows_table = pa.concat_tables(tables) if tables else schema.empty_table()

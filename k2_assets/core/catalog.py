@@ -42,6 +42,7 @@ TABLES: dict[str, TableDef] = {
     "trades": TableDef(schemas.TRADE, ("exchange", "trade_date"), ("symbol", "exchange_timestamp", "source_sequence")),
     "quotes": TableDef(schemas.QUOTE, ("exchange", "trade_date"), ("symbol", "exchange_timestamp", "source_sequence")),
     "rejected": TableDef(schemas.REJECTED, ("source", "partition_date"), ("source_file", "source_row")),
+    "sequence_gaps": TableDef(schemas.SEQUENCE_GAP, ("exchange", "session_date"), ("symbol", "first_missing")),
 }
 
 

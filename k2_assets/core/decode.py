@@ -257,6 +257,7 @@ def rejected_table(
     symbol: str | None,
     source_file: str,
     rejected_at: datetime,
+    sequences: pa.Array | None = None,
 ) -> pa.Table:
     """The market.rejected rows for `indices` of `rows`: raw line, position and reason."""
     n = len(indices)
@@ -274,6 +275,8 @@ def rejected_table(
         "reason": pc.take(rows.reasons, indices),
         "rejected_at": pa.array([rejected_at] * n, pa.timestamp("us", tz="UTC")),
     }
+    if sequences is not None:
+        columns["source_sequence"] = sequences
     return schemas.build_table(schemas.REJECTED, columns, n)
 
 

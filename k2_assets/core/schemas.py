@@ -16,6 +16,7 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 TRADE = "trade_v2"
 QUOTE = "quote_v2"
 REJECTED = "rejected_v1"
+SEQUENCE_GAP = "sequence_gap_v1"
 
 
 @cache

@@ -44,7 +44,7 @@ def replace_rows(table: Table, rows: pa.Table, where: BooleanExpression, *, keep
             fresh = pc.invert(pc.is_in(rows.column("message_id"), value_set=existing))
             skipped = rows.num_rows - pc.sum(fresh).as_py()
             rows = rows.filter(fresh)
-    rows = rows.sort_by(SORT_KEYS) if "source_sequence" in rows.column_names else rows
+    rows = rows.sort_by(SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
     before = table.current_snapshot()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first load

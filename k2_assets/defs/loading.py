@@ -2,24 +2,60 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timezone
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, BooleanExpression, EqualTo
 
-from k2_assets.core import checks, writer
+from k2_assets.core import checks, integrity, writer
 from k2_assets.core.decode import Batch
 from k2_assets.defs.resources import IcebergResource
 
 
+def rules(kind: str) -> tuple[checks.Rule, ...]:
+    """The row rules (pandera) and, for trades, the integrity rules (gaps, time order)."""
+    return checks.rules(kind) + (integrity.RULES if kind == "trades" else ())
+
+
 def check_specs(asset_name: str, kind: str) -> list[dg.AssetCheckSpec]:
-    """One Dagster asset check per pandera rule, named after the rule."""
+    """One Dagster asset check per rule, named after the rule."""
     return [
         dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=rule.blocking)
-        for rule in checks.rules(kind)
+        for rule in rules(kind)
     ]
+
+
+def check_results(outcomes: dict[str, checks.Outcome], checked_rows: int, snapshot_id) -> list[dg.AssetCheckResult]:
+    return [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.ERROR if outcome.rule.blocking else dg.AssetCheckSeverity.WARN,
+            metadata={
+                "failed_rows": outcome.failed,
+                "checked_rows": checked_rows,
+                "sample": dg.MetadataValue.json(outcome.sample),
+                "snapshot_id": str(snapshot_id),
+            },
+        )
+        for name, outcome in outcomes.items()
+    ]
+
+
+def evaluate_partition(iceberg: IcebergResource, stored: pa.Table, *, kind: str, exchange: str, session_date: date,
+                       detected_by: str, explained: dict | None = None, filled_how: str = "late_arrival") -> dict[str, checks.Outcome]:
+    """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps."""
+    outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
+    if kind == "trades":
+        gaps = integrity.reconcile_partition(
+            iceberg.table("sequence_gaps"), stored, exchange=exchange, session_date=session_date, detected_by=detected_by,
+            now=datetime.now(timezone.utc), explained=explained, filled_how=filled_how,
+        )
+        outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(gaps)
+        outcomes[integrity.TIME_MONOTONIC.name] = integrity.time_disorder(stored)
+    return outcomes
 
 
 def write_partition(
@@ -51,21 +87,9 @@ def write_partition(
     stored = iceberg.table(kind).scan(
         row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
     ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
-    outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
-    check_results = [
-        dg.AssetCheckResult(
-            check_name=name,
-            passed=outcome.passed,
-            severity=dg.AssetCheckSeverity.ERROR if outcome.rule.blocking else dg.AssetCheckSeverity.WARN,
-            metadata={
-                "failed_rows": outcome.failed,
-                "checked_rows": stored.num_rows,
-                "sample": dg.MetadataValue.json(outcome.sample),
-                "snapshot_id": str(result.snapshot_id),
-            },
-        )
-        for name, outcome in outcomes.items()
-    ]
+    outcomes = evaluate_partition(iceberg, stored, kind=kind, exchange=exchange, session_date=session_date, detected_by=source,
+                                  explained=integrity.rejected_sequences(batch.rejected))
+    results = check_results(outcomes, stored.num_rows, result.snapshot_id)
     metadata = {
         "dagster/row_count": stored.num_rows,
         "rows_read": batch.read,
@@ -83,7 +107,7 @@ def write_partition(
         metadata["rejected_reasons"] = dg.MetadataValue.md(
             "| reason | rows |\n|---|---|\n" + "\n".join(f"| {r} | {n} |" for r, n in zip(*reasons.to_pydict().values()))
         )
-    return dg.MaterializeResult(metadata=metadata, check_results=check_results)
+    return dg.MaterializeResult(metadata=metadata, check_results=results)
 
 
 def summary(rows: pa.Table) -> dict:

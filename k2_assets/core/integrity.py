@@ -1,0 +1,144 @@
+"""Integrity of a stored trades partition: sequence gaps (reconciled into market.sequence_gaps) and
+time order. Complements the row rules in checks.py; like them, each rule is a named asset check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pyiceberg.expressions import And, EqualTo
+
+from k2_assets.core import schemas, writer
+from k2_assets.core.checks import SAMPLE_SIZE, Outcome, Rule
+
+NO_UNEXPLAINED_GAPS = Rule("no_unexplained_gaps", "every missing sequence number is explained (rejected row, exchange's answer)", blocking=False)
+TIME_MONOTONIC = Rule("time_monotonic_in_sequence", "exchange time never goes backwards in sequence order", blocking=False)
+RULES = (NO_UNEXPLAINED_GAPS, TIME_MONOTONIC)
+MAX_RANGES_SHOWN = 50
+
+
+def holes(sequences: np.ndarray, start_at: int | None = None) -> list[tuple[int, int]]:
+    """Missing ranges in a set of sequence numbers; from `start_at` when the numbering starts there."""
+    values = np.unique(np.asarray(sequences, dtype=np.int64))
+    if len(values) == 0:
+        return []
+    if start_at is not None and values[0] > start_at:
+        values = np.r_[start_at - 1, values]  # a virtual number just before the first expected one
+    at = np.flatnonzero(np.diff(values) > 1)
+    return [(int(values[i]) + 1, int(values[i + 1]) - 1) for i in at]
+
+
+def partition_holes(trades: pa.Table, resets_each_session: bool) -> dict[str, list[tuple[int, int]]]:
+    """Per symbol, the sequence numbers missing from a partition (ASX numbering starts at 1 each session)."""
+    result = {}
+    if trades.num_rows == 0:
+        return result
+    symbols = trades.column("symbol")
+    for symbol in pc.unique(symbols).to_pylist():
+        seq = trades.filter(pc.equal(symbols, symbol)).column("source_sequence").to_numpy(zero_copy_only=False)
+        found = holes(seq, 1 if resets_each_session else None)
+        if found:
+            result[symbol] = found
+    return result
+
+
+def time_disorder(trades: pa.Table) -> Outcome:
+    """Rows whose exchange time is earlier than the previous row's in sequence order, per symbol."""
+    outcome = Outcome(TIME_MONOTONIC)
+    if trades.num_rows == 0:
+        return outcome
+    ordered = trades.sort_by([("symbol", "ascending"), ("source_sequence", "ascending")])
+    ts = ordered.column("exchange_timestamp").cast(pa.int64()).to_numpy()
+    sym = pc.dictionary_encode(ordered.column("symbol")).combine_chunks().indices.to_numpy()
+    backwards = np.flatnonzero((np.diff(ts) < 0) & (np.diff(sym) == 0)) + 1
+    outcome.failed = len(backwards)
+    sample = ordered.take(pa.array(backwards[:SAMPLE_SIZE])).select(["message_id", "symbol", "source_sequence", "exchange_timestamp"])
+    outcome.sample = [{k: str(v) for k, v in row.items()} for row in sample.to_pylist()]
+    return outcome
+
+
+@dataclass(frozen=True)
+class GapRange:
+    symbol: str
+    first: int
+    last: int
+
+
+def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
+              detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
+              filled_how: str = "late_arrival") -> pa.Table:
+    """The partition's gap rows after comparing what was open with what is missing now.
+
+    Closed rows are history and stay. An open row whose range is no longer missing is closed
+    (`filled_how`); a range missing now that no open row covers is opened, keeping the detection
+    time of the row it came from when an older gap was only partly filled."""
+    rows = existing.to_pylist()
+    now_missing = {GapRange(s, a, b) for s, ranges in current.items() for a, b in ranges}
+    kept: list[dict] = []
+    open_rows: dict[GapRange, dict] = {}
+    for row in rows:
+        if row["closed_at"] is None:
+            open_rows[GapRange(row["symbol"], row["first_missing"], row["last_missing"])] = row
+        else:
+            kept.append(row)
+    for key, row in open_rows.items():
+        if key in now_missing:
+            kept.append(row)
+        else:
+            kept.append({**row, "closed_at": now, "closed_how": filled_how})
+    for key in sorted(now_missing - set(open_rows), key=lambda k: (k.symbol, k.first)):
+        parent = next((r for k, r in open_rows.items() if k.symbol == key.symbol and k.first <= key.first and key.last <= k.last), None)
+        kept.append({
+            "exchange": exchange, "symbol": key.symbol, "session_date": session_date, "first_missing": key.first,
+            "last_missing": key.last, "missing_count": key.last - key.first + 1,
+            "detected_at": parent["detected_at"] if parent else now, "closed_at": None, "closed_how": None,
+            "explained_by": None, "detected_by": detected_by,
+        })
+    for row in kept:
+        if row["closed_at"] is None and explained and row["symbol"] in explained:
+            span = np.arange(row["first_missing"], row["last_missing"] + 1)
+            if np.isin(span, explained[row["symbol"]]).all():
+                row["explained_by"] = f"{len(span)} rejected row(s) in market.rejected"
+    return pa.Table.from_pylist(kept, schema=schemas.arrow_schema(schemas.SEQUENCE_GAP)) if kept else schemas.arrow_schema(schemas.SEQUENCE_GAP).empty_table()
+
+
+def gap_outcome(gap_rows: pa.Table) -> Outcome:
+    """The no_unexplained_gaps result: open gaps with no explanation, their ranges in the sample."""
+    outcome = Outcome(NO_UNEXPLAINED_GAPS)
+    if gap_rows.num_rows == 0:
+        return outcome
+    unexplained = gap_rows.filter(pc.and_(pc.is_null(gap_rows.column("closed_at")), pc.is_null(gap_rows.column("explained_by"))))
+    outcome.failed = int(pc.sum(unexplained.column("missing_count")).as_py() or 0)
+    outcome.sample = [
+        {"symbol": r["symbol"], "first_missing": r["first_missing"], "last_missing": r["last_missing"]}
+        for r in unexplained.sort_by([("symbol", "ascending"), ("first_missing", "ascending")]).slice(0, MAX_RANGES_SHOWN).to_pylist()
+    ]
+    return outcome
+
+
+def reconcile_partition(gaps_table, trades: pa.Table, *, exchange: str, session_date: date, detected_by: str,
+                        now: datetime, explained: dict[str, np.ndarray] | None = None, filled_how: str = "late_arrival") -> pa.Table:
+    """Compare a stored trades partition with its gap rows in market.sequence_gaps and commit the result."""
+    where = And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
+    existing = gaps_table.scan(row_filter=where).to_arrow()
+    current = partition_holes(trades, resets_each_session=exchange == "ASX")
+    rows = reconcile(existing, current, exchange=exchange, session_date=session_date, detected_by=detected_by, now=now,
+                     explained=explained, filled_how=filled_how)
+    if rows.num_rows or existing.num_rows:
+        writer.replace_rows(gaps_table, rows, where, properties={"k2.source": detected_by})
+    return rows
+
+
+def rejected_sequences(rejected: pa.Table) -> dict[str, np.ndarray]:
+    """Per symbol, the sequence numbers that rejected rows would have had."""
+    if rejected.num_rows == 0 or "source_sequence" not in rejected.column_names:
+        return {}
+    known = rejected.filter(pc.and_(pc.is_valid(rejected.column("source_sequence")), pc.is_valid(rejected.column("symbol"))))
+    return {
+        symbol: known.filter(pc.equal(known.column("symbol"), symbol)).column("source_sequence").to_numpy(zero_copy_only=False)
+        for symbol in pc.unique(known.column("symbol")).to_pylist()
+    }
