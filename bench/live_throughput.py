@@ -57,6 +57,7 @@ MAX_BATCH_SECONDS = 2.0
 RAW_JSON_BLOCK = 4 << 20  # Arrow parses blocks in parallel; 4 MB was the fastest of 1, 4, 64 MB and one block
 CONSUME_CHUNK = 50_000  # what LiveWriter._collect asks consume() for at most
 REPEAT = int(os.environ.get("K2_BENCH_LIVE_REPEAT", 2))
+# K2_BENCH_PROFILE=1 adds a cProfile of one more 250k micro-batch to the JSON (k2_profile_one_batch).
 DRAIN_LIMIT_S = 120.0
 TARGET_TRADES_PER_S = 150_000
 TARGET_RAW_FRACTION = 0.5
@@ -383,6 +384,44 @@ def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) ->
                      "step_calls": clock.calls, "cpu": meter.as_dict(), "tail_after_last_batch_s": time.perf_counter() - written["end"]}
 
 
+class _FirstBatchDone(Exception):
+    pass
+
+
+def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) -> dict:
+    """cProfile of one full micro-batch (K2_BENCH_PROFILE=1): the top functions by own time."""
+    import cProfile
+    import pstats
+
+    _, trades, rejected = temp_tables(home)
+    writer = live_writer.LiveWriter(trades, rejected, bootstrap, topic=topic, group_id=f"bench-prof-{uuid.uuid4().hex[:8]}",
+                                    max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
+    sizes = []
+
+    def on_batch(report):
+        sizes.append(report.consumed)
+        raise _FirstBatchDone
+
+    profile = cProfile.Profile()
+    try:
+        profile.enable()
+        try:
+            writer.drain(DRAIN_LIMIT_S, idle_seconds=1.0, on_batch=on_batch)
+        except _FirstBatchDone:
+            pass
+        profile.disable()
+    finally:
+        writer.close()
+    stats = pstats.Stats(profile)
+    rows = []
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        where = os.path.relpath(filename, REPO) if filename.startswith(str(REPO)) else filename.rsplit("site-packages/", 1)[-1]
+        rows.append({"function": f"{where}:{line}({func})", "calls": ncalls, "own_s": round(tottime, 4), "cumulative_s": round(cumtime, 4)})
+    by_own = sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
+    by_cum = [r for r in sorted(rows, key=lambda r: r["cumulative_s"], reverse=True) if "k2_assets" in r["function"]][:top]
+    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum}
+
+
 # ================================================================ report
 
 
@@ -458,6 +497,7 @@ def run() -> str:
                 progress(f"k2 {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} trades/s), {len(details['batches'])} batches; "
                          + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items()))
                 gc.collect()
+            profile = k2_profile_one_batch(b.bootstrap, topic, home / "k2-profile") if os.environ.get("K2_BENCH_PROFILE") else None
     median_of = lambda details, key: {k: statistics.median(d[key][k] for d in details) for k in details[0][key]}  # noqa: E731
     k2_rate, raw_rate = k2.rate(k2.median), raw.rate(raw.median)
     k2_median_run = sorted(k2_details, key=lambda d: d["cpu"]["wall_s"])[len(k2_details) // 2]
@@ -481,6 +521,7 @@ def run() -> str:
         "k2_cpu_median": k2_median_run["cpu"],
         "raw_cpu_median": raw_median_run["cpu"],
         "check": {k: k2_details[-1][k] for k in ("table_rows", "distinct_message_ids", "rejected_rows")},
+        "k2_profile_one_batch": profile,
         "k2_runs": k2_details,
         "raw_runs": raw_details,
         "peak_rss_mb": peak_rss_mb(),

@@ -27,7 +27,9 @@ def test_sensor_ticks_write_once_and_report_each_partition(btcusdt_dir, broker, 
     try:
         result = tick(instance, catalog_props, broker, topic)
         assert isinstance(result, dg.SensorResult)
-        events_out = result.asset_events
+        events_out = [e for e in result.asset_events if isinstance(e, dg.AssetMaterialization)]
+        gap_checks = [e for e in result.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+        assert [(c.check_name, c.partition, c.passed) for c in gap_checks] == [("no_unexplained_gaps", "2024-01-01", True)]
         assert events_out and all(e.asset_key == dg.AssetKey("binance_trades") and e.partition == "2024-01-01" for e in events_out)
         assert sum(e.metadata["rows_written"].value for e in events_out) == 10000
         assert sum(e.metadata["rows_rejected"].value for e in events_out) == 1
@@ -42,8 +44,9 @@ def test_sensor_ticks_write_once_and_report_each_partition(btcusdt_dir, broker, 
         reset_writers()
         produce(broker.bootstrap, topic, trade_messages(events[9000:]))  # overlaps 1,000 already written
         result = tick(instance, catalog_props, broker, topic, result.cursor)
-        assert sum(e.metadata["rows_written"].value for e in result.asset_events) == len(events) - 10000
-        assert sum(e.metadata["rows_duplicate_skipped"].value for e in result.asset_events) == 1000
+        materialized = [e for e in result.asset_events if isinstance(e, dg.AssetMaterialization)]
+        assert sum(e.metadata["rows_written"].value for e in materialized) == len(events) - 10000
+        assert sum(e.metadata["rows_duplicate_skipped"].value for e in materialized) == 1000
     finally:
         reset_writers()
     table = catalog.load_table("market.trades").scan().to_arrow()

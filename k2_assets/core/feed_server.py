@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import csv
 import heapq
 import io
@@ -682,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve_until_signalled() -> None:
         await server.start()
+        # Every full GC pass rescans all start-up objects, which costs more than the trades themselves at
+        # 100k msg/s; freezing moves them out of the collector's way.
+        gc.freeze()
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stopping.set)

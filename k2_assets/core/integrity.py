@@ -70,7 +70,7 @@ class GapRange:
 
 def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
               detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
-              filled_how: str = "late_arrival") -> pa.Table:
+              filled_how: str = "late_arrival", answers: dict[str, list[tuple[int, int, str]]] | None = None) -> pa.Table:
     """The partition's gap rows after comparing what was open with what is missing now.
 
     Closed rows are history and stay. An open row whose range is no longer missing is closed
@@ -99,6 +99,9 @@ def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, 
             "explained_by": None, "detected_by": detected_by,
         })
     for row in kept:
+        for first, last, answer in (answers or {}).get(row["symbol"], []):
+            if row["closed_at"] is None and first <= row["first_missing"] and row["last_missing"] <= last:
+                row["explained_by"] = answer
         if row["closed_at"] is None and explained and row["symbol"] in explained:
             span = np.arange(row["first_missing"], row["last_missing"] + 1)
             if np.isin(span, explained[row["symbol"]]).all():
@@ -120,14 +123,14 @@ def gap_outcome(gap_rows: pa.Table) -> Outcome:
     return outcome
 
 
-def reconcile_partition(gaps_table, trades: pa.Table, *, exchange: str, session_date: date, detected_by: str,
-                        now: datetime, explained: dict[str, np.ndarray] | None = None, filled_how: str = "late_arrival") -> pa.Table:
-    """Compare a stored trades partition with its gap rows in market.sequence_gaps and commit the result."""
+def reconcile_partition(gaps_table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
+                        detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
+                        filled_how: str = "late_arrival", answers: dict | None = None) -> pa.Table:
+    """Compare what a partition is missing now with its rows in market.sequence_gaps, and commit the result."""
     where = And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
     existing = gaps_table.scan(row_filter=where).to_arrow()
-    current = partition_holes(trades, resets_each_session=exchange == "ASX")
     rows = reconcile(existing, current, exchange=exchange, session_date=session_date, detected_by=detected_by, now=now,
-                     explained=explained, filled_how=filled_how)
+                     explained=explained, filled_how=filled_how, answers=answers)
     if rows.num_rows or existing.num_rows:
         writer.replace_rows(gaps_table, rows, where, properties={"k2.source": detected_by})
     return rows

@@ -247,6 +247,12 @@ class LiveWriter:
             keep[index[fresh]] = True
         return rows.filter(pa.array(keep)), int((~keep).sum())
 
+    def holes(self, day: date) -> dict[str, list[tuple[int, int]]]:
+        """Per symbol, the trade ids missing between the lowest and highest stored on `day`."""
+        from k2_assets.core.integrity import holes
+
+        return {symbol: found for (d, symbol), ids in self.seen.ids.items() if d == day and (found := holes(ids))}
+
     def _remember(self, rows: pa.Table) -> None:
         days = rows.column("trade_date").to_numpy(zero_copy_only=False)
         symbols = rows.column("symbol").to_numpy(zero_copy_only=False)

@@ -13,6 +13,7 @@ DEFAULTS = {
     "K2_ASX_DATA_DIR": "{K2_HOME}/data/asx",
     "K2_BINANCE_HISTORY_DIR": "{K2_HOME}/data/binance",
     "K2_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
+    "K2_BINANCE_REST_URL": "https://api.binance.com",
 }
 
 

@@ -45,13 +45,15 @@ def check_results(outcomes: dict[str, checks.Outcome], checked_rows: int, snapsh
 
 
 def evaluate_partition(iceberg: IcebergResource, stored: pa.Table, *, kind: str, exchange: str, session_date: date,
-                       detected_by: str, explained: dict | None = None, filled_how: str = "late_arrival") -> dict[str, checks.Outcome]:
+                       detected_by: str, explained: dict | None = None, filled_how: str = "late_arrival",
+                       answers: dict | None = None) -> dict[str, checks.Outcome]:
     """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps."""
     outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
     if kind == "trades":
         gaps = integrity.reconcile_partition(
-            iceberg.table("sequence_gaps"), stored, exchange=exchange, session_date=session_date, detected_by=detected_by,
-            now=datetime.now(timezone.utc), explained=explained, filled_how=filled_how,
+            iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets_each_session=exchange == "ASX"),
+            exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(timezone.utc),
+            explained=explained, filled_how=filled_how, answers=answers,
         )
         outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(gaps)
         outcomes[integrity.TIME_MONOTONIC.name] = integrity.time_disorder(stored)

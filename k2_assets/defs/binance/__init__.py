@@ -1,17 +1,23 @@
 """Binance crypto trades: public history dumps (and, later, the live stream)."""
 
+import os
+
 import dagster as dg
 
 from k2_assets.defs.binance.assets import binance_trades, binance_trades_history, kafka_topic
-from k2_assets.defs.binance.resources import BinanceHistoryResource, KafkaResource
+from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource, KafkaResource
 from k2_assets.defs.binance.schedules import binance_history_job, binance_history_schedule
-from k2_assets.defs.binance.sensors import binance_trades_sensor
+from k2_assets.defs.binance.sensors import binance_gap_repair_sensor, binance_trades_repair_job, binance_trades_sensor
 
 assets = [binance_trades_history, kafka_topic, binance_trades]
-jobs = [binance_history_job]
+jobs = [binance_history_job, binance_trades_repair_job]
 schedules = [binance_history_schedule]
-sensors = [binance_trades_sensor]
+sensors = [binance_trades_sensor, binance_gap_repair_sensor]
 resources = {
     "binance_history": BinanceHistoryResource(history_dir=dg.EnvVar("K2_BINANCE_HISTORY_DIR")),
     "kafka": KafkaResource(bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP")),
+    "binance_rest": BinanceRestResource(
+        base_url=dg.EnvVar("K2_BINANCE_REST_URL"),
+        **({"api_key": dg.EnvVar("K2_BINANCE_API_KEY")} if os.environ.get("K2_BINANCE_API_KEY") else {}),
+    ),
 }

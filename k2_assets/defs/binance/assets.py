@@ -3,10 +3,10 @@ from datetime import date
 import dagster as dg
 from pyiceberg.expressions import And, NotNull
 
-from k2_assets.core import binance_history as dumps
+from k2_assets.core import binance_history as dumps, repair
 from k2_assets.core.writer import partition_filter
-from k2_assets.defs.binance.resources import BinanceHistoryResource
-from k2_assets.defs.loading import check_specs, write_partition
+from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
+from k2_assets.defs.loading import check_results, check_specs, evaluate_partition, summary, write_partition
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
@@ -48,11 +48,41 @@ kafka_topic = dg.AssetSpec(
     kinds={"kafka"},
 )
 
-binance_trades = dg.AssetSpec(
+@dg.asset(
     key="binance_trades",
     deps=[kafka_topic],
-    description="Binance trades arriving live (WebSocket -> Kafka -> sensor micro-batches) in market.trades, exactly once.",
     partitions_def=binance_days,
+    check_specs=check_specs("binance_trades", "trades"),
     group_name="binance",
     kinds={"iceberg", "kafka"},
 )
+def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, binance_rest: BinanceRestResource) -> dg.MaterializeResult:
+    """Binance trades arriving live (WebSocket -> Kafka -> sensor micro-batches); a run repairs a day's gaps and checks it."""
+    day = date.fromisoformat(context.partition_key)
+    trades, gaps = iceberg.table("trades"), iceberg.table("sequence_gaps")
+    where = partition_filter(dumps.EXCHANGE, day)
+    source = context.asset_key.to_user_string()
+    # What is missing now (late arrivals may have filled some gaps since the last look) ...
+    before = trades.scan(row_filter=where).to_arrow()
+    evaluate_partition(iceberg, before, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source)
+    # ... then ask the exchange for the rest, write it once, and close what it filled.
+    report = repair.repair_partition(trades, gaps, binance_rest.base_url, day, api_key=binance_rest.api_key or None)
+    stored = trades.scan(row_filter=where).to_arrow()
+    outcomes = evaluate_partition(iceberg, stored, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source,
+                                  filled_how="repair", answers=repair.explanations(report))
+    context.log.info(f"repair of {day}: {report.written} trades written, {len(report.unavailable)} ranges the exchange cannot fill")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": stored.num_rows,
+            "repair_requested_ids": report.requested,
+            "repair_rows_written": report.written,
+            "repair_rows_already_present": report.already_present,
+            "repair_unavailable": dg.MetadataValue.json([
+                {"symbol": s, "first": a, "last": b, "answer": answer} for (s, a, b), answer in report.unavailable.items()
+            ]),
+            "snapshot_id": str(report.snapshot_id),
+            "table": "market.trades",
+            **summary(stored),
+        },
+        check_results=check_results(outcomes, stored.num_rows, report.snapshot_id),
+    )

@@ -20,3 +20,10 @@ class KafkaResource(dg.ConfigurableResource):
 
     bootstrap: str
     topic: str = "market.crypto.trades.binance"
+
+
+class BinanceRestResource(dg.ConfigurableResource):
+    """Binance's REST API (gap repair by trade id); the local feed server serves it in the demo."""
+
+    base_url: str
+    api_key: str = ""  # from K2_BINANCE_API_KEY: the real historicalTrades endpoint wants one

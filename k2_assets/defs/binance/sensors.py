@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+from datetime import date, datetime, timezone
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, EqualTo, IsNull
 
+from k2_assets.core import integrity, live_codec
 from k2_assets.core.live_writer import BatchReport, LiveWriter
 from k2_assets.defs.binance.resources import KafkaResource
+from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
 BINANCE_TRADES = dg.AssetKey("binance_trades")
+
 TICK_SECONDS = 20.0  # well inside Dagster's 60 s sensor timeout; ticks follow each other ~5 s apart
 
 _writers: dict[tuple, LiveWriter] = {}
@@ -55,6 +63,23 @@ def materializations(report: BatchReport) -> list[dg.AssetMaterialization]:
     ]
 
 
+def _gap_check(iceberg: IcebergResource, writer: LiveWriter, day: date) -> dg.AssetCheckEvaluation:
+    """Reconcile the day's gaps from the writer's in-memory ids (no table scan) and report the check."""
+    rows = integrity.reconcile_partition(
+        iceberg.table("sequence_gaps"), writer.holes(day), exchange="BINANCE", session_date=day,
+        detected_by="binance_trades_sensor", now=datetime.now(timezone.utc),
+    )
+    outcome = integrity.gap_outcome(rows)
+    return dg.AssetCheckEvaluation(
+        asset_key=BINANCE_TRADES,
+        check_name=integrity.NO_UNEXPLAINED_GAPS.name,
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        partition=day.isoformat(),
+        metadata={"failed_rows": outcome.failed, "sample": dg.MetadataValue.json(outcome.sample)},
+    )
+
+
 @dg.sensor(
     name="binance_trades_sensor",
     minimum_interval_seconds=5,
@@ -68,7 +93,10 @@ def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergR
     except Exception:
         reset_writers()
         raise
-    events = [event for report in reports for event in materializations(report)]
+    events: list = [event for report in reports for event in materializations(report)]
+    days = sorted({day for report in reports for day in report.partitions})
+    for day in days:
+        events.append(_gap_check(iceberg, writer, date.fromisoformat(day)))
     written = sum(r.written for r in reports)
     context.log.info(f"{len(reports)} micro-batches, {written} trades written, {sum(r.rejected for r in reports)} rejected")
     cursor = json.dumps({str(p): o for p, o in sorted(writer.position.items())})
@@ -76,3 +104,34 @@ def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergR
         return dg.SkipReason(f"no new messages on {kafka.topic}; resume offsets {cursor}")
     return dg.SensorResult(asset_events=events, cursor=cursor)
 
+
+
+binance_trades_repair_job = dg.define_asset_job(
+    "binance_trades_repair_job",
+    selection=dg.AssetSelection.assets(BINANCE_TRADES),
+    partitions_def=binance_days,
+    description="Repair a day's Binance trade-id gaps from the exchange's REST API, then check the day.",
+)
+
+
+@dg.sensor(
+    name="binance_gap_repair_sensor",
+    job=binance_trades_repair_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches a repair run for every day with open, unexplained Binance gaps.",
+)
+def binance_gap_repair_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource):
+    gaps = iceberg.table("sequence_gaps").scan(
+        row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), IsNull("closed_at"))
+    ).to_arrow()
+    gaps = gaps.filter(pc.is_null(gaps.column("explained_by")))
+    if gaps.num_rows == 0:
+        return dg.SkipReason("no open, unexplained Binance gaps")
+    requests = []
+    for day in sorted(set(gaps.column("session_date").to_pylist())):
+        ranges = gaps.filter(pc.equal(gaps.column("session_date"), pa.scalar(day, pa.date32())))
+        key = hashlib.sha1(json.dumps(sorted(zip(*(ranges.column(c).to_pylist() for c in ("symbol", "first_missing", "last_missing"))))).encode()).hexdigest()[:12]
+        # The same open ranges are repaired once; new ranges on the day make a new run.
+        requests.append(dg.RunRequest(run_key=f"repair-{day}-{key}", partition_key=day.isoformat()))
+    return requests
