@@ -71,7 +71,9 @@ def event_ms(table: pa.Table) -> np.ndarray:
     """Binance E (epoch ms) of each row, from vendor_data['event_time']."""
     if not table.num_rows:
         return np.array([], dtype=np.int64)
-    e = pc.cast(pc.map_lookup(table.column("vendor_data"), "event_time", "first"), pa.int64())
+    vendor = table.column("vendor_data")
+    key = pa.scalar("event_time", vendor.type.key_type)  # string from decode, large_string from a scan
+    e = pc.cast(pc.map_lookup(vendor, key, "first"), pa.int64())
     return e.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -136,7 +138,11 @@ def recent_loop(stop: threading.Event, home: Path, bootstrap: str, topic: str, c
             errors.append(f"{type(exc).__name__}: {exc}")
             continue
         returned = time.time()
-        newest = int(event_ms(rows).max()) if rows.num_rows else None
+        try:
+            newest = int(event_ms(rows).max()) if rows.num_rows else None
+        except Exception as exc:  # noqa: BLE001 - the bench's own analysis must not end the thread silently
+            errors.append(f"bench: reading event times of the answer: {type(exc).__name__}: {exc}")
+            continue
         calls.append({"called": called, "returned": returned, "rows": rows.num_rows,
                       "freshness_s": returned - newest / 1000 if newest is not None else None})
 
@@ -216,6 +222,10 @@ def run_feed(home: Path) -> dict:
 
                 stopper = threading.Timer(FEED_SECONDS, stop_feed)
                 stopper.start()
+                # The sensor's ticks are not aligned with the feed: start ticking once trades flow, not before.
+                flowing = time.monotonic() + 10
+                while not raw_latency and time.monotonic() < flowing:
+                    time.sleep(0.05)
                 with CpuMeter(b.process.pid) as meter:
                     deadline = time.monotonic() + FEED_SECONDS + 4 * (TICK_SECONDS + PAUSE_SECONDS)
                     while time.monotonic() < deadline:

@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     recent.add_argument("--format", choices=("table", "csv", "json"), default="table")
     recent.add_argument("--limit", type=int, default=50, help="rows to print (table format)")
 
+    report = commands.add_parser("report", help="reports: `k2 report checks --start DATE --end DATE --format html|csv|md`")
+    report.add_argument("what", choices=("checks",))
+    report.add_argument("--start", required=True, type=_date)
+    report.add_argument("--end", required=True, type=_date)
+    report.add_argument("--format", choices=("html", "csv", "md"), default="html")
+    report.add_argument("--out", type=Path, help="file to write (default: standard output)")
+
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in PASS_THROUGH:  # these own their arguments
         apply_defaults()
@@ -58,7 +65,38 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(settings, args)
     if args.command == "recent":
         return _recent(settings, args)
+    if args.command == "report":
+        return _report(settings, args)
     return 2
+
+
+def _date(text: str):
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YYYY-MM-DD date") from None
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from k2_assets import report
+
+    os.environ.setdefault("DAGSTER_HOME", str(settings.home / "dagster"))
+    if args.end < args.start:
+        print(f"k2: the range is reversed: --start {args.start} is after --end {args.end}", file=sys.stderr)
+        return 2
+    with dg.DagsterInstance.get() as instance:
+        rows = report.collect(instance, args.start, args.end)
+    text = report.render(rows, args.format, args.start, args.end)
+    if args.out:
+        args.out.write_text(text)
+        print(f"k2: {len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed) written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _stream(argv: list[str]) -> int:

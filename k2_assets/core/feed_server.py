@@ -155,33 +155,23 @@ def merge_by_time(*sources: Iterable[dict]) -> Iterator[dict]:
 # --- the market: every trade the server has taken from its source ----------------------------------
 
 
-class _Trade:
-    """One trade of the source (`t`, the source's dict) at market position `pos`, with its injected fault."""
+# A market row: (position, symbol, the source's trade dict, fault). Plain tuples of untracked values drop
+# out of the garbage collector's scans; objects here made every full GC pass rescan the whole history.
+Row = tuple[int, str, dict, int]
 
-    __slots__ = ("pos", "symbol", "t", "fault", "_tail")
 
-    def __init__(self, pos: int, trade: dict, fault: int):
-        self.pos = pos
-        self.symbol = trade["symbol"]
-        self.t = trade
-        self.fault = fault
-        self._tail: bytes | None = None
+def _event_tail(trade: dict) -> bytes:
+    """A trade event after its "E" field: the part that does not change between sends."""
+    # Formatted rather than dumped (a third of the cost); symbols and decimals need no escaping.
+    return (f',"s":"{trade["symbol"]}","t":{trade["trade_id"]},"p":"{trade["price"]}","q":"{trade["qty"]}",'
+            f'"T":{trade["time_ms"]},"m":{"true" if trade["is_buyer_maker"] else "false"},"M":true}}').encode()
 
-    @property
-    def tail(self) -> bytes:
-        """The event after its "E" field, encoded on first use: only the event time differs per send."""
-        if self._tail is None:
-            t = self.t
-            # Formatted rather than dumped (a third of the cost); symbols and decimals need no escaping.
-            self._tail = (f',"s":"{self.symbol}","t":{t["trade_id"]},"p":"{t["price"]}","q":"{t["qty"]}",'
-                          f'"T":{t["time_ms"]},"m":{"true" if t["is_buyer_maker"] else "false"},"M":true}}').encode()
-        return self._tail
 
-    def rest(self) -> dict:
-        t = self.t
-        quote = (Decimal(t["price"]) * Decimal(t["qty"])).quantize(Decimal("0.00000001"), ROUND_HALF_UP)
-        return {"id": t["trade_id"], "price": t["price"], "qty": t["qty"], "quoteQty": f"{quote:f}", "time": t["time_ms"],
-                "isBuyerMaker": bool(t["is_buyer_maker"]), "isBestMatch": True}
+def _rest_trade(trade: dict) -> dict:
+    """A trade as /api/v3/historicalTrades prints it."""
+    quote = (Decimal(trade["price"]) * Decimal(trade["qty"])).quantize(Decimal("0.00000001"), ROUND_HALF_UP)
+    return {"id": trade["trade_id"], "price": trade["price"], "qty": trade["qty"], "quoteQty": f"{quote:f}",
+            "time": trade["time_ms"], "isBuyerMaker": bool(trade["is_buyer_maker"]), "isBestMatch": True}
 
 
 class _Market:
@@ -195,9 +185,9 @@ class _Market:
         self._skip_ids = skip_ids
         self._thresholds = [sum(ratios[: i + 1]) for i in range(len(ratios))]  # skip, duplicate, swap, malformed
         self._rng = random.Random(seed)
-        self.rows: list[_Trade] = []
+        self.rows: list[Row] = []
         self.base = 0  # position of rows[0]
-        self.by_symbol: dict[str, list[_Trade]] = {}
+        self.by_symbol: dict[str, list[Row]] = {}
         self.exhausted = False
 
     @property
@@ -212,12 +202,12 @@ class _Market:
         if len(chunk) < self.CHUNK:
             self.exhausted = True
         faults = [self._fault(trade) for trade in chunk] if self._skip_ids or self._thresholds[-1] else itertools.repeat(NONE)
-        rows = [_Trade(pos, trade, fault) for pos, trade, fault in zip(itertools.count(self.end), chunk, faults)]
+        rows = [(pos, trade["symbol"], trade, fault) for pos, trade, fault in zip(itertools.count(self.end), chunk, faults)]
         self.rows += rows
         for row in rows:
-            symbol_rows = self.by_symbol.get(row.symbol)
+            symbol_rows = self.by_symbol.get(row[1])
             if symbol_rows is None:
-                symbol_rows = self.by_symbol[row.symbol] = []
+                symbol_rows = self.by_symbol[row[1]] = []
             symbol_rows.append(row)
         if len(self.rows) > 2 * self._limit:
             self._trim()
@@ -234,30 +224,30 @@ class _Market:
         del self.rows[:cut]
         self.base += cut
         for rows in self.by_symbol.values():
-            del rows[: bisect.bisect_left(rows, self.base, key=lambda r: r.pos)]
+            del rows[: bisect.bisect_left(rows, self.base, key=lambda row: row[0])]
 
     def time_at(self, pos: int) -> int | None:
         """Trade time of the row at `pos` (pulling as needed), None past the end of a finite source."""
         while pos >= self.end:
             if not self.pull():
                 return None
-        return self.rows[max(pos, self.base) - self.base].t["time_ms"]
+        return self.rows[max(pos, self.base) - self.base][2]["time_ms"]
 
-    def from_id(self, symbol: str, from_id: int, limit: int) -> list[_Trade]:
+    def from_id(self, symbol: str, from_id: int, limit: int) -> list[Row]:
         pulled = 0
         while not self.exhausted and pulled < 1_000_000:  # a far-future fromId on an endless walk must not hang
             rows = self.by_symbol.get(symbol)
-            if rows and rows[-1].t["trade_id"] >= from_id + limit - 1:
+            if rows and rows[-1][2]["trade_id"] >= from_id + limit - 1:
                 break
             self.pull()
             pulled += self.CHUNK
         rows = self.by_symbol.get(symbol, [])
-        start = bisect.bisect_left(rows, from_id, key=lambda r: r.t["trade_id"])
+        start = bisect.bisect_left(rows, from_id, key=lambda row: row[2]["trade_id"])
         return rows[start : start + limit]
 
-    def before(self, symbol: str, pos: int, limit: int) -> list[_Trade]:
+    def before(self, symbol: str, pos: int, limit: int) -> list[Row]:
         rows = self.by_symbol.get(symbol, [])
-        stop = bisect.bisect_left(rows, pos, key=lambda r: r.pos)
+        stop = bisect.bisect_left(rows, pos, key=lambda row: row[0])
         return rows[max(0, stop - limit) : stop]
 
 
@@ -503,19 +493,18 @@ class FeedServer:
                     continue
                 stop = "end"
                 break
-            row = market.rows[index]
-            if until_ms is not None and row.t["time_ms"] > until_ms:
+            _, symbol, trade, fault = market.rows[index]
+            if until_ms is not None and trade["time_ms"] > until_ms:
                 stop = "time"
                 break
             conn.pos += 1
-            prefix = prefixes.get(row.symbol)
+            prefix = prefixes.get(symbol)
             if prefix is None:
                 continue
-            fault = row.fault
             if fault == SKIP:
                 stats["skipped"] += 1
                 continue
-            payload = prefix + event_ms + row.tail + suffix
+            payload = prefix + event_ms + _event_tail(trade) + suffix
             if fault == MALFORMED:
                 out.append(payload[: len(payload) // 2])  # a truncated frame: the event is lost
                 stats["malformed"] += 1
@@ -607,7 +596,7 @@ class FeedServer:
             rows = self._market.from_id(symbol, int(query["fromId"]), limit)
         else:
             rows = self._market.before(symbol, self._frontier, limit)
-        return 200, [row.rest() for row in rows]
+        return 200, [_rest_trade(row[2]) for row in rows]
 
 
 def _symbol_info(symbol: str) -> dict:
