@@ -106,7 +106,9 @@ class SequenceTracker:
         with self._lock:
             # Segment by stream and session, keeping arrival order inside each segment.
             if (session == session[0]).all():
-                order = np.argsort(codes, kind="stable")
+                # Small integer codes make the stable sort a radix sort.
+                small = codes.astype(np.int16 if len(names) < 2**15 else np.int32)
+                order = np.argsort(small, kind="stable")
             else:
                 order = np.lexsort((np.arange(n), session, codes))
             c, s, q = codes[order], session[order], seq[order]
