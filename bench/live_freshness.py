@@ -39,6 +39,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from bench._common import environment, peak_rss_mb, progress, write_results
 from bench.live_throughput import CpuMeter, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
+from k2_assets.core import recent as recent_module
 from k2_assets.core.binance_stream import BinanceProducer
 from k2_assets.core.feed_server import random_walk, run_in_thread
 from k2_assets.core.kafka import consumer_config, ensure_topics
@@ -130,7 +131,26 @@ def recent_loop(stop: threading.Event, home: Path, bootstrap: str, topic: str, c
     """recent_trades every RECENT_EVERY s, with its own catalog and Table objects."""
     cat = catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse")
     table = catalog.ensure_table(cat, "trades")
+    # Split each call: the Kafka tail (recent._kafka_tail, wrapped here; only this thread calls it) and the rest.
+    tail_clock = {"s": 0.0, "rows": 0}
+    kafka_tail = recent_module._kafka_tail
+
+    def timed_tail(*args, **kwargs):
+        start = time.perf_counter()
+        rows = kafka_tail(*args, **kwargs)
+        tail_clock["s"], tail_clock["rows"] = time.perf_counter() - start, rows.num_rows
+        return rows
+
+    recent_module._kafka_tail = timed_tail
+    try:
+        _recent_calls(stop, table, bootstrap, topic, calls, errors, tail_clock)
+    finally:
+        recent_module._kafka_tail = kafka_tail
+
+
+def _recent_calls(stop, table, bootstrap, topic, calls, errors, tail_clock) -> None:
     while not stop.wait(RECENT_EVERY):
+        tail_clock["s"], tail_clock["rows"] = 0.0, 0
         called = time.time()
         try:
             rows = recent_trades(table, bootstrap, RECENT_SYMBOL, RECENT_MINUTES, topic=topic)
@@ -143,7 +163,7 @@ def recent_loop(stop: threading.Event, home: Path, bootstrap: str, topic: str, c
         except Exception as exc:  # noqa: BLE001 - the bench's own analysis must not end the thread silently
             errors.append(f"bench: reading event times of the answer: {type(exc).__name__}: {exc}")
             continue
-        calls.append({"called": called, "returned": returned, "rows": rows.num_rows,
+        calls.append({"called": called, "returned": returned, "rows": rows.num_rows, "kafka_tail_s": tail_clock["s"], "kafka_tail_rows": tail_clock["rows"],
                       "freshness_s": returned - newest / 1000 if newest is not None else None})
 
 
@@ -278,6 +298,8 @@ def render(results: dict) -> str:
         ("E -> visible in market.trades (after commit)", "visible", f"p95 < {TARGET_VISIBLE_P95_S:g} s", v["visible_p95"]),
         (f"E -> recent_trades({RECENT_SYMBOL}, 1 min) returned", "recent", f"p95 < {TARGET_RECENT_P95_S:g} s", v["recent_p95"]),
         ("  recent_trades call duration", "recent_call_duration", "", ""),
+        ("    of which Kafka tail (consumer, read, decode)", "recent_kafka_tail_part", "", ""),
+        ("    of which table scan + merge", "recent_table_and_merge_part", "", ""),
         ("  raw: E -> readable by a plain Kafka consumer", "raw_kafka", "", ""),
         ("  K2's own BatchReport latency p95, per batch", "k2_report_p95_per_batch", "", ""),
     ):
@@ -312,6 +334,8 @@ def run() -> str:
         "visible": percentiles(out["fresh"]),
         "recent": percentiles(recent),
         "recent_call_duration": percentiles([c["returned"] - c["called"] for c in calls]),
+        "recent_kafka_tail_part": percentiles([c["kafka_tail_s"] for c in calls]),
+        "recent_table_and_merge_part": percentiles([c["returned"] - c["called"] - c["kafka_tail_s"] for c in calls]),
         "raw_kafka": percentiles(out["raw_latency"]),
         "k2_report_p95_per_batch": percentiles([b["k2_latency_s"]["p95"] for b in out["batches"] if b["k2_latency_s"]]),
     }
@@ -350,6 +374,7 @@ def run() -> str:
                        "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None} for b in batches],
         "recent_calls": len(calls),
         "recent_empty_calls": sum(c["rows"] == 0 for c in calls),
+        "recent_kafka_tail_rows": percentiles([c["kafka_tail_rows"] for c in calls]),
         "recent_errors": out["recent_errors"],
         "cpu": out["cpu"],
         "peak_rss_mb": peak_rss_mb(),

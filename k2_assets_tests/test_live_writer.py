@@ -66,6 +66,7 @@ def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, 
     assert consumed == sum(r.written + r.rejected + r.duplicates for r in reports)  # reconciles per batch too
     for r in reports:
         assert r.consumed == r.written + r.rejected + r.duplicates
+    assert sum(r.sequence_events.get("duplicate", 0) for r in reports) == 500  # the tracker saw the replayed stretch
     table = catalog.load_table("market.trades").scan().to_arrow()
     assert table.num_rows == 16702
     assert sorted(table.column("source_sequence").to_pylist()) == list(range(3345206428, 3345223130))
@@ -91,6 +92,8 @@ def test_restart_resumes_from_the_table_not_from_kafka(btcusdt_dir, broker, topi
     second.close()
     assert sum(r.consumed for r in reports) == 1000
     assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 3000
+    # The sequence tracker's state came back with the offsets: the next id is in order, not a first sighting.
+    assert sum(r.sequence_events.get("in_order", 0) for r in reports) == 1000
 
 
 @pytest.mark.parametrize("point", ["after_rejects_commit", "after_trades_commit"])

@@ -35,8 +35,11 @@ from pyiceberg.table import Table
 
 from k2_assets.core import live_codec, schemas, writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, partition_count
+from k2_assets.core.sequence import SequenceTracker
 
 OFFSETS_KEY = "k2.kafka.offsets."
+TRACKER_KEY = "k2.sequence.tracker"
+MAX_TRACKER_STATE = 64 * 1024
 REJECTED_KEY = "k2.kafka.rejected."
 SOURCE = "binance_trades"
 
@@ -55,6 +58,18 @@ def recorded_offsets(table: Table, key: str) -> dict[int, int]:
     return offsets
 
 
+def _latest_property(table: Table, key: str) -> str | None:
+    """The value of `key` in the newest snapshot of the current lineage that has it."""
+    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
+    snapshot = table.current_snapshot()
+    while snapshot is not None:
+        value = snapshot.summary.additional_properties.get(key) if snapshot.summary else None
+        if value:
+            return value
+        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+    return None
+
+
 @dataclass
 class BatchReport:
     """One committed micro-batch, as the sensor reports it."""
@@ -64,6 +79,7 @@ class BatchReport:
     duplicates: int
     rejected: int
     dead_lettered: int  # producer dead letters moved to market.rejected (not counted in consumed)
+    sequence_events: dict[str, int]  # in_order, gap, duplicate, out_of_order, ... as the tracker saw the batch
     offset_ranges: dict[int, tuple[int, int]]  # partition -> [first, last] offsets consumed
     snapshot_id: int | None
     partitions: dict[str, int]  # trade_date -> rows written
@@ -108,6 +124,7 @@ class LiveWriter:
         ensure_topics(bootstrap, {self.dead_letter_topic: 1})
         self.dead_letter_partitions = partition_count(bootstrap, self.dead_letter_topic)
         self.seen = _Seen()
+        self.tracker = SequenceTracker(live_codec.EXCHANGE, resets_each_session=False)
         self.position: dict[int, int] = {}
         self._assign()
 
@@ -117,6 +134,9 @@ class LiveWriter:
         recorded = recorded_offsets(self.trades, OFFSETS_KEY + self.topic)
         self.position = {p: recorded.get(p, 0) for p in range(self.partitions)}
         self.rejects_written = recorded_offsets(self.rejected, REJECTED_KEY + self.topic)
+        state = _latest_property(self.trades, TRACKER_KEY)
+        if state:
+            self.tracker.restore(json.loads(state))
         dead = recorded_offsets(self.rejected, REJECTED_KEY + self.dead_letter_topic)
         self.dead_letter_position = {p: dead.get(p, 0) for p in range(self.dead_letter_partitions)}
         # Explicit assignment from the tables' own offsets: no group rebalance, no trust in committed offsets.
@@ -192,11 +212,16 @@ class LiveWriter:
             self.dead_letter_position = dead_marks
             _crash_point("after_rejects_commit")
 
+        # Judge the sequence in arrival order (before dedup: a repeat is an event worth counting).
+        events = self.tracker.check(rows.column("symbol"), rows.column("source_sequence")).counts() if rows.num_rows else {}
         rows, duplicates = self._new_rows(rows)
         snapshot_id = None
         if rows.num_rows:
             rows = rows.sort_by(writer.SORT_KEYS)
             properties = {OFFSETS_KEY + self.topic: json.dumps({str(p): o for p, o in next_offsets.items()}), "k2.source": SOURCE}
+            state = self.tracker.dumps()
+            if len(state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead
+                properties[TRACKER_KEY] = state
             self.trades.append(rows, snapshot_properties=properties)
             snapshot_id = self.trades.current_snapshot().snapshot_id
             self._remember(rows)
@@ -211,6 +236,7 @@ class LiveWriter:
             duplicates=duplicates,
             rejected=rejected.num_rows,
             dead_lettered=dead_rows.num_rows,
+            sequence_events={k: v for k, v in events.items() if v},
             offset_ranges=ranges,
             snapshot_id=snapshot_id,
             partitions=_per_day(rows),

@@ -55,6 +55,7 @@ def materializations(report: BatchReport) -> list[dg.AssetMaterialization]:
         "latency_p50_seconds": report.latency_seconds.get("p50", 0.0),
         "latency_p95_seconds": report.latency_seconds.get("p95", 0.0),
         "dead_lettered": report.dead_lettered,
+        "sequence_events": dg.MetadataValue.json(report.sequence_events),
         "table": "market.trades",
     }
     return [
