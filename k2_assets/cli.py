@@ -205,6 +205,8 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         feed_port = kafka.free_port()
         start("feed", [*k2, "feed", "--random-walk", args.symbols, "--port", str(feed_port), "--rate", str(args.rate)])
         _wait_for_port(feed_port, "the local Binance feed")
+        if os.environ.get("K2_BINANCE_REST_URL", DEFAULTS["K2_BINANCE_REST_URL"]) == DEFAULTS["K2_BINANCE_REST_URL"]:
+            os.environ["K2_BINANCE_REST_URL"] = f"http://127.0.0.1:{feed_port}"  # gap repair asks the local exchange
         start("producer", [*k2, "stream", "binance", "--symbols", args.symbols, "--url", f"ws://127.0.0.1:{feed_port}"])
         print(f"k2: live trades {args.symbols} from the local feed on ws://127.0.0.1:{feed_port} into Kafka at "
               f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}", flush=True)

@@ -1,7 +1,8 @@
 """`k2 demo` end to end, as a user on a fresh machine runs it.
 
 Starts the real command with an empty K2_HOME, waits for the Dagster UI, checks what the UI's GraphQL
-API shows, runs one ASX partition through the daemon, and stops everything with Ctrl-C (SIGINT).
+API shows, runs one ASX partition through the daemon, sees live trades arrive from the local feed
+through Kafka and the sensor, and stops everything with Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ mutation($params: ExecutionParams!) {
     ... on LaunchRunSuccess { run { runId } }
     ... on Error { message }
     ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+LIVE_QUERY = """
+query($partition: String!) {
+  assetNodes(assetKeys: [{path: ["binance_trades"]}]) {
+    assetMaterializations(partitions: [$partition], limit: 5) { partition metadataEntries { label ... on IntMetadataEntry { intValue } } }
   }
 }
 """
@@ -219,7 +228,7 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
         (repository,) = repositories["nodes"]
         assert repository["location"]["name"] == "k2"
         assert {"asx_history_job", "binance_history_job"} <= {j["name"] for j in repository["jobs"]}
-        assert {"asx_daily_schedule", "binance_history_job_schedule"} <= {s["name"] for s in repository["schedules"]}
+        assert {"asx_daily_schedule", "binance_history_schedule"} <= {s["name"] for s in repository["schedules"]}
 
         # One ASX session through the queue, the daemon and the code server.
         run_id = launch_partition_run(port, "asx_history_job", SESSION)
@@ -239,6 +248,18 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
             assert execution["runId"] == run_id, name
             assert execution["status"] == "SUCCEEDED", (name, execution)
             assert execution["evaluation"]["success"], (name, execution)
+
+        # Live trades from the local feed arrive through Kafka and the sensor, as materializations of today's partition.
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        deadline = time.monotonic() + RUN_TIMEOUT
+        live = []
+        while not live and time.monotonic() < deadline:
+            (node,) = graphql(port, LIVE_QUERY, {"partition": today})["assetNodes"]
+            live = node["assetMaterializations"]
+            time.sleep(2)
+        assert live, f"no live micro-batch reached binance_trades:\n{log_tail(log)}"
+        rows = {e["label"]: e.get("intValue") for e in live[0]["metadataEntries"]}
+        assert rows["rows_written"] > 0 and rows["rows_rejected"] == 0
 
         stop(process, log)
     finally:

@@ -73,7 +73,7 @@ def replay_file(path: str | Path, symbol: str | None = None) -> Iterator[dict]:
     symbol = symbol.upper()
     with _open_dump(path) as text:
         for row in csv.reader(text):
-            if not row or not row[0].strip().isdigit():
+            if not row or not row[0].isdigit():
                 continue  # the optional header line
             trade_time = int(row[4])
             if trade_time >= MICROS_FROM:
@@ -104,6 +104,8 @@ def _open_dump(path: Path) -> Iterator[io.TextIOBase]:
 
 def _eight_dp(text: str) -> str:
     """A decimal string as the stream prints it: exactly 8 decimal places."""
+    if text[-9:-8] == ".":
+        return text  # the dumps' usual form
     whole, _, frac = text.strip().partition(".")
     if len(frac) > 8 and frac[8:].strip("0"):
         raise ValueError(f"{text!r} has more than 8 decimal places")
@@ -265,9 +267,8 @@ class _Connection:
         self.combined = False
         self.prefixes: dict[str, bytes] = {}  # subscribed symbol -> payload start up to the "E" value
         self.suffix = b""
-        self.held: bytes | None = None  # an event held back to swap it with the next one
         self.sent = 0  # frames sent on this connection
-        self.reason = "client closed"
+        self.reason = ""  # why the server ended it, if it did
 
     def subscribe(self, streams: Iterable[str]) -> None:
         for stream in streams:
@@ -391,8 +392,9 @@ class FeedServer:
         finally:
             reader.cancel()
             peer = ws.remote_address[:2] if ws.remote_address else ("?", 0)
-            log.info("connection %d from %s:%s %s: %d frames from position %d, %s", conn.number, *peer,
-                     ws.request.path, conn.sent, conn.pos, conn.reason)
+            reason = conn.reason or f"closed, code {ws.close_code} {ws.close_reason or ''}".rstrip()
+            log.info("connection %d from %s:%s %s: sent %d frames, now at position %d; %s", conn.number, *peer,
+                     ws.request.path, conn.sent, conn.pos, reason)
 
     async def _read(self, conn: _Connection) -> None:
         """Answer Binance's live control messages (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, ...)."""
@@ -476,24 +478,20 @@ class FeedServer:
 
     def _take(self, conn: _Connection, budget: int, until_ms: float | None) -> tuple[list[bytes], str]:
         """Advance `conn` through the market; return the frames to send now and why it stopped."""
-        market, stats = self._market, self.stats
+        stats = self.stats
         limit = budget if self.drop_every is None else min(budget, self.drop_every - conn.sent)
         event_ms = b"%d" % int(time.time() * 1000)  # "E": when the event leaves the exchange
         prefixes, suffix = conn.prefixes, conn.suffix
         out: list[bytes] = []
         stop = "budget"
         for _ in range(MAX_SCAN):
-            if limit - len(out) - (conn.held is not None) <= 0:
+            if len(out) >= limit:
                 break
-            index = conn.pos - market.base
-            if index < 0:  # a slow reader fell behind the kept history: those trades are gone
-                conn.pos, index = market.base, 0
-            if index >= len(market.rows):
-                if market.pull():
-                    continue
+            row = self._row(conn)
+            if row is None:
                 stop = "end"
                 break
-            _, symbol, trade, fault = market.rows[index]
+            _, symbol, trade, fault = row
             if until_ms is not None and trade["time_ms"] > until_ms:
                 stop = "time"
                 break
@@ -508,29 +506,34 @@ class FeedServer:
             if fault == MALFORMED:
                 out.append(payload[: len(payload) // 2])  # a truncated frame: the event is lost
                 stats["malformed"] += 1
-            elif fault == SWAP and conn.held is None and limit - len(out) >= 2:
-                conn.held = payload
                 continue
-            else:
-                out.append(payload)
-                stats["events"] += 1
-                if fault == DUPLICATE and limit - len(out) - (conn.held is not None) >= 1:
-                    out.append(payload)
-                    stats["duplicates"] += 1
-            if conn.held is not None:
-                out.append(conn.held)
-                conn.held = None
-                stats["events"] += 1
-                stats["out_of_order"] += 1
-        if stop == "end" and conn.held is not None:
-            out.append(conn.held)  # nothing left to swap it with
-            conn.held = None
+            if fault == SWAP and limit - len(out) >= 2:
+                partner = self._row(conn)
+                if partner is not None and partner[3] == NONE and partner[1] in prefixes:
+                    conn.pos += 1
+                    out.append(prefixes[partner[1]] + event_ms + _event_tail(partner[2]) + suffix)
+                    stats["events"] += 1
+                    stats["out_of_order"] += 1
+            out.append(payload)
             stats["events"] += 1
+            if fault == DUPLICATE and len(out) < limit:
+                out.append(payload)
+                stats["duplicates"] += 1
         stats["frames"] += len(out)
         if self.shared_cursor:
             self._cursor = max(self._cursor, conn.pos)
         self._frontier = max(self._frontier, conn.pos)
         return out, stop
+
+    def _row(self, conn: _Connection) -> Row | None:
+        """The market row at the connection's position, pulling from the source as needed."""
+        market = self._market
+        if conn.pos < market.base:  # a slow reader fell behind the kept history: those trades are gone
+            conn.pos = market.base
+        while conn.pos >= market.end:
+            if not market.pull():
+                return None
+        return market.rows[conn.pos - market.base]
 
     @staticmethod
     async def _write(ws: ServerConnection, payloads: list[bytes]) -> None:
