@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from bench._common import environment, peak_rss_mb, progress, write_results
-from bench.live_throughput import CpuMeter, broker, load_average, percentiles, temp_tables, verdict
+from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
 from k2_assets.core import recent as recent_module
 from k2_assets.core.binance_stream import BinanceProducer
@@ -209,13 +209,25 @@ def run_feed(home: Path) -> dict:
             return result
 
         trades.append = timed_append
+        write_seconds: list[float] = []
+        write = writer._write
+
+        def timed_write(*args, **kwargs):
+            start = time.perf_counter()
+            result = write(*args, **kwargs)
+            write_seconds.append(time.perf_counter() - start)
+            return result
+
+        writer._write = timed_write
+        clock = _StageClock(writer)  # per-stage time inside the writer (its own thread only)
         batches: list[dict] = []
 
         def on_batch(report: live_writer.BatchReport) -> None:
             batches.append({"consumed": report.consumed, "written": report.written, "duplicates": report.duplicates,
                             "rejected": report.rejected, "offset_ranges": report.offset_ranges, "snapshot_id": report.snapshot_id,
                             "commit_wall": appended[-1] if report.snapshot_id is not None else None,
-                            "reported_wall": time.time(), "k2_latency_s": report.latency_seconds})
+                            "reported_wall": time.time(), "k2_latency_s": report.latency_seconds, "write_s": write_seconds[-1],
+                            "tick": len(ticks)})
 
         stop_side = threading.Event()
         raw_latency: list[float] = []
@@ -270,7 +282,9 @@ def run_feed(home: Path) -> dict:
             for t in side:
                 if t.ident is not None:
                     t.join(30)
+            clock.restore()
             trades.__dict__.pop("append", None)
+            writer.__dict__.pop("_write", None)
             writer.close()
         if feeding.error is not None:
             raise RuntimeError(f"BinanceProducer.run failed: {feeding.error!r}")
@@ -278,10 +292,19 @@ def run_feed(home: Path) -> dict:
         stats = producer.stats
         del producer, feeding, writer
         return {"topic": topic, "fresh": fresh, "check": check, "batches": batches, "ticks": ticks, "raw_latency": raw_latency,
-                "recent_calls": recent_calls, "recent_errors": recent_errors, "cpu": meter.as_dict(),
+                "recent_calls": recent_calls, "recent_errors": recent_errors, "cpu": meter.as_dict(), "writer_steps_s": clock.breakdown(),
                 "feed_seconds": feed["stopped"] - feed["started"], "flush_seconds": feed["flushed"] - feed["stopped"],
                 "produced": stats.produced, "dead_lettered": stats.dead_lettered, "produce_errors": stats.produce_errors,
                 "reconnects": stats.reconnects, "gaps": len(stats.gaps), "server": server_stats}
+
+
+def _firsts(batches: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for b in batches:
+        if b["tick"] not in seen:
+            seen.add(b["tick"])
+            out.append(b)
+    return out
 
 
 def render(results: dict) -> str:
@@ -314,6 +337,10 @@ def render(results: dict) -> str:
         f"{results['batches']} micro-batches in {results['ticks']} ticks; median batch {results['median_batch_rows']:,} rows; "
         f"table {c['table_rows']:,} rows = {c['distinct_message_ids']:,} distinct message_ids (produced {results['produced']:,}, "
         f"dead-lettered {results['dead_lettered']}, unmapped {c['rows_not_mapped_to_a_batch']}); recent_trades errors: {len(results['recent_errors'])}",
+        f"batch write (decode -> commit) p50 {results['batch_write_s']['p50']:.2f} s, max {results['batch_write_s']['max']:.2f} s; "
+        f"first batch of a tick (the backlog of the {PAUSE_SECONDS:g} s pause + {MAX_BATCH_SECONDS:g} s of collecting): "
+        f"p50 {results['first_batch_of_tick']['rows']['p50']:,.0f} rows, write p50 {results['first_batch_of_tick']['write_s']['p50']:.2f} s",
+        "writer per batch (mean s): " + ", ".join(f"{k} {x:.3f}" for k, x in results["writer_steps_mean_per_batch_s"].items()),
         f"CPU over the run: this process {cpu['process_cores']:.2f} cores (feed server + producer + writer + recent + raw consumer, one GIL), "
         f"broker {cpu['broker_cores']:.2f}; machine steal {cpu['machine_steal_fraction']:.1%}",
         f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
@@ -370,7 +397,11 @@ def run() -> str:
         "ticks": len(out["ticks"]),
         "median_batch_rows": int(np.median([b["consumed"] for b in batches])) if batches else 0,
         "tick_log": out["ticks"],
-        "batch_log": [{**{k: b[k] for k in ("consumed", "written", "duplicates", "rejected", "k2_latency_s")},
+        "batch_write_s": percentiles([b["write_s"] for b in batches]),
+        "writer_steps_mean_per_batch_s": {k: v / max(1, len(batches)) for k, v in out["writer_steps_s"].items() if k != "consume"},
+        "first_batch_of_tick": {"rows": percentiles([b["consumed"] for b in _firsts(batches)]),
+                                "write_s": percentiles([b["write_s"] for b in _firsts(batches)])},
+        "batch_log": [{**{k: b[k] for k in ("tick", "consumed", "written", "duplicates", "rejected", "write_s", "k2_latency_s")},
                        "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None} for b in batches],
         "recent_calls": len(calls),
         "recent_empty_calls": sum(c["rows"] == 0 for c in calls),

@@ -30,6 +30,7 @@ import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -299,6 +300,7 @@ class _StageClock:
 
     def __init__(self, writer: live_writer.LiveWriter):
         self.writer = writer
+        self.thread = threading.get_ident()  # only the writer's own thread is timed
         self.seconds: dict[str, float] = dict.fromkeys(("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids"), 0.0)
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
         self._saved_decode = live_codec.decode_batch
@@ -323,6 +325,8 @@ class _StageClock:
 
     def _wrap(self, fn, stage: str):
         def timed_call(*args, **kwargs):
+            if threading.get_ident() != self.thread:  # e.g. recent_trades decoding in another thread
+                return fn(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)

@@ -43,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("k2_assets.core.feed_server")  # not __main__ under -m
 
 MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch µs are above it since 1973
 DUMP_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-trades-")
@@ -350,8 +350,8 @@ class FeedServer:
         self._server = await serve(
             self._handle, self.host, self.port, process_request=self._process_request,
             compression=None,  # Binance negotiates none, and frames are written pre-encoded (see _write)
-            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout, logger=log,
-            write_limit=2**22)  # a deep send buffer lets the next batch be built while the client reads
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+            write_limit=2**20)  # a deep send buffer lets the next batch be built while the client reads
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -530,10 +530,10 @@ class FeedServer:
         market = self._market
         if conn.pos < market.base:  # a slow reader fell behind the kept history: those trades are gone
             conn.pos = market.base
-        while conn.pos >= market.end:
+        while (index := conn.pos - market.base) >= len(market.rows):
             if not market.pull():
                 return None
-        return market.rows[conn.pos - market.base]
+        return market.rows[index]
 
     @staticmethod
     async def _write(ws: ServerConnection, payloads: list[bytes]) -> None:
