@@ -423,7 +423,8 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
         rows.append({"function": f"{where}:{line}({func})", "calls": ncalls, "own_s": round(tottime, 4), "cumulative_s": round(cumtime, 4)})
     by_own = sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
     by_cum = [r for r in sorted(rows, key=lambda r: r["cumulative_s"], reverse=True) if "k2_assets" in r["function"]][:top]
-    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum}
+    by_cum_all = sorted(rows, key=lambda r: r["cumulative_s"], reverse=True)[:top]
+    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum, "top_cumulative": by_cum_all}
 
 
 # ================================================================ report

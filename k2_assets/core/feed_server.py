@@ -18,8 +18,8 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import gc
 import csv
+import gc
 import heapq
 import io
 import itertools
@@ -292,7 +292,19 @@ class _Connection:
 
 
 class FeedServer:
-    """A Binance spot market-data server on 127.0.0.1 serving trades from `source` (see module doc)."""
+    """A Binance spot market-data server serving the trades of `source` (an iterable of trade dicts).
+
+    Pacing: `rate` frames/s per connection, or `speedup` x the trades' own time gaps; neither = as fast
+    as the client reads. `shared_cursor`: a new connection starts where the furthest one got to (the
+    market went on), else every connection replays from the start of the kept history.
+    Faults, decided per trade from `seed`: `skip_ids` / `skip_ids_ratio` (never streamed, still in REST),
+    `duplicate_ratio` (sent twice), `out_of_order_ratio` (sent after the next trade), `malformed_ratio`
+    (a truncated frame instead). `drop_every` N frames the TCP connection ends without a close frame;
+    after `max_connection_seconds` it is closed with 1001. `stats` counts what was sent and injected:
+    frames == events + duplicates + malformed, and per subscribed trade events + skipped + malformed.
+    `symbols` lists the exchange's symbols (default: those seen in the source); `history_limit` trades
+    are kept for replays and REST.
+    """
 
     def __init__(self, source: Iterable[dict], *, host: str = "127.0.0.1", port: int = 0,
                  rate: float | None = None, speedup: float | None = None, shared_cursor: bool = True,
@@ -589,7 +601,8 @@ class FeedServer:
             return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."}
         for name in ("limit", "fromId"):
             if name in query and not re.fullmatch(r"[0-9]{1,20}", query[name]):
-                return 400, {"code": -1100, "msg": f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."}
+                message = f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."
+                return 400, {"code": -1100, "msg": message}
         limit = int(query.get("limit", 500))
         if not 1 <= limit <= 1000:
             return 400, {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is '1 to 1000'."}
@@ -607,7 +620,8 @@ def _symbol_info(symbol: str) -> dict:
     return {"symbol": symbol, "status": "TRADING", "baseAsset": symbol[: -len(quote)], "baseAssetPrecision": 8,
             "quoteAsset": quote, "quotePrecision": 8, "quoteAssetPrecision": 8, "orderTypes": ["LIMIT", "MARKET"],
             "isSpotTradingAllowed": True, "permissions": ["SPOT"],
-            "filters": [{"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"}]}
+            "filters": [{"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000",
+                         "tickSize": "0.01000000"}]}
 
 
 # --- running it ------------------------------------------------------------------------------------
@@ -615,7 +629,11 @@ def _symbol_info(symbol: str) -> dict:
 
 @contextlib.contextmanager
 def run_in_thread(source: Iterable[dict], **kwargs) -> Iterator[FeedServer]:
-    """Run a FeedServer(source, **kwargs) on its own event loop in a background thread; yield it started."""
+    """Run a FeedServer(source, **kwargs) on its own event loop in a background thread; yield it started.
+
+    The thread shares the GIL with the caller: pace the feed (rate/speedup) for in-process clients, and
+    run the command line in its own process to measure throughput.
+    """
     server = FeedServer(source, **kwargs)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="feed-server", daemon=True)
@@ -635,7 +653,8 @@ def run_in_thread(source: Iterable[dict], **kwargs) -> Iterator[FeedServer]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k2_assets.core.feed_server", description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--replay", action="append", metavar="FILE", help="data.binance.vision trades dump (.csv/.zip); repeat to merge")
+    what.add_argument("--replay", action="append", metavar="FILE",
+                      help="data.binance.vision trades dump (.csv/.zip); repeat to merge several")
     what.add_argument("--random-walk", metavar="SYMBOLS", help="comma-separated symbols, e.g. BTCUSDT,ETHUSDT")
     parser.add_argument("--symbol", help="symbol of a --replay file whose name does not start with it")
     parser.add_argument("--host", default="127.0.0.1")
@@ -657,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is ours
 
     if args.replay:
         source = merge_by_time(*(replay_file(path, args.symbol) for path in args.replay))
@@ -664,9 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         symbols = [s.strip().upper() for s in args.random_walk.split(",") if s.strip()]
         source = random_walk(symbols, seed=args.seed)
-    speedup = args.speedup if args.speedup or args.rate or args.unpaced else 1.0
+    speedup = None if args.unpaced or args.rate else args.speedup or 1.0
     server = FeedServer(
-        source, host=args.host, port=args.port, rate=args.rate, speedup=None if args.unpaced else speedup,
+        source, host=args.host, port=args.port, rate=args.rate, speedup=speedup,
         shared_cursor=not args.no_shared_cursor, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
         drop_every=args.drop_every, max_connection_seconds=args.max_connection_seconds,
         skip_ids={int(i) for i in args.skip_ids.split(",") if i.strip()}, skip_ids_ratio=args.skip_ids_ratio,

@@ -15,3 +15,6 @@ asx_sessions = dg.TimeWindowPartitionsDefinition(
 # Binance trades around the clock; the key is the UTC date. end_offset=1: today's partition exists,
 # so live micro-batches can be reported against it as they land.
 binance_days = dg.DailyPartitionsDefinition(start_date="2017-07-14", timezone="UTC", end_offset=1)
+
+# Bars: one partition per trade_date key, whatever the exchange (an ASX session date or a Binance UTC date).
+trade_days = dg.DailyPartitionsDefinition(start_date="2014-01-01", timezone="UTC", end_offset=1)
