@@ -65,6 +65,7 @@ from typing import Any, Iterable
 from zoneinfo import ZoneInfo
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
@@ -334,23 +335,103 @@ class ArrowCache:
             return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes}
 
 
+# ---------------------------------------------------------------- timeouts
+
+
+class _Watch:
+    __slots__ = ("deadline", "cursor", "fired")
+
+    def __init__(self, deadline: float, cursor):
+        self.deadline = deadline
+        self.cursor = cursor
+        self.fired = False
+
+
+class _Watchdog:
+    """One long-lived thread per engine that interrupts the cursors of queries past their deadline.
+
+    (A thread or Timer per query costs a thread start each time, which on a busy machine is
+    milliseconds.) A due query is interrupted again every 50 ms until it ends, since an interrupt
+    that lands before DuckDB has started the query is lost.
+    """
+
+    REPEAT_S = 0.05
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active: dict[int, _Watch] = {}
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def watch(self, cursor, timeout_s: float) -> _Watch:
+        entry = _Watch(time.monotonic() + timeout_s, cursor)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="k2-query-watchdog", daemon=True)
+                self._thread.start()
+            self._active[id(entry)] = entry
+            if entry.deadline < self._wake_at:
+                self._cond.notify()
+        return entry
+
+    def done(self, entry: _Watch) -> None:
+        with self._cond:
+            self._active.pop(id(entry), None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                wake = float("inf")
+                for entry in self._active.values():
+                    if entry.deadline <= now:
+                        entry.fired = True
+                        try:
+                            entry.cursor.interrupt()
+                        except Exception:  # the cursor closed meanwhile
+                            pass
+                        wake = min(wake, now + self.REPEAT_S)
+                    else:
+                        wake = min(wake, entry.deadline)
+                self._wake_at = wake
+                self._cond.wait(None if wake == float("inf") else wake - now)
+                self._wake_at = float("inf")
+
+
 # ---------------------------------------------------------------- the engine
+
+ROW_ID = "__row"  # position of a row in a cached scan: DuckDB returns these, Arrow then takes the rows
+TRADE_ORDER = ("exchange_timestamp", "exchange", "symbol", "source_sequence")
+BAR_ORDER = ("bar_start", "exchange", "symbol")
 
 
 class QueryEngine:
-    """Queries over one catalog's `market` tables: one DuckDB connection, cached table handles and scans."""
+    """Queries over one catalog's `market` tables: one DuckDB connection, cached table handles and scans.
+
+    Row queries (trades, bars) are late-materialized: DuckDB evaluates the WHERE, ORDER BY and LIMIT
+    over the narrow columns they need and returns row positions; the engine then takes those rows of
+    the requested columns from the cached Arrow scan (a zero-copy slice when they are contiguous, the
+    usual case since cached scans are stored in the queries' order). Aggregates (symbols,
+    daily_summary) run wholly in DuckDB.
+    """
 
     def __init__(self, catalog: Catalog, *, timeout_s: float = 10.0, memory_limit: str = "1GB", threads: int | None = None,
                  cache_bytes: int = 512 * 1024 * 1024, refresh_ms: float = 1000.0):
-        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise InvalidValue(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
         if not isinstance(memory_limit, str) or not _MEMORY_LIMIT.match(memory_limit):
             raise InvalidValue(f"memory_limit {memory_limit!r} is not a size such as '512MB' or '1GB'")
         threads = threads if threads is not None else max(1, min(4, os.cpu_count() or 1))
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise InvalidValue(f"threads must be a positive integer, not {threads!r}")
-        if refresh_ms < 0:
-            raise InvalidValue(f"refresh_ms must be >= 0, not {refresh_ms!r}")
+        if isinstance(refresh_ms, bool) or not isinstance(refresh_ms, (int, float)) or refresh_ms < 0:
+            raise InvalidValue(f"refresh_ms must be a number >= 0, not {refresh_ms!r}")
         self.catalog = catalog
         self.timeout_s = float(timeout_s)
         self.memory_limit = memory_limit.strip()
@@ -360,6 +441,7 @@ class QueryEngine:
         self._symbol_sets: dict[tuple, frozenset[str]] = {}
         self._tables: dict[str, tuple[Table | None, float]] = {}
         self._tables_lock = threading.Lock()
+        self._watchdog = _Watchdog()
         self._con = duckdb.connect(":memory:", config={
             "threads": threads,
             "memory_limit": self.memory_limit,
@@ -377,6 +459,7 @@ class QueryEngine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._watchdog.stop()
             self._con.close()
             self._cache.clear()
 
@@ -400,54 +483,37 @@ class QueryEngine:
                limit: int = DEFAULT_TRADES_LIMIT, *, trade_date=None, columns: Iterable[str] | None = None) -> pa.Table:
         """Trades with exchange time in [start, end), oldest first (then by exchange, symbol, sequence), at most `limit`.
 
-        `trade_date` (optional) restricts to one session date of the exchange (ASX: the Sydney date).
+        `trade_date` (optional) restricts to one session date of the exchange (ASX: the Sydney date);
+        `columns` chooses columns of market.trades (default: TRADE_COLUMNS).
         """
         exchange, symbol, limit = _exchange(exchange), _symbol(symbol), _limit(limit)
         start_t, end_t = _time_range(start, end)
         session = parse_date(trade_date, "trade_date") if trade_date is not None else None
-        schema = schemas.arrow_schema(schemas.TRADE)
-        cols = _columns(columns, TRADE_COLUMNS, schema, "trades")
-        lo, hi = _session_dates(exchange, start_t, end_t)
-        if session is not None:
-            lo, hi = max(lo or session, session), min(hi or session, session)
-        where, params = self._filters(exchange, symbol, start_t, end_t, "exchange_timestamp")
-        if session is not None:
-            where.append("trade_date = $trade_date")
-            params["trade_date"] = session
-        params["limit"] = limit
-        sql = (
-            f"SELECT {', '.join(map(_quote, cols))} FROM src{_where(where)} "
-            "ORDER BY exchange_timestamp, exchange, symbol, source_sequence LIMIT $limit"
-        )
-        return self._query("trades", schemas.TRADE, Scope(exchange, lo, hi, symbol), as_of, sql, params)
+        cols = _columns(columns, TRADE_COLUMNS, schemas.arrow_schema(schemas.TRADE), "trades")
+        scope = _scope(exchange, symbol, start_t, end_t, session)
+        where, params = _filters(exchange, symbol, start_t, end_t, "exchange_timestamp", session)
+        return self._rows("trades", schemas.TRADE, scope, as_of, where, params, TRADE_ORDER, limit, cols)
 
     def bars(self, interval: str = "1m", exchange: str | None = None, symbol: str | None = None, start=None, end=None,
              as_of=None, limit: int = DEFAULT_BARS_LIMIT, *, trade_date=None, columns: Iterable[str] | None = None) -> pa.Table:
-        """OHLCV bars of `interval` (1m, 5m, 1h, 1d) with bar_start in [start, end), oldest first."""
-        if interval not in INTERVALS:
+        """OHLCV bars of `interval` (1m, 5m, 1h, 1d) with bar_start in [start, end), oldest first, at most `limit`."""
+        if not isinstance(interval, str) or interval not in INTERVALS:
             raise UnknownInterval(f"unknown interval {interval!r}; allowed intervals are {', '.join(INTERVALS)}")
         table = INTERVALS[interval]
         exchange, symbol, limit = _exchange(exchange), _symbol(symbol), _limit(limit)
         start_t, end_t = _time_range(start, end)
         session = parse_date(trade_date, "trade_date") if trade_date is not None else None
         cols = _columns(columns, BAR_COLUMNS, schemas.arrow_schema(schemas.OHLCV), table)
-        lo, hi = _session_dates(exchange, start_t, end_t)
-        if session is not None:
-            lo, hi = max(lo or session, session), min(hi or session, session)
-        where, params = self._filters(exchange, symbol, start_t, end_t, "bar_start")
-        if session is not None:
-            where.append("trade_date = $trade_date")
-            params["trade_date"] = session
-        params["limit"] = limit
-        sql = f"SELECT {', '.join(map(_quote, cols))} FROM src{_where(where)} ORDER BY bar_start, exchange, symbol LIMIT $limit"
-        return self._query(table, schemas.OHLCV, Scope(exchange, lo, hi, symbol), as_of, sql, params)
+        scope = _scope(exchange, symbol, start_t, end_t, session)
+        where, params = _filters(exchange, symbol, start_t, end_t, "bar_start", session)
+        return self._rows(table, schemas.OHLCV, scope, as_of, where, params, BAR_ORDER, limit, cols)
 
     def symbols(self, exchange: str | None = None, as_of=None, *, table: str = "trades") -> pa.Table:
         """Symbols present in `table` (default trades): exchange, symbol, first/last trade_date and row count."""
         if table not in SYMBOL_TABLES:
-            raise QueryError(f"symbols() lists {', '.join(SYMBOL_TABLES)}, not {table!r}")
+            raise QueryError(f"symbols() lists the tables {', '.join(SYMBOL_TABLES)}, not {table!r}")
         exchange = _exchange(exchange)
-        where, params = self._filters(exchange, None, None, None, "")
+        where, params = _filters(exchange, None, None, None, "", None)
         sql = (
             "SELECT exchange, symbol, min(trade_date) AS first_date, max(trade_date) AS last_date, count(*) AS row_count "
             f"FROM src{_where(where)} GROUP BY exchange, symbol ORDER BY exchange, symbol"
@@ -455,20 +521,20 @@ class QueryEngine:
         handle = self._table(table)
         snapshot_id = self._snapshot_id(handle, table, as_of)
         data = self._scan(handle, table, TABLES_SCHEMA[table], snapshot_id, Scope(exchange), ("exchange", "symbol", "trade_date"))
-        return self._execute(sql, params, data)
+        return _utc(self._execute(sql, params, data))
 
     def daily_summary(self, exchange: str | None = None, symbol: str | None = None, *, start_date, end_date,
                       as_of=None) -> pa.Table:
         """Per session date and symbol: trades, volume, first/last time, open/high/low/close.
 
         Open and close are the prices of the first and last trade by (exchange time, sequence);
-        `start_date`..`end_date` are session dates, both included.
+        `start_date`..`end_date` are session dates (trade_date), both included.
         """
         exchange, symbol = _exchange(exchange), _symbol(symbol)
         lo, hi = parse_date(start_date, "start_date"), parse_date(end_date, "end_date")
         if lo > hi:
             raise InvalidTimeRange(f"date range is reversed: start_date {lo} is after end_date {hi}")
-        where, params = self._filters(exchange, symbol, None, None, "")
+        where, params = _filters(exchange, symbol, None, None, "", None)
         where.append("trade_date BETWEEN $start_date AND $end_date")
         params.update(start_date=lo, end_date=hi)
         sql = (
@@ -478,8 +544,13 @@ class QueryEngine:
             "first(price ORDER BY exchange_timestamp DESC, source_sequence DESC) AS close "
             f"FROM src{_where(where)} GROUP BY trade_date, exchange, symbol ORDER BY trade_date, exchange, symbol"
         )
-        return self._query("trades", schemas.TRADE, Scope(exchange, lo, hi, symbol), as_of, sql, params,
-                           columns=("exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity"))
+        handle = self._table("trades")
+        snapshot_id = self._snapshot_id(handle, "trades", as_of)
+        if symbol is not None:
+            self._check_symbol(handle, "trades", schemas.TRADE, snapshot_id, exchange, symbol)
+        columns = ("exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity")
+        data = self._scan(handle, "trades", schemas.TRADE, snapshot_id, Scope(exchange, lo, hi, symbol), columns)
+        return _utc(self._execute(sql, params, data))
 
     def pandas(self, query: str, *args, exact: bool = False, **kwargs):
         """Run `query` (trades, bars, symbols or daily_summary) and return a pandas DataFrame (see to_pandas)."""
@@ -490,39 +561,24 @@ class QueryEngine:
 
     # ------------------------------------------------------------ internals
 
-    @staticmethod
-    def _filters(exchange, symbol, start, end, time_column: str) -> tuple[list[str], dict[str, Any]]:
-        where: list[str] = []
-        params: dict[str, Any] = {}
-        if exchange is not None:
-            where.append("exchange = $exchange")
-            params["exchange"] = exchange
-        if symbol is not None:
-            where.append("symbol = $symbol")
-            params["symbol"] = symbol
-        if start is not None:
-            where.append(f"{_quote(time_column)} >= $start")
-            params["start"] = start
-        if end is not None:
-            where.append(f"{_quote(time_column)} < $end")
-            params["end"] = end
-        return where, params
-
-    def _query(self, table: str, schema_name: str, scope: Scope, as_of, sql: str, params: dict, *,
-               columns: tuple[str, ...] = ("*",)) -> pa.Table:
+    def _rows(self, table: str, schema_name: str, scope: Scope, as_of, where: list[str], params: dict[str, Any],
+              order: tuple[str, ...], limit: int, columns: tuple[str, ...]) -> pa.Table:
         handle = self._table(table)
         snapshot_id = self._snapshot_id(handle, table, as_of)
         if scope.symbol is not None:
             self._check_symbol(handle, table, schema_name, snapshot_id, scope.exchange, scope.symbol)
-        data = self._scan(handle, table, schema_name, snapshot_id, scope, columns)
-        return self._execute(sql, params, data)
+        data = self._scan(handle, table, schema_name, snapshot_id, scope, ("*",), order=order)
+        # DuckDB sees only the columns the SQL uses; the rest never pass through it.
+        used = list(dict.fromkeys(("exchange", "symbol", "trade_date", *order, *(c for c in _TIME_COLUMNS if c in data.column_names), ROW_ID)))
+        sql = f"SELECT {_quote(ROW_ID)} FROM src{_where(where)} ORDER BY {', '.join(map(_quote, order))} LIMIT $limit"
+        positions = self._execute(sql, {**params, "limit": limit}, data.select(used)).column(0)
+        return _take(data.select(list(columns)), positions)
 
     def _table(self, name: str, *, force: bool = False) -> Table | None:
         """The table handle, reloaded from the catalog when older than refresh_ms; None if the table does not exist."""
         now = time.monotonic()
         if not force:
-            with self._tables_lock:
-                entry = self._tables.get(name)
+            entry = self._tables.get(name)
             if entry is not None and now - entry[1] < self.refresh_s:
                 return entry[0]
         try:
@@ -540,7 +596,7 @@ class QueryEngine:
             return current.snapshot_id if current is not None else None
         if isinstance(as_of, bool):
             raise InvalidValue(f"as_of must be a snapshot id or a time, not {as_of!r}")
-        if isinstance(as_of, str) and re.fullmatch(r"\s*-?\d{6,}\s*", as_of):
+        if isinstance(as_of, str) and re.fullmatch(r"\s*-?\d{9,}\s*", as_of):
             as_of = int(as_of)
         if isinstance(as_of, int):
             if handle is None or handle.snapshot_by_id(as_of) is None:
@@ -555,16 +611,24 @@ class QueryEngine:
         return snapshot.snapshot_id
 
     def _scan(self, handle: Table | None, name: str, schema_name: str, snapshot_id: int | None, scope: Scope,
-              columns: tuple[str, ...]) -> pa.Table:
-        """The Arrow data of `scope` at `snapshot_id`, from the cache or an Iceberg scan (then cached)."""
-        schema = schemas.arrow_schema(schema_name)
+              columns: tuple[str, ...], *, order: tuple[str, ...] = ()) -> pa.Table:
+        """The Arrow data of `scope` at `snapshot_id`, from the cache or an Iceberg scan (then cached).
+
+        With `order`, the rows are sorted by it and numbered in ROW_ID.
+        """
+        key = (name, snapshot_id, scope, columns, order)
+        data = self._cache.get(key) if snapshot_id is not None else None
+        if data is not None:
+            return data
         if handle is None or snapshot_id is None:
-            empty = schema if columns == ("*",) else pa.schema([schema.field(c) for c in columns])
-            return empty.empty_table()
-        key = (name, snapshot_id, scope, columns)
-        data = self._cache.get(key)
-        if data is None:
+            schema = schemas.arrow_schema(schema_name)
+            data = (schema if columns == ("*",) else pa.schema([schema.field(c) for c in columns])).empty_table()
+        else:
             data = handle.scan(row_filter=scope.expression(), snapshot_id=snapshot_id, selected_fields=columns).to_arrow()
+        if order:
+            data = data.sort_by([(c, "ascending") for c in order]) if data.num_rows else data
+            data = data.combine_chunks().append_column(ROW_ID, pa.array(np.arange(data.num_rows, dtype=np.int64)))
+        if snapshot_id is not None:
             self._cache.put(key, data)
         return data
 
@@ -587,40 +651,75 @@ class QueryEngine:
             )
 
     def _execute(self, sql: str, params: dict[str, Any] | None, data: pa.Table | None, *, timeout_s: float | None = None) -> pa.Table:
-        """Run `sql` (over `data` registered as `src`) on a fresh cursor under the timeout; the result as Arrow."""
+        """Run `sql` (over `data` registered as `src`) on a fresh cursor under the timeout; the result as Arrow.
+
+        Internal: `sql` must be built from allowlisted identifiers, every value passed in `params`.
+        """
         if self._closed:
             raise QueryError("the query engine is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         cursor = self._con.cursor()
-        done = threading.Event()
-        fired = threading.Event()
-
-        def watchdog() -> None:
-            if done.wait(timeout):
-                return
-            fired.set()
-            while not done.is_set():  # repeated: an interrupt landing before the query starts would be lost
-                cursor.interrupt()
-                done.wait(0.05)
-
         try:
             if data is not None:
                 cursor.register("src", data)
-            thread = threading.Thread(target=watchdog, name="k2-query-timeout", daemon=True)
-            thread.start()
+            watch = self._watchdog.watch(cursor, timeout)
             try:
-                result = cursor.sql(sql, params=params or None).to_arrow_table()
+                return cursor.sql(sql, params=params or None).to_arrow_table()
             except duckdb.InterruptException:
-                if fired.is_set():
+                if watch.fired:
                     raise QueryTimeout(f"query cancelled after its {timeout:g} s timeout") from None
                 raise QueryError("query was interrupted") from None
             except duckdb.OutOfMemoryException as exc:
-                raise QueryError(f"query needs more than the memory limit {self.memory_limit}: {exc}") from None
+                raise QueryError(f"query needs more than the memory limit {self.memory_limit}: {str(exc).splitlines()[0]}") from None
             finally:
-                done.set()
+                self._watchdog.done(watch)
         finally:
             cursor.close()
-        return _utc(result)
+
+
+_TIME_COLUMNS = ("exchange_timestamp", "bar_start")
+
+
+def _scope(exchange, symbol, start, end, session) -> Scope:
+    lo, hi = _session_dates(exchange, start, end)
+    if session is not None:
+        lo = session if lo is None else max(lo, session)
+        hi = session if hi is None else min(hi, session)
+    return Scope(exchange, lo, hi, symbol)
+
+
+def _filters(exchange, symbol, start, end, time_column: str, session) -> tuple[list[str], dict[str, Any]]:
+    """SQL conditions (constant text) and their parameter values."""
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if exchange is not None:
+        where.append("exchange = $exchange")
+        params["exchange"] = exchange
+    if symbol is not None:
+        where.append("symbol = $symbol")
+        params["symbol"] = symbol
+    if start is not None:
+        where.append(f"{_quote(time_column)} >= $start")
+        params["start"] = start
+    if end is not None:
+        where.append(f"{_quote(time_column)} < $end")
+        params["end"] = end
+    if session is not None:
+        where.append("trade_date = $trade_date")
+        params["trade_date"] = session
+    return where, params
+
+
+def _take(data: pa.Table, positions: pa.ChunkedArray) -> pa.Table:
+    """Rows of `data` at `positions`: a zero-copy slice when they are consecutive, else a take."""
+    pos = positions.to_numpy()
+    n = len(pos)
+    if n == 0:
+        return data.slice(0, 0)
+    first = int(pos[0])
+    if int(pos[-1]) - first == n - 1 and (n == 1 or bool(np.all(np.diff(pos) == 1))):
+        return data.slice(first, n)
+    return data.take(pa.array(pos))
 
 
 TABLES_SCHEMA = {name: definition.schema for name, definition in k2_catalog.TABLES.items()}

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+from pydantic import field_validator
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, IsNull
@@ -167,8 +168,10 @@ class IcebergIOManager(dg.ConfigurableIOManager):
     dataframe: str = "pandas"  # "pandas" | "arrow" | "polars"
     columns: Optional[list[str]] = None  # default columns of every load; input metadata "columns" overrides
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        dataframe_kind(self.dataframe)  # fail at start-up, not at the first load
+    @field_validator("dataframe")
+    @classmethod
+    def _known_dataframe_kind(cls, value: str) -> str:
+        return dataframe_kind(value)  # fail when the resource is built, not at the first load
 
     def catalog(self) -> Catalog:
         return _catalog(self.catalog_uri, self.warehouse)
