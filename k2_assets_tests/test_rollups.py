@@ -111,3 +111,24 @@ def test_time_travel_reproduces_the_bars_published_before_a_correction(asx_dir, 
     (event,) = result.asset_materializations_for_node("ohlcv_1m")
     assert event.metadata["trades_snapshot_id"].value == str(published_from)
     assert IcebergResource(**catalog_props).table("ohlcv_1m").current_snapshot().summary["k2.as_of"] == "True"
+
+
+def test_new_trades_cascade_into_bars_by_declarative_automation(asx_dir, catalog_props):
+    from k2_assets.defs.binance.assets import binance_trades
+
+    defs = dg.Definitions(assets=[asx_trades, binance_trades_history, binance_trades, *ROLLUPS],
+                          resources=make_resources(catalog_props, asx_dir=asx_dir))
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert result.total_requested == 0  # nothing has changed yet
+    cursor = result.cursor
+    assert dg.materialize([asx_trades], partition_key="2014-03-12", instance=instance, resources=make_resources(catalog_props, asx_dir=asx_dir)).success
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    assert result.get_requested_partitions(dg.AssetKey("ohlcv_1m")) == {"2014-03-12"}
+    # The derived bars follow in the same request, in dependency order.
+    for interval in ("5m", "1h", "1d"):
+        assert result.get_requested_partitions(dg.AssetKey(f"ohlcv_{interval}")) == {"2014-03-12"}
+    # A live micro-batch reported by the sensor counts as a change too.
+    instance.report_runless_asset_event(dg.AssetMaterialization("binance_trades", partition="2024-01-01"))
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    assert result.get_requested_partitions(dg.AssetKey("ohlcv_1m")) == {"2024-01-01"}

@@ -57,6 +57,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -453,14 +454,15 @@ class QueryEngine:
         self._con.execute("SET TimeZone = 'UTC'")
         self._con.execute("SET lock_configuration = true")
         self._closed = False
+        # Close the connection even if the caller never does (DuckDB complains at exit otherwise).
+        self._finalizer = weakref.finalize(self, _close_quietly, self._con, self._watchdog)
 
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._watchdog.stop()
-            self._con.close()
+            self._finalizer()
             self._cache.clear()
 
     def __enter__(self) -> "QueryEngine":
@@ -491,8 +493,7 @@ class QueryEngine:
         session = parse_date(trade_date, "trade_date") if trade_date is not None else None
         cols = _columns(columns, TRADE_COLUMNS, schemas.arrow_schema(schemas.TRADE), "trades")
         scope = _scope(exchange, symbol, start_t, end_t, session)
-        where, params = _filters(exchange, symbol, start_t, end_t, "exchange_timestamp", session)
-        return self._rows("trades", schemas.TRADE, scope, as_of, where, params, TRADE_ORDER, limit, cols)
+        return self._rows("trades", schemas.TRADE, scope, as_of, "exchange_timestamp", start_t, end_t, TRADE_ORDER, limit, cols)
 
     def bars(self, interval: str = "1m", exchange: str | None = None, symbol: str | None = None, start=None, end=None,
              as_of=None, limit: int = DEFAULT_BARS_LIMIT, *, trade_date=None, columns: Iterable[str] | None = None) -> pa.Table:
@@ -505,8 +506,7 @@ class QueryEngine:
         session = parse_date(trade_date, "trade_date") if trade_date is not None else None
         cols = _columns(columns, BAR_COLUMNS, schemas.arrow_schema(schemas.OHLCV), table)
         scope = _scope(exchange, symbol, start_t, end_t, session)
-        where, params = _filters(exchange, symbol, start_t, end_t, "bar_start", session)
-        return self._rows(table, schemas.OHLCV, scope, as_of, where, params, BAR_ORDER, limit, cols)
+        return self._rows(table, schemas.OHLCV, scope, as_of, "bar_start", start_t, end_t, BAR_ORDER, limit, cols)
 
     def symbols(self, exchange: str | None = None, as_of=None, *, table: str = "trades") -> pa.Table:
         """Symbols present in `table` (default trades): exchange, symbol, first/last trade_date and row count."""
@@ -561,17 +561,24 @@ class QueryEngine:
 
     # ------------------------------------------------------------ internals
 
-    def _rows(self, table: str, schema_name: str, scope: Scope, as_of, where: list[str], params: dict[str, Any],
-              order: tuple[str, ...], limit: int, columns: tuple[str, ...]) -> pa.Table:
+    def _rows(self, table: str, schema_name: str, scope: Scope, as_of, time_column: str, start: datetime | None,
+              end: datetime | None, order: tuple[str, ...], limit: int, columns: tuple[str, ...]) -> pa.Table:
+        """A row query, late-materialized.
+
+        The Iceberg scan applies exchange, symbol and trade_date exactly (pyiceberg filters rows, not
+        only files), and the cached scan is sorted by `order` and numbered in ROW_ID. DuckDB then
+        applies the time range, the order (ORDER BY ROW_ID is ORDER BY `order`) and the limit over
+        just those two columns, and returns row numbers; the requested columns are taken by them.
+        """
         handle = self._table(table)
         snapshot_id = self._snapshot_id(handle, table, as_of)
         if scope.symbol is not None:
             self._check_symbol(handle, table, schema_name, snapshot_id, scope.exchange, scope.symbol)
         data = self._scan(handle, table, schema_name, snapshot_id, scope, ("*",), order=order)
-        # DuckDB sees only the columns the SQL uses; the rest never pass through it.
-        used = list(dict.fromkeys(("exchange", "symbol", "trade_date", *order, *(c for c in _TIME_COLUMNS if c in data.column_names), ROW_ID)))
-        sql = f"SELECT {_quote(ROW_ID)} FROM src{_where(where)} ORDER BY {', '.join(map(_quote, order))} LIMIT $limit"
-        positions = self._execute(sql, {**params, "limit": limit}, data.select(used)).column(0)
+        where, params = _filters(None, None, start, end, time_column, None)
+        params["limit"] = limit
+        sql = f"SELECT {_quote(ROW_ID)} FROM src{_where(where)} ORDER BY {_quote(ROW_ID)} LIMIT $limit"
+        positions = self._execute(sql, params, data.select([time_column, ROW_ID])).column(0)
         return _take(data.select(list(columns)), positions)
 
     def _table(self, name: str, *, force: bool = False) -> Table | None:
@@ -677,7 +684,12 @@ class QueryEngine:
             cursor.close()
 
 
-_TIME_COLUMNS = ("exchange_timestamp", "bar_start")
+def _close_quietly(con, watchdog: _Watchdog) -> None:
+    watchdog.stop()
+    try:
+        con.close()
+    except Exception:
+        pass
 
 
 def _scope(exchange, symbol, start, end, session) -> Scope:

@@ -12,7 +12,13 @@ from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.rollups.chart import markdown_charts
 
 MATCHES_RAW = "matches_raw_trades"
-AUTOMATION = dg.AutomationCondition.eager()
+# Like eager(), but for any partition (a backfill of 2014 cascades too, not only the latest day) and
+# without waiting for every dependency: the three trade sources are alternatives, not all required.
+AUTOMATION = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("trades changed")
 
 
 class RollupConfig(dg.Config):
