@@ -163,7 +163,8 @@ def _recent_calls(stop, table, bootstrap, topic, calls, errors, tail_clock) -> N
         except Exception as exc:  # noqa: BLE001 - the bench's own analysis must not end the thread silently
             errors.append(f"bench: reading event times of the answer: {type(exc).__name__}: {exc}")
             continue
-        calls.append({"called": called, "returned": returned, "rows": rows.num_rows, "kafka_tail_s": tail_clock["s"], "kafka_tail_rows": tail_clock["rows"],
+        calls.append({"called": called, "returned": returned, "rows": rows.num_rows,
+                      "kafka_tail_s": tail_clock["s"], "kafka_tail_rows": tail_clock["rows"],
                       "freshness_s": returned - newest / 1000 if newest is not None else None})
 
 
@@ -197,7 +198,8 @@ def run_feed(home: Path) -> dict:
         ensure_topics(b.bootstrap, {topic: PARTITIONS, topic + ".dlq": 1})
         table_home = home / "lake"
         _, trades, rejected = temp_tables(table_home)
-        writer = live_writer.LiveWriter(trades, rejected, b.bootstrap, topic=topic, group_id=f"bench-fresh-{uuid.uuid4().hex[:8]}",
+        writer = live_writer.LiveWriter(trades, rejected, b.bootstrap, topic=topic,
+                                        group_id=f"bench-fresh-{uuid.uuid4().hex[:8]}",
                                         max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
         # "Visible" = right after the Iceberg commit of the batch: time it where trades.append returns.
         appended: list[float] = []
@@ -233,15 +235,18 @@ def run_feed(home: Path) -> dict:
         raw_latency: list[float] = []
         recent_calls: list[dict] = []
         recent_errors: list[str] = []
-        side = [threading.Thread(target=raw_kafka_loop, args=(stop_side, b.bootstrap, topic, raw_latency), name="raw-consumer", daemon=True),
-                threading.Thread(target=recent_loop, args=(stop_side, table_home, b.bootstrap, topic, recent_calls, recent_errors),
+        side = [threading.Thread(target=raw_kafka_loop, args=(stop_side, b.bootstrap, topic, raw_latency),
+                                 name="raw-consumer", daemon=True),
+                threading.Thread(target=recent_loop,
+                                 args=(stop_side, table_home, b.bootstrap, topic, recent_calls, recent_errors),
                                  name="recent-trades", daemon=True)]
         ticks: list[dict] = []
         feed: dict = {}
         feeding = stopper = None
         try:
             with run_in_thread(wall_clock_walk(SYMBOLS), rate=RATE, symbols=SYMBOLS) as server:
-                producer = BinanceProducer(list(SYMBOLS), b.bootstrap, base_url=server.ws_url, topic=topic, dead_letter_topic=topic + ".dlq")
+                producer = BinanceProducer(list(SYMBOLS), b.bootstrap, base_url=server.ws_url, topic=topic,
+                                           dead_letter_topic=topic + ".dlq")
                 for t in side:
                     t.start()
                 feeding = ProducerThread(producer).start()
@@ -263,13 +268,15 @@ def run_feed(home: Path) -> dict:
                     while time.monotonic() < deadline:
                         tick_start = time.time()
                         reports = writer.drain(TICK_SECONDS, on_batch=on_batch)
-                        ticks.append({"start": tick_start - feed["started"], "end": time.time() - feed["started"], "batches": len(reports)})
+                        ticks.append({"start": tick_start - feed["started"], "end": time.time() - feed["started"],
+                                      "batches": len(reports)})
                         consumed = sum(x["consumed"] for x in batches)
                         if "flushed" in feed and consumed >= producer.stats.produced:
                             break
                         time.sleep(PAUSE_SECONDS)
                     else:
-                        raise TimeoutError(f"writer consumed {sum(x['consumed'] for x in batches)} of {producer.stats.produced} produced")
+                        consumed = sum(x["consumed"] for x in batches)
+                        raise TimeoutError(f"writer consumed {consumed} of {producer.stats.produced} produced")
                 stopper.join()
                 server_stats = dict(server.stats)
         finally:
@@ -292,7 +299,8 @@ def run_feed(home: Path) -> dict:
         stats = producer.stats
         del producer, feeding, writer
         return {"topic": topic, "fresh": fresh, "check": check, "batches": batches, "ticks": ticks, "raw_latency": raw_latency,
-                "recent_calls": recent_calls, "recent_errors": recent_errors, "cpu": meter.as_dict(), "writer_steps_s": clock.breakdown(),
+                "recent_calls": recent_calls, "recent_errors": recent_errors, "cpu": meter.as_dict(),
+                "writer_steps_s": clock.breakdown(),
                 "feed_seconds": feed["stopped"] - feed["started"], "flush_seconds": feed["flushed"] - feed["stopped"],
                 "produced": stats.produced, "dead_lettered": stats.dead_lettered, "produce_errors": stats.produce_errors,
                 "reconnects": stats.reconnects, "gaps": len(stats.gaps), "server": server_stats}
@@ -311,7 +319,8 @@ def render(results: dict) -> str:
     v, r = results["verdicts"], results["freshness_s"]
     header = f"{'measure':<50} {'n':>8} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'max s':>8}  {'target':<14} verdict"
     lines = [
-        f"Live freshness — {results['produced']:,} trades at {results['rate_achieved']:,.0f}/s for {results['feed_seconds']:.0f} s "
+        f"Live freshness — {results['produced']:,} trades at {results['rate_achieved']:,.0f}/s "
+        f"for {results['feed_seconds']:.0f} s "
         f"({len(SYMBOLS)} symbols, random walk), sensor-like drain({TICK_SECONDS:g} s) + {PAUSE_SECONDS:g} s pause; "
         f"event time = Binance E (vendor_data['event_time'], stamped by the feed server at send)",
         header,
@@ -330,18 +339,23 @@ def render(results: dict) -> str:
         if not s.get("n"):
             lines.append(f"{label:<50} {0:>8}  (no samples)")
             continue
-        lines.append(f"{label:<50} {s['n']:>8,} {s['p50']:>8.3f} {s['p95']:>8.3f} {s['p99']:>8.3f} {s['max']:>8.3f}  {target:<14} {ok}")
+        lines.append(f"{label:<50} {s['n']:>8,} {s['p50']:>8.3f} {s['p95']:>8.3f} {s['p99']:>8.3f} {s['max']:>8.3f}  "
+                     f"{target:<14} {ok}")
     c, cpu = results["check"], results["cpu"]
     lines += [
         "-" * len(header),
         f"{results['batches']} micro-batches in {results['ticks']} ticks; median batch {results['median_batch_rows']:,} rows; "
         f"table {c['table_rows']:,} rows = {c['distinct_message_ids']:,} distinct message_ids (produced {results['produced']:,}, "
-        f"dead-lettered {results['dead_lettered']}, unmapped {c['rows_not_mapped_to_a_batch']}); recent_trades errors: {len(results['recent_errors'])}",
-        f"batch write (decode -> commit) p50 {results['batch_write_s']['p50']:.2f} s, max {results['batch_write_s']['max']:.2f} s; "
+        f"dead-lettered {results['dead_lettered']}, unmapped {c['rows_not_mapped_to_a_batch']}); "
+        f"recent_trades errors: {len(results['recent_errors'])}",
+        f"batch write (decode -> commit) p50 {results['batch_write_s']['p50']:.2f} s, "
+        f"max {results['batch_write_s']['max']:.2f} s; "
         f"first batch of a tick (the backlog of the {PAUSE_SECONDS:g} s pause + {MAX_BATCH_SECONDS:g} s of collecting): "
-        f"p50 {results['first_batch_of_tick']['rows']['p50']:,.0f} rows, write p50 {results['first_batch_of_tick']['write_s']['p50']:.2f} s",
+        f"p50 {results['first_batch_of_tick']['rows']['p50']:,.0f} rows, "
+        f"write p50 {results['first_batch_of_tick']['write_s']['p50']:.2f} s",
         "writer per batch (mean s): " + ", ".join(f"{k} {x:.3f}" for k, x in results["writer_steps_mean_per_batch_s"].items()),
-        f"CPU over the run: this process {cpu['process_cores']:.2f} cores (feed server + producer + writer + recent + raw consumer, one GIL), "
+        f"CPU over the run: this process {cpu['process_cores']:.2f} cores "
+        "(feed server + producer + writer + recent + raw consumer, one GIL), "
         f"broker {cpu['broker_cores']:.2f}; machine steal {cpu['machine_steal_fraction']:.1%}",
         f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
         f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); JSON: {results['json']}",
@@ -374,10 +388,12 @@ def run() -> str:
     results = {
         "benchmark": NAME,
         "environment": environment(),
-        "feed": {"source": "random_walk, trade time re-stamped with the wall clock at pull", "symbols": list(SYMBOLS), "rate": RATE},
+        "feed": {"source": "random_walk, trade time re-stamped with the wall clock at pull", "symbols": list(SYMBOLS),
+                 "rate": RATE},
         "event_time": "Binance E = vendor_data['event_time'] (epoch ms), stamped by the feed server when it sends the frame",
         "visible": "wall time right after trades.append (the Iceberg commit) of the batch holding the row",
-        "sensor": {"tick_drain_s": TICK_SECONDS, "pause_s": PAUSE_SECONDS, "max_batch_rows": MAX_BATCH_ROWS, "max_batch_seconds": MAX_BATCH_SECONDS},
+        "sensor": {"tick_drain_s": TICK_SECONDS, "pause_s": PAUSE_SECONDS, "max_batch_rows": MAX_BATCH_ROWS,
+                   "max_batch_seconds": MAX_BATCH_SECONDS},
         "targets": {"visible_p95_s": TARGET_VISIBLE_P95_S, "recent_p95_s": TARGET_RECENT_P95_S},
         "verdicts": {
             "visible_p95": verdict(freshness["visible"].get("p95", float("inf")) < TARGET_VISIBLE_P95_S),
@@ -398,11 +414,13 @@ def run() -> str:
         "median_batch_rows": int(np.median([b["consumed"] for b in batches])) if batches else 0,
         "tick_log": out["ticks"],
         "batch_write_s": percentiles([b["write_s"] for b in batches]),
-        "writer_steps_mean_per_batch_s": {k: v / max(1, len(batches)) for k, v in out["writer_steps_s"].items() if k != "consume"},
+        "writer_steps_mean_per_batch_s": {k: v / max(1, len(batches)) for k, v in out["writer_steps_s"].items()
+                                          if k != "consume"},
         "first_batch_of_tick": {"rows": percentiles([b["consumed"] for b in _firsts(batches)]),
                                 "write_s": percentiles([b["write_s"] for b in _firsts(batches)])},
         "batch_log": [{**{k: b[k] for k in ("tick", "consumed", "written", "duplicates", "rejected", "write_s", "k2_latency_s")},
-                       "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None} for b in batches],
+                       "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None}
+                      for b in batches],
         "recent_calls": len(calls),
         "recent_empty_calls": sum(c["rows"] == 0 for c in calls),
         "recent_kafka_tail_rows": percentiles([c["kafka_tail_rows"] for c in calls]),
@@ -412,7 +430,8 @@ def run() -> str:
         "load_average_1min": {"before": load_before, "after": load_average()},
         "json": str(json_path),
     }
-    if results["check"]["table_rows"] != out["produced"] - out["dead_lettered"] or results["check"]["distinct_message_ids"] != results["check"]["table_rows"]:
+    check = results["check"]
+    if check["table_rows"] != out["produced"] - out["dead_lettered"] or check["distinct_message_ids"] != check["table_rows"]:
         raise AssertionError(f"market.trades holds {results['check']} but the producer produced {out['produced']} trades")
     write_results(NAME, results)
     progress(f"wrote {json_path}")

@@ -132,7 +132,8 @@ async def _k2_producer(base_url: str, bootstrap: str, topic: str, n: int) -> dic
     unflushed = len(producer.producer)
     result = {"seconds": end - start, "seconds_to_produced": produced_at - start, "flush_s": end - produced_at,
               "received": stats.received, "produced": stats.produced, "dead_lettered": stats.dead_lettered,
-              "produce_errors": stats.produce_errors, "reconnects": stats.reconnects, "gaps": len(stats.gaps), "unflushed": unflushed}
+              "produce_errors": stats.produce_errors, "reconnects": stats.reconnects, "gaps": len(stats.gaps),
+              "unflushed": unflushed}
     del producer
     return result
 
@@ -141,7 +142,9 @@ async def _bare_websocket(base_url: str, n: int, keep: list) -> dict:
     """Count n frames as they arrive; the first len(keep) of them are kept (for the per-frame profile)."""
     start = time.perf_counter()
     count, wanted = 0, len(keep)
-    async with connect(stream_url(base_url, list(SYMBOLS)), ping_interval=20, ping_timeout=60, max_size=2**20, open_timeout=10) as ws:
+    # The connection BinanceProducer._connection opens, minus everything it does per frame.
+    url = stream_url(base_url, list(SYMBOLS))
+    async with connect(url, ping_interval=20, ping_timeout=60, max_size=2**20, open_timeout=10) as ws:
         async for frame in ws:
             if count < wanted:
                 keep[count] = frame
@@ -208,7 +211,8 @@ def render(results: dict) -> str:
         "-" * len(header),
     ]
     for label, key, target, ok in (
-        ("K2: FeedServer -> BinanceProducer -> Kafka (flushed)", "k2", f">= {TARGET_MSGS_PER_S:,}/s", results["verdicts"]["k2_msgs_per_s"]),
+        ("K2: FeedServer -> BinanceProducer -> Kafka (flushed)", "k2", f">= {TARGET_MSGS_PER_S:,}/s",
+         results["verdicts"]["k2_msgs_per_s"]),
         ("  raw (a): bare websockets client, no Kafka", "raw_websocket", "", ""),
         ("  raw (b): bare confluent-kafka produce loop", "raw_produce", "", ""),
     ):
@@ -218,7 +222,8 @@ def render(results: dict) -> str:
     lines += [
         "-" * len(header),
         f"K2 split: {k2['seconds_to_produced']:.2f} s to produce() the last message, flush {k2['flush_s']:.2f} s; "
-        f"received {k2['received']:,}, dead-lettered {k2['dead_lettered']}, produce errors {k2['produce_errors']}, unflushed {k2['unflushed']}",
+        f"received {k2['received']:,}, dead-lettered {k2['dead_lettered']}, produce errors {k2['produce_errors']}, "
+        f"unflushed {k2['unflushed']}",
         "per-frame cost, µs (each piece timed alone over the same frames, GC off): "
         + ", ".join(f"{k} {v:.1f}" for k, v in results["per_frame_us"].items()),
         f"CPU during K2: this process {k2['cpu']['process_cores']:.2f} cores, broker {k2['cpu']['broker_cores']:.2f} "
@@ -237,22 +242,26 @@ def run() -> str:
     with tempfile.TemporaryDirectory(prefix="k2-bench-producer-rate-") as tmp, broker(Path(tmp)) as b:
         run_id = uuid.uuid4().hex[:6]
         topics = {f"bench.live.prod.{run_id}": PARTITIONS, f"bench.live.prod.{run_id}.dlq": 1,
-                  f"bench.live.raw.{run_id}": PARTITIONS, f"bench.live.prof.{run_id}": PARTITIONS, f"bench.live.prof.{run_id}.dlq": 1}
+                  f"bench.live.raw.{run_id}": PARTITIONS, f"bench.live.prof.{run_id}": PARTITIONS,
+                  f"bench.live.prof.{run_id}.dlq": 1}
         ensure_topics(b.bootstrap, topics)
         k2_topic, raw_topic, profile_topic = (f"bench.live.{k}.{run_id}" for k in ("prod", "raw", "prof"))
 
         frames: list = [None] * min(PROFILE_FRAMES, N_MESSAGES)
         with FeedProcess(N_MESSAGES) as url:
             result = asyncio.run(_bare_websocket(url, N_MESSAGES, frames))
-        m["raw_websocket"] = {"messages": result["received"], "seconds": result["seconds"], "msgs_per_s": result["received"] / result["seconds"],
+        m["raw_websocket"] = {"messages": result["received"], "seconds": result["seconds"],
+                              "msgs_per_s": result["received"] / result["seconds"],
                               "load_1min_after": load_average()}
-        progress(f"raw websockets client: {result['received']:,} frames in {result['seconds']:.2f} s ({m['raw_websocket']['msgs_per_s']:,.0f}/s); "
+        progress(f"raw websockets client: {result['received']:,} frames in {result['seconds']:.2f} s "
+                 f"({m['raw_websocket']['msgs_per_s']:,.0f}/s); "
                  f"peak RSS {peak_rss_mb():.0f} MB")
 
         with FeedProcess(N_MESSAGES) as url, CpuMeter(b.process.pid) as meter:
             result = asyncio.run(_k2_producer(url, b.bootstrap, k2_topic, N_MESSAGES))
         gc.collect()
-        m["k2"] = {"messages": result["produced"], "msgs_per_s": result["produced"] / result["seconds"], **result, "cpu": meter.as_dict(),
+        m["k2"] = {"messages": result["produced"], "msgs_per_s": result["produced"] / result["seconds"], **result,
+                   "cpu": meter.as_dict(),
                    "load_1min_after": load_average()}
         progress(f"K2 BinanceProducer: {result['produced']:,} in {result['seconds']:.2f} s ({m['k2']['msgs_per_s']:,.0f}/s), "
                  f"flush {result['flush_s']:.2f} s; peak RSS {peak_rss_mb():.0f} MB")
@@ -260,7 +269,8 @@ def run() -> str:
             raise AssertionError(f"BinanceProducer: {result}")
 
         # orjson.dumps leaves each result in a ~8 KB buffer; right-sized copies keep 500k of them at ~250 MB, not 4 GB.
-        values = [(key, bytes(memoryview(value))) for key, value in v2_messages(trades, SYMBOLS, N_MESSAGES, time.time_ns() // 1000)]
+        messages = v2_messages(trades, SYMBOLS, N_MESSAGES, time.time_ns() // 1000)
+        values = [(key, bytes(memoryview(value))) for key, value in messages]
         with CpuMeter(b.process.pid) as meter:
             count, seconds = produce_all(b.bootstrap, raw_topic, values)
         m["raw_produce"] = {"messages": count, "seconds": seconds, "msgs_per_s": count / seconds, "cpu": meter.as_dict(),
@@ -299,4 +309,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         serve(int(sys.argv[2]))
     else:
-        sys.exit("usage: python -m bench.live_producer_rate --serve N   (the benchmark itself: python -m bench --only live_producer_rate)")
+        sys.exit("usage: python -m bench.live_producer_rate --serve N   "
+                 "(the benchmark itself: python -m bench --only live_producer_rate)")

@@ -38,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
@@ -101,7 +100,8 @@ def cycled_trades(trades: list[dict], symbols: tuple[str, ...], n: int) -> Itera
                 if k == n:
                     return
                 k += 1
-                yield {**trade, "symbol": symbol, "trade_id": trade["trade_id"] + id_shift, "time_ms": trade["time_ms"] + time_shift}
+                yield {**trade, "symbol": symbol, "trade_id": trade["trade_id"] + id_shift,
+                       "time_ms": trade["time_ms"] + time_shift}
 
 
 def binance_event(trade: dict, event_ms: int) -> dict:
@@ -110,7 +110,8 @@ def binance_event(trade: dict, event_ms: int) -> dict:
             "T": trade["time_ms"], "m": trade["is_buyer_maker"], "M": True}
 
 
-def v2_messages(trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us: int, spot_check_every: int = 9973) -> Iterator[tuple[bytes, bytes]]:
+def v2_messages(trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us: int,
+                spot_check_every: int = 9973) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) of `n` v2 trade messages over `cycled_trades`, event time E = trade time T.
 
     The first round goes through `live_codec.trade_from_event` + `encode` as the producer does. At
@@ -131,7 +132,8 @@ def v2_messages(trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us:
             day = days.get(t_ms // 86_400_000)
             if day is None:
                 day = days[t_ms // 86_400_000] = datetime.fromtimestamp(t_ms / 1000, tz=timezone.utc).date().isoformat()
-            v2 = {**base, "message_id": f"{live_codec.EXCHANGE}:{base['symbol']}:{tid}", "trade_id": str(tid), "source_sequence": tid,
+            v2 = {**base, "message_id": f"{live_codec.EXCHANGE}:{base['symbol']}:{tid}", "trade_id": str(tid),
+                  "source_sequence": tid,
                   "exchange_timestamp": t_ms * 1000, "trade_date": day,
                   "vendor_data": {**base["vendor_data"], "event_time": str(t_ms)}}
             if k % spot_check_every == 0:
@@ -236,7 +238,8 @@ class CpuMeter:
 
     def as_dict(self) -> dict:
         return {"wall_s": self.wall, "process_cpu_s": self.cpu, "broker_cpu_s": self.broker,
-                "process_cores": self.cpu / self.wall if self.wall else 0.0, "broker_cores": self.broker / self.wall if self.wall else 0.0,
+                "process_cores": self.cpu / self.wall if self.wall else 0.0,
+                "broker_cores": self.broker / self.wall if self.wall else 0.0,
                 "machine_steal_fraction": self.steal}
 
 
@@ -301,11 +304,13 @@ class _StageClock:
     def __init__(self, writer: live_writer.LiveWriter):
         self.writer = writer
         self.thread = threading.get_ident()  # only the writer's own thread is timed
-        self.seconds: dict[str, float] = dict.fromkeys(("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids"), 0.0)
+        stages = ("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids")
+        self.seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
         self._saved_decode = live_codec.decode_batch
         self.idle_collect = 0.0  # a _collect that returned nothing: drain's idle wait at the end, not work
-        for attr, stage in (("_write", "write"), ("_fresh_rejects", "rejects"), ("_new_rows", "dedup"), ("_remember", "remember ids")):
+        for attr, stage in (("_write", "write"), ("_fresh_rejects", "rejects"), ("_new_rows", "dedup"),
+                            ("_remember", "remember ids")):
             setattr(writer, attr, self._wrap(getattr(writer, attr), stage))
         collect = writer._collect
 
@@ -347,7 +352,8 @@ class _StageClock:
         inside = s["decode"] + s["rejects"] + s["dedup"] + s["iceberg append"] + s["remember ids"]
         # What _write does besides the wrapped calls: offset ranges, row sort, consumer.commit, report.
         return {"consume": s["consume"], "decode": s["decode"], "rejects": s["rejects"], "dedup": s["dedup"],
-                "iceberg append": s["iceberg append"], "remember ids": s["remember ids"], "rest of _write (sort, offsets, commit, report)": s["write"] - inside}
+                "iceberg append": s["iceberg append"], "remember ids": s["remember ids"],
+                "rest of _write (sort, offsets, commit, report)": s["write"] - inside}
 
 
 def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) -> tuple[float, dict]:
@@ -374,7 +380,8 @@ def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) ->
         clock.restore()
         writer.close()
     if written["end"] is None:
-        raise AssertionError(f"LiveWriter wrote {written['n']} of {n} trades within {DRAIN_LIMIT_S:.0f} s (consumed {written['consumed']})")
+        raise AssertionError(f"LiveWriter wrote {written['n']} of {n} trades within {DRAIN_LIMIT_S:.0f} s "
+                             f"(consumed {written['consumed']})")
     seconds = written["end"] - start
     trades.refresh()
     ids = trades.scan(selected_fields=("message_id",)).to_arrow().column("message_id")
@@ -383,9 +390,11 @@ def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) ->
     n_rejected = rejected.scan(selected_fields=("source",)).to_arrow().num_rows
     if len(ids) != n or distinct != n:
         raise AssertionError(f"market.trades holds {len(ids)} rows, {distinct} distinct message_ids; expected exactly {n}")
-    return seconds, {"written": written["n"], "consumed": written["consumed"], "table_rows": len(ids), "distinct_message_ids": distinct,
+    return seconds, {"written": written["n"], "consumed": written["consumed"], "table_rows": len(ids),
+                     "distinct_message_ids": distinct,
                      "rejected_rows": n_rejected, "batches": written["batches"], "steps_s": clock.breakdown(),
-                     "step_calls": clock.calls, "cpu": meter.as_dict(), "tail_after_last_batch_s": time.perf_counter() - written["end"]}
+                     "step_calls": clock.calls, "cpu": meter.as_dict(),
+                     "tail_after_last_batch_s": time.perf_counter() - written["end"]}
 
 
 class _FirstBatchDone(Exception):
@@ -420,11 +429,13 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
     rows = []
     for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
         where = os.path.relpath(filename, REPO) if filename.startswith(str(REPO)) else filename.rsplit("site-packages/", 1)[-1]
-        rows.append({"function": f"{where}:{line}({func})", "calls": ncalls, "own_s": round(tottime, 4), "cumulative_s": round(cumtime, 4)})
+        rows.append({"function": f"{where}:{line}({func})", "calls": ncalls, "own_s": round(tottime, 4),
+                     "cumulative_s": round(cumtime, 4)})
     by_own = sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
     by_cum = [r for r in sorted(rows, key=lambda r: r["cumulative_s"], reverse=True) if "k2_assets" in r["function"]][:top]
     by_cum_all = sorted(rows, key=lambda r: r["cumulative_s"], reverse=True)[:top]
-    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum, "top_cumulative": by_cum_all}
+    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum,
+            "top_cumulative": by_cum_all}
 
 
 # ================================================================ report
@@ -439,7 +450,8 @@ def render(results: dict) -> str:
          f"{v['trades_per_s']} / {v['vs_raw']}"),
         ("  raw: consume + pyarrow JSON + parquet", raw, "", ""),
     ]
-    header = f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'msgs/s best':>13} {'msgs/s median':>14}  {'target':<32} verdict"
+    header = (f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'msgs/s best':>13} {'msgs/s median':>14}  "
+              f"{'target':<32} verdict")
     lines = [
         f"Live throughput — {results['messages']:,} v2 trade messages ({len(SYMBOLS)} symbols, real BTCUSDT trades cycled) on "
         f"{PARTITIONS} partitions, batches of {MAX_BATCH_ROWS:,} / {MAX_BATCH_SECONDS:g} s "
@@ -454,16 +466,20 @@ def render(results: dict) -> str:
     kc, rc = results["k2_cpu_median"], results["raw_cpu_median"]
     lines += [
         "-" * len(header),
-        f"K2 / raw (medians): {ratio:.2f}x; pre-produce {results['produce']['messages']:,} msgs in {results['produce']['seconds']:.1f} s "
+        f"K2 / raw (medians): {ratio:.2f}x; pre-produce {results['produce']['messages']:,} msgs "
+        f"in {results['produce']['seconds']:.1f} s "
         f"({results['produce']['messages'] / results['produce']['seconds']:,.0f} msgs/s, K2 producer config)",
         "K2 by stage (median s per run): " + ", ".join(f"{k} {x:.2f}" for k, x in steps.items()),
         "raw by stage (median s per run): " + ", ".join(f"{k} {x:.2f}" for k, x in raw_steps.items()),
         f"CPU (median run): K2 process {kc['process_cores']:.2f} cores + broker {kc['broker_cores']:.2f}; "
-        f"raw process {rc['process_cores']:.2f} + broker {rc['broker_cores']:.2f}",
-        f"table check: {results['check']['table_rows']:,} rows, {results['check']['distinct_message_ids']:,} distinct message_ids, "
+        f"raw process {rc['process_cores']:.2f} + broker {rc['broker_cores']:.2f}; "
+        f"machine steal {kc['machine_steal_fraction']:.1%} (K2) / {rc['machine_steal_fraction']:.1%} (raw)",
+        f"table check: {results['check']['table_rows']:,} rows, "
+        f"{results['check']['distinct_message_ids']:,} distinct message_ids, "
         f"{results['check']['rejected_rows']} rejected (expected exactly {results['messages']:,} and 0) — every K2 run",
         f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
-        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); verdicts use the median; JSON: {results['json']}",
+        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); verdicts use the median; "
+        f"JSON: {results['json']}",
     ]
     return "\n".join(lines)
 
@@ -499,10 +515,13 @@ def run() -> str:
                 seconds, details = k2_drain(b.bootstrap, topic, N_MESSAGES, warehouse, b.process.pid)
                 k2.seconds.append(seconds)
                 k2_details.append(details)
-                progress(f"k2 {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} trades/s), {len(details['batches'])} batches; "
+                progress(f"k2 {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} trades/s), "
+                         f"{len(details['batches'])} batches; "
                          + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items()))
                 gc.collect()
-            profile = k2_profile_one_batch(b.bootstrap, topic, home / "k2-profile") if os.environ.get("K2_BENCH_PROFILE") else None
+            profile = None
+            if os.environ.get("K2_BENCH_PROFILE"):
+                profile = k2_profile_one_batch(b.bootstrap, topic, home / "k2-profile")
     median_of = lambda details, key: {k: statistics.median(d[key][k] for d in details) for k in details[0][key]}  # noqa: E731
     k2_rate, raw_rate = k2.rate(k2.median), raw.rate(raw.median)
     k2_median_run = sorted(k2_details, key=lambda d: d["cpu"]["wall_s"])[len(k2_details) // 2]
@@ -520,7 +539,8 @@ def run() -> str:
         "produce": produced,
         "stages": {"k2_live_writer": k2.as_dict(), "raw_consume_decode_parquet": raw.as_dict()},
         "k2_over_raw_median": k2_rate / raw_rate,
-        "verdicts": {"trades_per_s": verdict(k2_rate >= TARGET_TRADES_PER_S), "vs_raw": verdict(k2_rate >= TARGET_RAW_FRACTION * raw_rate)},
+        "verdicts": {"trades_per_s": verdict(k2_rate >= TARGET_TRADES_PER_S),
+                     "vs_raw": verdict(k2_rate >= TARGET_RAW_FRACTION * raw_rate)},
         "k2_steps_median_s": median_of(k2_details, "steps_s"),
         "raw_steps_median_s": median_of(raw_details, "steps_s"),
         "k2_cpu_median": k2_median_run["cpu"],
