@@ -7,6 +7,7 @@ from k2_assets.core.settings import apply_defaults
 apply_defaults()  # before any EnvVar below is read: embedded defaults for one machine
 
 from k2_assets.defs import asx, binance, rollups  # noqa: E402
+from k2_assets.defs.io_manager import IcebergIOManager  # noqa: E402
 from k2_assets.defs.resources import IcebergResource  # noqa: E402
 
 defs = dg.Definitions(
@@ -16,6 +17,8 @@ defs = dg.Definitions(
     sensors=[*binance.sensors, *rollups.sensors],
     resources={
         "iceberg": IcebergResource(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
+        # Loads any asset partition as a DataFrame: k2_assets.defs.load_asset_value("ohlcv_1m", partition_key=...)
+        "io_manager": IcebergIOManager(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
         **asx.resources,
         **binance.resources,
     },

@@ -23,7 +23,10 @@ def test_defs_load_with_every_asset_and_check():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
-        "asx_trades", "asx_quotes", "binance_trades_history", "binance_trades", "kafka/market_crypto_trades_binance"}
+        "asx_trades", "asx_quotes", "binance_trades_history", "binance_trades", "kafka/market_crypto_trades_binance",
+        "ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d"}
+    assert graph.get(dg.AssetKey("ohlcv_1m")).parent_keys == {
+        dg.AssetKey("asx_trades"), dg.AssetKey("binance_trades_history"), dg.AssetKey("binance_trades")}
     assert graph.get(dg.AssetKey("binance_trades")).parent_keys == {dg.AssetKey(["kafka", "market_crypto_trades_binance"])}
     check_names = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     for rule in checks.TRADE_RULES:

@@ -66,7 +66,10 @@ def bars(rows: list[tuple]) -> pa.Table:
     """OHLCV bars: (exchange, symbol, bar_start, open, high, low, close, volume, trade_count)."""
     n = len(rows)
     cols = list(zip(*rows))
-    price = lambda values: pa.array([Decimal(v) for v in values])  # noqa: E731
+
+    def price(values):
+        return pa.array([Decimal(v) for v in values])
+
     starts = list(cols[2])
     volume = [Decimal(v) for v in cols[7]]
     quote = [Decimal(c) * v for c, v in zip(cols[6], volume)]
@@ -90,11 +93,11 @@ def bars(rows: list[tuple]) -> pa.Table:
 
 UTC = timezone.utc
 BARS = bars([
-    ("ASX", "BHP", datetime(2014, 3, 9, 23, 0, tzinfo=UTC), "36.66700000", "36.70000000", "36.60000000", "36.65000000", "20000", 12),
-    ("ASX", "BHP", datetime(2014, 3, 9, 23, 1, tzinfo=UTC), "36.65000000", "36.65000000", "36.61000000", "36.62000000", "1500.5", 3),
-    ("ASX", "RIO", datetime(2014, 3, 9, 23, 0, tzinfo=UTC), "62.00000000", "62.01000000", "61.99000000", "62.00000000", "700", 5),
-    ("BINANCE", "BTCUSDT", datetime(2014, 3, 10, 12, 0, tzinfo=UTC), "635.12345678", "636.00000000", "635.00000000", "635.50000001", "1.23456789", 4),
-    ("ASX", "BHP", datetime(2014, 3, 10, 23, 0, tzinfo=UTC), "36.90000000", "36.90000000", "36.90000000", "36.90000000", "10", 1),
+    ("ASX", "BHP", datetime(2014, 3, 9, 23, 0, tzinfo=UTC), "36.667", "36.70", "36.60", "36.65", "20000", 12),
+    ("ASX", "BHP", datetime(2014, 3, 9, 23, 1, tzinfo=UTC), "36.65", "36.65", "36.61", "36.62", "1500.5", 3),
+    ("ASX", "RIO", datetime(2014, 3, 9, 23, 0, tzinfo=UTC), "62.00", "62.01", "61.99", "62.00", "700", 5),
+    ("BINANCE", "BTCUSDT", datetime(2014, 3, 10, 12, tzinfo=UTC), "635.12345678", "636", "635", "635.50000001", "1.23456789", 4),
+    ("ASX", "BHP", datetime(2014, 3, 10, 23, 0, tzinfo=UTC), "36.90", "36.90", "36.90", "36.90", "10", 1),
 ])
 BARS_ON_MONDAY = 4  # three ASX bars of the Monday session and one BINANCE bar of that UTC day
 
@@ -120,7 +123,8 @@ def lake(tmp_path_factory, asx_dir, btcusdt_dir) -> Lake:
     catalog = k2_catalog.open_catalog(props["catalog_uri"], props["warehouse"])
     batch, _ = binance_history.load_day(btcusdt_dir, date(2024, 1, 1), source="test")
     live = batch.rows.slice(0, LIVE_ROWS)
-    live = live.set_column(live.schema.get_field_index("kafka_topic"), "kafka_topic", pa.array(["market.crypto.trades.binance"] * LIVE_ROWS))
+    topic = pa.array(["market.crypto.trades.binance"] * LIVE_ROWS)
+    live = live.set_column(live.schema.get_field_index("kafka_topic"), "kafka_topic", topic)
     live = live.set_column(live.schema.get_field_index("kafka_offset"), "kafka_offset", pa.array(range(LIVE_ROWS), pa.int64()))
     live = live.set_column(live.schema.get_field_index("source_file"), "source_file", pa.nulls(LIVE_ROWS, pa.string()))
     k2_catalog.ensure_table(catalog, "trades").append(live)
@@ -197,7 +201,8 @@ def test_columns_from_input_metadata_or_the_io_manager(lake):
     narrow = location(lake.props, columns=["message_id"])
     assert list(narrow.load_asset_value("asx_trades", partition_key=MONDAY).columns) == ["message_id"]
     # Input metadata wins over the I/O manager's default.
-    assert list(narrow.load_asset_value("asx_trades", partition_key=MONDAY, metadata={"columns": ["symbol"]}).columns) == ["symbol"]
+    symbols = narrow.load_asset_value("asx_trades", partition_key=MONDAY, metadata={"columns": ["symbol"]})
+    assert list(symbols.columns) == ["symbol"]
 
     with pytest.raises(ValueError, match=r"no column \['bid'\] in market.trades"):
         location(lake.props).load_asset_value("asx_trades", partition_key=MONDAY, metadata={"columns": ["symbol", "bid"]})
@@ -215,7 +220,8 @@ def test_arrow_and_polars_on_request(lake):
     assert sorted(arrow.column("message_id").to_pylist()) == sorted(expected.column("message_id").to_pylist())
 
     defs = location(lake.props)
-    polars = defs.load_asset_value("asx_trades", partition_key=MONDAY, metadata={"dataframe": "polars", "columns": ["symbol", "price"]})
+    polars = defs.load_asset_value("asx_trades", partition_key=MONDAY,
+                                   metadata={"dataframe": "polars", "columns": ["symbol", "price"]})
     assert isinstance(polars, pl.DataFrame) and polars.columns == ["symbol", "price"]
     assert polars.height == expected.num_rows and polars.schema["price"] == pl.Decimal(18, 8)
     assert dict(polars.group_by("symbol").len().iter_rows()) == dict(per_symbol(expected.column("symbol").to_pylist()))
@@ -259,7 +265,8 @@ def test_ohlcv_bars_of_every_exchange_for_the_trade_date(lake):
     defs = location(lake.props)
     got = defs.load_asset_value("ohlcv_1m", partition_key=MONDAY)
     assert len(got) == BARS_ON_MONDAY
-    assert collections.Counter(zip(got["exchange"], got["symbol"])) == {("ASX", "BHP"): 2, ("ASX", "RIO"): 1, ("BINANCE", "BTCUSDT"): 1}
+    assert collections.Counter(zip(got["exchange"], got["symbol"])) == {
+        ("ASX", "BHP"): 2, ("ASX", "RIO"): 1, ("BINANCE", "BTCUSDT"): 1}
     assert set(got["trade_date"]) == {date(2014, 3, 10)}
     btc = got[got["symbol"] == "BTCUSDT"].iloc[0]
     assert btc["close"] == Decimal("635.50000001") and btc["volume"] == Decimal("1.23456789")
@@ -270,7 +277,8 @@ def test_ohlcv_bars_of_every_exchange_for_the_trade_date(lake):
 def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
     from k2_assets import defs as code_location
 
-    tables = {k.to_user_string() for k in code_location.resolve_asset_graph().get_all_asset_keys()} - {"kafka/market_crypto_trades_binance"}
+    keys = {k.to_user_string() for k in code_location.resolve_asset_graph().get_all_asset_keys()}
+    tables = keys - {"kafka/market_crypto_trades_binance"}
     assert tables <= set(ASSET_TABLES)
     assert {a: (t.table, t.exchange, t.batch_only) for a, t in ASSET_TABLES.items()} == {
         "asx_trades": ("trades", "ASX", False),
@@ -286,9 +294,11 @@ def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
 
 def test_unknown_assets_dataframe_kinds_and_partitions_are_clear_errors(lake, tmp_path):
     defs = location(lake.props)
-    with pytest.raises(KeyError, match=r"cannot load asset 'kafka/market_crypto_trades_binance'; it loads \['asx_quotes', 'asx_trades'"):
+    unknown = r"cannot load asset 'kafka/market_crypto_trades_binance'; it loads \['asx_quotes', 'asx_trades'"
+    with pytest.raises(KeyError, match=unknown):
         defs.load_asset_value(["kafka", "market_crypto_trades_binance"])
-    with pytest.raises(ValueError, match=r"unknown dataframe kind 'excel': IcebergIOManager returns one of \['pandas', 'arrow', 'polars'\]"):
+    kinds = r"unknown dataframe kind 'excel': IcebergIOManager returns one of \['pandas', 'arrow', 'polars'\]"
+    with pytest.raises(ValueError, match=kinds):
         defs.load_asset_value("asx_trades", partition_key=MONDAY, metadata={"dataframe": "excel"})
     with pytest.raises(ValueError, match="unknown dataframe kind 'excel'"):  # when the resource is built
         IcebergIOManager(**lake.props, dataframe="excel")
@@ -301,7 +311,7 @@ def test_unknown_assets_dataframe_kinds_and_partitions_are_clear_errors(lake, tm
     empty = props_under(tmp_path)
     with pytest.raises(LookupError, match="market.quotes does not exist in catalog .* yet: materialize asx_quotes first"):
         location(empty).load_asset_value("asx_quotes", partition_key=MONDAY)
-    assert not k2_catalog.open_catalog(**{"uri": empty["catalog_uri"], "warehouse": empty["warehouse"]}).table_exists("market.quotes")
+    assert not k2_catalog.open_catalog(empty["catalog_uri"], empty["warehouse"]).table_exists("market.quotes")
 
 
 def test_handle_output_accepts_none_and_refuses_a_value(tmp_path):
@@ -333,7 +343,9 @@ def test_partitioned_io_manager_against_tmp_path(tmp_path, asx_dir):
     props = props_under(tmp_path)
     seen: dict[str, object] = {}
 
-    @dg.asset(partitions_def=asx_sessions, ins={"asx_trades": dg.AssetIn(metadata={"columns": ["message_id", "symbol", "price"]})})
+    narrow = dg.AssetIn(metadata={"columns": ["message_id", "symbol", "price"]})
+
+    @dg.asset(partitions_def=asx_sessions, ins={"asx_trades": narrow})
     def symbols_seen(context: dg.AssetExecutionContext, asx_trades: pd.DataFrame) -> None:
         seen[context.partition_key] = asx_trades
 

@@ -48,7 +48,10 @@ def consumer_config(bootstrap: str, group_id: str, **overrides) -> dict:
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "fetch.wait.max.ms": 100,
-        "queued.min.messages": 100_000,
+        "queued.min.messages": 200_000,
+        "queued.max.messages.kbytes": 256 * 1024,
+        "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        "fetch.max.bytes": 64 * 1024 * 1024,
         "session.timeout.ms": 6000,
     }
     return {**config, **overrides}

@@ -22,9 +22,8 @@ import json
 import os
 import signal
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -190,10 +189,8 @@ class LiveWriter:
         partitions = [m.partition() for m in messages]
         offsets = [m.offset() for m in messages]
         rows, rejected = live_codec.decode_batch(values, self.topic, partitions, offsets, source=SOURCE)
-        ranges: dict[int, tuple[int, int]] = {}
-        for p, o in zip(partitions, offsets):
-            first, last = ranges.get(p, (o, o))
-            ranges[p] = (min(first, o), max(last, o))
+        part, off = np.asarray(partitions), np.asarray(offsets)
+        ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
         next_offsets = {**self.position, **{p: last + 1 for p, (_, last) in ranges.items()}}
 
         rejected = self._fresh_rejects(rejected)
@@ -255,21 +252,15 @@ class LiveWriter:
         """Drop trades the partition already holds and repeats within the batch."""
         if not rows.num_rows:
             return rows, 0
-        keep = np.zeros(rows.num_rows, dtype=bool)
-        days = rows.column("trade_date").to_numpy(zero_copy_only=False)
-        symbols = rows.column("symbol").to_numpy(zero_copy_only=False)
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, key in enumerate(zip(days, symbols)):
-            groups[key].append(i)
-        for (day, symbol), index in groups.items():
-            index = np.asarray(index)
-            seen = self.seen.load(self.trades, _as_date(day), symbol)
+        keep = np.zeros(rows.num_rows, dtype=bool)
+        for (day, symbol), index in _groups(rows):
+            seen = self.seen.load(self.trades, day, symbol)
             group_ids = ids[index]
             _, first = np.unique(group_ids, return_index=True)  # first occurrence within the batch
             fresh = np.zeros(len(index), dtype=bool)
             fresh[first] = True
-            fresh &= ~np.isin(group_ids, seen, assume_unique=False)
+            fresh &= ~np.isin(group_ids, seen)
             keep[index[fresh]] = True
         return rows.filter(pa.array(keep)), int((~keep).sum())
 
@@ -280,12 +271,23 @@ class LiveWriter:
         return {symbol: found for (d, symbol), ids in self.seen.ids.items() if d == day and (found := holes(ids))}
 
     def _remember(self, rows: pa.Table) -> None:
-        days = rows.column("trade_date").to_numpy(zero_copy_only=False)
-        symbols = rows.column("symbol").to_numpy(zero_copy_only=False)
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
-        for key in set(zip(days, symbols)):
-            mask = (days == key[0]) & (symbols == key[1])
-            self.seen.add(_as_date(key[0]), key[1], ids[mask])
+        for (day, symbol), index in _groups(rows):
+            self.seen.add(day, symbol, ids[index])
+
+
+def _groups(rows: pa.Table):
+    """(trade_date, symbol) -> row indices, vectorized (a Python loop per row costs ~3 us)."""
+    days = rows.column("trade_date").cast(pa.int32()).to_numpy(zero_copy_only=False).astype(np.int64)
+    symbols = pc.dictionary_encode(rows.column("symbol")).combine_chunks()
+    codes = symbols.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    key = days * 1_000_003 + codes
+    order = np.argsort(key, kind="stable")
+    uniq, starts = np.unique(key[order], return_index=True)
+    ends = np.r_[starts[1:], len(order)]
+    names = symbols.dictionary.to_pylist()
+    for k, a, b in zip(uniq.tolist(), starts.tolist(), ends.tolist()):
+        yield (date(1970, 1, 1) + timedelta(days=k // 1_000_003), names[k % 1_000_003]), order[a:b]
 
 
 def _dead_letters(messages: list) -> pa.Table:

@@ -20,6 +20,17 @@ Decision: how DuckDB reads Iceberg
     The price is that an Iceberg scan is not interruptible and reads whole partitions' columns; this
     is why scans are cached (below) and queries only pay DuckDB's time when warm.
 
+How a query runs
+    The Iceberg scan applies exchange, symbol and trade_date exactly (the partition filter; for
+    trades/bars given start/end, the trade_date range is derived exactly from each exchange's time
+    zone, e.g. ASX sessions are Sydney dates). Row queries (trades, bars) are then late-materialized:
+    the cached scan is kept sorted in the query order and numbered, DuckDB evaluates the time range,
+    ORDER BY and LIMIT over just the time and row-number columns and returns row numbers, and the
+    requested columns are taken from Arrow by them (a zero-copy slice when they are consecutive, the
+    usual case). Wide columns (lists, maps, strings) never pass through DuckDB, which is what keeps a
+    warm 20k-row query in single-digit milliseconds. Aggregates (symbols, daily_summary) run wholly
+    in DuckDB.
+
 Caching and freshness
     Scanned Arrow data is kept in an LRU bounded by bytes (default 512 MB), keyed by (table,
     snapshot id, partition filter, columns): a snapshot never changes, so an entry never goes stale,

@@ -17,6 +17,7 @@ Input metadata (`metadata=` of `load_asset_value`, or `AssetIn(metadata=...)`) t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import date
 from functools import cache
@@ -78,6 +79,11 @@ def _catalog(uri: str, warehouse: str) -> Catalog:
     return k2_catalog.open_catalog(uri, warehouse)
 
 
+def _redacted(uri: str) -> str:
+    """A catalog URI fit for an error message: no password (postgresql://k2:secret@db/k2 -> postgresql://k2:***@db/k2)."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
 def dataframe_kind(value: Any) -> str:
     if value not in DATAFRAME_KINDS:
         raise ValueError(f"unknown dataframe kind {value!r}: IcebergIOManager returns one of {list(DATAFRAME_KINDS)}")
@@ -123,9 +129,7 @@ def trade_dates(context: dg.InputContext) -> list[str] | None:
         try:
             date.fromisoformat(key)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"{context.asset_key.to_user_string()}: partition key {key!r} is not a trade date (YYYY-MM-DD)"
-            ) from None
+            raise ValueError(f"{asset}: partition key {key!r} is not a trade date (YYYY-MM-DD)") from None
     return keys
 
 
@@ -199,7 +203,8 @@ class IcebergIOManager(dg.ConfigurableIOManager):
         columns = self._columns(table, name, metadata.get("columns", self.columns))
         snapshot_id = self._snapshot(table, metadata.get("as_of"))
         row_filter = source.row_filter(trade_dates(context))
-        rows = table.scan(row_filter=row_filter, selected_fields=tuple(columns) if columns else ("*",), snapshot_id=snapshot_id).to_arrow()
+        fields = tuple(columns) if columns else ("*",)
+        rows = table.scan(row_filter=row_filter, selected_fields=fields, snapshot_id=snapshot_id).to_arrow()
         if columns:
             rows = rows.select(columns)  # the order asked for, not the schema's
         return to_dataframe(rows, kind)
@@ -210,7 +215,7 @@ class IcebergIOManager(dg.ConfigurableIOManager):
             return self.catalog().load_table(identifier)
         except NoSuchTableError:
             raise LookupError(
-                f"{identifier} does not exist in catalog {self.catalog_uri} yet: materialize {asset} first"
+                f"{identifier} does not exist in catalog {_redacted(self.catalog_uri)} yet: materialize {asset} first"
             ) from None
 
     @staticmethod
@@ -234,7 +239,8 @@ class IcebergIOManager(dg.ConfigurableIOManager):
         except (TypeError, ValueError):
             raise ValueError(f"as_of must be an Iceberg snapshot id, not {as_of!r}") from None
         if table.snapshot_by_id(snapshot_id) is None:
-            raise LookupError(f"snapshot {snapshot_id} is not in the history of {'.'.join(table.name())} (expired, or of another table)")
+            identifier = ".".join(table.name())
+            raise LookupError(f"snapshot {snapshot_id} is not in the history of {identifier} (expired, or of another table)")
         return snapshot_id
 
 

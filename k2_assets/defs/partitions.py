@@ -2,13 +2,15 @@
 
 import dagster as dg
 
-# ASX sessions are Sydney weekdays; the key is the Sydney date, which starts the day before in UTC.
-# end_offset=1 makes today's session a partition as soon as the day starts.
+# ASX sessions are weekdays; the key is the Sydney session date (which starts the day before in UTC:
+# the loaders and checks apply the Sydney time zone to the key). The windows are labelled in UTC so
+# that every trades partition maps to the bars partition of the same key (Dagster maps time windows
+# only within one time zone). end_offset=1 makes today's session a partition as soon as the day starts.
 asx_sessions = dg.TimeWindowPartitionsDefinition(
     cron_schedule="0 0 * * 1-5",
     start="2014-01-01",
     fmt="%Y-%m-%d",
-    timezone="Australia/Sydney",
+    timezone="UTC",
     end_offset=1,
 )
 

@@ -162,7 +162,9 @@ def _spec(interval: str, upstream) -> dict:
         automation_condition=AUTOMATION,
         check_specs=[dg.AssetCheckSpec(MATCHES_RAW, asset=f"ohlcv_{interval}", blocking=True,
                                        description="every traded bar equals the bar recomputed from the raw trades")],
-        deps=[dg.AssetDep(u, partition_mapping=dg.IdentityPartitionMapping()) for u in upstream],
+        # Same key, same trade_date: ASX sessions and Binance days both label their windows in UTC.
+        deps=[dg.AssetDep(u, partition_mapping=dg.TimeWindowPartitionMapping(allow_nonexistent_upstream_partitions=True))
+              for u in upstream],
     )
 
 
