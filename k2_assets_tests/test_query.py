@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +64,8 @@ def load_asx(cat, asx_dir: Path, sessions=SESSIONS) -> None:
 def load_btc(cat, btcusdt_dir: Path):
     batch, notes = binance_history.load_day(btcusdt_dir, BTC_DAY, source="binance_trades_history")
     assert not notes
-    return writer.replace_rows(k2_catalog.ensure_table(cat, "trades"), batch.rows, writer.partition_filter("BINANCE", BTC_DAY)), batch
+    trades = k2_catalog.ensure_table(cat, "trades")
+    return writer.replace_rows(trades, batch.rows, writer.partition_filter("BINANCE", BTC_DAY)), batch
 
 
 def bar_rows(symbol: str, day: date, minutes: int, first_price: Decimal, exchange: str = "BINANCE") -> pa.Table:
@@ -201,7 +201,8 @@ def test_one_symbol_day_of_trades_equals_the_vendor_rows(engine, sources):
     assert pc.sum(result.column("quantity")).as_py() == exp["volume"]
     assert result.column("exchange_timestamp").to_pylist() == [r[0] for r in exp["rows"]]
     assert result.column("price").to_pylist() == [r[2] for r in exp["rows"]]
-    assert set(result.column("symbol").to_pylist()) == {"BHP"} and set(result.column("trade_date").to_pylist()) == {date(2014, 3, 11)}
+    assert set(result.column("symbol").to_pylist()) == {"BHP"}
+    assert set(result.column("trade_date").to_pylist()) == {date(2014, 3, 11)}
     assert result.column_names == list(query.TRADE_COLUMNS)
     # The session date gives the same rows; so does a lowercase symbol and exchange.
     assert engine.trades("ASX", "BHP", trade_date="2014-03-11", limit=100_000).equals(result)
@@ -234,14 +235,14 @@ def test_filters_by_exchange_symbol_and_columns(engine, sources):
     asx_total = sum(v["trades"] for k, v in sources["asx"].items() if k[0] in SESSIONS)
     everything = engine.trades(limit=100_000)
     assert everything.num_rows == 100_000  # capped: the table holds more
-    assert engine.daily_summary("ASX", start_date=SESSIONS[0], end_date=SESSIONS[-1]).column("trades").to_pylist()
-    assert sum(engine.daily_summary("ASX", start_date=SESSIONS[0], end_date=SESSIONS[-1]).column("trades").to_pylist()) == asx_total
+    asx_summary = engine.daily_summary("ASX", start_date=SESSIONS[0], end_date=SESSIONS[-1])
+    assert sum(asx_summary.column("trades").to_pylist()) == asx_total
     binance = engine.trades("BINANCE", limit=100_000)
     assert binance.num_rows == 16702 and set(binance.column("exchange").to_pylist()) == {"BINANCE"}
     ts = binance.column("exchange_timestamp").to_pylist()
     assert ts == sorted(ts)
     dvn = engine.trades(symbol="DVN", limit=100_000)  # any exchange
-    assert dvn.num_rows == sources["asx"][(date(2014, 3, 10), "DVN")]["trades"] + sources["asx"][(date(2014, 3, 11), "DVN")]["trades"]
+    assert dvn.num_rows == sum(sources["asx"][(day, "DVN")]["trades"] for day in SESSIONS)
     # Trades across two ASX sessions come in time order, across symbols.
     start, _ = sydney_day(SESSIONS[0])
     _, end = sydney_day(SESSIONS[1])
@@ -282,7 +283,8 @@ def test_bars_return_the_written_rows(engine):
     all_bars = engine.bars("1m", "BINANCE", limit=100_000)
     assert all_bars.num_rows == 265
     assert all_bars.column("bar_start").to_pylist() == sorted(all_bars.column("bar_start").to_pylist())
-    assert engine.bars("1m", symbol="ETHUSDT", limit=5).column("open").to_pylist() == [Decimal("2300") + Decimal(i) / 100 for i in range(5)]
+    eth = engine.bars("1m", symbol="ETHUSDT", limit=5).column("open").to_pylist()
+    assert eth == [Decimal("2300") + Decimal(i) / 100 for i in range(5)]
     # A table nobody has written yet is empty, not an error (and is not created by reading).
     assert engine.bars("5m").num_rows == 0
     assert "ohlcv_5m" not in {name for _, name in engine.catalog.list_tables("market")}
@@ -311,13 +313,15 @@ def test_as_of_snapshot_id_and_time_return_the_data_before_a_correction(catalog,
     with QueryEngine(catalog, refresh_ms=0) as engine:
         now = engine.trades("BINANCE", "BTCUSDT", limit=100_000)
         assert now.num_rows == 15702 and now.column("price")[0].as_py() == Decimal("42000")
-        for as_of in (first.snapshot_id, str(first.snapshot_id), first_time, first_time.isoformat(), between, between.isoformat()):
+        older = (first.snapshot_id, str(first.snapshot_id), first_time, first_time.isoformat(), between, between.isoformat())
+        for as_of in older:
             old = engine.trades("BINANCE", "BTCUSDT", as_of=as_of, limit=100_000)
             assert old.num_rows == 16702, as_of
             assert old.column("price")[0].as_py() == Decimal("42690.21")
         assert engine.trades("BINANCE", "BTCUSDT", as_of=second.snapshot_id, limit=100_000).num_rows == 15702
         assert engine.trades("BINANCE", "BTCUSDT", as_of=datetime.now(UTC), limit=100_000).num_rows == 15702
-        (old_summary,) = engine.daily_summary("BINANCE", start_date=BTC_DAY, end_date=BTC_DAY, as_of=first.snapshot_id).to_pylist()
+        (old_summary,) = engine.daily_summary("BINANCE", start_date=BTC_DAY, end_date=BTC_DAY,
+                                              as_of=first.snapshot_id).to_pylist()
         assert old_summary["trades"] == 16702 and old_summary["volume"] == Decimal("296.54808")
         assert engine.symbols(as_of=first.snapshot_id).column("row_count").to_pylist() == [16702]
 
@@ -357,7 +361,8 @@ def test_new_commits_are_seen_after_refresh_ms_and_cached_scans_are_reused(catal
 
 
 def test_unknown_symbol_names_the_symbols_that_exist(engine):
-    with pytest.raises(UnknownSymbol, match=r"unknown symbol 'XYZ': market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO$"):
+    message = r"unknown symbol 'XYZ': market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO$"
+    with pytest.raises(UnknownSymbol, match=message):
         engine.trades("ASX", "XYZ")
     with pytest.raises(UnknownSymbol, match="symbols present: BHP, BTCUSDT, DVN, MWR, RIO$"):
         engine.daily_summary(symbol="XYZ", start_date="2014-03-10", end_date="2014-03-10")
@@ -402,7 +407,8 @@ def test_bad_arguments_raise_clear_query_errors(engine):
         (UnknownColumn, "unknown column\\(s\\) \\['nope'\\] for market.trades; its columns are message_id, ",
          lambda: engine.trades(columns=["price", "nope"])),
         (InvalidValue, "start 'soon' is not an ISO 8601 date/time", lambda: engine.trades(start="soon")),
-        (InvalidValue, "start_date must be a date", lambda: engine.daily_summary(start_date=datetime(2014, 3, 10), end_date="2014-03-10")),
+        (InvalidValue, "start_date must be a date",
+         lambda: engine.daily_summary(start_date=datetime(2014, 3, 10), end_date="2014-03-10")),
         (InvalidValue, "as_of must be a snapshot id or a time", lambda: engine.trades(as_of=True)),
         (QueryError, "unknown query 'drop'", lambda: engine.pandas("drop")),
     ]
@@ -411,7 +417,9 @@ def test_bad_arguments_raise_clear_query_errors(engine):
             call()
     for kind, _, _ in cases:
         assert issubclass(kind, QueryError) and issubclass(kind, ValueError)
-    for bad in ({"timeout_s": 0}, {"memory_limit": "lots"}, {"memory_limit": "1GB'; SET threads=99; --"}, {"threads": 0}, {"refresh_ms": -1}):
+    bad_settings = ({"timeout_s": 0}, {"memory_limit": "lots"}, {"memory_limit": "1GB'; SET threads=99; --"}, {"threads": 0},
+                    {"refresh_ms": -1})
+    for bad in bad_settings:
         with pytest.raises(InvalidValue):
             QueryEngine(engine.catalog, **bad)
 
@@ -432,7 +440,8 @@ def test_timeout_cancels_a_slow_query_and_the_engine_keeps_working(warehouse):
 
 def test_duckdb_is_limited_and_locked(warehouse):
     with QueryEngine(warehouse, memory_limit="64MB", threads=1) as engine:
-        settings = engine._execute("SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t", None, None).to_pylist()[0]
+        sql = "SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t"
+        settings = engine._execute(sql, None, None).to_pylist()[0]
         assert settings["t"] == 1 and settings["m"].endswith("MiB") and float(settings["m"].split()[0]) <= 64
         with pytest.raises(duckdb.Error, match="locked"):
             engine._execute("SET memory_limit = '100GB'", None, None)
@@ -471,8 +480,8 @@ def test_query_module_does_not_import_dagster():
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     # `-m k2_assets.core.query` first imports the k2_assets package, i.e. the Dagster definitions, whose
     # import-time warnings (e.g. Dagster BetaWarnings) are not the CLI's output: silence them here.
-    return subprocess.run([sys.executable, "-m", "k2_assets.core.query", *args], cwd=REPO, env={**env, "PYTHONWARNINGS": "ignore"},
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "k2_assets.core.query", *args], cwd=REPO,
+                          env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=180)
 
 
 def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir):
@@ -480,7 +489,8 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     first, _ = load_btc(catalog, btcusdt_dir)
     env = {**os.environ, "K2_HOME": str(k2_home)}  # K2_CATALOG_URI / K2_WAREHOUSE default from it
     start, end = sydney_day(date(2014, 3, 11))
-    done = cli("trades", "--symbol", "BHP", "--exchange", "ASX", "--start", start, "--end", end, "--limit", "20", "--format", "csv", env=env)
+    done = cli("trades", "--symbol", "BHP", "--exchange", "ASX", "--start", start, "--end", end, "--limit", "20",
+               "--format", "csv", env=env)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     with QueryEngine(catalog) as engine:
@@ -490,7 +500,8 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     assert [Decimal(r["price"]) for r in rows] == [e["price"] for e in expected]
     assert rows[0]["exchange_timestamp"] == expected[0]["exchange_timestamp"].isoformat().replace("+00:00", "Z")
 
-    done = cli("summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--format", "json", "--as-of", str(first.snapshot_id), env=env)
+    done = cli("summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--format", "json",
+               "--as-of", str(first.snapshot_id), env=env)
     assert done.returncode == 0, done.stderr
     (summary,) = json.loads(done.stdout)
     assert (summary["symbol"], summary["trades"], summary["volume"]) == ("BTCUSDT", 16702, "296.54808")
@@ -510,7 +521,8 @@ def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, cap
     assert "BTCUSDT" in out and "(1 row)" in out
     assert query.main(["bars", "--interval", "5m", "--exchange", "BINANCE"]) == 0
     assert "(0 rows)" in capsys.readouterr().out
-    assert query.main(["trades", "--exchange", "BINANCE", "--limit", "3", "--format", "json", "--columns", "source_sequence,price"]) == 0
+    args = ["trades", "--exchange", "BINANCE", "--limit", "3", "--format", "json", "--columns", "source_sequence,price"]
+    assert query.main(args) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"source_sequence": 3345206428 + i, "price": p} for i, p in enumerate(["42690.21", "42690.2", "42690.2"])
     ]
@@ -520,7 +532,8 @@ def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, cap
         (["trades", "--start", "2024-01-02", "--end", "2024-01-01"], "error: time range is reversed or empty"),
         (["trades", "--exchange", "NYSE"], "error: unknown exchange 'NYSE'"),
         (["trades", "--as-of", "1234567890123"], "error: snapshot 1234567890123 does not exist in market.trades"),
-        (["summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--symbol", "ETHUSDT"], "error: unknown symbol 'ETHUSDT'"),
+        (["summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--symbol", "ETHUSDT"],
+         "error: unknown symbol 'ETHUSDT'"),
     ]:
         assert query.main(args) == 2, args
         captured = capsys.readouterr()
@@ -530,4 +543,6 @@ def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, cap
     with pytest.raises(SystemExit) as exited:
         query.main(["trades", "--limit", "abc"])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["python -m k2_assets.core.query trades: error: argument --limit: invalid int value: 'abc'"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m k2_assets.core.query trades: error: argument --limit: invalid int value: 'abc'"
+    ]

@@ -34,6 +34,7 @@ def producer_config(bootstrap: str, **overrides) -> dict:
         "compression.type": "lz4",
         "queue.buffering.max.messages": 1_000_000,
         "message.timeout.ms": 120_000,
+        "delivery.report.only.error": True,  # a callback per failed message only, not per message
     }
     return {**config, **overrides}
 

@@ -10,7 +10,8 @@ whole micro-batch at once with Arrow's C++ JSON reader; per-record Avro decoding
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 import orjson
 import pyarrow as pa
@@ -65,9 +66,10 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
     if currency is None:
         raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
     exchange_us = trade_time * 1000
-    vendor = {"event_time": str(event["E"])} if isinstance(event.get("E"), int) else {}
+    event_time = event.get("E")
+    vendor = {"event_time": str(event_time)} if isinstance(event_time, int) else {}
     if "M" in event:
-        vendor["is_best_match"] = str(event["M"])
+        vendor["is_best_match"] = "True" if event["M"] is True else str(event["M"])
     return {
         "message_id": f"{EXCHANGE}:{symbol}:{trade_id}",
         "trade_id": str(trade_id),
@@ -80,7 +82,7 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
         "price": price,
         "quantity": qty,
         "exchange_timestamp": exchange_us,
-        "trade_date": datetime.fromtimestamp(exchange_us / 1e6, tz=timezone.utc).date().isoformat(),
+        "trade_date": _utc_day(trade_time // 86_400_000),
         "ingest_timestamp": ingest_us,
         "source_sequence": trade_id,
         "trade_conditions": [],
@@ -89,11 +91,17 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
     }
 
 
+@lru_cache(maxsize=8)
+def _utc_day(days: int) -> str:
+    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)).date().isoformat()
+
+
 def _is_decimal(text: str) -> bool:
     whole, _, frac = text.partition(".")
     return whole.isdigit() and len(whole) <= 10 and (frac == "" or frac.isdigit()) and len(frac.rstrip("0")) <= 8
 
 
+@lru_cache(maxsize=4096)
 def _quote_currency(symbol: str) -> str | None:
     from k2_assets.core.binance_history import quote_currency
 

@@ -344,7 +344,8 @@ class ArrowCache:
 
     def info(self) -> dict:
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes}
+            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self._bytes,
+                    "max_bytes": self.max_bytes}
 
 
 # ---------------------------------------------------------------- timeouts
@@ -586,9 +587,7 @@ class QueryEngine:
         if scope.symbol is not None:
             self._check_symbol(handle, table, schema_name, snapshot_id, scope.exchange, scope.symbol)
         data = self._scan(handle, table, schema_name, snapshot_id, scope, ("*",), order=order)
-        where, params = _filters(None, None, start, end, time_column, None)
-        params["limit"] = limit
-        sql = f"SELECT {_quote(ROW_ID)} FROM src{_where(where)} ORDER BY {_quote(ROW_ID)} LIMIT $limit"
+        sql, params = row_query(time_column, start, end, limit)
         positions = self._execute(sql, params, data.select([time_column, ROW_ID])).column(0)
         return _take(data.select(list(columns)), positions)
 
@@ -625,7 +624,9 @@ class QueryEngine:
         moment = parse_time(as_of, "as_of")
         snapshot = handle.snapshot_as_of_timestamp(int(moment.timestamp() * 1000)) if handle is not None else None
         if snapshot is None:
-            raise UnknownSnapshot(f"as_of {moment.isoformat()} is before the first snapshot of market.{name}; {_describe_snapshots(handle)}")
+            raise UnknownSnapshot(
+                f"as_of {moment.isoformat()} is before the first snapshot of market.{name}; {_describe_snapshots(handle)}"
+            )
         return snapshot.snapshot_id
 
     def _scan(self, handle: Table | None, name: str, schema_name: str, snapshot_id: int | None, scope: Scope,
@@ -650,7 +651,8 @@ class QueryEngine:
             self._cache.put(key, data)
         return data
 
-    def _check_symbol(self, handle, name: str, schema_name: str, snapshot_id: int | None, exchange: str | None, symbol: str) -> None:
+    def _check_symbol(self, handle, name: str, schema_name: str, snapshot_id: int | None, exchange: str | None,
+                      symbol: str) -> None:
         key = (name, snapshot_id, exchange)
         known = self._symbol_sets.get(key)
         if known is None:
@@ -662,13 +664,16 @@ class QueryEngine:
         if symbol not in known:
             where = f" on {exchange}" if exchange else ""
             listed = sorted(known)
-            shown = ", ".join(listed[:MAX_LISTED_SYMBOLS]) + (f", ... ({len(listed)} in all)" if len(listed) > MAX_LISTED_SYMBOLS else "")
+            shown = ", ".join(listed[:MAX_LISTED_SYMBOLS])
+            if len(listed) > MAX_LISTED_SYMBOLS:
+                shown += f", ... ({len(listed)} in all)"
             raise UnknownSymbol(
                 f"unknown symbol {symbol!r}: market.{name} has no rows of it{where}"
                 + (f"; symbols present: {shown}" if listed else "; the table holds no symbols there")
             )
 
-    def _execute(self, sql: str, params: dict[str, Any] | None, data: pa.Table | None, *, timeout_s: float | None = None) -> pa.Table:
+    def _execute(self, sql: str, params: dict[str, Any] | None, data: pa.Table | None, *,
+                 timeout_s: float | None = None) -> pa.Table:
         """Run `sql` (over `data` registered as `src`) on a fresh cursor under the timeout; the result as Arrow.
 
         Internal: `sql` must be built from allowlisted identifiers, every value passed in `params`.
@@ -688,7 +693,8 @@ class QueryEngine:
                     raise QueryTimeout(f"query cancelled after its {timeout:g} s timeout") from None
                 raise QueryError("query was interrupted") from None
             except duckdb.OutOfMemoryException as exc:
-                raise QueryError(f"query needs more than the memory limit {self.memory_limit}: {str(exc).splitlines()[0]}") from None
+                reason = str(exc).splitlines()[0]
+                raise QueryError(f"query needs more than the memory limit {self.memory_limit}: {reason}") from None
             finally:
                 self._watchdog.done(watch)
         finally:
@@ -733,6 +739,13 @@ def _filters(exchange, symbol, start, end, time_column: str, session) -> tuple[l
     return where, params
 
 
+def row_query(time_column: str, start: datetime | None, end: datetime | None, limit: int) -> tuple[str, dict[str, Any]]:
+    """The SQL (and its parameters) a row query runs over a cached scan's time and ROW_ID columns."""
+    where, params = _filters(None, None, start, end, time_column, None)
+    params["limit"] = limit
+    return f"SELECT {_quote(ROW_ID)} FROM src{_where(where)} ORDER BY {_quote(ROW_ID)} LIMIT $limit", params
+
+
 def _take(data: pa.Table, positions: pa.ChunkedArray) -> pa.Table:
     """Rows of `data` at `positions`: a zero-copy slice when they are consecutive, else a take."""
     pos = positions.to_numpy()
@@ -767,8 +780,9 @@ def _describe_snapshots(handle: Table | None) -> str:
         return "the table has no snapshots yet"
     history = handle.history()
     first = datetime.fromtimestamp(history[0].timestamp_ms / 1000, UTC) if history else None
-    recent = [s.snapshot_id for s in sorted(handle.metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)][:MAX_LISTED_SYMBOLS]
-    return (f"first snapshot at {first.isoformat()}; " if first else "") + f"recent snapshot ids (newest first): {', '.join(map(str, recent))}"
+    newest = sorted(handle.metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)[:MAX_LISTED_SYMBOLS]
+    ids = ", ".join(str(s.snapshot_id) for s in newest)
+    return (f"first snapshot at {first.isoformat()}; " if first else "") + f"recent snapshot ids (newest first): {ids}"
 
 
 # ---------------------------------------------------------------- pandas
@@ -806,7 +820,8 @@ def _parser() -> argparse.ArgumentParser:
     ranged.add_argument("--trade-date", help="one session date, YYYY-MM-DD")
     ranged.add_argument("--columns", help="comma-separated column names")
 
-    parser = _Parser(prog="python -m k2_assets.core.query", description="Query K2's Iceberg tables (catalog from the K2_* environment).")
+    parser = _Parser(prog="python -m k2_assets.core.query",
+                     description="Query K2's Iceberg tables (catalog from the K2_* environment).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     trades = sub.add_parser("trades", parents=[common, ranged], help="trades, oldest first")
     trades.add_argument("--limit", type=int, default=DEFAULT_TRADES_LIMIT)
