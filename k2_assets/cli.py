@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("feed", help="local Binance-format feed server (see `k2 feed --help`)", add_help=False)
     commands.add_parser("broker", help="run the embedded Kafka-compatible broker: `k2 broker [PORT]`", add_help=False)
     commands.add_parser("writer", help="drain Kafka into market.trades outside Dagster (see `k2 writer --help`)", add_help=False)
+    commands.add_parser("query", help="DuckDB queries: `k2 query trades|bars|symbols|summary ...` (see `k2 query --help`)", add_help=False)
     recent = commands.add_parser("recent", help="a symbol's trades for the last N minutes (Iceberg + Kafka tail)")
     recent.add_argument("--symbol", required=True)
     recent.add_argument("--minutes", type=float, default=5)
@@ -126,7 +127,13 @@ def _writer(argv: list[str]) -> int:
     return live_writer.main(argv)
 
 
-PASS_THROUGH = {"stream": _stream, "feed": _feed, "broker": _broker, "writer": _writer}
+def _query(argv: list[str]) -> int:
+    from k2_assets.core import query
+
+    return query.main(argv)
+
+
+PASS_THROUGH = {"stream": _stream, "feed": _feed, "broker": _broker, "writer": _writer, "query": _query}
 
 
 def _recent(settings: Settings, args: argparse.Namespace) -> int:
