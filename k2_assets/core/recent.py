@@ -7,6 +7,7 @@ can be in both while a micro-batch commits), so it is fresh to the last message 
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -42,7 +43,7 @@ def recent_trades(trades: Table, bootstrap: str, symbol: str, minutes: float, *,
                                            LessThanOrEqual("exchange_timestamp", now.isoformat()))),
     )
     stored = trades.scan(row_filter=where).to_arrow()
-    tail = _kafka_tail(trades, bootstrap, topic, idle_seconds)
+    tail = _kafka_tail(trades, bootstrap, topic, idle_seconds, symbol)
     if tail.num_rows:
         ts = tail.column("exchange_timestamp")
         keep = pc.and_(pc.equal(tail.column("symbol"), symbol),
@@ -63,22 +64,24 @@ def _unique_first(ids: pa.ChunkedArray):
     return encoded.dictionary, pa.array(np.sort(first))
 
 
-def _kafka_tail(trades: Table, bootstrap: str, topic: str, idle_seconds: float) -> pa.Table:
-    """Messages past the offsets the table has committed, read until the topic is quiet."""
+def _kafka_tail(trades: Table, bootstrap: str, topic: str, idle_seconds: float, symbol: str) -> pa.Table:
+    """The symbol's messages past the offsets the table has committed, read to the end of each partition."""
     committed = recorded_offsets(trades, OFFSETS_KEY + topic)
     consumer = Consumer(consumer_config(bootstrap, f"k2-recent-{uuid.uuid4().hex[:8]}", **{"enable.partition.eof": True}))
+    key = symbol.encode()
     try:
         partitions = partition_count(bootstrap, topic)
         consumer.assign([TopicPartition(topic, p, committed.get(p, 0)) for p in range(partitions)])
         messages, at_end = [], set()
-        while len(at_end) < partitions:
-            batch = consumer.consume(10_000, timeout=idle_seconds)
-            if not batch:
-                break  # quiet: nothing more is coming right now
-            for m in batch:
-                if m.error() is None:
-                    messages.append(m)
-                elif m.error().code() == KafkaError._PARTITION_EOF:
+        deadline = time.monotonic() + idle_seconds
+        while len(at_end) < partitions and time.monotonic() < deadline:
+            for m in consumer.consume(10_000, timeout=0.02):
+                error = m.error()
+                if error is None:
+                    deadline = time.monotonic() + idle_seconds  # still reading: not idle
+                    if m.key() == key:  # trades are keyed by symbol: decode only this one's
+                        messages.append(m)
+                elif error.code() == KafkaError._PARTITION_EOF:
                     at_end.add(m.partition())
     finally:
         consumer.close()
