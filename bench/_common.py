@@ -99,3 +99,10 @@ def write_results(name: str, results: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return path
+
+
+def footer(results: dict, verdicts_note: str = "") -> str:
+    """The closing line of a report: memory, machine load and where the JSON went."""
+    load = results["load_average_1min"]
+    return (f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {load['before']:.2f} before, "
+            f"{load['after']:.2f} after (other processes skew timings){verdicts_note}; JSON: {results['json']}")

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from pyiceberg.expressions import And, EqualTo
 
-from bench._common import REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, timed, write_results
+from bench._common import footer, REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, timed, write_results
 from k2_assets.core import asx, catalog, checks, writer
 
 NAME = "asx_backfill"
@@ -267,8 +267,7 @@ def render(results: dict) -> str:
         f"rows read {c['read']:,} = written {c['written']:,} + rejected {c['rejected']:,}  (checked for both paths; tables hold the same)",
         f"decode vs raw read: {ratio:.1f}x the floor's time; validate failures: {c['validate_failed_rows']} rows; "
         f"failed checks after backfill: core {c['core_failed_checks']}, dagster {c['dagster_failed_checks']}",
-        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
-        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); verdicts use the median; JSON: {results['json']}",
+        footer(results, "; verdicts use the median"),
     ]
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from bench._common import environment, peak_rss_mb, progress, write_results
+from bench._common import footer, environment, peak_rss_mb, progress, write_results
 from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
 from k2_assets.core import recent as recent_module
@@ -357,8 +357,7 @@ def render(results: dict) -> str:
         f"CPU over the run: this process {cpu['process_cores']:.2f} cores "
         "(feed server + producer + writer + recent + raw consumer, one GIL), "
         f"broker {cpu['broker_cores']:.2f}; machine steal {cpu['machine_steal_fraction']:.1%}",
-        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
-        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); JSON: {results['json']}",
+        footer(results),
     ]
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench._common import REPO, environment, peak_rss_mb, progress, write_results
+from bench._common import footer, REPO, environment, peak_rss_mb, progress, write_results
 from bench.live_throughput import (CpuMeter, binance_trades_file, broker, cycled_trades, load_average, produce_all, real_trades,
                                    v2_messages, verdict)
 from k2_assets.core import live_codec
@@ -228,8 +228,7 @@ def render(results: dict) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in results["per_frame_us"].items()),
         f"CPU during K2: this process {k2['cpu']['process_cores']:.2f} cores, broker {k2['cpu']['broker_cores']:.2f} "
         f"(feed server in its own process, not counted); machine steal {k2['cpu']['machine_steal_fraction']:.1%}",
-        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
-        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); JSON: {results['json']}",
+        footer(results),
     ]
     return "\n".join(lines)
 

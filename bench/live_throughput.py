@@ -43,7 +43,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench._common import REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, write_results
+from bench._common import footer, REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, write_results
 from k2_assets.core import catalog, live_codec, live_writer
 from k2_assets.core.feed_server import replay_file
 from k2_assets.core.kafka import EmbeddedBroker, consumer_config, ensure_topics, producer_config
@@ -477,9 +477,7 @@ def render(results: dict) -> str:
         f"table check: {results['check']['table_rows']:,} rows, "
         f"{results['check']['distinct_message_ids']:,} distinct message_ids, "
         f"{results['check']['rejected_rows']} rejected (expected exactly {results['messages']:,} and 0) — every K2 run",
-        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {results['load_average_1min']['before']:.2f} before, "
-        f"{results['load_average_1min']['after']:.2f} after (other processes skew timings); verdicts use the median; "
-        f"JSON: {results['json']}",
+        footer(results, "; verdicts use the median"),
     ]
     return "\n".join(lines)
 
