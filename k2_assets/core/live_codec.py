@@ -130,7 +130,6 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
                  now: datetime | None = None) -> tuple[pa.Table, pa.Table]:
     """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
     now = now or decode.utc_now()
-    n = len(values)
     raw = pa.array(values, pa.binary())
     wire, reasons = _parse(values)
     rows = decode.Rows.from_reasons(reasons)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import duckdb
@@ -177,10 +177,3 @@ def _finish(bars: pa.Table, interval: str, snapshot_id: int, now: datetime) -> p
         bar_start=bars.column("bar_start").cast(pa.timestamp("us", tz="UTC")),
     )
     return schemas.build_table(schemas.OHLCV, columns, n)
-
-
-def day_start(exchange: str, day: date) -> datetime:
-    return session_bounds(exchange, day)[0]
-
-
-

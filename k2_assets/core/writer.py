@@ -57,8 +57,3 @@ def replace_rows(table: Table, rows: pa.Table, where: BooleanExpression, *, keep
     if before is not None and after is not None and before.snapshot_id == after.snapshot_id:
         snapshot_id = before.snapshot_id
     return WriteResult(snapshot_id, rows.num_rows, skipped)
-
-
-def read_rows(table: Table, where: BooleanExpression, snapshot_id: int | None = None, columns: tuple[str, ...] = ("*",)) -> pa.Table:
-    return table.scan(row_filter=where, snapshot_id=snapshot_id, selected_fields=columns).to_arrow()
-
