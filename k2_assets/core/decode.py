@@ -229,10 +229,31 @@ def _iso_date(iso: pa.StringArray) -> pa.Array:
 
 def parse_clock_micros(values: pa.StringArray) -> pa.Array:
     """HH:MM:SS[.ffffff] -> microseconds since midnight, null where malformed or out of range."""
+    fixed = _clock_fixed_width(values)
+    if fixed is not None:
+        return fixed
     valid = pc.match_substring_regex(values, r"^([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?$")
     safe = pc.if_else(valid, values, "00:00:00")
     micros = pc.cast(pc.cast(pc.binary_join_element_wise("1970-01-01T", safe, ""), pa.timestamp("us")), pa.int64())
     return pc.if_else(valid, micros, pa.scalar(None, pa.int64()))
+
+
+def _clock_fixed_width(values: pa.StringArray) -> pa.Array | None:
+    """The vendor's HH:MM:SS.mmm, read as a byte matrix (no per-row string work); None if not that shape."""
+    n = len(values)
+    if n == 0 or values.null_count or values.offset:
+        return None
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=n + 1)
+    if offsets[0] != 0 or offsets[-1] != 12 * n or not (np.diff(offsets) == 12).all():
+        return None
+    chars = np.frombuffer(values.buffers()[2], dtype=np.uint8, count=12 * n).reshape(n, 12)
+    digits = chars[:, [0, 1, 3, 4, 6, 7, 9, 10, 11]].astype(np.int64) - 48
+    shaped = ((digits >= 0) & (digits <= 9)).all(axis=1) & (chars[:, 2] == 58) & (chars[:, 5] == 58) & (chars[:, 8] == 46)
+    hh, mm, ss = digits[:, 0] * 10 + digits[:, 1], digits[:, 2] * 10 + digits[:, 3], digits[:, 4] * 10 + digits[:, 5]
+    ms = digits[:, 6] * 100 + digits[:, 7] * 10 + digits[:, 8]
+    valid = shaped & (hh < 24) & (mm < 60) & (ss < 60)
+    micros = ((hh * 60 + mm) * 60 + ss) * 1_000_000 + ms * 1000
+    return pa.array(micros, pa.int64(), mask=~valid)
 
 
 def local_to_utc(dates: pa.Array, clock_micros: pa.Array, tz: str) -> pa.Array:
