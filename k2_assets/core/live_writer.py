@@ -19,6 +19,7 @@ partition already holds, whatever path it came by (a replayed feed, the history 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -28,7 +29,7 @@ from datetime import date, datetime, timedelta, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pyiceberg.expressions import And, EqualTo
 from pyiceberg.table import Table
 
@@ -36,6 +37,7 @@ from k2_assets.core import live_codec, schemas, writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, partition_count
 from k2_assets.core.sequence import SequenceTracker
 
+log = logging.getLogger("k2.writer")
 OFFSETS_KEY = "k2.kafka.offsets."
 TRACKER_KEY = "k2.sequence.tracker"
 MAX_TRACKER_STATE = 64 * 1024
@@ -224,8 +226,11 @@ class LiveWriter:
             self._remember(rows)
         _crash_point("after_trades_commit")
         self.position = next_offsets
-        # For lag monitoring only: the table's offsets are the truth.
-        self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=False)
+        # For lag monitoring only: the table's offsets are the truth, so a failed commit here loses nothing.
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
         committed = datetime.now(timezone.utc)
         return BatchReport(
             consumed=len(messages),
