@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from k2_assets.core import live_codec
 from k2_assets.core.kafka import ensure_topics, producer_config
+from k2_assets.core.metrics import ProducerMetrics, serve
 
 log = logging.getLogger("k2.stream")
 BINANCE_WS_URL = "wss://stream.binance.com:9443"
@@ -58,7 +59,7 @@ class BinanceProducer:
     def __init__(self, symbols: list[str], bootstrap: str, *, base_url: str = BINANCE_WS_URL,
                  topic: str = live_codec.TOPIC, dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 max_connection_seconds: float = MAX_CONNECTION_SECONDS):
+                 max_connection_seconds: float = MAX_CONNECTION_SECONDS, metrics: ProducerMetrics | None = None):
         if not symbols:
             raise ValueError("at least one symbol is required")
         self.symbols = [s.upper() for s in symbols]
@@ -67,6 +68,8 @@ class BinanceProducer:
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.max_connection_seconds = max_connection_seconds
         self.stats = StreamStats()
+        self.metrics = metrics or ProducerMetrics()
+        self._produced = {s: self.metrics.produced.labels(s) for s in self.symbols}
         self.producer = Producer(producer_config(bootstrap, **{"error_cb": self._on_error}))
         self.stop_event = asyncio.Event()
         self._ws = None
@@ -77,17 +80,20 @@ class BinanceProducer:
     def _delivered(self, error, message) -> None:
         if error is not None:
             self.stats.produce_errors += 1
+            self.metrics.produce_errors.inc()
             _event("produce_error", error=str(error), topic=message.topic())
 
     def handle_frame(self, raw: bytes | str, ingest_us: int) -> None:
         """Decode one frame and produce its trade, or dead-letter it with the reason."""
         self.stats.received += 1
+        self.metrics.received.inc()
         raw_bytes = raw.encode() if isinstance(raw, str) else raw
         try:
             (event,) = live_codec.events_in_frame(raw_bytes)
             trade = live_codec.trade_from_event(event, ingest_us)
         except live_codec.InvalidEvent as exc:
             self.stats.dead_lettered += 1
+            self.metrics.dead_letters.inc()
             self._produce(self.dead_letter_topic, None, raw_bytes, [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())])
             return
         symbol, trade_id = trade["symbol"], trade["source_sequence"]
@@ -96,8 +102,12 @@ class BinanceProducer:
             self.stats.gaps.append({"symbol": symbol, "first_missing": last + 1, "last_missing": trade_id - 1})
         if last is None or trade_id > last:
             self.stats.last_trade_id[symbol] = trade_id
+            self.metrics.last_trade_id.labels(symbol).set(trade_id)
+            self.metrics.last_trade_time.labels(symbol).set(trade["exchange_timestamp"] / 1e6)
         self._produce(self.topic, symbol.encode(), live_codec.encode(trade), live_codec.HEADERS)
         self.stats.produced += 1
+        counter = self._produced.get(symbol) or self._produced.setdefault(symbol, self.metrics.produced.labels(symbol))
+        counter.inc()
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
         while True:
@@ -124,6 +134,7 @@ class BinanceProducer:
             attempt = 0 if time.monotonic() - started > 60 else attempt + 1
             delay = random.uniform(0, min(self.backoff_max, self.backoff_initial * 2**attempt))
             self.stats.reconnects += 1
+            self.metrics.reconnects.inc()
             _event("reconnect", reason=reason, attempt=attempt, delay_seconds=round(delay, 3), last_trade_id=dict(self.stats.last_trade_id))
             try:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
@@ -170,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get("K2_BINANCE_WS_URL", BINANCE_WS_URL), help="stream base URL")
     parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--partitions", type=int, default=3, help="partitions of the topic if K2 creates it")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("K2_PRODUCER_METRICS_PORT", "0")),
+                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ensure_topics(args.bootstrap, {live_codec.TOPIC: args.partitions, live_codec.DEAD_LETTER_TOPIC: 1})
     producer = BinanceProducer([s.strip() for s in args.symbols.split(",") if s.strip()], args.bootstrap, base_url=args.url)
+    if args.metrics_port:
+        serve(producer.metrics.registry, args.metrics_port)
+        _event("metrics", url=f"http://127.0.0.1:{args.metrics_port}/metrics")
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

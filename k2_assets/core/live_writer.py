@@ -35,6 +35,7 @@ from pyiceberg.table import Table
 
 from k2_assets.core import live_codec, schemas, writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, partition_count
+from k2_assets.core.metrics import WriterMetrics, serve
 from k2_assets.core.sequence import SequenceTracker
 
 log = logging.getLogger("k2.writer")
@@ -112,7 +113,7 @@ class LiveWriter:
 
     def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
                  group_id: str = "k2-binance-trades-writer", max_batch_rows: int = 250_000,
-                 max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None):
+                 max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None, metrics: WriterMetrics | None = None):
         self.trades, self.rejected = trades, rejected
         self.topic = topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
@@ -126,6 +127,7 @@ class LiveWriter:
         self.dead_letter_partitions = partition_count(bootstrap, self.dead_letter_topic)
         self.seen = _Seen()
         self.tracker = SequenceTracker(live_codec.EXCHANGE, resets_each_session=False)
+        self.metrics = metrics or WriterMetrics()
         self.position: dict[int, int] = {}
         self._assign()
 
@@ -184,6 +186,26 @@ class LiveWriter:
         return batch
 
     def _write(self, messages: list) -> BatchReport:
+        started = time.monotonic()
+        report = self._write_batch(messages)
+        m = self.metrics
+        m.batch_seconds.observe(time.monotonic() - started)
+        m.consumed.inc(report.consumed)
+        m.written.inc(report.written)
+        m.rejected.inc(report.rejected + report.dead_lettered)
+        m.duplicates.inc(report.duplicates)
+        for event, count in report.sequence_events.items():
+            m.sequence_events.labels(event).inc(count)
+        if report.latency_seconds:
+            m.freshness.set(report.latency_seconds["p95"])
+        m.last_commit_time.set(report.committed_at.timestamp())
+        for p, position in self.position.items():
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+            if high >= 0:
+                m.lag.labels(str(p)).set(max(0, high - position))
+        return report
+
+    def _write_batch(self, messages: list) -> BatchReport:
         dead = [m for m in messages if m.topic() == self.dead_letter_topic]
         if dead:
             messages = [m for m in messages if m.topic() != self.dead_letter_topic]
@@ -221,7 +243,12 @@ class LiveWriter:
             state = self.tracker.dumps()
             if len(state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead
                 properties[TRACKER_KEY] = state
-            self.trades.append(rows, snapshot_properties=properties)
+            with self.metrics.commit_seconds.time():
+                try:
+                    self.trades.append(rows, snapshot_properties=properties)
+                except Exception:
+                    self.metrics.commit_failures.inc()
+                    raise
             snapshot_id = self.trades.current_snapshot().snapshot_id
             self._remember(rows)
         _crash_point("after_trades_commit")
@@ -359,11 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topic", default=live_codec.TOPIC)
     parser.add_argument("--seconds", type=float, default=float("inf"))
     parser.add_argument("--max-batch-rows", type=int, default=250_000)
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("K2_WRITER_METRICS_PORT", "0")),
+                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     cat = catalog.open_catalog(settings.catalog_uri, settings.warehouse)
     live = LiveWriter(catalog.ensure_table(cat, "trades"), catalog.ensure_table(cat, "rejected"), args.bootstrap, topic=args.topic,
                       max_batch_rows=args.max_batch_rows)
+    if args.metrics_port:
+        serve(live.metrics.registry, args.metrics_port)
     deadline = time.monotonic() + args.seconds
     print(json.dumps({"ready": True, "resume_offsets": live.position}), flush=True)
     try:
