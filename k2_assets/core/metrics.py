@@ -3,6 +3,8 @@ sequence event kinds; never an id, an offset or a gap size."""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from k2_assets.core.sequence import EVENT_NAMES
@@ -47,7 +49,7 @@ class WriterMetrics:
             self.sequence_events.labels(name)
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1"):
-    """Serve /metrics (loopback by default); returns the server so callers can shut it down."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve(registry: CollectorRegistry, port: int, host: str | None = None):
+    """Serve /metrics on 127.0.0.1 (K2_METRICS_HOST widens it, e.g. inside a container); returns the server."""
+    server, _thread = start_http_server(port, addr=host or os.environ.get("K2_METRICS_HOST", "127.0.0.1"), registry=registry)
     return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import threading
 from datetime import date, datetime, timezone
@@ -14,6 +15,7 @@ from pyiceberg.expressions import And, EqualTo, IsNull
 
 from k2_assets.core import integrity, live_codec
 from k2_assets.core.live_writer import BatchReport, LiveWriter
+from k2_assets.core.metrics import WriterMetrics, serve
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
@@ -23,6 +25,8 @@ BINANCE_TRADES = dg.AssetKey("binance_trades")
 TICK_SECONDS = 20.0  # well inside Dagster's 60 s sensor timeout; ticks follow each other ~5 s apart
 
 _writers: dict[tuple, LiveWriter] = {}
+_served: list = []
+_metrics = WriterMetrics()
 _lock = threading.Lock()
 
 
@@ -31,7 +35,11 @@ def _writer(iceberg: IcebergResource, kafka: KafkaResource) -> LiveWriter:
     key = (iceberg.catalog_uri, iceberg.warehouse, kafka.bootstrap, kafka.topic)
     with _lock:
         if key not in _writers:
-            _writers[key] = LiveWriter(iceberg.table("trades"), iceberg.table("rejected"), kafka.bootstrap, topic=kafka.topic)
+            _writers[key] = LiveWriter(iceberg.table("trades"), iceberg.table("rejected"), kafka.bootstrap, topic=kafka.topic,
+                                       metrics=_metrics)
+            port = int(os.environ.get("K2_WRITER_METRICS_PORT", "0"))
+            if port and not _served:  # one /metrics per code-server process; counters outlive writer resets
+                _served.append(serve(_metrics.registry, port))
         return _writers[key]
 
 

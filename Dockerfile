@@ -1,0 +1,11 @@
+# K2 code location, Dagster webserver/daemon and the Binance producer share this image.
+FROM python:3.11-slim
+WORKDIR /opt/k2
+COPY pyproject.toml README.md workspace.yaml dagster.yaml ./
+COPY schemas ./schemas
+COPY k2_assets ./k2_assets
+COPY docker ./docker
+RUN pip install --no-cache-dir -e . "dagster-postgres==0.29.*" \
+ && useradd --create-home k2 && mkdir -p /opt/dagster && cp docker/dagster.yaml /opt/dagster/dagster.yaml && chown -R k2 /opt/dagster
+USER k2
+ENV DAGSTER_HOME=/opt/dagster K2_HOME=/home/k2/.k2
