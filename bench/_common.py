@@ -106,3 +106,13 @@ def footer(results: dict, verdicts_note: str = "") -> str:
     load = results["load_average_1min"]
     return (f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {load['before']:.2f} before, "
             f"{load['after']:.2f} after (other processes skew timings){verdicts_note}; JSON: {results['json']}")
+
+
+def save(name: str, results: dict, load_before: float) -> dict:
+    """Add memory, machine load and the JSON path to `results`, write them, and return them."""
+    json_path = Path("bench") / "results" / f"{name}.json"
+    results.update(peak_rss_mb=peak_rss_mb(), load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
+                   json=str(json_path))
+    write_results(name, results)
+    progress(f"wrote {json_path}")
+    return results

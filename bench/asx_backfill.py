@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from pyiceberg.expressions import And, EqualTo
 
-from bench._common import footer, REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, timed, write_results
+from bench._common import save, footer, REPO, BenchUnavailable, Timing, environment, progress, timed
 from k2_assets.core import asx, catalog, checks, writer
 
 NAME = "asx_backfill"
@@ -290,7 +290,6 @@ def run() -> str:
             raise AssertionError(f"core and dagster paths disagree on {key}: {core_totals[key]} vs {dagster_totals[key]}")
     if core_totals["read"] != decode.rows:
         raise AssertionError(f"backfill read {core_totals['read']} rows, the decode stage {decode.rows}")
-    json_path = Path("bench") / "results" / f"{NAME}.json"
     results = {
         "benchmark": NAME,
         "data_dir": os.path.relpath(data, REPO),
@@ -320,10 +319,5 @@ def run() -> str:
             "dagster_failed_checks": dagster_totals["failed_checks"],
         },
         "backfill_core_steps_median_s": core_totals.get("steps_median_s", {}),
-        "peak_rss_mb": peak_rss_mb(),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "json": str(json_path),
     }
-    write_results(NAME, results)
-    progress(f"wrote {json_path}")
-    return render(results)
+    return render(save(NAME, results, load_before))

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from bench._common import footer, environment, peak_rss_mb, progress, write_results
+from bench._common import save, footer, environment, progress
 from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
 from k2_assets.core import recent as recent_module
@@ -382,7 +382,6 @@ def run() -> str:
     progress("visible p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["visible"])
              + ("recent p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["recent"]) if recent else "recent: no samples; ")
              + "raw Kafka p50 {p50:.3f} s p95 {p95:.3f} s".format(**freshness["raw_kafka"]))
-    json_path = Path("bench") / "results" / f"{NAME}.json"
     batches = out["batches"]
     results = {
         "benchmark": NAME,
@@ -425,13 +424,8 @@ def run() -> str:
         "recent_kafka_tail_rows": percentiles([c["kafka_tail_rows"] for c in calls]),
         "recent_errors": out["recent_errors"],
         "cpu": out["cpu"],
-        "peak_rss_mb": peak_rss_mb(),
-        "load_average_1min": {"before": load_before, "after": load_average()},
-        "json": str(json_path),
     }
     check = results["check"]
     if check["table_rows"] != out["produced"] - out["dead_lettered"] or check["distinct_message_ids"] != check["table_rows"]:
         raise AssertionError(f"market.trades holds {results['check']} but the producer produced {out['produced']} trades")
-    write_results(NAME, results)
-    progress(f"wrote {json_path}")
-    return render(results)
+    return render(save(NAME, results, load_before))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench._common import footer, REPO, environment, peak_rss_mb, progress, write_results
+from bench._common import save, footer, REPO, environment, peak_rss_mb, progress
 from bench.live_throughput import (CpuMeter, binance_trades_file, broker, cycled_trades, load_average, produce_all, real_trades,
                                    v2_messages, verdict)
 from k2_assets.core import live_codec
@@ -281,7 +281,6 @@ def run() -> str:
         del frames
         progress("per frame, µs: " + ", ".join(f"{k} {v:.1f}" for k, v in per_frame.items()))
         gc.collect()
-    json_path = Path("bench") / "results" / f"{NAME}.json"
     results = {
         "benchmark": NAME,
         "data_file": os.path.relpath(binance_trades_file(), REPO),
@@ -295,13 +294,8 @@ def run() -> str:
         "k2_over_raw_produce": m["k2"]["msgs_per_s"] / m["raw_produce"]["msgs_per_s"],
         "per_frame_us": per_frame,
         "profile_frames": min(PROFILE_FRAMES, N_MESSAGES),
-        "peak_rss_mb": peak_rss_mb(),
-        "load_average_1min": {"before": load_before, "after": load_average()},
-        "json": str(json_path),
     }
-    write_results(NAME, results)
-    progress(f"wrote {json_path}")
-    return render(results)
+    return render(save(NAME, results, load_before))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench._common import footer, REPO, BenchUnavailable, Timing, environment, peak_rss_mb, progress, write_results
+from bench._common import save, footer, REPO, BenchUnavailable, Timing, environment, progress
 from k2_assets.core import catalog, live_codec, live_writer
 from k2_assets.core.feed_server import replay_file
 from k2_assets.core.kafka import EmbeddedBroker, consumer_config, ensure_topics, producer_config
@@ -524,7 +524,6 @@ def run() -> str:
     k2_rate, raw_rate = k2.rate(k2.median), raw.rate(raw.median)
     k2_median_run = sorted(k2_details, key=lambda d: d["cpu"]["wall_s"])[len(k2_details) // 2]
     raw_median_run = sorted(raw_details, key=lambda d: d["cpu"]["wall_s"])[len(raw_details) // 2]
-    json_path = Path("bench") / "results" / f"{NAME}.json"
     results = {
         "benchmark": NAME,
         "data_file": os.path.relpath(binance_trades_file(), REPO),
@@ -547,10 +546,5 @@ def run() -> str:
         "k2_profile_one_batch": profile,
         "k2_runs": k2_details,
         "raw_runs": raw_details,
-        "peak_rss_mb": peak_rss_mb(),
-        "load_average_1min": {"before": load_before, "after": load_average()},
-        "json": str(json_path),
     }
-    write_results(NAME, results)
-    progress(f"wrote {json_path}")
-    return render(results)
+    return render(save(NAME, results, load_before))

@@ -34,7 +34,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from bench._common import REPO, BenchUnavailable, environment, peak_rss_mb, progress, write_results
+from bench._common import save, REPO, BenchUnavailable, environment, progress
 from k2_assets.core import asx, binance_history, catalog, query, schemas, writer
 
 NAME = "query_latency"
@@ -271,7 +271,6 @@ def run() -> str:
         cat, counts = build_warehouse(Path(tmp), asx_dir, btc_dir)
         progress(f"warehouse built in {time.perf_counter() - t0:.1f} s: {counts}")
         measured = {spec[0]: measure(cat, spec) for spec in QUERIES}
-    json_path = Path("bench") / "results" / f"{NAME}.json"
     results = {
         "benchmark": NAME,
         "environment": environment(),
@@ -282,10 +281,5 @@ def run() -> str:
         "counts": counts,
         "queries": measured,
         "verdicts": {name: q["verdict"] for name, q in measured.items()},
-        "peak_rss_mb": peak_rss_mb(),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "json": str(json_path),
     }
-    write_results(NAME, results)
-    progress(f"wrote {json_path}")
-    return render(results)
+    return render(save(NAME, results, load_before))

@@ -46,30 +46,27 @@ REJECTED_KEY = "k2.kafka.rejected."
 SOURCE = "binance_trades"
 
 
+def lineage(table: Table):
+    """The snapshots of the table's current branch, newest first, with their summary properties."""
+    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
+    snapshot = table.current_snapshot()
+    while snapshot is not None:
+        yield snapshot, (snapshot.summary.additional_properties if snapshot.summary else {})
+        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+
+
 def recorded_offsets(table: Table, key: str) -> dict[int, int]:
     """Highest next-offset per partition recorded under `key` in the table's current lineage."""
     offsets: dict[int, int] = {}
-    snapshot = table.current_snapshot()
-    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
-    while snapshot is not None:
-        value = snapshot.summary.additional_properties.get(key) if snapshot.summary else None
-        if value:
-            for partition, offset in json.loads(value).items():
-                offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
-        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+    for _, properties in lineage(table):
+        for partition, offset in json.loads(properties.get(key) or "{}").items():
+            offsets[int(partition)] = max(offsets.get(int(partition), 0), offset)
     return offsets
 
 
 def _latest_property(table: Table, key: str) -> str | None:
     """The value of `key` in the newest snapshot of the current lineage that has it."""
-    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
-    snapshot = table.current_snapshot()
-    while snapshot is not None:
-        value = snapshot.summary.additional_properties.get(key) if snapshot.summary else None
-        if value:
-            return value
-        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
-    return None
+    return next((properties[key] for _, properties in lineage(table) if properties.get(key)), None)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pyiceberg.expressions import BooleanExpression
 from pyiceberg.table import Table
 
 from k2_assets.core import writer
-from k2_assets.core.live_writer import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, _latest_property, recorded_offsets
+from k2_assets.core.live_writer import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, _latest_property, lineage, recorded_offsets
 
 CARRIED_PREFIXES = (OFFSETS_KEY, REJECTED_KEY)
 
@@ -67,16 +67,11 @@ def expire(table: Table, retain: timedelta, now: datetime | None = None) -> int:
     table.refresh()
     cutoff_ms = int((now - retain).timestamp() * 1000)
     current = table.current_snapshot()
-    keep_from = current.timestamp_ms if current else cutoff_ms
-    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
-    snapshot = current
-    while snapshot is not None:  # newest snapshot of the lineage that records offsets
-        props = snapshot.summary.additional_properties if snapshot.summary else {}
-        if any(k.startswith(OFFSETS_KEY) for k in props):
-            keep_from = snapshot.timestamp_ms
-            break
-        snapshot = by_id.get(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
-    cutoff_ms = min(cutoff_ms, keep_from)
+    newest_with_offsets = next(
+        (snapshot for snapshot, properties in lineage(table) if any(k.startswith(OFFSETS_KEY) for k in properties)), current
+    )
+    if newest_with_offsets is not None:
+        cutoff_ms = min(cutoff_ms, newest_with_offsets.timestamp_ms)
     doomed = [s for s in table.metadata.snapshots if s.timestamp_ms < cutoff_ms and s.snapshot_id != (current.snapshot_id if current else None)]
     if not doomed:
         return 0
