@@ -8,8 +8,8 @@ One process, one embedded broker, one fresh topic of 3 partitions, a fresh SQLit
   producer  BinanceProducer (asyncio, its own thread) -> Kafka, for FEED_SECONDS.
   writer    What the Dagster sensor does: LiveWriter.drain(20 s) per tick, then a 5 s pause
             (minimum_interval_seconds=5), until everything produced is written.
-  recent    Another thread calls recent_trades(table, bootstrap, BTCUSDT, minutes=1) every 0.5 s
-            (its own catalog and Table objects).
+  recent    Another thread holds one RecentTrades reader (as a dashboard would) and calls
+            query(BTCUSDT, minutes=1) every 0.5 s (its own catalog and Table objects).
   raw       Another thread: a plain confluent-kafka consumer (K2's consumer config) on the same
             topic, recording when each message becomes readable from Kafka.
 Exchange event time is Binance's `E` (vendor_data['event_time'], epoch ms, stamped by the feed
@@ -39,11 +39,10 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from bench._common import save, footer, environment, progress
 from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
-from k2_assets.core import recent as recent_module
 from k2_assets.core.binance_stream import BinanceProducer
 from k2_assets.core.feed_server import random_walk, run_in_thread
 from k2_assets.core.kafka import consumer_config, ensure_topics
-from k2_assets.core.recent import recent_trades
+from k2_assets.core.recent import RecentTrades
 
 NAME = "live_freshness"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
@@ -128,32 +127,32 @@ def raw_kafka_loop(stop: threading.Event, bootstrap: str, topic: str, out: list)
 
 
 def recent_loop(stop: threading.Event, home: Path, bootstrap: str, topic: str, calls: list, errors: list) -> None:
-    """recent_trades every RECENT_EVERY s, with its own catalog and Table objects."""
+    """RecentTrades.query every RECENT_EVERY s (one long-lived reader, as a dashboard holds), with its own
+    catalog and Table objects."""
     cat = catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse")
     table = catalog.ensure_table(cat, "trades")
-    # Split each call: the Kafka tail (recent._kafka_tail, wrapped here; only this thread calls it) and the rest.
+    # Split each call: the Kafka tail (watermarks, read, decode) and the rest (refresh, table part, merge).
     tail_clock = {"s": 0.0, "rows": 0}
-    kafka_tail = recent_module._kafka_tail
+    with RecentTrades(table, bootstrap, topic=topic, keep_minutes=RECENT_MINUTES + 1) as recent:
+        read_tail = recent._read_tail
 
-    def timed_tail(*args, **kwargs):
-        start = time.perf_counter()
-        rows = kafka_tail(*args, **kwargs)
-        tail_clock["s"], tail_clock["rows"] = time.perf_counter() - start, rows.num_rows
-        return rows
+        def timed_tail(committed):
+            start, before = time.perf_counter(), sum(recent.position.values())
+            try:
+                return read_tail(committed)
+            finally:
+                tail_clock["s"], tail_clock["rows"] = time.perf_counter() - start, sum(recent.position.values()) - before
 
-    recent_module._kafka_tail = timed_tail
-    try:
-        _recent_calls(stop, table, bootstrap, topic, calls, errors, tail_clock)
-    finally:
-        recent_module._kafka_tail = kafka_tail
+        recent._read_tail = timed_tail
+        _recent_calls(stop, recent, calls, errors, tail_clock)
 
 
-def _recent_calls(stop, table, bootstrap, topic, calls, errors, tail_clock) -> None:
+def _recent_calls(stop, recent, calls, errors, tail_clock) -> None:
     while not stop.wait(RECENT_EVERY):
         tail_clock["s"], tail_clock["rows"] = 0.0, 0
         called = time.time()
         try:
-            rows = recent_trades(table, bootstrap, RECENT_SYMBOL, RECENT_MINUTES, topic=topic)
+            rows = recent.query(RECENT_SYMBOL, RECENT_MINUTES)
         except Exception as exc:  # noqa: BLE001 - every failure is reported
             errors.append(f"{type(exc).__name__}: {exc}")
             continue
@@ -328,9 +327,9 @@ def render(results: dict) -> str:
     ]
     for label, key, target, ok in (
         ("E -> visible in market.trades (after commit)", "visible", f"p95 < {TARGET_VISIBLE_P95_S:g} s", v["visible_p95"]),
-        (f"E -> recent_trades({RECENT_SYMBOL}, 1 min) returned", "recent", f"p95 < {TARGET_RECENT_P95_S:g} s", v["recent_p95"]),
-        ("  recent_trades call duration", "recent_call_duration", "", ""),
-        ("    of which Kafka tail (consumer, read, decode)", "recent_kafka_tail_part", "", ""),
+        (f"E -> RecentTrades.query({RECENT_SYMBOL}, 1 min) returned", "recent", f"p95 < {TARGET_RECENT_P95_S:g} s", v["recent_p95"]),
+        ("  query call duration", "recent_call_duration", "", ""),
+        ("    of which Kafka tail (end offsets, read, decode)", "recent_kafka_tail_part", "", ""),
         ("    of which table scan + merge", "recent_table_and_merge_part", "", ""),
         ("  raw: E -> readable by a plain Kafka consumer", "raw_kafka", "", ""),
         ("  K2's own BatchReport latency p95, per batch", "k2_report_p95_per_batch", "", ""),
@@ -347,7 +346,7 @@ def render(results: dict) -> str:
         f"{results['batches']} micro-batches in {results['ticks']} ticks; median batch {results['median_batch_rows']:,} rows; "
         f"table {c['table_rows']:,} rows = {c['distinct_message_ids']:,} distinct message_ids (produced {results['produced']:,}, "
         f"dead-lettered {results['dead_lettered']}, unmapped {c['rows_not_mapped_to_a_batch']}); "
-        f"recent_trades errors: {len(results['recent_errors'])}",
+        f"recent query errors: {len(results['recent_errors'])}",
         f"batch write (decode -> commit) p50 {results['batch_write_s']['p50']:.2f} s, "
         f"max {results['batch_write_s']['max']:.2f} s; "
         f"first batch of a tick (the backlog of the {PAUSE_SECONDS:g} s pause + {MAX_BATCH_SECONDS:g} s of collecting): "

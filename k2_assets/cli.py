@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     recent.add_argument("--minutes", type=float, default=5)
     recent.add_argument("--format", choices=("table", "csv", "json"), default="table")
     recent.add_argument("--limit", type=int, default=50, help="rows to print (table format)")
+    recent.add_argument("--until", type=_utc_time, default=None, help="end of the window, ISO-8601 (default: now)")
+    recent.add_argument("--topic", default="market.crypto.trades.binance")
+    recent.add_argument("--every", type=float, default=0, help="ask again every SECONDS from one Kafka reader, until Ctrl-C")
 
     report = commands.add_parser("report", help="reports: `k2 report checks --start DATE --end DATE --format html|csv|md`")
     report.add_argument("what", choices=("checks",))
@@ -138,10 +141,30 @@ PASS_THROUGH = {"stream": _stream, "feed": _feed, "broker": _broker, "writer": _
 
 def _recent(settings: Settings, args: argparse.Namespace) -> int:
     from k2_assets.core import catalog
-    from k2_assets.core.recent import recent_trades
+    from k2_assets.core.recent import RecentTrades, recent_trades
 
     table = catalog.ensure_table(catalog.open_catalog(settings.catalog_uri, settings.warehouse), "trades")
-    rows = recent_trades(table, settings.kafka_bootstrap, args.symbol, args.minutes)
+    if not args.every:
+        _print_recent(recent_trades(table, settings.kafka_bootstrap, args.symbol, args.minutes, topic=args.topic, now=args.until), args)
+        return 0
+    with RecentTrades(table, settings.kafka_bootstrap, topic=args.topic, keep_minutes=args.minutes) as recent:
+        try:
+            while True:
+                _print_recent(recent.query(args.symbol, args.minutes, now=args.until), args)
+                sys.stdout.flush()
+                time.sleep(args.every)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _utc_time(text: str):
+    from datetime import datetime, timezone
+
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _print_recent(rows, args: argparse.Namespace) -> None:
     columns = ["exchange_timestamp", "symbol", "source_sequence", "side", "price", "quantity", "kafka_offset"]
     view = rows.select(columns)
     if args.format == "csv":
@@ -156,7 +179,6 @@ def _recent(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"{rows.num_rows} trades of {args.symbol.upper()} in the last {args.minutes:g} minutes")
         print(view.slice(max(0, view.num_rows - args.limit)).to_pandas().to_string(index=False))
-    return 0
 
 
 def _write_demo_data(out: Path, seed: int) -> None:
