@@ -301,6 +301,10 @@ def rejected_table(
     return schemas.build_table(schemas.REJECTED, columns, n)
 
 
+def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
 def string_map(keys: list[str], columns: list[pa.Array], n: int) -> pa.MapArray:
     """A map<string,string> per row from parallel value columns; null values leave the key out."""
     present = np.stack([pc.is_valid(c).to_numpy(zero_copy_only=False) for c in columns], axis=1)  # rows x keys
@@ -308,7 +312,8 @@ def string_map(keys: list[str], columns: list[pa.Array], n: int) -> pa.MapArray:
     np.cumsum(present.sum(axis=1), out=offsets[1:])
     flat = np.flatnonzero(present.ravel())  # row-major cell positions
     rows_idx, key_idx = np.divmod(flat, len(keys))
-    values = pa.chunked_array([c.cast(pa.string()) for c in columns], pa.string()).combine_chunks()
+    # concat_arrays of plain arrays: pa.chunked_array() over ChunkedArrays walks every value in Python.
+    values = pa.concat_arrays([_array(c).cast(pa.string()) for c in columns])
     return pa.MapArray.from_arrays(
         pa.array(offsets),
         pa.array(keys, pa.string()).take(pa.array(key_idx)),

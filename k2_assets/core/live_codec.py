@@ -130,8 +130,8 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
                  now: datetime | None = None) -> tuple[pa.Table, pa.Table]:
     """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
     now = now or decode.utc_now()
-    raw = pa.array(values, pa.binary())
     wire, reasons = _parse(values)
+    partition_column, offset_column = pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64())
     rows = decode.Rows.from_reasons(reasons)
     for name in _REQUIRED:
         rows.reject(pc.is_null(wire.column(name)), f"field {name} is missing")
@@ -151,8 +151,8 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
         ingest_timestamp=pc.cast(columns["ingest_timestamp"], pa.timestamp("us", tz="UTC")),
         trade_conditions=pc.fill_null(columns["trade_conditions"], pa.scalar([], pa.list_(pa.string()))),
         kafka_topic=pa.repeat(pa.scalar(topic), len(ok)),
-        kafka_partition=pc.take(pa.array(partitions, pa.int32()), ok),
-        kafka_offset=pc.take(pa.array(offsets, pa.int64()), ok),
+        kafka_partition=pc.take(partition_column, ok),
+        kafka_offset=pc.take(offset_column, ok),
     )
     vendor = columns["vendor_data"]
     columns["vendor_data"] = decode.string_map(list(VENDOR_KEYS), [pc.struct_field(vendor, k) for k in VENDOR_KEYS], len(ok))
@@ -167,9 +167,9 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
             "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
             "symbol": pc.take(wire.column("symbol"), bad),
             "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),
-            "kafka_partition": pc.take(pa.array(partitions, pa.int32()), bad),
-            "kafka_offset": pc.take(pa.array(offsets, pa.int64()), bad),
-            "raw": pc.take(raw, bad),
+            "kafka_partition": pc.take(partition_column, bad),
+            "kafka_offset": pc.take(offset_column, bad),
+            "raw": pa.array([values[i] for i in bad.to_pylist()], pa.binary()),
             "reason": pc.take(rows.reasons, bad),
             "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(bad)),
         },

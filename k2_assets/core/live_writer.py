@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -87,6 +89,32 @@ class BatchReport:
 
 
 @dataclass
+class _Batch:
+    """A consumed micro-batch: the trade topic's messages as columns, the dead letters as messages."""
+
+    values: list[bytes]
+    partitions: list[int]
+    offsets: list[int]
+    dead: list
+
+    @classmethod
+    def of(cls, messages: list, dead_letter_topic: str) -> _Batch:
+        dead = [m for m in messages if m.topic() == dead_letter_topic]
+        if dead:
+            messages = [m for m in messages if m.topic() != dead_letter_topic]
+        return cls([m.value() or b"" for m in messages], [m.partition() for m in messages], [m.offset() for m in messages], dead)
+
+
+def _hand_over(out: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            pass
+
+
+@dataclass
 class _Seen:
     """Trade ids already in the table, per (trade_date, symbol), as sorted int64 arrays."""
 
@@ -102,7 +130,21 @@ class _Seen:
 
     def add(self, day: date, symbol: str, new: np.ndarray) -> None:
         key = (day, symbol)
-        self.ids[key] = np.union1d(self.ids[key], new)
+        old, new = self.ids[key], np.unique(new)
+        if not old.size or new[0] > old[-1]:  # the usual case: ids only grow
+            self.ids[key] = np.concatenate([old, new])
+            return
+        merged = np.concatenate([old, new])
+        merged.sort(kind="stable")  # two sorted runs: a linear merge
+        self.ids[key] = merged[np.r_[True, merged[1:] != merged[:-1]]]
+
+    @staticmethod
+    def contains(seen: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Membership by binary search in the sorted ids (np.isin would sort them again every batch)."""
+        if not seen.size:
+            return np.zeros(len(ids), dtype=bool)
+        at = np.searchsorted(seen, ids)
+        return seen[np.minimum(at, seen.size - 1)] == ids
 
 
 class LiveWriter:
@@ -149,23 +191,61 @@ class LiveWriter:
         self.consumer.close()
 
     def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None) -> list[BatchReport]:
-        """Write micro-batches for up to `seconds`, stopping early once the topic is idle."""
+        """Write micro-batches for up to `seconds`, stopping early once the topic is idle.
+
+        A thread consumes the next micro-batch while this one is decoded and committed: Arrow's
+        decoding and Parquet writing release the GIL, so the two overlap on two cores."""
         reports = []
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            messages = self._collect(deadline, idle_seconds)
-            if not messages:
-                break
-            reports.append(self._write(messages))
-            if on_batch is not None:
-                on_batch(reports[-1])
+        batches: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        consuming = threading.Thread(target=self._prefetch, args=(deadline, idle_seconds, batches, stop),
+                                     name="k2-writer-consume", daemon=True)
+        consuming.start()
+        try:
+            while True:
+                batch = batches.get()
+                if isinstance(batch, BaseException):
+                    raise batch
+                if batch is None:
+                    break
+                reports.append(self._write(batch))
+                if on_batch is not None:
+                    on_batch(reports[-1])
+        except BaseException:
+            stop.set()
+            consuming.join()
+            self._resume_from_table()
+            raise
+        finally:
+            stop.set()
+            consuming.join()
         return reports
 
-    def _collect(self, deadline: float, idle_seconds: float) -> list:
+    def _resume_from_table(self) -> None:
+        """After a failed batch the consumer has read past what was written: back to the table's offsets."""
+        try:
+            self._assign()
+        except Exception:  # noqa: BLE001 - the original failure is the one to raise; the next writer re-reads the table
+            log.exception("could not re-read the committed offsets after a failed batch; this writer must be discarded")
+
+    def _prefetch(self, deadline: float, idle_seconds: float, out: queue.Queue, stop: threading.Event) -> None:
+        """The consuming thread: micro-batches into `out`, then None once the topic is idle or time is up."""
+        try:
+            while not stop.is_set():
+                messages = self._collect(deadline, idle_seconds, stop)
+                batch = _Batch.of(messages, self.dead_letter_topic) if messages else None
+                _hand_over(out, batch, stop)
+                if batch is None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - raised again in drain's thread
+            _hand_over(out, exc, stop)
+
+    def _collect(self, deadline: float, idle_seconds: float, stop: threading.Event) -> list:
         batch: list = []
         started = time.monotonic()
         idle_since = time.monotonic()
-        while len(batch) < self.max_batch_rows:
+        while len(batch) < self.max_batch_rows and not stop.is_set():
             now = time.monotonic()
             if now >= deadline or now - started >= self.max_batch_seconds or now - idle_since >= idle_seconds:
                 break
@@ -182,9 +262,9 @@ class LiveWriter:
                 idle_since = time.monotonic()
         return batch
 
-    def _write(self, messages: list) -> BatchReport:
+    def _write(self, batch: _Batch) -> BatchReport:
         started = time.monotonic()
-        report = self._write_batch(messages)
+        report = self._write_batch(batch)
         m = self.metrics
         m.batch_seconds.observe(time.monotonic() - started)
         m.consumed.inc(report.consumed)
@@ -202,13 +282,8 @@ class LiveWriter:
                 m.lag.labels(str(p)).set(max(0, high - position))
         return report
 
-    def _write_batch(self, messages: list) -> BatchReport:
-        dead = [m for m in messages if m.topic() == self.dead_letter_topic]
-        if dead:
-            messages = [m for m in messages if m.topic() != self.dead_letter_topic]
-        values = [m.value() or b"" for m in messages]
-        partitions = [m.partition() for m in messages]
-        offsets = [m.offset() for m in messages]
+    def _write_batch(self, batch: _Batch) -> BatchReport:
+        values, partitions, offsets, dead = batch.values, batch.partitions, batch.offsets, batch.dead
         rows, rejected = live_codec.decode_batch(values, self.topic, partitions, offsets, source=SOURCE)
         part, off = np.asarray(partitions), np.asarray(offsets)
         ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
@@ -257,7 +332,7 @@ class LiveWriter:
             log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
         committed = datetime.now(timezone.utc)
         return BatchReport(
-            consumed=len(messages),
+            consumed=len(values),
             written=rows.num_rows,
             duplicates=duplicates,
             rejected=rejected.num_rows,
@@ -289,7 +364,7 @@ class LiveWriter:
             _, first = np.unique(group_ids, return_index=True)  # first occurrence within the batch
             fresh = np.zeros(len(index), dtype=bool)
             fresh[first] = True
-            fresh &= ~np.isin(group_ids, seen)
+            fresh &= ~_Seen.contains(seen, group_ids)
             keep[index[fresh]] = True
         return rows.filter(pa.array(keep)), int((~keep).sum())
 
