@@ -10,6 +10,7 @@ whole micro-batch at once with Arrow's C++ JSON reader; per-record Avro decoding
 from __future__ import annotations
 
 import io
+import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
@@ -45,31 +46,33 @@ def events_in_frame(raw: bytes | str) -> list[dict]:
 
 
 def trade_from_event(event: dict, ingest_us: int) -> dict:
-    """A Binance `trade` event -> a v2 trade (dict of trade_v2.avsc fields)."""
-    if event.get("e") != "trade":
-        raise InvalidEvent(f"event type {event.get('e')!r} is not 'trade'")
-    symbol, trade_id, price, qty, trade_time, maker = (event.get(k) for k in ("s", "t", "p", "q", "T", "m"))
-    if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
-        raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
-    if not isinstance(trade_id, int) or isinstance(trade_id, bool) or trade_id < 0:
+    """A Binance `trade` event -> a v2 trade (dict of trade_v2.avsc fields).
+
+    On the producer's hot path (one call per frame): exact type tests instead of isinstance (which
+    also lets bool through as int), one regex per decimal, and a cache of symbols already accepted."""
+    get = event.get
+    if get("e") != "trade":
+        raise InvalidEvent(f"event type {get('e')!r} is not 'trade'")
+    symbol, trade_id, price, qty, trade_time, maker = get("s"), get("t"), get("p"), get("q"), get("T"), get("m")
+    currency = _ACCEPTED_SYMBOLS.get(symbol) if type(symbol) is str else None
+    if currency is None:
+        currency = _accept_symbol(symbol)
+    if type(trade_id) is not int or trade_id < 0:
         raise InvalidEvent(f"trade id {trade_id!r} is not a non-negative integer")
     for name, value in (("price", price), ("quantity", qty)):
-        if not isinstance(value, str) or not _is_decimal(value):
+        if type(value) is not str or _DECIMAL(value) is None:
             raise InvalidEvent(f"{name} {value!r} is not a decimal string that fits decimal(18,8)")
-        if not any(c in "123456789" for c in value):
+        if not value.strip("0."):
             raise InvalidEvent(f"{name} {value} must be greater than zero")
-    if not isinstance(trade_time, int) or isinstance(trade_time, bool) or trade_time <= 0:
+    if type(trade_time) is not int or trade_time <= 0:
         raise InvalidEvent(f"trade time {trade_time!r} is not epoch milliseconds")
-    if not isinstance(maker, bool):
+    if type(maker) is not bool:
         raise InvalidEvent(f"buyer-is-maker flag {maker!r} is not a boolean")
-    currency = _quote_currency(symbol)
-    if currency is None:
-        raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
-    exchange_us = trade_time * 1000
-    event_time = event.get("E")
-    vendor = {"event_time": str(event_time)} if isinstance(event_time, int) else {}
+    event_time = get("E")
+    vendor = {"event_time": str(event_time)} if type(event_time) is int else {}
     if "M" in event:
-        vendor["is_best_match"] = "True" if event["M"] is True else str(event["M"])
+        best = event["M"]
+        vendor["is_best_match"] = "True" if best is True else str(best)
     return {
         "message_id": f"{EXCHANGE}:{symbol}:{trade_id}",
         "trade_id": str(trade_id),
@@ -81,7 +84,7 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
         "side": "SELL" if maker else "BUY",
         "price": price,
         "quantity": qty,
-        "exchange_timestamp": exchange_us,
+        "exchange_timestamp": trade_time * 1000,
         "trade_date": _utc_day(trade_time // 86_400_000),
         "ingest_timestamp": ingest_us,
         "source_sequence": trade_id,
@@ -91,21 +94,26 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
     }
 
 
+_DECIMAL = re.compile(DECIMAL_TEXT, re.ASCII).fullmatch
+_ACCEPTED_SYMBOLS: dict[str, str] = {}  # symbol -> quote currency, once validated
+
+
+def _accept_symbol(symbol) -> str:
+    if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
+        raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
+    from k2_assets.core.binance_history import quote_currency
+
+    currency = quote_currency(symbol)
+    if currency is None:
+        raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
+    if len(_ACCEPTED_SYMBOLS) < 4096:
+        _ACCEPTED_SYMBOLS[symbol] = currency
+    return currency
+
+
 @lru_cache(maxsize=8)
 def _utc_day(days: int) -> str:
     return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)).date().isoformat()
-
-
-def _is_decimal(text: str) -> bool:
-    whole, _, frac = text.partition(".")
-    return whole.isdigit() and len(whole) <= 10 and (frac == "" or frac.isdigit()) and len(frac.rstrip("0")) <= 8
-
-
-@lru_cache(maxsize=4096)
-def _quote_currency(symbol: str) -> str | None:
-    from k2_assets.core.binance_history import quote_currency
-
-    return quote_currency(symbol)
 
 
 def encode(trade: dict) -> bytes:
