@@ -6,14 +6,14 @@ from k2_assets.core.settings import apply_defaults
 
 apply_defaults()  # before any EnvVar below is read: embedded defaults for one machine
 
-from k2_assets.defs import asx, binance, rollups  # noqa: E402
+from k2_assets.defs import asx, binance, maintenance, rollups  # noqa: E402
 from k2_assets.defs.io_manager import IcebergIOManager  # noqa: E402
 from k2_assets.defs.resources import IcebergResource  # noqa: E402
 
 defs = dg.Definitions(
     assets=[*asx.assets, *binance.assets, *rollups.assets],
-    jobs=[*asx.jobs, *binance.jobs],
-    schedules=[*asx.schedules, *binance.schedules],
+    jobs=[*asx.jobs, *binance.jobs, *maintenance.jobs],
+    schedules=[*asx.schedules, *binance.schedules, *maintenance.schedules],
     sensors=[*binance.sensors, *rollups.sensors],
     resources={
         "iceberg": IcebergResource(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow.compute as pc
+import pytest
 
 from k2_assets.core import maintenance, writer
 from k2_assets.core.live_writer import OFFSETS_KEY, recorded_offsets
@@ -69,3 +74,70 @@ def test_compacting_an_empty_partition_writes_nothing(catalog):
     result = maintenance.compact(trades, writer.partition_filter("ASX", datetime(2014, 3, 10).date()))
     assert (result.rows, result.files_before, result.files_after) == (0, 0, 0)
     assert trades.scan().to_arrow().num_rows == 0
+
+
+def _next_day(events: list[dict]) -> list[dict]:
+    """The same real trades, a day later (trade_date 2024-01-02): the live writer's next partition."""
+    return [{**e, "T": e["T"] + 86_400_000, "E": e["E"] + 86_400_000} for e in events]
+
+
+def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_dir, broker, topic, catalog):
+    events = btc_trade_events(btcusdt_dir)
+    produce(broker.bootstrap, topic, trade_messages(events[:2000]))
+    live = writer_for(catalog, broker, topic, max_batch_rows=500)
+    drain_all(live)
+    # A compaction of 2024-01-01 read the table here, before the writer's next commit ...
+    stale = catalog.load_table("market.trades")
+    where = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
+    rows = stale.scan(row_filter=where).to_arrow()
+    restated = {**maintenance.carried_properties(stale), "k2.maintenance": "compact"}
+    produce(broker.bootstrap, topic, trade_messages(_next_day(events[2000:2500])))
+    drain_all(live)
+    live.close()
+    offsets = recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic)
+    # ... and commits after it: pyiceberg retries and rebases the commit onto the writer's (another partition),
+    # so the compaction snapshot restates offsets lower than its parent's.
+    writer.replace_rows(stale, rows, where, properties=restated)
+    trades = catalog.load_table("market.trades")
+    assert trades.current_snapshot().summary["k2.maintenance"] == "compact"
+    assert json.loads(trades.current_snapshot().summary[OFFSETS_KEY + topic]) != {str(p): o for p, o in offsets.items()}
+    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets
+
+    time.sleep(0.05)
+    assert maintenance.expire(trades, retain=timedelta(0)) > 0
+    trades = catalog.load_table("market.trades")
+    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets  # the writer's snapshot with the highest offsets stayed
+    assert trades.scan().to_arrow().num_rows == 2500
+    resumed = writer_for(catalog, broker, topic)
+    assert resumed.position == {p: offsets.get(p, 0) for p in resumed.position}
+    assert drain_all(resumed) == []  # nothing read twice
+    resumed.close()
+
+
+def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusdt_dir):
+    from k2_assets.core import catalog as k2_catalog, live_codec
+    from k2_assets_tests.test_live_writer import INGEST_US
+
+    events = btc_trade_events(btcusdt_dir)[:600]
+    values = [live_codec.encode(live_codec.trade_from_event(e, INGEST_US)) for e in events]
+    rows, _ = live_codec.decode_batch(values, "t", [0] * 600, list(range(600)), source="test")
+    trades = k2_catalog.ensure_table(catalog, "trades")
+    for start in range(0, 600, 200):
+        trades.append(rows.slice(start, 200))
+    root = Path(urlparse(trades.location()).path)
+    old = time.time() - 10 * 86400
+    for path in root.rglob("*"):
+        os.utime(path, (old, old))  # referenced files older than the grace too
+    stray_old, stray_fresh = root / "data" / "stray-old.parquet", root / "data" / "stray-fresh.parquet"
+    stray_old.write_bytes(b"x")
+    stray_fresh.write_bytes(b"x")
+    os.utime(stray_old, (old, old))
+
+    assert maintenance.remove_orphan_files(trades, older_than=timedelta(days=3)) == [f"file://{stray_old}"]
+    assert not stray_old.exists() and stray_fresh.exists()
+    assert maintenance.remove_orphan_files(trades, older_than=timedelta(days=3)) == []
+    assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 600
+    # A data path outside the table's location may hold other tables' files: refused.
+    trades.transaction().set_properties({"write.data.path": f"file://{root.parent}/shared"}).commit_transaction()
+    with pytest.raises(ValueError, match="outside the table location"):
+        maintenance.find_orphan_files(catalog.load_table("market.trades"))

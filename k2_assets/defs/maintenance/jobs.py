@@ -1,0 +1,209 @@
+"""Table maintenance ops: compact closed partitions, expire old snapshots, remove orphan files.
+
+One job runs the three in order. Each op takes its own config (the Launchpad shows the defaults), and
+the UI's op selection runs one of them alone. The policy lives here, the mechanics in
+k2_assets.core.maintenance (which also keeps the live writer's exactly-once offsets intact).
+"""
+
+# No `from __future__ import annotations`: Dagster reads the config classes from the op signatures.
+from datetime import date, datetime, timedelta, timezone
+
+import dagster as dg
+from pydantic import Field
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, In, IsNull
+from pyiceberg.table import Table
+from pyiceberg.types import DateType
+
+from k2_assets.core import catalog as k2_catalog, maintenance
+from k2_assets.defs.resources import IcebergResource
+
+ALL_TABLES = sorted(k2_catalog.TABLES)
+MIN_ORPHAN_GRACE_DAYS = 1.0  # a write (a backfill of many days) can take hours: never delete younger files
+
+
+def _tables(iceberg: IcebergResource, names: list[str], log) -> list[tuple[str, Table]]:
+    """The requested K2 tables that exist (unknown names are refused; tables not created yet are skipped)."""
+    unknown = sorted(set(names) - set(k2_catalog.TABLES))
+    if unknown:
+        raise dg.Failure(description=f"unknown tables {unknown}; K2 tables are {ALL_TABLES}")
+    found = []
+    for name in names:
+        try:
+            found.append((name, iceberg.catalog().load_table(k2_catalog.table_identifier(name))))
+        except NoSuchTableError:
+            log.info(f"market.{name} does not exist yet: nothing to maintain")
+    return found
+
+
+def _markdown(header: list[str], rows: list[list]) -> dg.MetadataValue:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines) if rows else "nothing to report")
+
+
+class CompactConfig(dg.Config):
+    tables: list[str] = Field(default=ALL_TABLES, description="K2 tables (market.<name>) to compact.")
+    days: list[str] = Field(
+        default=[],
+        description="Days (YYYY-MM-DD) whose partitions to compact; empty: the last `lookback_days` closed days. "
+        "Today's UTC day and the current ASX session are refused: the live writer may still append to them.",
+    )
+    lookback_days: int = Field(
+        default=3, description="With no `days`: compact the closed days this far back (a deferred day is retried)."
+    )
+    min_files: int = Field(default=8, description="Compact only partitions with more than this many data files.")
+
+
+def _date_column(table: Table) -> str:
+    schema = table.schema()
+    fields = [schema.find_field(f.source_id) for f in table.spec().fields]
+    return next(f.name for f in fields if isinstance(f.field_type, DateType))
+
+
+def _partition_filter(partition: dict) -> BooleanExpression:
+    parts = [IsNull(c) if v is None else EqualTo(c, v.isoformat() if isinstance(v, date) else v) for c, v in partition.items()]
+    return parts[0] if len(parts) == 1 else And(*parts)
+
+
+@dg.op(out=dg.Out(dg.Nothing))
+def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
+    """Rewrite each closed partition with too many small files into few files, rows and Kafka offsets unchanged."""
+    now = datetime.now(timezone.utc)
+    if config.days:
+        days = sorted({date.fromisoformat(d) for d in config.days})
+        for day in days:
+            try:
+                maintenance.require_closed(day, now)
+            except ValueError as exc:
+                raise dg.Failure(description=str(exc)) from None
+    else:
+        closed = maintenance.last_closed_day(now)
+        days = [closed - timedelta(days=i) for i in range(config.lookback_days)][::-1]
+    rows, totals = [], {"compacted": 0, "already_compact": 0, "deferred": 0, "files_before": 0, "files_after": 0, "rows": 0}
+    for name, table in _tables(iceberg, config.tables, context.log):
+        if table.current_snapshot() is None:
+            continue  # created, never written
+        selected = In(_date_column(table), {day.isoformat() for day in days})
+        partitions = table.inspect.partitions(row_filter=selected).to_pylist()  # one pass over the manifests
+        for stats in sorted(partitions, key=lambda p: tuple(str(v) for v in p["partition"].values())):
+            partition, files = stats["partition"], stats["file_count"]
+            label = "/".join(f"{c}={v}" for c, v in partition.items())
+            if files <= config.min_files:
+                totals["already_compact"] += 1
+                continue
+            try:
+                result = maintenance.compact(table, _partition_filter(partition))
+            except (CommitFailedException, ValidationException) as exc:
+                # A writer committed to this very partition meanwhile: nothing changed; a later run retries.
+                context.log.warning(f"market.{name} {label}: deferred, a concurrent commit won ({exc})")
+                totals["deferred"] += 1
+                rows.append([name, label, files, "deferred", stats["record_count"], ""])
+                continue
+            context.log.info(f"market.{name} {label}: {result.files_before} -> {result.files_after} files, {result.rows} rows")
+            totals["compacted"] += 1
+            totals["files_before"] += result.files_before
+            totals["files_after"] += result.files_after
+            totals["rows"] += result.rows
+            rows.append([name, label, result.files_before, result.files_after, result.rows, result.snapshot_id])
+    return dg.Output(
+        None,
+        metadata={
+            "days": [d.isoformat() for d in days],
+            "partitions_compacted": totals["compacted"],
+            "partitions_already_compact": totals["already_compact"],
+            "partitions_deferred": totals["deferred"],
+            "files_before": totals["files_before"],
+            "files_after": totals["files_after"],
+            "rows_rewritten": totals["rows"],
+            "partitions": _markdown(["table", "partition", "files before", "files after", "rows", "snapshot"], rows),
+        },
+    )
+
+
+class ExpireConfig(dg.Config):
+    tables: list[str] = Field(default=ALL_TABLES, description="K2 tables (market.<name>) whose snapshots to expire.")
+    retention_days: float = Field(
+        default=maintenance.TIME_TRAVEL_WINDOW.days,
+        description="Keep every snapshot this recent: the time-travel window promised to users (7 days).",
+    )
+    allow_short_retention: bool = Field(default=False, description="Allow a retention shorter than the promised 7 days.")
+
+
+@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
+def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, iceberg: IcebergResource) -> dg.Output:
+    """Expire snapshots older than the promised time-travel window, keeping the snapshots that hold the Kafka offsets."""
+    retain = timedelta(days=config.retention_days)
+    if retain < maintenance.TIME_TRAVEL_WINDOW and not config.allow_short_retention:
+        raise dg.Failure(
+            description=f"retention_days={config.retention_days} is shorter than the "
+            f"{maintenance.TIME_TRAVEL_WINDOW.days}-day time-travel window promised to users; "
+            "set allow_short_retention to do it anyway"
+        )
+    if retain < timedelta(0):
+        raise dg.Failure(description="retention_days must not be negative")
+    rows, expired_total = [], 0
+    now = datetime.now(timezone.utc)
+    for name, table in _tables(iceberg, config.tables, context.log):
+        before = len(table.metadata.snapshots)
+        expired = maintenance.expire(table, retain, now)
+        table.refresh()
+        oldest = min((s.timestamp_ms for s in table.metadata.snapshots), default=None)
+        oldest_text = datetime.fromtimestamp(oldest / 1000, tz=timezone.utc).isoformat(timespec="seconds") if oldest else ""
+        context.log.info(f"market.{name}: {expired} of {before} snapshots expired")
+        expired_total += expired
+        rows.append([name, before, expired, len(table.metadata.snapshots), oldest_text])
+    return dg.Output(
+        None,
+        metadata={
+            "retention_days": config.retention_days,
+            "snapshots_expired": expired_total,
+            "tables": _markdown(["table", "snapshots before", "expired", "snapshots after", "oldest kept"], rows),
+        },
+    )
+
+
+class OrphanConfig(dg.Config):
+    tables: list[str] = Field(default=ALL_TABLES, description="K2 tables (market.<name>) whose orphan files to remove.")
+    grace_days: float = Field(
+        default=maintenance.ORPHAN_GRACE.days,
+        description="Only delete unreferenced files older than this (at least 1 day): younger ones may be a write in flight.",
+    )
+    dry_run: bool = Field(default=False, description="Report the orphan files without deleting them.")
+
+
+@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
+def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, iceberg: IcebergResource) -> dg.Output:
+    """Delete files no snapshot references (failed writes, expired snapshots' files) once older than the grace period."""
+    if config.grace_days < MIN_ORPHAN_GRACE_DAYS:
+        raise dg.Failure(
+            description=f"grace_days={config.grace_days} is under {MIN_ORPHAN_GRACE_DAYS} day: it could delete a write in flight"
+        )
+    rows, removed_total, bytes_total, sample = [], 0, 0, []
+    for name, table in _tables(iceberg, config.tables, context.log):
+        orphans = maintenance.find_orphan_files(table, timedelta(days=config.grace_days))
+        removed = [o.path for o in orphans] if config.dry_run else maintenance.delete_files(table, orphans)
+        gone = set(removed)
+        size = sum(o.size for o in orphans if o.path in gone)
+        context.log.info(f"market.{name}: {len(removed)} orphan files ({size} bytes) {'found' if config.dry_run else 'removed'}")
+        removed_total += len(removed)
+        bytes_total += size
+        sample += removed[: max(0, 20 - len(sample))]
+        rows.append([name, len(removed), size])
+    return dg.Output(
+        None,
+        metadata={
+            "dry_run": config.dry_run,
+            "grace_days": config.grace_days,
+            "orphan_files_removed": 0 if config.dry_run else removed_total,
+            "orphan_files_found": removed_total,
+            "bytes_removed": 0 if config.dry_run else bytes_total,
+            "tables": _markdown(["table", "orphan files", "bytes"], rows),
+            "sample": dg.MetadataValue.json(sample),
+        },
+    )
+
+
+@dg.job(description="Compact closed partitions, expire snapshots past the 7-day time-travel window, remove orphan files.")
+def table_maintenance_job():
+    remove_orphan_files(after=expire_snapshots(after=compact_partitions()))

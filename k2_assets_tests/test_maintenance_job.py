@@ -1,0 +1,139 @@
+"""The Dagster table maintenance job on a real catalog fed by the live writer: compaction, expiry and
+orphan removal keep the rows, the exactly-once offsets and time travel inside the retention."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import dagster as dg
+
+from k2_assets.core.live_writer import OFFSETS_KEY, recorded_offsets
+from k2_assets.defs.maintenance import table_maintenance_job
+from k2_assets.defs.resources import IcebergResource
+from k2_assets_tests.conftest import btc_trade_events
+from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
+
+TEN_DAYS_AGO = time.time() - 10 * 86400
+
+
+def run(catalog_props, ops: dict, op_selection: list[str] | None = None, raise_on_error: bool = True):
+    return table_maintenance_job.execute_in_process(
+        run_config={"ops": {name: {"config": config} for name, config in ops.items()}},
+        resources={"iceberg": IcebergResource(**catalog_props)},
+        op_selection=op_selection,
+        raise_on_error=raise_on_error,
+    )
+
+
+def step_metadata(result, step: str) -> dict:
+    event = next(e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == step)
+    return {key: value.value for key, value in event.event_specific_data.metadata.items()}
+
+
+def failure(result, step: str) -> str:
+    assert not result.success
+    return result.failure_data_for_node(step).error.to_string()
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()}
+
+
+def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog, catalog_props):
+    produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[:8000]))
+    live = writer_for(catalog, broker, topic, max_batch_rows=500)  # many small commits, as live traffic makes
+    drain_all(live)
+    live.close()
+    trades = catalog.load_table("market.trades")
+    offsets_before = recorded_offsets(trades, OFFSETS_KEY + topic)
+    ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
+    first_snapshot, last_live_snapshot = trades.metadata.snapshots[0].snapshot_id, trades.current_snapshot().snapshot_id
+    first_rows = trades.scan(snapshot_id=first_snapshot).to_arrow().num_rows
+    root = Path(urlparse(trades.location()).path)
+    partition_dir = root / "data" / "exchange=BINANCE" / "trade_date=2024-01-01"
+    small_files = files_under(partition_dir)
+    assert len(small_files) >= 16
+    # Every file of the table is older than the grace now: only references may protect them.
+    for path in files_under(root):
+        os.utime(path, (TEN_DAYS_AGO, TEN_DAYS_AGO))
+    stray_old, stray_fresh = partition_dir / "stray-old.parquet", partition_dir / "stray-fresh.parquet"
+    stray_meta = root / "metadata" / "stray-old.avro"
+    for stray in (stray_old, stray_meta, stray_fresh):
+        stray.write_bytes(b"left behind by a failed write")
+    for stray in (stray_old, stray_meta):
+        os.utime(stray, (TEN_DAYS_AGO, TEN_DAYS_AGO))
+
+    # The nightly run with its defaults, on the closed day 2024-01-01.
+    result = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01"]}})
+    compacted = step_metadata(result, "compact_partitions")
+    assert compacted["partitions_compacted"] == 1 and compacted["rows_rewritten"] == 8000
+    assert compacted["files_before"] >= 16 and compacted["files_after"] == 1
+    assert step_metadata(result, "expire_snapshots")["snapshots_expired"] == 0  # all inside the 7-day window
+    orphans = step_metadata(result, "remove_orphan_files")
+    assert orphans["orphan_files_removed"] == 2 and orphans["bytes_removed"] == 2 * len(b"left behind by a failed write")
+    assert not stray_old.exists() and not stray_meta.exists() and stray_fresh.exists()  # the fresh one may be a write in flight
+    assert small_files <= files_under(partition_dir)  # still referenced by snapshots inside the window
+
+    trades = catalog.load_table("market.trades")
+    assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
+    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    # Time travel inside the retention reads the old snapshots from the small files.
+    assert trades.scan(snapshot_id=first_snapshot).to_arrow().num_rows == first_rows > 0
+    assert trades.scan(snapshot_id=last_live_snapshot).to_arrow().num_rows == 8000
+
+    # A second run compacts nothing more: the partition is compact already.
+    again = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01"]}}, ["compact_partitions"])
+    again = step_metadata(again, "compact_partitions")
+    assert (again["partitions_compacted"], again["partitions_already_compact"]) == (0, 1)
+
+    # Past the retention (shortened here, on purpose): the old snapshots go, then the small files only they reached.
+    time.sleep(0.05)
+    result = run(
+        catalog_props,
+        {"expire_snapshots": {"retention_days": 0, "allow_short_retention": True}, "remove_orphan_files": {}},
+        ["expire_snapshots", "remove_orphan_files"],
+    )
+    assert step_metadata(result, "expire_snapshots")["snapshots_expired"] >= 16
+    orphans = step_metadata(result, "remove_orphan_files")
+    assert orphans["orphan_files_removed"] >= len(small_files) and orphans["bytes_removed"] > 0
+    remaining = files_under(partition_dir)
+    assert not remaining & small_files and len(remaining - {stray_fresh}) == 1  # the one compacted file
+    trades = catalog.load_table("market.trades")
+    assert trades.snapshot_by_id(first_snapshot) is None
+    table = trades.scan().to_arrow()
+    assert sorted(table.column("message_id").to_pylist()) == ids_before
+    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    resumed = writer_for(catalog, broker, topic)  # a writer started now resumes exactly where it stopped
+    assert resumed.position == {p: offsets_before.get(p, 0) for p in resumed.position}
+    resumed.close()
+
+
+def test_maintenance_refuses_the_open_day_and_a_broken_promise(catalog_props):
+    today = datetime.now(timezone.utc).date().isoformat()
+    compact = ["compact_partitions"]
+    result = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01", today]}}, compact, raise_on_error=False)
+    message = failure(result, "compact_partitions")
+    assert f"refusing to compact {today}" in message and "live writer" in message
+
+    result = run(catalog_props, {"expire_snapshots": {"retention_days": 1}}, ["expire_snapshots"], raise_on_error=False)
+    assert "time-travel window promised to users" in failure(result, "expire_snapshots")
+
+    result = run(catalog_props, {"remove_orphan_files": {"grace_days": 0.01}}, ["remove_orphan_files"], raise_on_error=False)
+    assert "could delete a write in flight" in failure(result, "remove_orphan_files")
+
+    result = run(catalog_props, {"compact_partitions": {"tables": ["trades", "nope"]}}, compact, raise_on_error=False)
+    assert "unknown tables ['nope']" in failure(result, "compact_partitions")
+
+
+def test_the_schedule_runs_the_job_daily_after_the_history_load():
+    from k2_assets.defs.maintenance import table_maintenance_schedule
+
+    assert table_maintenance_schedule.cron_schedule == "30 4 * * *"
+    assert table_maintenance_schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    with dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 2, 4, 30, tzinfo=timezone.utc)) as context:
+        request = table_maintenance_schedule.evaluate_tick(context).run_requests[0]
+    assert request.run_key == "table-maintenance-2024-01-02"
