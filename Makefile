@@ -18,7 +18,17 @@ demo: install
 .tools/promtool:
 	bash scripts/get-promtool || echo "warning: promtool unavailable; the alert-rule tests will say why they fail"
 
-test: install .tools/promtool
+.tools/pushgateway:
+	bash scripts/get-pushgateway || echo "warning: pushgateway unavailable; the Pushgateway tests will say why they fail"
+
+.PHONY: docker-compose
+docker-compose:  # Debian's docker-compose: `docker-compose config` validates the stack without a Docker engine
+	@bash scripts/get-docker-compose || echo "warning: docker-compose unavailable; the compose tests will say why they fail"
+
+/usr/bin/chromium:  # Debian's chromium for the browser test (Playwright drives it; it never downloads a browser)
+	bash scripts/get-chromium || echo "warning: chromium unavailable; the browser test will say why it fails"
+
+test: install /usr/bin/chromium .tools/promtool .tools/pushgateway docker-compose
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: install

@@ -65,3 +65,18 @@ def test_served_metrics_pass_promtool(promtool, btcusdt_dir, broker, topic, cata
         result = run(promtool, "check", "metrics", stdin=exposition)
         assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
         assert b"k2_" in exposition
+
+
+def test_every_dashboard_query_is_valid_promql(promtool, tmp_path):
+    import json
+
+    import yaml
+
+    dashboard = json.loads((REPO / "config" / "grafana" / "dashboards" / "k2.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    assert any("k2_rollup_bars_written_total" in e for e in exprs) and any("k2_sequence_gaps_closed_total" in e for e in exprs)
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"k2:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "dashboard.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

@@ -16,6 +16,7 @@ from k2_assets.defs.maintenance import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
 from k2_assets_tests.conftest import btc_trade_events
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
+from k2_assets_tests.test_metrics import gateway_text, pushed, pushgateway  # noqa: F401 - pushgateway is a fixture
 
 TEN_DAYS_AGO = time.time() - 10 * 86400
 
@@ -43,7 +44,9 @@ def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()}
 
 
-def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog, catalog_props):
+def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway,
+                                                            monkeypatch):
+    monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
     produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[:8000]))
     live = writer_for(catalog, broker, topic, max_batch_rows=500)  # many small commits, as live traffic makes
     drain_all(live)
@@ -77,6 +80,12 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker,
     assert orphans["orphan_files_removed"] == 2 and orphans["bytes_removed"] == 2 * len(b"left behind by a failed write")
     assert not stray_old.exists() and not stray_meta.exists() and stray_fresh.exists()  # the fresh one may be a write in flight
     assert small_files <= files_under(partition_dir)  # still referenced by snapshots inside the window
+    # Each op pushed what it did to the Pushgateway, grouped by op.
+    text = gateway_text(pushgateway)
+    assert pushed(text, "k2_maintenance_partitions_compacted_total", table="trades", op="compact_partitions") == 1
+    assert pushed(text, "k2_maintenance_data_files_replaced_total", table="trades") == compacted["files_before"] - 1
+    assert pushed(text, "k2_maintenance_orphan_files_removed_total", table="trades", op="remove_orphan_files") == 2
+    assert pushed(text, "k2_maintenance_seconds_count", op="expire_snapshots") == 1
 
     trades = catalog.load_table("market.trades")
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before

@@ -3,6 +3,7 @@ time order. Complements the row rules in checks.py; like them, each rule is a na
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -123,16 +124,43 @@ def gap_outcome(gap_rows: pa.Table) -> Outcome:
     return outcome
 
 
+@dataclass(frozen=True)
+class GapChanges:
+    opened: int  # gap rows opened
+    missing: int  # sequence numbers missing in them
+    closed: dict[str, int]  # closed_how -> gap rows closed
+
+
+def gap_changes(existing: pa.Table, rows: pa.Table) -> GapChanges:
+    """What a reconcile changed: rows open now that were not open before, and rows closed since."""
+    def open_keys(table: pa.Table) -> dict[tuple, int]:
+        return {(r["symbol"], r["first_missing"], r["last_missing"]): r["missing_count"] for r in table.to_pylist() if r["closed_at"] is None}
+
+    def closed_rows(table: pa.Table) -> Counter:
+        return Counter((r["symbol"], r["first_missing"], r["last_missing"], r["closed_at"], r["closed_how"])
+                       for r in table.to_pylist() if r["closed_at"] is not None)
+
+    before, after = open_keys(existing), open_keys(rows)
+    opened = {key: count for key, count in after.items() if key not in before}
+    closed = Counter(row[4] for row in (closed_rows(rows) - closed_rows(existing)).elements())
+    return GapChanges(len(opened), sum(opened.values()), dict(closed))
+
+
 def reconcile_partition(gaps_table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
                         detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
-                        filled_how: str = "late_arrival", answers: dict | None = None) -> pa.Table:
-    """Compare what a partition is missing now with its rows in market.sequence_gaps, and commit the result."""
+                        filled_how: str = "late_arrival", answers: dict | None = None, metrics=None) -> pa.Table:
+    """Compare what a partition is missing now with its rows in market.sequence_gaps, and commit the result.
+
+    metrics (a core.metrics.GapMetrics) counts the gaps opened and closed, once the commit is done."""
     where = And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
     existing = gaps_table.scan(row_filter=where).to_arrow()
     rows = reconcile(existing, current, exchange=exchange, session_date=session_date, detected_by=detected_by, now=now,
                      explained=explained, filled_how=filled_how, answers=answers)
     if rows.num_rows or existing.num_rows:
         writer.replace_rows(gaps_table, rows, where, properties={"k2.source": detected_by})
+    if metrics is not None:
+        changes = gap_changes(existing, rows)
+        metrics.record(exchange, changes.opened, changes.missing, changes.closed)
     return rows
 
 

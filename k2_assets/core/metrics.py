@@ -1,13 +1,23 @@
-"""Prometheus metrics of the live path. Label sets are bounded: symbols (configured), Kafka partitions,
-sequence event kinds; never an id, an offset or a gap size."""
+"""Prometheus metrics. Label sets are bounded: symbols (configured), Kafka partitions, sequence event
+kinds, exchanges, gap outcomes, bar intervals, tables; never an id, an offset or a gap size.
+
+Long-running processes (the producer, the writer, the code server's sensor) serve /metrics (serve()).
+Short Dagster runs (loads, rollups, gap repair) fill a registry of their own and push it to a
+Prometheus Pushgateway when they succeed (push(), on when K2_PUSHGATEWAY_URL is set)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway, start_http_server
 
-from k2_assets.core.sequence import EVENT_NAMES
+from k2_assets.core.sequence import ACCEPTED, EVENT_NAMES, LATE_ARRIVAL, REPAIR
+
+PUSHGATEWAY_ENV = "K2_PUSHGATEWAY_URL"
+GAP_OUTCOMES = (LATE_ARRIVAL, REPAIR, ACCEPTED)  # market.sequence_gaps.closed_how; anything else counts as "other"
+log = logging.getLogger("k2.metrics")
 
 
 class ProducerMetrics:
@@ -47,6 +57,111 @@ class WriterMetrics:
         self.last_commit_time = Gauge("k2_writer_last_commit_timestamp_seconds", "When the last batch was committed", registry=r)
         for name in EVENT_NAMES:
             self.sequence_events.labels(name)
+        self.gaps = GapMetrics(r)  # the sensor reconciles market.sequence_gaps after each tick
+
+
+class GapMetrics:
+    """Gaps opened and closed in market.sequence_gaps, per exchange; closed ones by how (closed_how)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, exchanges: tuple[str, ...] | None = None):
+        from k2_assets.core.checks import EXCHANGES  # here, not at the top: the producer needs none of pandas
+
+        exchanges = tuple(EXCHANGES) if exchanges is None else exchanges
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.opened = Counter("k2_sequence_gaps_opened", "Gap rows opened in market.sequence_gaps (ranges of missing sequence numbers)",
+                              ["exchange"], registry=r)
+        self.closed = Counter("k2_sequence_gaps_closed", "Gap rows closed in market.sequence_gaps, by how they closed",
+                              ["exchange", "outcome"], registry=r)
+        self.missing = Counter("k2_sequence_gap_ids_opened", "Sequence numbers missing in the gaps opened (the size is the value)",
+                               ["exchange"], registry=r)
+        for exchange in exchanges:
+            self.opened.labels(exchange)
+            self.missing.labels(exchange)
+            for outcome in GAP_OUTCOMES:
+                self.closed.labels(exchange, outcome)
+
+    def record(self, exchange: str, opened: int, missing: int, closed: Mapping[str, int]) -> None:
+        self.opened.labels(exchange).inc(opened)
+        self.missing.labels(exchange).inc(missing)
+        for how, count in closed.items():
+            self.closed.labels(exchange, how if how in GAP_OUTCOMES else "other").inc(count)
+
+
+class RollupMetrics:
+    """The OHLCV rollup assets: bars written and time taken, per interval."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.bars_written = Counter("k2_rollup_bars_written", "Bars written to market.ohlcv_<interval>", ["interval"], registry=r)
+        self.filled_bars = Counter("k2_rollup_filled_bars_written", "Of those, bars of minutes without trades (filled at the previous close)",
+                                   ["interval"], registry=r)
+        self.seconds = Histogram("k2_rollup_seconds", "Time to compute, write and check one partition of bars", ["interval"], registry=r,
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+
+    def record(self, interval: str, bars: int, filled: int, seconds: float) -> None:
+        self.bars_written.labels(interval).inc(bars)
+        self.filled_bars.labels(interval).inc(filled)
+        self.seconds.labels(interval).observe(seconds)
+
+
+class LoadMetrics:
+    """The batch loads (ASX sessions, Binance history days): rows read, written and rejected, time taken."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.read = Counter("k2_load_rows_read", "Rows read from the source files", ["table"], registry=r)
+        self.written = Counter("k2_load_rows_written", "Rows written (not already present)", ["table"], registry=r)
+        self.rejected = Counter("k2_load_rows_rejected", "Rows written to market.rejected", ["table"], registry=r)
+        self.seconds = Histogram("k2_load_seconds", "Time to write and check one partition", ["table"], registry=r,
+                                 buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+
+
+class RepairMetrics:
+    """Binance gap repair from the exchange's REST API."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requested = Counter("k2_repair_ids_requested", "Trade ids asked of the exchange", registry=r)
+        self.written = Counter("k2_repair_trades_written", "Trades fetched from the exchange and written", registry=r)
+        self.already_present = Counter("k2_repair_trades_already_present", "Fetched trades the table already held", registry=r)
+        self.unavailable = Counter("k2_repair_ranges_unavailable", "Gap ranges the exchange could not (entirely) fill", registry=r)
+
+
+class MaintenanceMetrics:
+    """Table maintenance: partitions compacted, snapshots expired, orphan files removed, per table."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.compacted = Counter("k2_maintenance_partitions_compacted", "Partitions rewritten into fewer files", ["table"], registry=r)
+        self.files_removed = Counter("k2_maintenance_data_files_replaced", "Data files replaced by compaction (before minus after)",
+                                     ["table"], registry=r)
+        self.expired = Counter("k2_maintenance_snapshots_expired", "Snapshots expired", ["table"], registry=r)
+        self.orphans = Counter("k2_maintenance_orphan_files_removed", "Unreferenced files deleted", ["table"], registry=r)
+        self.seconds = Histogram("k2_maintenance_seconds", "Time one maintenance op took", ["op"], registry=r,
+                                 buckets=(1, 5, 10, 30, 60, 300, 600, 1800, 3600))
+
+
+def push(registry: CollectorRegistry, job: str, grouping_key: Mapping[str, str], *, url: str | None = None,
+         timeout: float = 5.0, logger=None) -> bool:
+    """Push a short run's metrics to the Pushgateway at K2_PUSHGATEWAY_URL (no-op when unset).
+
+    pushadd: the metrics of this registry replace those of the same name in the group (job plus
+    grouping_key, bounded labels such as the asset name), so the gateway holds the last run's values.
+    A gateway that is down or refuses costs a warning, never the run. Returns whether it was pushed."""
+    url = os.environ.get(PUSHGATEWAY_ENV, "") if url is None else url
+    if not url:
+        return False
+    try:
+        pushadd_to_gateway(url, job=job, registry=registry, grouping_key=dict(grouping_key), timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - metrics must never fail the run
+        (logger or log).warning(f"metrics of {job} {dict(grouping_key)} not pushed to {url}: {exc}")
+        return False
+    return True
 
 
 def serve(registry: CollectorRegistry, port: int, host: str | None = None):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from datetime import date, datetime, timezone
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import And, BooleanExpression, EqualTo
 
 from k2_assets.core import checks, integrity, writer
 from k2_assets.core.decode import Batch
+from k2_assets.core.metrics import GapMetrics, LoadMetrics
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.run_metrics import LOADS, publish
 
 
 def rules(kind: str) -> tuple[checks.Rule, ...]:
@@ -46,14 +50,14 @@ def check_results(outcomes: dict[str, checks.Outcome], checked_rows: int, snapsh
 
 def evaluate_partition(iceberg: IcebergResource, stored: pa.Table, *, kind: str, exchange: str, session_date: date,
                        detected_by: str, explained: dict | None = None, filled_how: str = "late_arrival",
-                       answers: dict | None = None) -> dict[str, checks.Outcome]:
-    """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps."""
+                       answers: dict | None = None, gap_metrics: GapMetrics | None = None) -> dict[str, checks.Outcome]:
+    """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps (counted in gap_metrics)."""
     outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
     if kind == "trades":
         gaps = integrity.reconcile_partition(
             iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets_each_session=exchange == "ASX"),
             exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(timezone.utc),
-            explained=explained, filled_how=filled_how, answers=answers,
+            explained=explained, filled_how=filled_how, answers=answers, metrics=gap_metrics,
         )
         outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(gaps)
         outcomes[integrity.TIME_MONOTONIC.name] = integrity.time_disorder(stored)
@@ -72,7 +76,10 @@ def write_partition(
     keep: BooleanExpression | None = None,
     extra_metadata: dict | None = None,
 ) -> dg.MaterializeResult:
-    """Replace the partition's rows and its rejects, validate what the table now holds, report it all."""
+    """Replace the partition's rows and its rejects, validate what the table now holds, report it all (and push its metrics)."""
+    started = time.monotonic()
+    registry = CollectorRegistry()
+    load, gap_metrics = LoadMetrics(registry), GapMetrics(registry, exchanges=(exchange,)) if kind == "trades" else None
     source = context.asset_key.to_user_string()
     properties = {"k2.source": source, "k2.partition": context.partition_key, "k2.run_id": context.run.run_id}
     result = writer.replace_rows(iceberg.table(kind), batch.rows, where, keep=keep, properties=properties)
@@ -90,7 +97,7 @@ def write_partition(
         row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
     ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
     outcomes = evaluate_partition(iceberg, stored, kind=kind, exchange=exchange, session_date=session_date, detected_by=source,
-                                  explained=integrity.rejected_sequences(batch.rejected))
+                                  explained=integrity.rejected_sequences(batch.rejected), gap_metrics=gap_metrics)
     results = check_results(outcomes, stored.num_rows, result.snapshot_id)
     metadata = {
         "dagster/row_count": stored.num_rows,
@@ -109,6 +116,11 @@ def write_partition(
         metadata["rejected_reasons"] = dg.MetadataValue.md(
             "| reason | rows |\n|---|---|\n" + "\n".join(f"| {r} | {n} |" for r, n in zip(*reasons.to_pydict().values()))
         )
+    load.read.labels(kind).inc(batch.read)
+    load.written.labels(kind).inc(result.written)
+    load.rejected.labels(kind).inc(batch.rejected.num_rows)
+    load.seconds.labels(kind).observe(time.monotonic() - started)
+    publish(context, LOADS, registry)
     return dg.MaterializeResult(metadata=metadata, check_results=results)
 
 

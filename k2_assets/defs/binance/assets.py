@@ -1,14 +1,17 @@
 from datetime import date
 
 import dagster as dg
+from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import And, NotNull
 
 from k2_assets.core import binance_history as dumps, repair
+from k2_assets.core.metrics import GapMetrics, RepairMetrics
 from k2_assets.core.writer import partition_filter
 from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
 from k2_assets.defs.loading import check_results, check_specs, evaluate_partition, summary, write_partition
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.run_metrics import GAP_REPAIR, publish
 
 
 @dg.asset(
@@ -62,15 +65,23 @@ def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, 
     trades, gaps = iceberg.table("trades"), iceberg.table("sequence_gaps")
     where = partition_filter(dumps.EXCHANGE, day)
     source = context.asset_key.to_user_string()
+    registry = CollectorRegistry()
+    gap_metrics, repair_metrics = GapMetrics(registry, exchanges=(dumps.EXCHANGE,)), RepairMetrics(registry)
     # What is missing now (late arrivals may have filled some gaps since the last look) ...
     before = trades.scan(row_filter=where).to_arrow()
-    evaluate_partition(iceberg, before, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source)
+    evaluate_partition(iceberg, before, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source,
+                       gap_metrics=gap_metrics)
     # ... then ask the exchange for the rest, write it once, and close what it filled.
     report = repair.repair_partition(trades, gaps, binance_rest.base_url, day, api_key=binance_rest.api_key or None)
     stored = trades.scan(row_filter=where).to_arrow()
     outcomes = evaluate_partition(iceberg, stored, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source,
-                                  filled_how="repair", answers=repair.explanations(report))
+                                  filled_how="repair", answers=repair.explanations(report), gap_metrics=gap_metrics)
     context.log.info(f"repair of {day}: {report.written} trades written, {len(report.unavailable)} ranges the exchange cannot fill")
+    repair_metrics.requested.inc(report.requested)
+    repair_metrics.written.inc(report.written)
+    repair_metrics.already_present.inc(report.already_present)
+    repair_metrics.unavailable.inc(len(report.unavailable))
+    publish(context, GAP_REPAIR, registry)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": stored.num_rows,

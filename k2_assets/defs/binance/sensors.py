@@ -76,7 +76,7 @@ def _gap_check(iceberg: IcebergResource, writer: LiveWriter, day: date) -> dg.As
     """Reconcile the day's gaps from the writer's in-memory ids (no table scan) and report the check."""
     rows = integrity.reconcile_partition(
         iceberg.table("sequence_gaps"), writer.holes(day), exchange="BINANCE", session_date=day,
-        detected_by="binance_trades_sensor", now=datetime.now(timezone.utc),
+        detected_by="binance_trades_sensor", now=datetime.now(timezone.utc), metrics=_metrics.gaps,
     )
     outcome = integrity.gap_outcome(rows)
     return dg.AssetCheckEvaluation(

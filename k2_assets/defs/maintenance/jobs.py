@@ -6,6 +6,7 @@ k2_assets.core.maintenance (which also keeps the live writer's exactly-once offs
 """
 
 # No `from __future__ import annotations`: Dagster reads the config classes from the op signatures.
+import time
 from datetime import date, datetime, timedelta, timezone
 
 import dagster as dg
@@ -16,7 +17,9 @@ from pyiceberg.table import Table
 from pyiceberg.types import DateType
 
 from k2_assets.core import catalog as k2_catalog, maintenance
+from k2_assets.core.metrics import MaintenanceMetrics
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.run_metrics import MAINTENANCE, publish
 
 ALL_TABLES = sorted(k2_catalog.TABLES)
 MIN_ORPHAN_GRACE_DAYS = 1.0  # a write (a backfill of many days) can take hours: never delete younger files
@@ -81,6 +84,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
         closed = maintenance.last_closed_day(now)
         days = [closed - timedelta(days=i) for i in range(config.lookback_days)][::-1]
     rows, totals = [], {"compacted": 0, "already_compact": 0, "deferred": 0, "files_before": 0, "files_after": 0, "rows": 0}
+    metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         if table.current_snapshot() is None:
             continue  # created, never written
@@ -105,7 +109,11 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             totals["files_before"] += result.files_before
             totals["files_after"] += result.files_after
             totals["rows"] += result.rows
+            metrics.compacted.labels(name).inc()
+            metrics.files_removed.labels(name).inc(max(0, result.files_before - result.files_after))
             rows.append([name, label, result.files_before, result.files_after, result.rows, result.snapshot_id])
+    metrics.seconds.labels("compact_partitions").observe(time.monotonic() - started)
+    publish(context, MAINTENANCE, metrics.registry)
     return dg.Output(
         None,
         metadata={
@@ -144,6 +152,7 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
         raise dg.Failure(description="retention_days must not be negative")
     rows, expired_total = [], 0
     now = datetime.now(timezone.utc)
+    metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         before = len(table.metadata.snapshots)
         expired = maintenance.expire(table, retain, now)
@@ -152,7 +161,10 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
         oldest_text = datetime.fromtimestamp(oldest / 1000, tz=timezone.utc).isoformat(timespec="seconds") if oldest else ""
         context.log.info(f"market.{name}: {expired} of {before} snapshots expired")
         expired_total += expired
+        metrics.expired.labels(name).inc(expired)
         rows.append([name, before, expired, len(table.metadata.snapshots), oldest_text])
+    metrics.seconds.labels("expire_snapshots").observe(time.monotonic() - started)
+    publish(context, MAINTENANCE, metrics.registry)
     return dg.Output(
         None,
         metadata={
@@ -180,6 +192,7 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
             description=f"grace_days={config.grace_days} is under {MIN_ORPHAN_GRACE_DAYS} day: it could delete a write in flight"
         )
     rows, removed_total, bytes_total, sample = [], 0, 0, []
+    metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         orphans = maintenance.find_orphan_files(table, timedelta(days=config.grace_days))
         removed = [o.path for o in orphans] if config.dry_run else maintenance.delete_files(table, orphans)
@@ -189,7 +202,11 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
         removed_total += len(removed)
         bytes_total += size
         sample += removed[: max(0, 20 - len(sample))]
+        if not config.dry_run:
+            metrics.orphans.labels(name).inc(len(removed))
         rows.append([name, len(removed), size])
+    metrics.seconds.labels("remove_orphan_files").observe(time.monotonic() - started)
+    publish(context, MAINTENANCE, metrics.registry)
     return dg.Output(
         None,
         metadata={

@@ -1,16 +1,20 @@
+import time
 import warnings
 from datetime import date, datetime, timedelta, timezone
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import EqualTo, GreaterThan
 from pyiceberg.table import Table
 
 from k2_assets.core import rollups, schemas, writer
+from k2_assets.core.metrics import RollupMetrics
 from k2_assets.defs.partitions import trade_days
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.rollups.chart import markdown_charts
+from k2_assets.defs.run_metrics import ROLLUPS, publish
 
 MATCHES_RAW = "matches_raw_trades"
 # Like eager(), but for any partition (a backfill of 2014 cascades too, not only the latest day) and
@@ -120,7 +124,16 @@ def _raw_1m_as_bars(trades: pa.Table) -> pa.Table:
     return raw.append_column("filled", pa.repeat(pa.scalar(False), raw.num_rows))
 
 
+def _publish(context: dg.AssetExecutionContext, interval: str, bars: pa.Table, started: float) -> None:
+    """Bars written and time taken, pushed to the Pushgateway (run_metrics)."""
+    metrics = RollupMetrics(CollectorRegistry())
+    filled = int(pc.sum(bars.column("filled")).as_py() or 0) if bars.num_rows else 0
+    metrics.record(interval, bars.num_rows, filled, time.monotonic() - started)
+    publish(context, ROLLUPS, metrics.registry)
+
+
 def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+    started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     trades = iceberg.table("trades")
     snapshot = trades_snapshot(trades, config)
@@ -130,10 +143,9 @@ def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, conf
     bars = rollups.one_minute_bars(rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0) if rows.num_rows \
         else _empty_bars()
     written = _write(iceberg, "1m", day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
-    return dg.MaterializeResult(
-        metadata=_metadata(bars, "1m", snapshot, written, config),
-        check_results=[_matches_raw(rows, bars, "1m")],
-    )
+    checks = [_matches_raw(rows, bars, "1m")]
+    _publish(context, "1m", bars, started)
+    return dg.MaterializeResult(metadata=_metadata(bars, "1m", snapshot, written, config), check_results=checks)
 
 
 def _empty_bars() -> pa.Table:
@@ -141,6 +153,7 @@ def _empty_bars() -> pa.Table:
 
 
 def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig, interval: str) -> dg.MaterializeResult:
+    started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     minute = _scan(iceberg.table("ohlcv_1m"), EqualTo("trade_date", day.isoformat()), None)
     # The trades snapshot the 1m bars were computed from: the derived bars and their proof use the same one.
@@ -151,6 +164,7 @@ def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource,
     trades = _scan(iceberg.table("trades"), EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else None
     checks = [_matches_raw(trades, bars, interval)] if trades is not None else [
         dg.AssetCheckResult(check_name=MATCHES_RAW, passed=True, metadata={"bars_compared": 0})]
+    _publish(context, interval, bars, started)
     return dg.MaterializeResult(metadata=_metadata(bars, interval, snapshot, written, config), check_results=checks)
 
 
