@@ -1,0 +1,365 @@
+"""The Dagster UI in a real browser, as a person sees it.
+
+Starts `dagster dev` on the embedded defaults (a fresh K2_HOME with `k2 demo-data`, the project's
+dagster.yaml in a fresh DAGSTER_HOME), materializes the sample partitions into that instance (one ASX
+session, two Binance days, the bars of two days; one Binance file lacks a run of 40 trade ids, so its
+`no_unexplained_gaps` check fails), then drives headless Chromium (Debian's, through Playwright) to
+the global asset lineage and to binance_trades_history's Checks tab. It asserts what is on screen:
+every asset, the arrows between them (compared with the code location's own dependencies), the check
+summaries on the graph's nodes, and the passed and failed checks; and saves the screenshots the README
+shows, under docs/images/.
+
+Chromium is installed by `bash scripts/get-chromium` (`make test` runs it); Playwright never downloads
+a browser here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+CHROMIUM = Path("/usr/bin/chromium")
+IMAGES = REPO / "docs" / "images"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+VIEWPORT = {"width": 1600, "height": 1000}
+
+# A process started from a non-interactive shell may inherit SIGINT and SIGTERM ignored, and dagster dev would
+# then never stop: reset both (the dispositions survive exec) and become dagster dev.
+RESTORE_SIGNALS_AND_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+STARTUP_TIMEOUT = 120
+UI_TIMEOUT_MS = 90_000
+SHUTDOWN_TIMEOUT = 30
+
+ASX_SESSION = "2014-03-10"
+BINANCE_DAYS = ("2024-01-01", "2024-01-02")  # the last one loaded has the hole: it is what the UI shows as latest
+HOLE_FILE = "BTCUSDT-trades-2024-01-02.csv"
+HOLE = 40  # trade ids removed from the middle of that file
+FAILED_CHECK = "no_unexplained_gaps"
+
+SENSORS = """
+{ sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
+    __typename ... on PythonError { message }
+    ... on Sensors { results { name id sensorState { status ticks(limit: 1) { status } } } } } }
+"""
+STOP_SENSOR = """
+mutation($id: String!) { stopSensor(id: $id) { __typename ... on StopSensorMutationResult { instigationState { status } }
+                                                ... on PythonError { message } } }
+"""
+
+# The graph as drawn: each asset card (name = its first line, text = what the card says), and each arrow's
+# two ends matched to the card they touch, in screen coordinates.
+GRAPH_JS = """
+() => {
+  const cards = [...document.querySelectorAll('svg foreignObject')].filter(f => !f.classList.contains('group'))
+    .map(f => f.querySelector('div')).filter(d => d && d.innerText.trim())
+    .map(d => ({text: d.innerText.trim(), box: d.getBoundingClientRect()}))
+    .map(c => ({...c, name: c.text.split('\\n')[0].trim()}));
+  const point = (path, at) => {
+    const p = path.getPointAtLength(at), m = path.getScreenCTM();
+    return {x: p.x * m.a + p.y * m.c + m.e, y: p.x * m.b + p.y * m.d + m.f};
+  };
+  const touching = (pt) => {
+    let best = null, distance = 1e9;
+    for (const c of cards) {
+      const b = c.box;
+      const d = Math.hypot(Math.max(b.left - pt.x, 0, pt.x - b.right), Math.max(b.top - pt.y, 0, pt.y - b.bottom));
+      if (d < distance) { distance = d; best = c.name; }
+    }
+    return distance < 40 ? best : null;
+  };
+  const arrows = [...document.querySelectorAll('svg path[marker-end]')]
+    .map(p => [touching(point(p, 0)), touching(point(p, p.getTotalLength()))]);
+  return {cards: Object.fromEntries(cards.map(c => [c.name, c.text])), arrows};
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(log: Path, lines: int = 40) -> str:
+    if not log.exists():
+        return "(no log)"
+    kept = [line for line in log.read_text(errors="replace").splitlines() if "rdkafka" not in line]
+    return "\n".join(kept[-lines:])
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+def wait_for_server(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"dagster dev exited with {process.returncode} before the UI answered:\n{log_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the Dagster UI did not answer on port {port} within {STARTUP_TIMEOUT} s:\n{log_tail(log)}")
+
+
+def stop_sensors(port: int, log: Path) -> None:
+    """Stop the sensors (as a person would on the Automation page), then wait for any tick in flight.
+
+    With no broker the live sensor has nothing to drain, and the gap-repair sensor would ask the real
+    exchange (unreachable here) to fill the hole this test makes: the screenshots show the loads alone.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        sensors = graphql(port, SENSORS)["sensorsOrError"]
+        if sensors["__typename"] == "Sensors":
+            break
+        if time.monotonic() > deadline:  # the code location is still loading
+            pytest.fail(f"the UI lists no sensors: {sensors}\n{log_tail(log)}")
+        time.sleep(1)
+    assert {s["name"] for s in sensors["results"]} >= {"binance_trades_sensor", "binance_gap_repair_sensor", "rollups_automation"}
+    for sensor in sensors["results"]:
+        result = graphql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+        assert result["__typename"] == "StopSensorMutationResult", result
+    while True:
+        states = [s["sensorState"] for s in graphql(port, SENSORS)["sensorsOrError"]["results"]]
+        if all(s["status"] == "STOPPED" and all(t["status"] != "STARTED" for t in s["ticks"]) for s in states):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"a sensor tick did not finish: {states}\n{log_tail(log)}")
+        time.sleep(1)
+
+
+def punch_hole(path: Path, count: int) -> list[int]:
+    """Remove `count` consecutive trade ids from the middle of a Binance dump (no header row)."""
+    lines = path.read_text().splitlines(keepends=True)
+    middle = len(lines) // 2
+    removed = lines[middle:middle + count]
+    path.write_text("".join(lines[:middle] + lines[middle + count:]))
+    return [int(line.split(",", 1)[0]) for line in removed]
+
+
+def materialize_samples(hole: list[int]) -> None:
+    """The sample partitions, run in this process against the instance dagster dev serves."""
+    import dagster as dg
+
+    from k2_assets.definitions import defs
+    from k2_assets.defs.asx.assets import asx_quotes, asx_trades
+    from k2_assets.defs.binance.assets import binance_trades_history
+    from k2_assets.defs.rollups import assets as rollups
+
+    with dg.DagsterInstance.get() as instance:
+        def run(assets, partition):
+            result = dg.materialize(assets, partition_key=partition, instance=instance, resources=defs.resources)
+            assert result.success, partition
+            return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+        checks = run([asx_trades, asx_quotes], ASX_SESSION)
+        assert all(e.passed for e in checks.values()), [n for n, e in checks.items() if not e.passed]
+        for day in BINANCE_DAYS:
+            checks = run([binance_trades_history], day)
+        gaps = checks[FAILED_CHECK]
+        assert not gaps.passed and gaps.metadata["failed_rows"].value >= len(hole) == HOLE
+        assert [n for n, e in checks.items() if not e.passed] == [FAILED_CHECK]
+        for day in (ASX_SESSION, BINANCE_DAYS[-1]):
+            checks = run(rollups, day)
+            assert all(e.passed for e in checks.values()), day
+
+
+def expected_lineage() -> tuple[set[str], set[tuple[str, str]], dict[str, list[str]]]:
+    """Asset names, dependency edges and check names, from the code location itself."""
+    from k2_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    names, edges = set(), set()
+    for key in graph.get_all_asset_keys():
+        names.add(key.path[-1])
+        for parent in graph.get(key).parent_keys:
+            edges.add((parent.path[-1], key.path[-1]))
+    checks: dict[str, list[str]] = {}
+    for check_key in graph.asset_check_keys:
+        checks.setdefault(check_key.asset_key.path[-1], []).append(check_key.name)
+    return names, edges, checks
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ctrl-C to dagster dev's process group; whatever is left after the grace period is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=SHUTDOWN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def poll(page, read, done, timeout: float = UI_TIMEOUT_MS / 1000):
+    """Read what the page shows until `done(seen)` holds (the UI fills in as its queries answer); the last reading either way."""
+    deadline = time.monotonic() + timeout
+    seen = read(page)
+    while not done(seen) and time.monotonic() < deadline:
+        page.wait_for_timeout(500)
+        seen = read(page)
+    return seen
+
+
+def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: run `bash scripts/get-chromium` (make test does) to install Debian's chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: `.venv/bin/pip install -e '.[dev]'` (never `playwright install`)")
+
+    home, dagster_home = tmp_path / "k2", tmp_path / "dagster"
+    dagster_home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")  # as `k2 demo` does
+    port = free_port()
+    # No broker and no exchange in this test: both point at closed loopback ports (never the network).
+    overrides = {"K2_HOME": str(home), "K2_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+                 "K2_BINANCE_REST_URL": f"http://127.0.0.1:{free_port()}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("K2_", "DAGSTER_"))}
+    env |= overrides | {"DAGSTER_HOME": str(dagster_home)}
+    log = tmp_path / "dagster-dev.log"
+
+    # This process materializes into the same instance and catalog, with the same embedded defaults.
+    from k2_assets.core.settings import apply_defaults
+
+    resolved = dict(overrides)
+    apply_defaults(resolved)
+    for name in [n for n in os.environ if n.startswith("K2_")]:
+        monkeypatch.delenv(name)
+    for name, value in (resolved | {"DAGSTER_HOME": str(dagster_home)}).items():
+        monkeypatch.setenv(name, value)
+
+    dev = [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", RESTORE_SIGNALS_AND_EXEC, *dev],
+            env=env, cwd=dagster_home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        # The demo vendor files, written by the real command while the UI starts.
+        subprocess.run([str(BIN / "k2"), "demo-data"], env=env, cwd=tmp_path, check=True, capture_output=True)
+        hole = punch_hole(home / "data" / "binance" / HOLE_FILE, HOLE)
+        wait_for_server(port, process, log)
+        stop_sensors(port, log)
+        materialize_samples(hole)
+        graphql(port, "mutation { setNuxSeen }")  # the one-time "join the community" dialog, as if dismissed
+        names, edges, checks = expected_lineage()
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            try:
+                check_graph(page, port, names, edges, checks)
+                check_checks_tab(page, port, checks["binance_trades_history"])
+            except BaseException:
+                page.screenshot(path=tmp_path / "failure.png")
+                print(f"screenshot of the failure: {tmp_path / 'failure.png'}\n{log_tail(log)}")
+                raise
+            finally:
+                browser.close()
+    finally:
+        stop(process)
+
+
+def check_graph(page, port: int, names: set[str], edges: set[tuple[str, str]], checks: dict[str, list[str]]) -> None:
+    page.goto(f"http://127.0.0.1:{port}/asset-groups")
+    page.get_by_text("Global asset lineage").first.wait_for()
+    page.get_by_text("Materialize all").first.wait_for()  # the graph has loaded (its groups, folded)
+    page.get_by_text("Hide navigation").click()
+    page.keyboard.press("Alt+e")  # "Expand all groups" (⌥E)
+
+    def settled(graph) -> bool:
+        cards = graph["cards"]
+        return names <= cards.keys() and all(
+            re.search(r"\d+ / \d+ Passed", cards[asset]) for asset in checks if asset != "binance_trades")
+
+    graph = poll(page, lambda p: p.evaluate(GRAPH_JS), settled)
+    cards = graph["cards"]
+    assert names <= cards.keys(), f"assets missing from the graph: {sorted(names - cards.keys())}"
+    drawn = {tuple(arrow) for arrow in graph["arrows"]}
+    assert drawn == edges, f"arrows drawn {sorted(drawn)} != dependencies {sorted(edges)}"
+    # What each card says about its checks (the asset that failed one shows it).
+    for asset, asset_checks in checks.items():
+        if asset == "binance_trades":  # live-only: never materialized here
+            continue
+        n = len(asset_checks)
+        passed = n - 1 if asset == "binance_trades_history" else n
+        assert f"{passed} / {n} Passed" in cards[asset], (asset, cards[asset])
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 5)  # no tooltip in the picture
+    page.screenshot(path=IMAGES / "asset-graph.png")
+
+
+def check_checks_tab(page, port: int, asset_checks: list[str]) -> None:
+    page.goto(f"http://127.0.0.1:{port}/assets/binance_trades_history?view=checks")
+    page.get_by_text(f"Checks ({len(asset_checks)})").wait_for()
+    rows = page.locator('[class*="checkRow"]')  # the list on the left: each row a check's name and its latest status
+
+    def read(page_) -> dict[str, str]:
+        shown = {}
+        for text in rows.all_inner_texts():
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            shown[lines[0]] = lines[-1]
+        return shown
+
+    expected = {name: "Failed" if name == FAILED_CHECK else "Succeeded" for name in asset_checks}
+    shown = poll(page, read, lambda seen: seen == expected)
+    assert shown == expected
+
+    page.get_by_text(FAILED_CHECK, exact=True).first.click()
+    page.wait_for_url(re.compile(rf"checkDetail={FAILED_CHECK}"))
+    # The check's own page: its description, and its latest evaluation failed with the rows it counted.
+    page.get_by_text("Latest execution").wait_for()
+    page.get_by_text("Evaluation result").wait_for()
+    page.get_by_text("every missing sequence number is explained").wait_for()
+    failed_rows = page.get_by_role("row").filter(has=page.get_by_role("cell", name="failed_rows", exact=True))
+    assert int(failed_rows.inner_text().split()[-1]) >= HOLE, failed_rows.inner_text()
+    assert page.get_by_text("Failed", exact=True).count() >= 2  # in the list and as the evaluation result
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=IMAGES / "asset-checks.png")
