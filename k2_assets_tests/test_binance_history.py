@@ -119,6 +119,12 @@ def test_bad_dump_rows_are_rejected_with_reasons(btcusdt_dir, tmp_path, catalog_
     rejected = catalog.load_table("market.rejected").scan().to_arrow().to_pylist()
     assert {r["source_row"]: r["reason"] for r in rejected} == {i + 1: reason for i, (_, reason) in bad.items()}
     assert {r["raw"].decode() for r in rejected} == {",".join(row) for row, _ in bad.values()}
+    # Their ids are readable, so the holes they leave are explained by them, and the gap check passes.
+    assert sorted(r["source_sequence"] for r in rejected) == [int(rows[i][0]) for i in sorted(bad)]
+    gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
+    assert [(g["first_missing"], g["last_missing"], g["explained_by"]) for g in gaps] == [
+        (int(rows[3][0]), int(rows[7][0]), "5 rejected row(s) in market.rejected")]
+    assert {c.check_name: c.passed for c in result.get_asset_check_evaluations()}["no_unexplained_gaps"]
 
 
 def test_agg_trades_load_by_utc_day_and_yield_to_raw_trades(shared_data, btcusdt_dir, tmp_path):

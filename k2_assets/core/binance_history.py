@@ -79,14 +79,17 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
             notes.append(f"{rel}: skipped, raw trades for {dump.symbol} on {day} are loaded instead")
             continue
-        rows, table = _decode(dump, day, rel, now)
+        rows, table, sequences = _decode(dump, day, rel, now)
         used.append(rel)
         read += len(rows)
         tables.append(table)
+        rejected = rows.rejected()
         rejects.append(
             decode.rejected_table(
-                rows, rows.rejected(), source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
+                rows, rejected, source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
                 source_file=rel, rejected_at=now,
+                # A rejected row whose id is readable explains that id's absence from the table.
+                sequences=pc.take(sequences, rejected),
             )
         )
     schema = schemas.arrow_schema(schemas.TRADE)
@@ -99,7 +102,8 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
     return batch, notes
 
 
-def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
+def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table, pa.Array]:
+    """The file's rows, its valid trades, and each line's trade id (null where unreadable)."""
     lines = decode.read_lines(read_dump(dump.path))
     first_row = 1
     if len(lines) and not lines[0].as_py()[:1].isdigit():  # a header line
@@ -117,6 +121,10 @@ def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, p
     best_s = rows.fields[n_fields - 1] if n_fields == base else None
 
     trade_id = rows.integer(id_s, "agg_trade_id" if agg else "trade_id")
+    # A line with the wrong number of fields has no fields, but its first one is still the id.
+    leading = pc.struct_field(pc.extract_regex(pc.cast(rows.lines, pa.string()), r"^(?P<id>\d{1,18}),"), [0])
+    sequences = pc.coalesce(pc.if_else(pc.match_substring_regex(id_s, decode.INTEGER_PATTERN), trade_id, pa.scalar(None, pa.int64())),
+                            pc.cast(leading, pa.int64()))
     price = rows.decimal(price_s, "price")
     quantity = rows.decimal(qty_s, "quantity")
     epoch = rows.integer(time_s, "time")
@@ -167,4 +175,4 @@ def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, p
         "source_file": pa.repeat(pa.scalar(rel), n),
         "source_row": pc.take(rows.line_numbers, ok),
     }
-    return rows, schemas.build_table(schemas.TRADE, columns, n)
+    return rows, schemas.build_table(schemas.TRADE, columns, n), sequences

@@ -174,6 +174,7 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
             "partition_date": pc.take(pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad),
             "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
             "symbol": pc.take(wire.column("symbol"), bad),
+            "source_sequence": pc.take(wire.column("source_sequence"), bad),
             "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),
             "kafka_partition": pc.take(partition_column, bad),
             "kafka_offset": pc.take(offset_column, bad),
