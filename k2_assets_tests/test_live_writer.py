@@ -12,10 +12,10 @@ import time
 
 import pyarrow.compute as pc
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from k2_assets.core import catalog as k2_catalog, live_codec
-from k2_assets.core.kafka import producer_config
+from k2_assets.core.kafka import consumer_config, producer_config
 from k2_assets.core.live_writer import OFFSETS_KEY, LiveWriter, recorded_offsets
 from k2_assets_tests.conftest import REPO, btc_trade_events
 
@@ -75,7 +75,13 @@ def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, 
     assert sorted(r["raw"] for r in rejected) == sorted(v for _, v in bad)
     assert all(r["kafka_topic"] == topic and r["kafka_offset"] is not None and r["reason"] for r in rejected)
     # The offsets are in the table, in the same commits as the rows.
-    assert sum(recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic).values()) == len(messages)
+    table_offsets = recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic)
+    assert sum(table_offsets.values()) == len(messages)
+    # The consumer group's offsets follow them (for lag monitoring), committed before close() returned.
+    group = Consumer(consumer_config(broker.bootstrap, writer.group_id))
+    committed = group.committed([TopicPartition(topic, p) for p in table_offsets], timeout=10)
+    group.close()
+    assert {tp.partition: tp.offset for tp in committed} == table_offsets
 
 
 def test_restart_resumes_from_the_table_not_from_kafka(btcusdt_dir, broker, topic, catalog):

@@ -188,6 +188,11 @@ class LiveWriter:
         )
 
     def close(self) -> None:
+        """Leave the group's offsets at the table's (the batches commit them asynchronously) and close."""
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in self.position.items()], asynchronous=False)
+        except KafkaException as exc:
+            log.warning("consumer-group offsets not committed at close (lag monitoring only): %s", exc)
         self.consumer.close()
 
     def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None) -> list[BatchReport]:
@@ -326,8 +331,9 @@ class LiveWriter:
         _crash_point("after_trades_commit")
         self.position = next_offsets
         # For lag monitoring only: the table's offsets are the truth, so a failed commit here loses nothing.
+        # Asynchronous: a synchronous commit waits behind the consuming thread's fetch (0.4 s seen here).
         try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=False)
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=True)
         except KafkaException as exc:
             log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
         committed = datetime.now(timezone.utc)
