@@ -168,6 +168,7 @@ class LiveWriter:
         self.tracker = SequenceTracker(live_codec.EXCHANGE, resets_each_session=False)
         self.metrics = metrics or WriterMetrics()
         self.position: dict[int, int] = {}
+        self._group_commit: dict[int, int] | None = None  # set after each Iceberg commit, done by the consuming thread
         self._assign()
 
     def _assign(self) -> None:
@@ -188,12 +189,25 @@ class LiveWriter:
         )
 
     def close(self) -> None:
-        """Leave the group's offsets at the table's (the batches commit them asynchronously) and close."""
-        try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in self.position.items()], asynchronous=False)
-        except KafkaException as exc:
-            log.warning("consumer-group offsets not committed at close (lag monitoring only): %s", exc)
+        self._group_commit = dict(self.position)  # synchronously, so the group ends where the table is
+        self._commit_group_offsets(wait=True)
         self.consumer.close()
+
+    def _commit_group_offsets(self, wait: bool = False) -> None:
+        """Commit the consumer group's offsets to the table's (lag monitoring only) and update the lag
+        gauges. Called from the thread that consumes: the table's offsets are the truth, so a failed
+        commit here loses nothing."""
+        offsets, self._group_commit = self._group_commit, None
+        if offsets is None:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()], asynchronous=not wait)
+        except KafkaException as exc:
+            log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
+        for p, position in offsets.items():
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+            if high >= 0:
+                self.metrics.lag.labels(str(p)).set(max(0, high - position))
 
     def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None) -> list[BatchReport]:
         """Write micro-batches for up to `seconds`, stopping early once the topic is idle.
@@ -225,6 +239,7 @@ class LiveWriter:
         finally:
             stop.set()
             consuming.join()
+        self._commit_group_offsets()
         return reports
 
     def _resume_from_table(self) -> None:
@@ -254,6 +269,7 @@ class LiveWriter:
             now = time.monotonic()
             if now >= deadline or now - started >= self.max_batch_seconds or now - idle_since >= idle_seconds:
                 break
+            self._commit_group_offsets()
             messages = self.consumer.consume(min(50_000, self.max_batch_rows - len(batch)), timeout=0.1)
             good = []
             for m in messages:
@@ -281,10 +297,6 @@ class LiveWriter:
         if report.latency_seconds:
             m.freshness.set(report.latency_seconds["p95"])
         m.last_commit_time.set(report.committed_at.timestamp())
-        for p, position in self.position.items():
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
-            if high >= 0:
-                m.lag.labels(str(p)).set(max(0, high - position))
         return report
 
     def _write_batch(self, batch: _Batch) -> BatchReport:
@@ -330,12 +342,9 @@ class LiveWriter:
             self._remember(rows)
         _crash_point("after_trades_commit")
         self.position = next_offsets
-        # For lag monitoring only: the table's offsets are the truth, so a failed commit here loses nothing.
-        # Asynchronous: a synchronous commit waits behind the consuming thread's fetch (0.4 s seen here).
-        try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()], asynchronous=True)
-        except KafkaException as exc:
-            log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
+        # For lag monitoring only, so it waits for the consuming thread: a call into the consumer from
+        # this thread blocks while that one is inside consume() (over a second per batch, seen here).
+        self._group_commit = next_offsets
         committed = datetime.now(timezone.utc)
         return BatchReport(
             consumed=len(values),
