@@ -89,7 +89,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
                 rows, rejected, source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
                 source_file=rel, rejected_at=now,
                 # A rejected row whose id is readable explains that id's absence from the table.
-                sequences=pc.take(sequences, rejected),
+                sequences=_rejected_ids(rows, sequences, rejected),
             )
         )
     schema = schemas.arrow_schema(schemas.TRADE)
@@ -100,6 +100,14 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         used,
     )
     return batch, notes
+
+
+def _rejected_ids(rows: Rows, sequences: pa.Array, rejected: pa.Array) -> pa.Array:
+    """The trade ids of the rejected lines; a line with the wrong number of fields has no fields, but
+    its first one is still the id."""
+    lines = pc.cast(pc.take(rows.lines, rejected), pa.string())
+    leading = pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0])
+    return pc.coalesce(pc.take(sequences, rejected), pc.cast(leading, pa.int64()))
 
 
 def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table, pa.Array]:
@@ -121,10 +129,7 @@ def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, p
     best_s = rows.fields[n_fields - 1] if n_fields == base else None
 
     trade_id = rows.integer(id_s, "agg_trade_id" if agg else "trade_id")
-    # A line with the wrong number of fields has no fields, but its first one is still the id.
-    leading = pc.struct_field(pc.extract_regex(pc.cast(rows.lines, pa.string()), r"^(?P<id>\d{1,18}),"), [0])
-    sequences = pc.coalesce(pc.if_else(pc.match_substring_regex(id_s, decode.INTEGER_PATTERN), trade_id, pa.scalar(None, pa.int64())),
-                            pc.cast(leading, pa.int64()))
+    sequences = pc.if_else(pc.match_substring_regex(id_s, decode.INTEGER_PATTERN), trade_id, pa.scalar(None, pa.int64()))
     price = rows.decimal(price_s, "price")
     quantity = rows.decimal(qty_s, "quantity")
     epoch = rows.integer(time_s, "time")
