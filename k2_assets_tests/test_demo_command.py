@@ -8,17 +8,17 @@ through Kafka and the sensor, and stops everything with Ctrl-C (SIGINT).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from k2_assets.core.kafka import free_port
+from k2_assets_tests.dagster_ui import graphql, log_tail, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 K2 = REPO / ".venv" / "bin" / "k2"
@@ -89,12 +89,6 @@ query($partition: String!) {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def non_loopback_address() -> str | None:
     """The address this machine would use to reach another host (no packet is sent), if it has one."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -104,37 +98,6 @@ def non_loopback_address() -> str | None:
             return None
         address = s.getsockname()[0]
     return None if address.startswith("127.") or address == "0.0.0.0" else address
-
-
-def log_tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
-
-
-def wait_for_server(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"k2 demo exited with {process.returncode} before the UI answered:\n{log_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"the Dagster UI did not answer on port {port} within {STARTUP_TIMEOUT} s:\n{log_tail(log)}")
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.load(response)
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
 
 
 def launch_partition_run(port: int, job: str, partition: str) -> str:
@@ -193,7 +156,7 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
             env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        wait_for_server(port, process, log)
+        wait_for_server(port, process, log, what="k2 demo", timeout=STARTUP_TIMEOUT)
 
         # The demo vendor files, written on first start.
         data = home / "data"

@@ -16,20 +16,19 @@ a browser here.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from k2_assets.core.kafka import free_port
+from k2_assets_tests.dagster_ui import graphql, log_tail, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
@@ -94,46 +93,6 @@ GRAPH_JS = """
   return {cards: Object.fromEntries(cards.map(c => [c.name, c.text])), arrows};
 }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(log: Path, lines: int = 40) -> str:
-    if not log.exists():
-        return "(no log)"
-    kept = [line for line in log.read_text(errors="replace").splitlines() if "rdkafka" not in line]
-    return "\n".join(kept[-lines:])
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.load(response)
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
-
-
-def wait_for_server(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"dagster dev exited with {process.returncode} before the UI answered:\n{log_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"the Dagster UI did not answer on port {port} within {STARTUP_TIMEOUT} s:\n{log_tail(log)}")
 
 
 def stop_sensors(port: int, log: Path) -> None:
@@ -284,7 +243,7 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
         # The demo vendor files, written by the real command while the UI starts.
         subprocess.run([str(BIN / "k2"), "demo-data"], env=env, cwd=tmp_path, check=True, capture_output=True)
         hole = punch_hole(home / "data" / "binance" / HOLE_FILE, HOLE)
-        wait_for_server(port, process, log)
+        wait_for_server(port, process, log, what="dagster dev", timeout=STARTUP_TIMEOUT)
         stop_sensors(port, log)
         materialize_samples(hole)
         graphql(port, "mutation { setNuxSeen }")  # the one-time "join the community" dialog, as if dismissed

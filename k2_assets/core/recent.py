@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThanOrEqual
+from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In
 from pyiceberg.table import Table
 
 from k2_assets.core import live_codec
