@@ -59,6 +59,9 @@ def test_served_metrics_pass_promtool(promtool, btcusdt_dir, broker, topic, cata
     producer = ProducerMetrics()
     producer.produced.labels("BTCUSDT").inc(5)
     producer.last_trade_id.labels("BTCUSDT").set(3345206428)
+    producer.record_statistics({"brokers": {"b1": {"rtt": {"cnt": 3, "p50": 900, "p99": 2100},
+                                                    "int_latency": {"cnt": 0, "p50": 0, "p99": 0}}}})
+    assert producer.registry.get_sample_value("k2_feed_produce_latency_seconds", {"stage": "round_trip", "percentile": "p99"}) == 0.0021
     for registry in (writer.metrics.registry, producer.registry):
         exposition = generate_latest(registry)
         result = run(promtool, "check", "metrics", stdin=exposition)

@@ -57,9 +57,9 @@ def test_writer_metrics_count_what_the_batches_did(btcusdt_dir, broker, topic, c
 
 def test_producer_metrics_follow_the_stream(btcusdt_dir, broker, topic):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
-    with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), drop_every=6000, malformed_ratio=0.001, seed=5) as server:
+    with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), rate=8000, drop_every=6000, malformed_ratio=0.001, seed=5) as server:
         producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
-                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.2)
+                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.2, statistics_interval_ms=200)
         with ProducerThread(producer):
             wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == 3345223129, 60, "the last trade")
             wait_until(lambda: producer.stats.received == server.stats["frames"], 10, "every frame")
@@ -70,6 +70,10 @@ def test_producer_metrics_follow_the_stream(btcusdt_dir, broker, topic):
     assert values[("k2_feed_reconnects_total", ())] == producer.stats.reconnects >= server.stats["drops"]
     assert values[("k2_feed_last_trade_id", (("symbol", "BTCUSDT"),))] == 3345223129
     assert values[("k2_feed_last_trade_timestamp_seconds", (("symbol", "BTCUSDT"),))] == 1704112200.0
+    # Produce latency from librdkafka's statistics: the broker's answer time, and the wait in the client before it.
+    latency = {dict(k[1])["stage"] + "@" + dict(k[1])["percentile"]: v for k, v in values.items() if k[0] == "k2_feed_produce_latency_seconds"}
+    assert 0 < latency["round_trip@p50"] <= latency["round_trip@p99"] < 10
+    assert 0 <= latency["queue@p50"] <= latency["queue@p99"] < 10
 
 
 # --- Gaps opened and closed, on the code server's endpoint (the sensor reconciles market.sequence_gaps) ---

@@ -60,7 +60,8 @@ class BinanceProducer:
     def __init__(self, symbols: list[str], bootstrap: str, *, base_url: str = BINANCE_WS_URL,
                  topic: str = live_codec.TOPIC, dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 max_connection_seconds: float = MAX_CONNECTION_SECONDS, metrics: ProducerMetrics | None = None):
+                 max_connection_seconds: float = MAX_CONNECTION_SECONDS, metrics: ProducerMetrics | None = None,
+                 statistics_interval_ms: int = 5000):
         if not symbols:
             raise ValueError("at least one symbol is required")
         self.symbols = [s.upper() for s in symbols]
@@ -77,12 +78,16 @@ class BinanceProducer:
         self._published_us = 0
         # Delivery reports for failures only: a Python callback per delivered message costs ~1 µs.
         self.producer = Producer(producer_config(bootstrap, **{"error_cb": self._on_error, "on_delivery": self._delivered,
-                                                               "delivery.report.only.error": True}))
+                                                               "delivery.report.only.error": True, "stats_cb": self._on_statistics,
+                                                               "statistics.interval.ms": statistics_interval_ms}))
         self.stop_event = asyncio.Event()
         self._ws = None
 
     def _on_error(self, error) -> None:
         _event("kafka_error", error=str(error))
+
+    def _on_statistics(self, document: str) -> None:
+        self.metrics.record_statistics(json.loads(document))
 
     def _delivered(self, error, message) -> None:
         if error is not None:
@@ -132,6 +137,7 @@ class BinanceProducer:
             m.last_trade_time.labels(symbol).set(us / 1e6)
         self._last_trade_us.clear()
         self._published_us = now_us if now_us is not None else time.time_ns() // 1000
+        self.producer.poll(0)  # delivery failures and statistics callbacks, even when frames are few
 
     def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
         while True:

@@ -20,6 +20,10 @@ GAP_OUTCOMES = (LATE_ARRIVAL, REPAIR, ACCEPTED)  # market.sequence_gaps.closed_h
 log = logging.getLogger("k2.metrics")
 
 
+PRODUCE_STAGES = {"queue": "int_latency", "in_flight": "outbuf_latency", "round_trip": "rtt"}  # stage -> librdkafka window
+PRODUCE_PERCENTILES = ("p50", "p99")  # librdkafka's names; not `quantile`, which Prometheus keeps for summaries
+
+
 class ProducerMetrics:
     """The Binance producer: what came off the socket and what reached Kafka."""
 
@@ -28,11 +32,26 @@ class ProducerMetrics:
         r = self.registry
         self.received = Counter("k2_feed_frames_received", "WebSocket frames received from the exchange", registry=r)
         self.produced = Counter("k2_feed_trades_produced", "Trades produced to Kafka", ["symbol"], registry=r)
+        # From librdkafka's statistics (a window of a few seconds), since a delivery report per message
+        # would cost more than the message: stage = queue (in the client), in_flight (sent, unanswered),
+        # round_trip (the broker's answer time); the larger of the brokers'.
+        self.produce_latency = Gauge("k2_feed_produce_latency_seconds", "Produce latency by stage, from librdkafka's statistics",
+                                     ["stage", "percentile"], registry=r)
         self.dead_letters = Counter("k2_feed_dead_letters", "Frames sent to the dead-letter topic", registry=r)
         self.produce_errors = Counter("k2_feed_produce_errors", "Kafka deliveries that failed", registry=r)
         self.reconnects = Counter("k2_feed_reconnects", "WebSocket reconnects", registry=r)
         self.last_trade_time = Gauge("k2_feed_last_trade_timestamp_seconds", "Exchange time of the last trade seen", ["symbol"], registry=r)
         self.last_trade_id = Gauge("k2_feed_last_trade_id", "Last trade id seen (the value, not a label)", ["symbol"], registry=r)
+
+
+    def record_statistics(self, stats: dict) -> None:
+        """Set the produce latency gauges from one librdkafka statistics document; a stage with no
+        samples in the window keeps its last value."""
+        for stage, window in PRODUCE_STAGES.items():
+            measured = [b[window] for b in stats.get("brokers", {}).values() if b.get(window, {}).get("cnt")]
+            if measured:
+                for key in PRODUCE_PERCENTILES:
+                    self.produce_latency.labels(stage, key).set(max(m[key] for m in measured) / 1e6)
 
 
 class WriterMetrics:
