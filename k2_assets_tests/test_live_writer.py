@@ -84,6 +84,32 @@ def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, 
     assert {tp.partition: tp.offset for tp in committed} == table_offsets
 
 
+def test_a_failed_commit_rereads_what_the_consuming_thread_read_ahead(btcusdt_dir, broker, topic, catalog):
+    """The same writer goes on after a failed Iceberg commit: nothing the consuming thread had already
+    read past the failed batch is skipped, and nothing is written twice."""
+    events = btc_trade_events(btcusdt_dir)
+    produce(broker.bootstrap, topic, trade_messages(events))
+    writer = writer_for(catalog, broker, topic, max_batch_rows=3000)
+    append, calls = writer.trades.append, []
+
+    def append_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("warehouse unavailable")  # the second micro-batch's commit fails
+        return append(*args, **kwargs)
+
+    writer.trades.append = append_failing_once
+    with pytest.raises(OSError, match="warehouse unavailable"):
+        writer.drain(30)
+    written_before = catalog.load_table("market.trades").scan().to_arrow().num_rows
+    assert 0 < written_before < len(events)
+    reports = drain_all(writer)
+    writer.close()
+    table = catalog.load_table("market.trades").scan().to_arrow()
+    assert sum(r.written for r in reports) == len(events) - written_before
+    assert sorted(table.column("source_sequence").to_pylist()) == [e["t"] for e in events]
+
+
 def test_restart_resumes_from_the_table_not_from_kafka(btcusdt_dir, broker, topic, catalog):
     events = btc_trade_events(btcusdt_dir)[:3000]
     produce(broker.bootstrap, topic, trade_messages(events[:2000]))
