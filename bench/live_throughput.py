@@ -10,7 +10,9 @@ One run, one embedded broker (Tansu, in memory), one fresh topic of 3 partitions
          max_batch_rows=250,000, max_batch_seconds=2: decode, validate, dedup by (symbol, trade id),
          offsets in the snapshot summary. Timed from drain() to the on_batch of the batch that
          brings the written count to N; the table must then hold exactly N distinct message_ids.
-         Per-stage time inside the writer comes from wrapping its methods from the outside.
+         Per-stage time inside the writer comes from wrapping its methods from the outside; `consume`
+         runs in the writer's consuming thread, overlapped with the other stages, so the stages add up
+         to more than the wall time.
   raw    The same messages through a plain confluent-kafka Consumer (K2's consumer config, explicit
          assign, consume(num_messages=50,000)), the values joined and parsed by pyarrow's JSON reader
          (schema inferred) into an Arrow table, `pyarrow.parquet.write_table` (zstd) per batch of
