@@ -18,13 +18,17 @@ from k2_assets_tests.conftest import btc_trade_events
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
 
 
-def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog):
-    events = btc_trade_events(btcusdt_dir)[:8000]
-    produce(broker.bootstrap, topic, trade_messages(events))
-    live = writer_for(catalog, broker, topic, max_batch_rows=500)  # many small commits, as live traffic makes
+def written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades: int, batch_rows: int):
+    """market.trades as live traffic leaves it: the first `trades` real trades, committed `batch_rows` at a time."""
+    produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[:trades]))
+    live = writer_for(catalog, broker, topic, max_batch_rows=batch_rows)
     drain_all(live)
     live.close()
-    trades = catalog.load_table("market.trades")
+    return catalog.load_table("market.trades")
+
+
+def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog):
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=8000, batch_rows=500)
     offsets_before = recorded_offsets(trades, OFFSETS_KEY + topic)
     ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
     old_snapshot = trades.current_snapshot().snapshot_id
@@ -57,11 +61,7 @@ def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, br
 
 
 def test_expiry_keeps_the_time_travel_window(catalog, btcusdt_dir, broker, topic):
-    produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[:1000]))
-    live = writer_for(catalog, broker, topic, max_batch_rows=200)
-    drain_all(live)
-    live.close()
-    trades = catalog.load_table("market.trades")
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=1000, batch_rows=200)
     snapshots = len(trades.metadata.snapshots)
     assert maintenance.expire(trades, retain=timedelta(days=7)) == 0
     assert len(catalog.load_table("market.trades").metadata.snapshots) == snapshots

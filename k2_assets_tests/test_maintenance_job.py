@@ -14,8 +14,8 @@ import dagster as dg
 from k2_assets.core.live_writer import OFFSETS_KEY, recorded_offsets
 from k2_assets.defs.maintenance import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
-from k2_assets_tests.conftest import btc_trade_events
-from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
+from k2_assets_tests.test_live_writer import writer_for
+from k2_assets_tests.test_maintenance import written_in_small_batches
 from k2_assets_tests.test_metrics import gateway_text, pushed, pushgateway  # noqa: F401 - pushgateway is a fixture
 
 TEN_DAYS_AGO = time.time() - 10 * 86400
@@ -47,11 +47,7 @@ def files_under(path: Path) -> set[Path]:
 def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway,
                                                             monkeypatch):
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
-    produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[:8000]))
-    live = writer_for(catalog, broker, topic, max_batch_rows=500)  # many small commits, as live traffic makes
-    drain_all(live)
-    live.close()
-    trades = catalog.load_table("market.trades")
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=8000, batch_rows=500)
     offsets_before = recorded_offsets(trades, OFFSETS_KEY + topic)
     ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
     first_snapshot, last_live_snapshot = trades.metadata.snapshots[0].snapshot_id, trades.current_snapshot().snapshot_id

@@ -79,7 +79,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
             notes.append(f"{rel}: skipped, raw trades for {dump.symbol} on {day} are loaded instead")
             continue
-        rows, table, sequences = _decode(dump, day, rel, now)
+        rows, table = _decode(dump, day, rel, now)
         used.append(rel)
         read += len(rows)
         tables.append(table)
@@ -89,7 +89,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
                 rows, rejected, source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
                 source_file=rel, rejected_at=now,
                 # A rejected row whose id is readable explains that id's absence from the table.
-                sequences=_rejected_ids(rows, sequences, rejected),
+                sequences=_rejected_ids(rows, rejected),
             )
         )
     schema = schemas.arrow_schema(schemas.TRADE)
@@ -102,16 +102,14 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
     return batch, notes
 
 
-def _rejected_ids(rows: Rows, sequences: pa.Array, rejected: pa.Array) -> pa.Array:
-    """The trade ids of the rejected lines; a line with the wrong number of fields has no fields, but
-    its first one is still the id."""
+def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
+    """The trade ids of the rejected lines (null where unreadable): the first field is the id, also on a
+    line with the wrong number of fields. Only the rejected lines are read, so a clean file costs nothing."""
     lines = pc.cast(pc.take(rows.lines, rejected), pa.string())
-    leading = pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0])
-    return pc.coalesce(pc.take(sequences, rejected), pc.cast(leading, pa.int64()))
+    return pc.cast(pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0]), pa.int64())
 
 
-def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table, pa.Array]:
-    """The file's rows, its valid trades, and each line's trade id (null where unreadable)."""
+def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
     lines = decode.read_lines(read_dump(dump.path))
     first_row = 1
     if len(lines) and not lines[0].as_py()[:1].isdigit():  # a header line
@@ -129,7 +127,6 @@ def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, p
     best_s = rows.fields[n_fields - 1] if n_fields == base else None
 
     trade_id = rows.integer(id_s, "agg_trade_id" if agg else "trade_id")
-    sequences = pc.if_else(pc.match_substring_regex(id_s, decode.INTEGER_PATTERN), trade_id, pa.scalar(None, pa.int64()))
     price = rows.decimal(price_s, "price")
     quantity = rows.decimal(qty_s, "quantity")
     epoch = rows.integer(time_s, "time")
@@ -180,4 +177,4 @@ def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, p
         "source_file": pa.repeat(pa.scalar(rel), n),
         "source_row": pc.take(rows.line_numbers, ok),
     }
-    return rows, schemas.build_table(schemas.TRADE, columns, n), sequences
+    return rows, schemas.build_table(schemas.TRADE, columns, n)

@@ -221,6 +221,7 @@ class LiveWriter:
         consuming = threading.Thread(target=self._prefetch, args=(deadline, idle_seconds, batches, stop),
                                      name="k2-writer-consume", daemon=True)
         consuming.start()
+        finished = False
         try:
             while True:
                 batch = batches.get()
@@ -231,14 +232,12 @@ class LiveWriter:
                 reports.append(self._write(batch))
                 if on_batch is not None:
                     on_batch(reports[-1])
-        except BaseException:
-            stop.set()
-            consuming.join()
-            self._resume_from_table()
-            raise
+            finished = True
         finally:
             stop.set()
             consuming.join()
+            if not finished:
+                self._resume_from_table()
         self._commit_group_offsets()
         return reports
 

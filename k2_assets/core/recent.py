@@ -82,10 +82,9 @@ class RecentTrades:
         # so reading the tail afterwards (at least to the committed offsets) cannot miss it.
         self.trades.refresh()
         committed = self._follow_table()
-        if not self._read_tail(committed):
+        if not self._read_tail(committed):  # the tail is behind the table: read the table as it is now
             self.trades.refresh()
-            self._set_base()
-            self._drop_committed_tail()
+            self._move_base()
         if self.trimmed_before_us is not None and _us(start) < self.trimmed_before_us:
             return recent_trades(self.trades, self.bootstrap, symbol, minutes, topic=self.topic, now=now)
         stored = self._stored(symbol, start, now)
@@ -102,9 +101,15 @@ class RecentTrades:
         self.base_offsets = recorded_offsets(self.trades, self.key)
         self.stored_cache: dict[str, tuple[int, pa.Table]] = {}
 
+    def _move_base(self) -> None:
+        """Read the table at its current snapshot from now on; the tail keeps only what that lacks."""
+        self._set_base()
+        self._drop_committed_tail()
+
     def _follow_table(self) -> dict[int, int]:
         """Keep the base if every commit since it is the live writer's append; otherwise move it (also
-        when the tail has grown past `max_tail_rows`, to shed the rows the table now holds). Returns the offsets the table has committed, which the tail must reach."""
+        when the tail has grown past `max_tail_rows`, to shed the rows the table now holds).
+        Returns the offsets the table has committed, which the tail must reach."""
         if self.tail is None or self.tail.num_rows <= self.max_tail_rows:
             for snapshot, properties in lineage(self.trades):
                 if snapshot.snapshot_id == self.base_id:
@@ -115,8 +120,7 @@ class RecentTrades:
             else:
                 if self.base_id is None:  # only the writer has committed since the tail began at offset 0
                     return recorded_offsets(self.trades, self.key)
-        self._set_base()
-        self._drop_committed_tail()
+        self._move_base()
         return self.base_offsets
 
     def _read_tail(self, committed: dict[int, int]) -> bool:
@@ -180,9 +184,10 @@ class RecentTrades:
                 And(EqualTo("exchange", live_codec.EXCHANGE), In("trade_date", days)),
                 And(EqualTo("symbol", symbol), GreaterThanOrEqual("exchange_timestamp", start.isoformat())),
             )
-            rows = self.trades.scan(row_filter=where, snapshot_id=self.base_id).to_arrow() if self.base_id else None
-            if rows is None:
+            if self.base_id is None:
                 rows = self.trades.schema().as_arrow().empty_table()
+            else:
+                rows = self.trades.scan(row_filter=where, snapshot_id=self.base_id).to_arrow()
             cached = self.stored_cache[symbol] = (_us(start), rows)
         return _within(cached[1], start, now)
 

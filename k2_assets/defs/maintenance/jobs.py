@@ -39,6 +39,12 @@ def _tables(iceberg: IcebergResource, names: list[str], log) -> list[tuple[str, 
     return found
 
 
+def _publish(context: dg.OpExecutionContext, metrics: MaintenanceMetrics, started: float) -> None:
+    """Time the op and push its metrics (K2_PUSHGATEWAY_URL), once its work has succeeded."""
+    metrics.seconds.labels(context.op_def.name).observe(time.monotonic() - started)
+    publish(context, MAINTENANCE, metrics.registry)
+
+
 def _markdown(header: list[str], rows: list[list]) -> dg.MetadataValue:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
@@ -112,8 +118,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             metrics.compacted.labels(name).inc()
             metrics.files_removed.labels(name).inc(max(0, result.files_before - result.files_after))
             rows.append([name, label, result.files_before, result.files_after, result.rows, result.snapshot_id])
-    metrics.seconds.labels("compact_partitions").observe(time.monotonic() - started)
-    publish(context, MAINTENANCE, metrics.registry)
+    _publish(context, metrics, started)
     return dg.Output(
         None,
         metadata={
@@ -163,8 +168,7 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
         expired_total += expired
         metrics.expired.labels(name).inc(expired)
         rows.append([name, before, expired, len(table.metadata.snapshots), oldest_text])
-    metrics.seconds.labels("expire_snapshots").observe(time.monotonic() - started)
-    publish(context, MAINTENANCE, metrics.registry)
+    _publish(context, metrics, started)
     return dg.Output(
         None,
         metadata={
@@ -205,8 +209,7 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
         if not config.dry_run:
             metrics.orphans.labels(name).inc(len(removed))
         rows.append([name, len(removed), size])
-    metrics.seconds.labels("remove_orphan_files").observe(time.monotonic() - started)
-    publish(context, MAINTENANCE, metrics.registry)
+    _publish(context, metrics, started)
     return dg.Output(
         None,
         metadata={
