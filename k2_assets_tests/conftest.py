@@ -105,3 +105,11 @@ def btc_trade_events(btcusdt_dir: Path) -> list[dict]:
         {"e": "trade", "E": int(r[4]) + 1, "s": "BTCUSDT", "t": int(r[0]), "p": r[1], "q": r[2], "T": int(r[4]), "m": r[5] == "True", "M": True}
         for r in rows
     ]
+
+
+def offsets_key(broker, topic: str) -> str:
+    """The snapshot-property key the live writer records `topic`'s offsets under (its incarnation's)."""
+    from k2_assets.core import offsets
+    from k2_assets.core.kafka import topic_incarnation
+
+    return offsets.key(offsets.OFFSETS_KEY, topic, topic_incarnation(broker.bootstrap, topic))

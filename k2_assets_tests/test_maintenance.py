@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pytest
 
 from k2_assets.core import maintenance, writer
-from k2_assets.core.live_writer import OFFSETS_KEY, recorded_offsets
-from k2_assets_tests.conftest import btc_trade_events
+from k2_assets.core.offsets import recorded_offsets
+from k2_assets_tests.conftest import offsets_key, btc_trade_events
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
 
 
@@ -29,7 +29,7 @@ def written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades: int, b
 
 def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog):
     trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=8000, batch_rows=500)
-    offsets_before = recorded_offsets(trades, OFFSETS_KEY + topic)
+    offsets_before = recorded_offsets(trades, offsets_key(broker, topic))
     ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
     old_snapshot = trades.current_snapshot().snapshot_id
     where = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
@@ -39,7 +39,7 @@ def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, br
     trades = catalog.load_table("market.trades")
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
     assert trades.current_snapshot().summary["k2.maintenance"] == "compact"
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets_before
     # Time travel inside the retention window still works after compaction.
     assert trades.scan(snapshot_id=old_snapshot).to_arrow().num_rows == 8000
 
@@ -47,7 +47,7 @@ def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, br
     expired = maintenance.expire(trades, retain=timedelta(0), now=datetime.now(timezone.utc))
     trades = catalog.load_table("market.trades")
     assert expired >= 16 and len(trades.metadata.snapshots) <= 2
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets_before
     assert trades.snapshot_by_id(old_snapshot) is None  # outside the retention now
     # A writer started after all this resumes exactly where the table says: nothing re-read, nothing lost.
     produce(broker.bootstrap, topic, trade_messages(btc_trade_events(btcusdt_dir)[8000:9000]))
@@ -94,19 +94,19 @@ def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_
     produce(broker.bootstrap, topic, trade_messages(_next_day(events[2000:2500])))
     drain_all(live)
     live.close()
-    offsets = recorded_offsets(catalog.load_table("market.trades"), OFFSETS_KEY + topic)
+    offsets = recorded_offsets(catalog.load_table("market.trades"), offsets_key(broker, topic))
     # ... and commits after it: pyiceberg retries and rebases the commit onto the writer's (another partition),
     # so the compaction snapshot restates offsets lower than its parent's.
     writer.replace_rows(stale, rows, where, properties=restated)
     trades = catalog.load_table("market.trades")
     assert trades.current_snapshot().summary["k2.maintenance"] == "compact"
-    assert json.loads(trades.current_snapshot().summary[OFFSETS_KEY + topic]) != {str(p): o for p, o in offsets.items()}
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets
+    assert json.loads(trades.current_snapshot().summary[offsets_key(broker, topic)]) != {str(p): o for p, o in offsets.items()}
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets
 
     time.sleep(0.05)
     assert maintenance.expire(trades, retain=timedelta(0)) > 0
     trades = catalog.load_table("market.trades")
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets  # the writer's snapshot with the highest offsets stayed
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets  # the writer's snapshot with the highest offsets stayed
     assert trades.scan().to_arrow().num_rows == 2500
     resumed = writer_for(catalog, broker, topic)
     assert resumed.position == {p: offsets.get(p, 0) for p in resumed.position}

@@ -11,9 +11,10 @@ from urllib.parse import urlparse
 
 import dagster as dg
 
-from k2_assets.core.live_writer import OFFSETS_KEY, recorded_offsets
+from k2_assets.core.offsets import recorded_offsets
 from k2_assets.defs.maintenance import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
+from k2_assets_tests.conftest import offsets_key
 from k2_assets_tests.test_live_writer import writer_for
 from k2_assets_tests.test_maintenance import written_in_small_batches
 from k2_assets_tests.test_metrics import gateway_text, pushed, pushgateway  # noqa: F401 - pushgateway is a fixture
@@ -48,7 +49,7 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker,
                                                             monkeypatch):
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
     trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=8000, batch_rows=500)
-    offsets_before = recorded_offsets(trades, OFFSETS_KEY + topic)
+    offsets_before = recorded_offsets(trades, offsets_key(broker, topic))
     ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
     first_snapshot, last_live_snapshot = trades.metadata.snapshots[0].snapshot_id, trades.current_snapshot().snapshot_id
     first_rows = trades.scan(snapshot_id=first_snapshot).to_arrow().num_rows
@@ -85,7 +86,7 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker,
 
     trades = catalog.load_table("market.trades")
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets_before
     # Time travel inside the retention reads the old snapshots from the small files.
     assert trades.scan(snapshot_id=first_snapshot).to_arrow().num_rows == first_rows > 0
     assert trades.scan(snapshot_id=last_live_snapshot).to_arrow().num_rows == 8000
@@ -111,7 +112,7 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker,
     assert trades.snapshot_by_id(first_snapshot) is None
     table = trades.scan().to_arrow()
     assert sorted(table.column("message_id").to_pylist()) == ids_before
-    assert recorded_offsets(trades, OFFSETS_KEY + topic) == offsets_before
+    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets_before
     resumed = writer_for(catalog, broker, topic)  # a writer started now resumes exactly where it stopped
     assert resumed.position == {p: offsets_before.get(p, 0) for p in resumed.position}
     resumed.close()

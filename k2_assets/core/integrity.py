@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pyiceberg.expressions import And, EqualTo
+from pyiceberg.expressions import And, EqualTo, In
 
 from k2_assets.core import schemas, writer
 from k2_assets.core.checks import SAMPLE_SIZE, Outcome, Rule
@@ -33,18 +33,41 @@ def holes(sequences: np.ndarray, start_at: int | None = None) -> list[tuple[int,
     return [(int(values[i]) + 1, int(values[i + 1]) - 1) for i in at]
 
 
-def partition_holes(trades: pa.Table, resets_each_session: bool) -> dict[str, list[tuple[int, int]]]:
-    """Per symbol, the sequence numbers missing from a partition (ASX numbering starts at 1 each session)."""
+def partition_holes(trades: pa.Table, resets_each_session: bool, last_before: dict[str, int] | None = None) -> dict[str, list[tuple[int, int]]]:
+    """Per symbol, the sequence numbers missing from a partition (ASX numbering starts at 1 each session).
+
+    `last_before` holds each symbol's last sequence number of the session before: numbering that runs
+    on across sessions (Binance trade ids) then shows a gap that straddles midnight, in the session
+    of the trade after it."""
     result = {}
     if trades.num_rows == 0:
         return result
     symbols = trades.column("symbol")
     for symbol in pc.unique(symbols).to_pylist():
         seq = trades.filter(pc.equal(symbols, symbol)).column("source_sequence").to_numpy(zero_copy_only=False)
-        found = holes(seq, 1 if resets_each_session else None)
+        found = holes(seq, session_start(symbol, resets_each_session, last_before))
         if found:
             result[symbol] = found
     return result
+
+
+def last_before(trades_table, exchange: str, session_date: date) -> dict[str, int]:
+    """Each symbol's last sequence number in the session before `session_date`."""
+    prev = trades_table.scan(row_filter=writer.partition_filter(exchange, session_date - timedelta(days=1)),
+                             selected_fields=("symbol", "source_sequence")).to_arrow()
+    if not prev.num_rows:
+        return {}
+    last = prev.group_by("symbol").aggregate([("source_sequence", "max")])
+    return dict(zip(last.column("symbol").to_pylist(), last.column("source_sequence_max").to_pylist()))
+
+
+def session_start(symbol: str, resets_each_session: bool, last_before: dict[str, int] | None) -> int | None:
+    """The first sequence number a session should hold: 1 where numbering resets, else one past the
+    previous session's last (None when there is no previous session to go by)."""
+    if resets_each_session:
+        return 1
+    last = (last_before or {}).get(symbol)
+    return None if last is None else last + 1
 
 
 def time_disorder(trades: pa.Table) -> Outcome:
@@ -148,11 +171,16 @@ def gap_changes(existing: pa.Table, rows: pa.Table) -> GapChanges:
 
 def reconcile_partition(gaps_table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
                         detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
-                        filled_how: str = "late_arrival", answers: dict | None = None, metrics=None) -> pa.Table:
+                        filled_how: str = "late_arrival", answers: dict | None = None, metrics=None,
+                        symbols: list[str] | None = None) -> pa.Table:
     """Compare what a partition is missing now with its rows in market.sequence_gaps, and commit the result.
 
-    metrics (a core.metrics.GapMetrics) counts the gaps opened and closed, once the commit is done."""
+    `symbols` limits it to the symbols the caller knows (a live writer owns only some of them; the
+    rows of the others stay as they are). metrics (a core.metrics.GapMetrics) counts the gaps opened
+    and closed, once the commit is done."""
     where = And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
+    if symbols is not None:
+        where = And(where, In("symbol", set(symbols)) if symbols else EqualTo("symbol", "\x00none"))
     existing = gaps_table.scan(row_filter=where).to_arrow()
     rows = reconcile(existing, current, exchange=exchange, session_date=session_date, detected_by=detected_by, now=now,
                      explained=explained, filled_how=filled_how, answers=answers)

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import KafkaException
+import uuid
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 DEFAULT_PARTITIONS = 3
@@ -39,8 +41,14 @@ def producer_config(bootstrap: str, **overrides) -> dict:
     return {**config, **overrides}
 
 
-def consumer_config(bootstrap: str, group_id: str, **overrides) -> dict:
-    """Offsets are K2's own (stored in Iceberg): never auto-committed, never reset past data."""
+DEFAULT_SESSION_TIMEOUT_MS = 6000  # Apache Kafka's smallest by default (group.min.session.timeout.ms)
+
+
+def consumer_config(bootstrap: str, group_id: str, session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS, **overrides) -> dict:
+    """Offsets are K2's own (stored in Iceberg): never auto-committed, never reset past data.
+
+    The session timeout is how long a dead or paused group member keeps its partitions; the embedded
+    broker also holds a group join for about half of it."""
     config = {
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
@@ -53,7 +61,11 @@ def consumer_config(bootstrap: str, group_id: str, **overrides) -> dict:
         "queued.max.messages.kbytes": 256 * 1024,
         "max.partition.fetch.bytes": 16 * 1024 * 1024,
         "fetch.max.bytes": 64 * 1024 * 1024,
-        "session.timeout.ms": 6000,
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
+        # Writers share a topic's partitions through the group; cooperative, so a rebalance moves only
+        # the partitions that change owner (the others keep being written).
+        "partition.assignment.strategy": "cooperative-sticky",
     }
     return {**config, **overrides}
 
@@ -65,12 +77,96 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0)
     wanted = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing]
     if not wanted:
         return
+    created = []
     for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
         try:
             future.result(timeout=timeout)
+            created.append(name)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    if created and EPOCHS_TOPIC not in topics:
+        _write_epochs(bootstrap, created, timeout)
+
+
+EPOCHS_TOPIC = "__k2_topic_epochs"
+NULL_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+def topic_incarnation(bootstrap: str, topic: str, timeout: float = 15.0, use_topic_id: bool = True) -> str:
+    """Which incarnation of `topic` the broker holds, so offsets of an earlier one are never applied to it.
+
+    The Kafka topic id where the broker gives one (Apache Kafka 2.8+, Tansu); else the cluster id
+    plus an epoch that K2 writes to EPOCHS_TOPIC when it creates the topic (or first meets it)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if use_topic_id:
+        try:
+            described = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout)
+            topic_id = str(described.topic_id or "")
+            if topic_id and topic_id != NULL_TOPIC_ID:
+                return f"id:{topic_id}"
+        except KafkaException:
+            pass  # an older broker: fall back to the epoch
+    cluster = admin.describe_cluster().result(timeout).cluster_id or "unknown-cluster"
+    epoch = _read_epochs(bootstrap, timeout).get(topic)
+    if epoch is None:
+        _write_epochs(bootstrap, [topic], timeout)
+        epoch = _read_epochs(bootstrap, timeout)[topic]  # the last one written wins, for every reader alike
+    return f"epoch:{cluster}:{epoch}"
+
+
+def _write_epochs(bootstrap: str, topics: list[str], timeout: float) -> None:
+    ensure_topics(bootstrap, {EPOCHS_TOPIC: 1}, timeout)
+    producer = Producer(producer_config(bootstrap))
+    for topic in topics:
+        producer.produce(EPOCHS_TOPIC, key=topic.encode(), value=uuid.uuid4().hex.encode())
+    if producer.flush(timeout):
+        raise RuntimeError(f"could not write the epoch of {topics} to {EPOCHS_TOPIC} on {bootstrap}")
+
+
+def _read_epochs(bootstrap: str, timeout: float) -> dict[str, str]:
+    """topic -> its latest epoch, read to the end of EPOCHS_TOPIC (the watermark is not trusted: Tansu misreports it)."""
+    ensure_topics(bootstrap, {EPOCHS_TOPIC: 1}, timeout)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-epochs-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                         "enable.partition.eof": True})
+    epochs: dict[str, str] = {}
+    try:
+        consumer.assign([TopicPartition(EPOCHS_TOPIC, 0, 0)])
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
+            message = consumer.poll(0.1)
+            if message is None:
+                continue
+            if message.error():
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                continue
+            epochs[message.key().decode()] = message.value().decode()
+            quiet_since = time.monotonic()
+    finally:
+        consumer.close()
+    return epochs
+
+
+def holds_offset(bootstrap: str, topic: str, partition: int, offset: int, timeout: float = 5.0) -> bool:
+    """Whether the partition reaches `offset`: read there, since Tansu's high watermark is wrong."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-probe-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                         "enable.partition.eof": True, "auto.offset.reset": "error"})
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.1)
+            if message is None:
+                continue
+            if message.error() is None:
+                return message.offset() >= offset
+            if message.error().code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+                return False
+        return False
+    finally:
+        consumer.close()
 
 
 def partition_count(bootstrap: str, topic: str, timeout: float = 15.0) -> int:

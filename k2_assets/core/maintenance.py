@@ -25,7 +25,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
 from k2_assets.core import writer
-from k2_assets.core.live_writer import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, _latest_property, lineage, recorded_offsets
+from k2_assets.core.offsets import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, latest_property, lineage, recorded_offsets
 
 CARRIED_PREFIXES = (OFFSETS_KEY, REJECTED_KEY)
 
@@ -59,7 +59,7 @@ def carried_properties(table: Table) -> dict[str, str]:
         if key.startswith(CARRIED_PREFIXES)
     }
     carried = {key: json.dumps({str(p): o for p, o in sorted(recorded_offsets(table, key).items())}) for key in keys}
-    tracker = _latest_property(table, TRACKER_KEY)
+    tracker = latest_property(table, TRACKER_KEY)
     if tracker:
         carried[TRACKER_KEY] = tracker
     return carried

@@ -74,6 +74,18 @@ class WriterMetrics:
                          ["partition"], registry=r)
         self.freshness = Gauge("k2_writer_freshness_seconds", "Exchange event time to commit, p95 of the last batch", registry=r)
         self.last_commit_time = Gauge("k2_writer_last_commit_timestamp_seconds", "When the last batch was committed", registry=r)
+        self.store_state = Gauge("k2_writer_store_state", "1 for the writer's catalog/object-store state: healthy, degraded "
+                                 "(retrying), stalled (retrying for over a minute)", ["state"], registry=r)
+        self.fenced = Counter("k2_writer_batches_fenced", "Batches discarded because another writer committed their offsets first",
+                              registry=r)
+        self.partitions_owned = Gauge("k2_writer_partitions_owned", "Kafka partitions this writer owns in its consumer group",
+                                      registry=r)
+        self.incarnation_switches = Counter("k2_writer_topic_incarnation_switches", "Starts on a topic incarnation the table had "
+                                            "no offsets for (a re-created topic, a restarted in-memory broker)", registry=r)
+        self.offsets_beyond_end = Counter("k2_writer_offsets_beyond_end", "Recorded offsets a partition no longer reaches "
+                                          "(the writer refuses the partition)", registry=r)
+        self.offsets_skipped_by_broker = Counter("k2_writer_offsets_skipped_by_broker", "Offsets the broker no longer held when "
+                                                 "the writer reached them (retention)", registry=r)
         for name in EVENT_NAMES:
             self.sequence_events.labels(name)
         self.gaps = GapMetrics(r)  # the sensor reconciles market.sequence_gaps after each tick

@@ -25,8 +25,8 @@ from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In
 from pyiceberg.table import Table
 
 from k2_assets.core import live_codec
-from k2_assets.core.kafka import consumer_config, partition_count
-from k2_assets.core.live_writer import OFFSETS_KEY, lineage, recorded_offsets
+from k2_assets.core.kafka import consumer_config, partition_count, topic_incarnation
+from k2_assets.core.offsets import OFFSETS_KEY, key, lineage, recorded_offsets
 
 MAX_MINUTES = 24 * 60
 
@@ -54,7 +54,7 @@ class RecentTrades:
         self.keep_us = int(keep_minutes * 60e6)
         self.max_tail_rows = max_tail_rows
         self.catch_up_seconds = catch_up_seconds
-        self.key = OFFSETS_KEY + topic
+        self.key = key(OFFSETS_KEY, topic, topic_incarnation(bootstrap, topic))
         self.partitions = partition_count(bootstrap, topic)
         trades.refresh()
         self._set_base()

@@ -17,10 +17,11 @@ from datetime import date, datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, EqualTo, IsNull
+from pyiceberg.expressions import And, EqualTo, IsNull, Or
 from pyiceberg.table import Table
 
 from k2_assets.core import live_codec, writer
+from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
 REST_SOURCE = "rest:/api/v3/historicalTrades"
@@ -107,14 +108,20 @@ def repair_partition(trades: Table, gaps: Table, base_url: str, day: date, *, ap
         if answer:
             report.unavailable[(symbol, first, last)] = answer
     if fetched:
+        # A gap that straddles midnight belongs to the day after it, but its trades may be of the day before:
+        # each repaired trade goes to its own trade_date.
         rows = pa.concat_tables(fetched)
-        rows = rows.filter(pc.equal(rows.column("trade_date"), pa.scalar(day, pa.date32())))
-        existing = trades.scan(row_filter=writer.partition_filter(live_codec.EXCHANGE, day), selected_fields=("message_id",)).to_arrow()
+        days = sorted(set(rows.column("trade_date").to_pylist()))
+        where = Or(*[writer.partition_filter(live_codec.EXCHANGE, d) for d in days]) if len(days) > 1 else writer.partition_filter(
+            live_codec.EXCHANGE, days[0])
+        existing = trades.scan(row_filter=where, selected_fields=("message_id",)).to_arrow()
         fresh = pc.invert(pc.is_in(rows.column("message_id"), value_set=existing.column("message_id")))
         report.already_present = rows.num_rows - int(pc.sum(fresh).as_py() or 0)
         rows = rows.filter(fresh)
         if rows.num_rows:
-            trades.append(rows.sort_by(writer.SORT_KEYS), snapshot_properties={"k2.source": "binance_gap_repair", "k2.partition": day.isoformat()})
+            keys = {key for key, _ in groups(rows)}
+            trades.append(rows.sort_by(writer.SORT_KEYS), snapshot_properties={
+                "k2.source": "binance_gap_repair", "k2.partition": day.isoformat(), KEYS_KEY: keys_property(keys)})
             report.written = rows.num_rows
     report.snapshot_id = trades.current_snapshot().snapshot_id if trades.current_snapshot() else None
     return report

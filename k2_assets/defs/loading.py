@@ -54,8 +54,10 @@ def evaluate_partition(iceberg: IcebergResource, stored: pa.Table, *, kind: str,
     """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps (counted in gap_metrics)."""
     outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
     if kind == "trades":
+        resets = exchange == "ASX"  # ASX numbers each session from 1; Binance trade ids run on across days
+        last_before = None if resets else integrity.last_before(iceberg.table("trades"), exchange, session_date)
         gaps = integrity.reconcile_partition(
-            iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets_each_session=exchange == "ASX"),
+            iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets, last_before),
             exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(timezone.utc),
             explained=explained, filled_how=filled_how, answers=answers, metrics=gap_metrics,
         )

@@ -15,7 +15,10 @@ schedules = [binance_history_schedule]
 sensors = [binance_trades_sensor, binance_gap_repair_sensor]
 resources = {
     "binance_history": BinanceHistoryResource(history_dir=dg.EnvVar("K2_BINANCE_HISTORY_DIR")),
-    "kafka": KafkaResource(bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP")),
+    "kafka": KafkaResource(
+        bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
+        **({"session_timeout_ms": dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS")} if os.environ.get("K2_KAFKA_SESSION_TIMEOUT_MS") else {}),
+    ),
     "binance_rest": BinanceRestResource(
         base_url=dg.EnvVar("K2_BINANCE_REST_URL"),
         **({"api_key": dg.EnvVar("K2_BINANCE_API_KEY")} if os.environ.get("K2_BINANCE_API_KEY") else {}),

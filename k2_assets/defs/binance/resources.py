@@ -20,6 +20,7 @@ class KafkaResource(dg.ConfigurableResource):
 
     bootstrap: str
     topic: str = "market.crypto.trades.binance"
+    session_timeout_ms: int = 6000  # how long a dead writer keeps its partitions (K2_KAFKA_SESSION_TIMEOUT_MS)
 
 
 class BinanceRestResource(dg.ConfigurableResource):
