@@ -28,7 +28,11 @@ docker-compose:  # Debian's docker-compose: `docker-compose config` validates th
 /usr/bin/chromium:  # Debian's chromium for the browser test (Playwright drives it; it never downloads a browser)
 	bash scripts/get-chromium || echo "warning: chromium unavailable; the browser test will say why it fails"
 
-test: install /usr/bin/chromium .tools/promtool .tools/pushgateway docker-compose
+.PHONY: postgresql
+postgresql:  # Debian's PostgreSQL server: the tests of the production catalog start it in a temporary directory
+	@bash scripts/get-postgresql || echo "warning: postgresql unavailable; the PostgreSQL catalog tests will say why they fail"
+
+test: install /usr/bin/chromium .tools/promtool .tools/pushgateway docker-compose postgresql
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: install

@@ -108,8 +108,27 @@ def btc_trade_events(btcusdt_dir: Path) -> list[dict]:
 
 
 def offsets_key(broker, topic: str) -> str:
-    """The snapshot-property key the live writer records `topic`'s offsets under (its incarnation's)."""
+    """The snapshot-property key the live writer records `topic`'s offsets under (its incarnation's);
+    `broker` is the fixture or a bootstrap address."""
     from k2_assets.core import offsets
     from k2_assets.core.kafka import topic_incarnation
 
-    return offsets.key(offsets.OFFSETS_KEY, topic, topic_incarnation(broker.bootstrap, topic))
+    bootstrap = broker if isinstance(broker, str) else broker.bootstrap
+    return offsets.key(offsets.OFFSETS_KEY, topic, topic_incarnation(bootstrap, topic))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's), one per test process; each test makes its own database."""
+    from k2_assets_tests.postgres import start_postgres, stop_postgres
+
+    server = start_postgres()
+    yield server
+    stop_postgres(server)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_catalog_props(request, k2_home) -> dict[str, str]:
+    """The embedded SQLite catalog and the production PostgreSQL one, each with a file warehouse."""
+    uri = f"sqlite:///{k2_home}/catalog.db" if request.param == "sqlite" else request.getfixturevalue("postgres").create_database()
+    return {"catalog_uri": uri, "warehouse": f"file://{k2_home}/warehouse"}

@@ -63,6 +63,10 @@ def consumer_config(bootstrap: str, group_id: str, session_timeout_ms: int = DEF
         "fetch.max.bytes": 64 * 1024 * 1024,
         "session.timeout.ms": session_timeout_ms,
         "heartbeat.interval.ms": max(100, session_timeout_ms // 3),
+        # Also the rebalance timeout: a member that died during a rebalance stalls the group this long at
+        # most (the embedded broker waits for it rather than for its session). A writer stalled longer by
+        # a store outage leaves the group, and rejoins from the table's offsets when it is back.
+        "max.poll.interval.ms": 45_000,
         # Writers share a topic's partitions through the group; cooperative, so a rebalance moves only
         # the partitions that change owner (the others keep being written).
         "partition.assignment.strategy": "cooperative-sticky",

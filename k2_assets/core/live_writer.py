@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import random
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.table import Table
 
 from k2_assets.core import integrity, live_codec, offsets, schemas, writer
@@ -105,7 +107,7 @@ class LiveWriter:
     """Drains a Kafka topic into market.trades in micro-batches (see the module docstring)."""
 
     def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
-                 group_id: str = "k2-binance-trades-writer", max_batch_rows: int = 250_000,
+                 group_id: str | None = None, max_batch_rows: int = 250_000,
                  max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None, metrics: WriterMetrics | None = None,
                  gaps: Table | None = None, join_timeout: float = 60.0, stall_after: float = 60.0,
                  session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS):
@@ -113,7 +115,7 @@ class LiveWriter:
         self.bootstrap, self.topic = bootstrap, topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
         self.dead_letter_topic = dead_letter_topic if dead_letter_topic is not None else topic + ".dlq"
-        self.group_id = group_id
+        self.group_id = group_id or f"k2-writer.{topic}"  # one group per topic: the sensor and `k2 writer` share it
         self.max_batch_rows = max_batch_rows
         self.max_batch_seconds = max_batch_seconds
         self.metrics = metrics or WriterMetrics()
@@ -140,7 +142,7 @@ class LiveWriter:
         self._give_up_at: float | None = None
         self._group_commit: dict[int, int] | None = None  # set after each Iceberg commit, done by the consuming thread
         self._start_from_table()
-        self.consumer = Consumer(consumer_config(bootstrap, group_id, session_timeout_ms))
+        self.consumer = Consumer(consumer_config(bootstrap, self.group_id, session_timeout_ms))
         self.consumer.subscribe([topic, self.dead_letter_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         self.join(join_timeout)
@@ -599,9 +601,25 @@ class LiveWriter:
                 return integrity.reconcile_partition(self.gaps, current, exchange=live_codec.EXCHANGE, session_date=day,
                                                      detected_by=detected_by, now=now, metrics=self.metrics.gaps, symbols=symbols)
 
-            result[day] = self.health.call(reconcile, "reconciling market.sequence_gaps", deadline=self._give_up_at, stop=self._stop)
+            result[day] = self.health.call(lambda: self._reconciled(reconcile), "reconciling market.sequence_gaps",
+                                           deadline=self._give_up_at, stop=self._stop)
             self.touched -= {(day, s) for s in symbols}
         return result
+
+
+    def _reconciled(self, reconcile, attempts: int = 8):
+        """Reconcile from the table as it is now; another writer reconciling the same day first makes
+        pyiceberg refuse the rebased overwrite, and the gaps are computed again from the newer view."""
+        for attempt in range(attempts):
+            self.trades.refresh()
+            self.seen.follow(self.trades.metadata, self.trades.metadata.current_snapshot_id, self.trades.io)
+            self.gaps.refresh()
+            try:
+                return reconcile()
+            except (CommitFailedException, ValidationException):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(random.uniform(0.05, 0.5))
 
 
 def _names(tps: list[TopicPartition]) -> str:
