@@ -66,7 +66,9 @@ class Writers:
         return process
 
     def log(self, tail: int | None = 3000) -> str:
-        return "\n".join(p.read_text(errors="replace")[-(tail or 0):] for p in sorted(self.home.glob("writer-*.log")))
+        """The writers' logs, each cut to its last `tail` characters (None: whole)."""
+        texts = (p.read_text(errors="replace") for p in sorted(self.home.glob("writer-*.log")))
+        return "\n".join(text if tail is None else text[-tail:] for text in texts)
 
     def stop_all(self) -> None:
         for process in self.processes.values():

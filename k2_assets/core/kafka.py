@@ -14,10 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import uuid
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -131,44 +130,44 @@ def _write_epochs(bootstrap: str, topics: list[str], timeout: float) -> None:
 def _read_epochs(bootstrap: str, timeout: float) -> dict[str, str]:
     """topic -> its latest epoch, read to the end of EPOCHS_TOPIC (the watermark is not trusted: Tansu misreports it)."""
     ensure_topics(bootstrap, {EPOCHS_TOPIC: 1}, timeout)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-epochs-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                         "enable.partition.eof": True})
     epochs: dict[str, str] = {}
-    try:
-        consumer.assign([TopicPartition(EPOCHS_TOPIC, 0, 0)])
-        deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    for message in _read_from(bootstrap, EPOCHS_TOPIC, 0, 0, timeout):
+        if message is None:
+            if time.monotonic() - quiet_since >= 1.0:
+                break
+            continue
+        if message.error():
+            if message.error().code() == KafkaError._PARTITION_EOF:
+                break
+            continue
+        epochs[message.key().decode()] = message.value().decode()
         quiet_since = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - quiet_since < 1.0:
-            message = consumer.poll(0.1)
-            if message is None:
-                continue
-            if message.error():
-                if message.error().code() == KafkaError._PARTITION_EOF:
-                    break
-                continue
-            epochs[message.key().decode()] = message.value().decode()
-            quiet_since = time.monotonic()
-    finally:
-        consumer.close()
     return epochs
 
 
 def holds_offset(bootstrap: str, topic: str, partition: int, offset: int, timeout: float = 5.0) -> bool:
     """Whether the partition reaches `offset`: read there, since Tansu's high watermark is wrong."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-probe-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                         "enable.partition.eof": True, "auto.offset.reset": "error"})
+    for message in _read_from(bootstrap, topic, partition, offset, timeout, **{"auto.offset.reset": "error"}):
+        if message is None:
+            continue
+        if message.error() is None:
+            return message.offset() >= offset
+        if message.error().code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+            return False
+    return False
+
+
+def _read_from(bootstrap: str, topic: str, partition: int, offset: int, timeout: float, **config):
+    """Poll one partition from `offset` with a throwaway consumer (no group offsets), yielding each poll's
+    result (None when nothing came) until `timeout`; the consumer is closed when the caller stops."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                         "enable.partition.eof": True, **config})
     try:
         consumer.assign([TopicPartition(topic, partition, offset)])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            message = consumer.poll(0.1)
-            if message is None:
-                continue
-            if message.error() is None:
-                return message.offset() >= offset
-            if message.error().code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
-                return False
-        return False
+            yield consumer.poll(0.1)
     finally:
         consumer.close()
 

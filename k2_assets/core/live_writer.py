@@ -80,8 +80,8 @@ class _Batch:
     the assignment generation of each partition it holds (a batch read under an older one is dropped)."""
 
     values: list[bytes]
-    partitions: list[int]
-    offsets: list[int]
+    partitions: np.ndarray  # int64, one per value
+    offsets: np.ndarray
     dead: list
     generations: dict[tuple[str, int], int]
 
@@ -90,8 +90,13 @@ class _Batch:
         dead = [m for m in messages if m.topic() == dead_letter_topic]
         if dead:
             messages = [m for m in messages if m.topic() != dead_letter_topic]
-        return cls([m.value() or b"" for m in messages], [m.partition() for m in messages], [m.offset() for m in messages], dead,
-                   generations)
+        n = len(messages)
+        return cls([m.value() or b"" for m in messages], np.fromiter((m.partition() for m in messages), np.int64, n),
+                   np.fromiter((m.offset() for m in messages), np.int64, n), dead, generations)
+
+    def only(self, keep: np.ndarray) -> _Batch:
+        return _Batch([v for v, k in zip(self.values, keep.tolist()) if k], self.partitions[keep], self.offsets[keep], self.dead,
+                      self.generations)
 
 
 def _hand_over(out: queue.Queue, item, stop: threading.Event) -> None:
@@ -403,28 +408,28 @@ class LiveWriter:
         with self._lock:
             valid = {k for k, g in batch.generations.items() if self._owned.get(k) == g}
             position = dict(self.position)
-        keep = [i for i, p in enumerate(batch.partitions) if (self.topic, p) in valid and batch.offsets[i] >= position.get(p, 0)]
-        dead = [m for m in batch.dead if (m.topic(), m.partition()) in valid]
-        if len(keep) < len(batch.partitions):
-            batch = _Batch([batch.values[i] for i in keep], [batch.partitions[i] for i in keep], [batch.offsets[i] for i in keep],
-                           dead, batch.generations)
-        else:
-            batch.dead = dead
-        for p in set(batch.partitions):
-            first = min(o for q, o in zip(batch.partitions, batch.offsets) if q == p)
+        keep = np.zeros(len(batch.partitions), dtype=bool)
+        for p in np.unique(batch.partitions).tolist():  # a few partitions: vectorized per partition
+            if (self.topic, p) not in valid:
+                continue
+            fresh = (batch.partitions == p) & (batch.offsets >= position[p])
+            keep |= fresh
+            first = int(batch.offsets[fresh].min()) if fresh.any() else position[p]
             if first > position[p]:  # the broker no longer holds them (retention): say so, they cannot be read
                 self.metrics.offsets_skipped_by_broker.inc(first - position[p])
                 log.error("offsets %d..%d of partition %d of %s are gone from the broker; K2 never read them", position[p], first - 1, p,
                           self.topic)
-        return batch if batch.partitions or batch.dead else None
+        if not keep.all():
+            batch = batch.only(keep)
+        batch.dead = [m for m in batch.dead if (m.topic(), m.partition()) in valid]
+        return batch if len(batch.partitions) or batch.dead else None
 
     def _write_batch(self, batch: _Batch) -> BatchReport | None:
         batch = self._current(batch)
         if batch is None:
             return None
-        values, partitions, offsets_, dead = batch.values, batch.partitions, batch.offsets, batch.dead
-        rows, rejected = live_codec.decode_batch(values, self.topic, partitions, offsets_, source=SOURCE)
-        part, off = np.asarray(partitions, dtype=np.int64), np.asarray(offsets_, dtype=np.int64)
+        values, part, off, dead = batch.values, batch.partitions, batch.offsets, batch.dead
+        rows, rejected = live_codec.decode_batch(values, self.topic, part, off, source=SOURCE)
         ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
         next_offsets = {p: last + 1 for p, (_, last) in ranges.items()}
         with self._lock:
@@ -444,9 +449,8 @@ class LiveWriter:
         rows = rows.sort_by(writer.SORT_KEYS) if rows.num_rows else rows
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64) if rows.num_rows else None
         batch_ids = {key: ids[index] for key, index in groups(rows)} if rows.num_rows else {}
-        keys = set(batch_ids)
         properties = {self.offsets_key: json.dumps({str(p): o for p, o in next_offsets.items()}), "k2.source": SOURCE,
-                      KEYS_KEY: keys_property(keys)}
+                      KEYS_KEY: keys_property(set(batch_ids))}
         state = self.tracker.dumps()
         if len(state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead
             properties[TRACKER_KEY] = state
@@ -460,7 +464,7 @@ class LiveWriter:
                 if (self.topic, p) in self._owned:
                     self.position[p] = self.committed[p] = o
             self._group_commit = dict(self.committed)
-        self._remember(rows)
+        self._remember(batch_ids)
         committed = datetime.now(timezone.utc)
         return BatchReport(
             consumed=len(values),
@@ -490,10 +494,14 @@ class LiveWriter:
             self.rejects_written.update(marks)
             self.dead_letter_position.update(dead_marks)
 
+    def _moved(self, key: str, expected: dict[int, int], metadata, parent) -> dict[int, int]:
+        """Partitions whose offset recorded under `key` at snapshot `parent` is not the expected one."""
+        recorded = self._recorded[key].at(metadata, parent)
+        return {p: recorded.get(p, 0) for p, offset in expected.items() if recorded.get(p, 0) != offset}
+
     def _trades_fence(self, starts: dict[int, int], batch_ids: dict):
         def fence(metadata, parent) -> None:
-            recorded = self._recorded[self.offsets_key].at(metadata, parent)
-            moved = {p: recorded.get(p, 0) for p, start in starts.items() if recorded.get(p, 0) != start}
+            moved = self._moved(self.offsets_key, starts, metadata, parent)
             if moved:
                 raise Fenced(f"{self.topic} offsets {moved} were committed by another writer (this batch started at "
                              f"{ {p: starts[p] for p in moved} })")
@@ -507,8 +515,7 @@ class LiveWriter:
     def _marks_fence(self, expected: dict[str, dict[int, int]]):
         def fence(metadata, parent) -> None:
             for key, marks in expected.items():
-                recorded = self._recorded[key].at(metadata, parent)
-                moved = {p: recorded.get(p, 0) for p, mark in marks.items() if recorded.get(p, 0) != mark}
+                moved = self._moved(key, marks, metadata, parent)
                 if moved:
                     raise Fenced(f"reject marks {moved} of {key} were moved by another writer")
         return fence
@@ -568,13 +575,11 @@ class LiveWriter:
             keep[index[fresh]] = True
         return rows.filter(pa.array(keep)), int((~keep).sum())
 
-    def _remember(self, rows: pa.Table) -> None:
-        if not rows.num_rows:
-            return
-        ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
-        for (day, symbol), index in groups(rows):
+    def _remember(self, batch_ids: dict) -> None:
+        """The committed trade ids, per (day, symbol): into the dedup index, and due for gap reconciling."""
+        for (day, symbol), ids in batch_ids.items():
             if (day, symbol) in self.seen.ids:
-                self.seen.add(day, symbol, ids[index])
+                self.seen.add(day, symbol, ids)
             self.touched.add((day, symbol))
 
     # -- sequence gaps --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from datetime import date, datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, EqualTo, IsNull, Or
+from pyiceberg.expressions import And, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
 from k2_assets.core import live_codec, writer
@@ -111,9 +111,8 @@ def repair_partition(trades: Table, gaps: Table, base_url: str, day: date, *, ap
         # A gap that straddles midnight belongs to the day after it, but its trades may be of the day before:
         # each repaired trade goes to its own trade_date.
         rows = pa.concat_tables(fetched)
-        days = sorted(set(rows.column("trade_date").to_pylist()))
-        where = Or(*[writer.partition_filter(live_codec.EXCHANGE, d) for d in days]) if len(days) > 1 else writer.partition_filter(
-            live_codec.EXCHANGE, days[0])
+        days = {d.isoformat() for d in rows.column("trade_date").to_pylist()}
+        where = And(EqualTo("exchange", live_codec.EXCHANGE), In("trade_date", days))
         existing = trades.scan(row_filter=where, selected_fields=("message_id",)).to_arrow()
         fresh = pc.invert(pc.is_in(rows.column("message_id"), value_set=existing.column("message_id")))
         report.already_present = rows.num_rows - int(pc.sum(fresh).as_py() or 0)
