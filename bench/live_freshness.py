@@ -202,14 +202,14 @@ def run_feed(home: Path) -> dict:
                                         max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
         # "Visible" = right after the Iceberg commit of the batch: time it where trades.append returns.
         appended: list[float] = []
-        append = trades.append
+        append = writer.trades.append  # the writer's own (fenced) handle on the table
 
         def timed_append(*args, **kwargs):
             result = append(*args, **kwargs)
             appended.append(time.time())
             return result
 
-        trades.append = timed_append
+        writer.trades.append = timed_append
         write_seconds: list[float] = []
         write = writer._write
 
@@ -289,7 +289,7 @@ def run_feed(home: Path) -> dict:
                 if t.ident is not None:
                     t.join(30)
             clock.restore()
-            trades.__dict__.pop("append", None)
+            writer.trades.__dict__.pop("append", None)
             writer.__dict__.pop("_write", None)
             writer.close()
         if feeding.error is not None:

@@ -252,10 +252,11 @@ def load_average() -> float:
 # ================================================================ the raw limit
 
 
-def raw_consume_decode_write(bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int) -> tuple[float, dict]:
+def raw_consume_decode_write(bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int,
+                             partitions: int = PARTITIONS) -> tuple[float, dict]:
     """Plain consumer + pyarrow JSON decode + Parquet write per 250k batch; (seconds for n, details)."""
     consumer = Consumer(consumer_config(bootstrap, f"bench-raw-{uuid.uuid4().hex[:8]}"))
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     steps = {"consume": 0.0, "decode": 0.0, "parquet": 0.0}
     total, batches, out_bytes = 0, 0, 0
     try:
