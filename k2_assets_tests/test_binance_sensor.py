@@ -51,3 +51,51 @@ def test_sensor_ticks_write_once_and_report_each_partition(btcusdt_dir, broker, 
         reset_writers()
     table = catalog.load_table("market.trades").scan().to_arrow()
     assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()
+
+
+def test_a_tick_during_a_catalog_outage_ends_cleanly_and_the_next_resumes(btcusdt_dir, broker, topic, catalog_props, catalog,
+                                                                           monkeypatch):
+    """The catalog is locked for longer than a tick: the tick says so and ends without failing; once the
+    catalog is back, the next tick writes everything, once."""
+    import sqlite3
+    import threading
+    import time
+
+    import importlib
+
+    sensors_module = importlib.import_module("k2_assets.defs.binance.sensors")  # the package's `sensors` is the list
+
+    monkeypatch.setattr(sensors_module, "TICK_SECONDS", 4.0)
+    events = btc_trade_events(btcusdt_dir)
+    produce(broker.bootstrap, topic, trade_messages(events[:3000]))
+    instance = dg.DagsterInstance.ephemeral()
+    try:
+        first = tick(instance, catalog_props, broker, topic)
+        assert sum(e.metadata["rows_written"].value for e in first.asset_events if isinstance(e, dg.AssetMaterialization)) == 3000
+        produce(broker.bootstrap, topic, trade_messages(events[3000:]))
+        locked, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            db = sqlite3.connect(catalog_props["catalog_uri"].removeprefix("sqlite:///"), isolation_level=None, timeout=30)
+            db.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(60)
+            db.execute("ROLLBACK")
+            db.close()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        locked.wait(10)
+        started = time.monotonic()
+        during = tick(instance, catalog_props, broker, topic, first.cursor)  # must not raise
+        assert time.monotonic() - started < 30
+        assert isinstance(during, dg.SkipReason) and "unavailable" in during.skip_message
+        release.set()
+        holder.join()
+        after = tick(instance, catalog_props, broker, topic, first.cursor)
+        assert sum(e.metadata["rows_written"].value for e in after.asset_events if isinstance(e, dg.AssetMaterialization)) \
+            == len(events) - 3000
+    finally:
+        reset_writers()
+    table = catalog.load_table("market.trades").scan().to_arrow()
+    assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()

@@ -115,7 +115,7 @@ class LiveWriter:
                  group_id: str | None = None, max_batch_rows: int = 250_000,
                  max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None, metrics: WriterMetrics | None = None,
                  gaps: Table | None = None, join_timeout: float = 60.0, stall_after: float = 60.0,
-                 session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS):
+                 session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS, give_up_after: float | None = None):
         self.trades, self.rejected, self.gaps = FencedTable.of(trades), FencedTable.of(rejected), gaps
         self.bootstrap, self.topic = bootstrap, topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
@@ -144,7 +144,8 @@ class LiveWriter:
         self._pending: list = []  # messages consumed while joining the group
         self._joined = threading.Event()
         self._stop = threading.Event()
-        self._give_up_at: float | None = None
+        # Store outages met while starting are retried this long (None: until stop()); drain() sets its own.
+        self._give_up_at: float | None = None if give_up_after is None else time.monotonic() + give_up_after
         self._group_commit: dict[int, int] | None = None  # set after each Iceberg commit, done by the consuming thread
         self._start_from_table()
         self.consumer = Consumer(consumer_config(bootstrap, self.group_id, session_timeout_ms))
@@ -160,7 +161,7 @@ class LiveWriter:
             self.rejected.refresh()
             return offsets.latest_property(self.trades, TRACKER_KEY), offsets.keys_for_topic(self.trades, OFFSETS_KEY, self.topic)
 
-        state, keys = self.health.call(read, "reading market.trades")
+        state, keys = self.health.call(read, "reading market.trades", deadline=self._give_up_at, stop=self._stop)
         if state:
             self.tracker.restore(json.loads(state))
         self.seen.in_step.append(self.trades.metadata.current_snapshot_id)

@@ -16,6 +16,7 @@ from pyiceberg.expressions import And, EqualTo, IsNull
 from k2_assets.core import integrity, live_codec
 from k2_assets.core.live_writer import BatchReport, LiveWriter
 from k2_assets.core.metrics import WriterMetrics, serve
+from k2_assets.core.outage import StoreUnavailable
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
@@ -37,7 +38,7 @@ def _writer(iceberg: IcebergResource, kafka: KafkaResource) -> LiveWriter:
         if key not in _writers:
             _writers[key] = LiveWriter(iceberg.table("trades"), iceberg.table("rejected"), kafka.bootstrap, topic=kafka.topic,
                                        metrics=_metrics, gaps=iceberg.table("sequence_gaps"),
-                                       session_timeout_ms=kafka.session_timeout_ms)
+                                       session_timeout_ms=kafka.session_timeout_ms, give_up_after=TICK_SECONDS)
             port = int(os.environ.get("K2_WRITER_METRICS_PORT", "0"))
             if port and not _served:  # one /metrics per code-server process; counters outlive writer resets
                 _served.append(serve(_metrics.registry, port))
@@ -93,10 +94,20 @@ def _gap_check(day: date, rows) -> dg.AssetCheckEvaluation:
     description="Drains market.crypto.trades.binance into market.trades in micro-batches, exactly once.",
 )
 def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource, kafka: KafkaResource):
+    reports: list[BatchReport] = []
+    gaps: dict = {}
     try:
         writer = _writer(iceberg, kafka)
-        reports = writer.drain(TICK_SECONDS, give_up_after=TICK_SECONDS)
+        writer.drain(TICK_SECONDS, give_up_after=TICK_SECONDS, on_batch=reports.append)
         gaps = writer.reconcile_gaps(detected_by="binance_trades_sensor")
+    except StoreUnavailable as exc:
+        # An outage ends the tick cleanly: what was committed before it is reported, and the next tick
+        # rebuilds the writer from the table's offsets.
+        reset_writers()
+        context.log.warning(f"tick ended by a store outage after {len(reports)} micro-batches: {exc}")
+        if not reports:
+            return dg.SkipReason(f"catalog or object store unavailable: {exc}")
+        return dg.SensorResult(asset_events=[event for report in reports for event in materializations(report)])
     except Exception:
         reset_writers()
         raise
