@@ -5,7 +5,7 @@ COPY pyproject.toml README.md workspace.yaml dagster.yaml ./
 COPY schemas ./schemas
 COPY k2_assets ./k2_assets
 COPY docker ./docker
-RUN pip install --no-cache-dir -e . "dagster-postgres==0.29.*" \
+RUN pip install --no-cache-dir -e . \
  && useradd --create-home k2 && mkdir -p /opt/dagster && cp docker/dagster.yaml /opt/dagster/dagster.yaml && chown -R k2 /opt/dagster
 USER k2
 ENV DAGSTER_HOME=/opt/dagster K2_HOME=/home/k2/.k2

@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from k2_assets.core import kafka
 from k2_assets.core.settings import DEFAULTS, Settings, apply_defaults
+from k2_assets.supervisor import Supervisor
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-STOP_GRACE_SECONDS = 30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,14 +145,18 @@ def _recent(settings: Settings, args: argparse.Namespace) -> int:
     if not args.every:
         _print_recent(recent_trades(table, settings.kafka_bootstrap, args.symbol, args.minutes, topic=args.topic, now=args.until), args)
         return 0
+    import threading
+
+    from k2_assets.core.stopping import Stopper
+
+    stopping = threading.Event()
+    Stopper("k2 recent", f"asking every {args.every:g} s for {args.symbol.upper()} (and its Kafka reader)", stopping.set).install()
     with RecentTrades(table, settings.kafka_bootstrap, topic=args.topic, keep_minutes=args.minutes) as recent:
-        try:
-            while True:
-                _print_recent(recent.query(args.symbol, args.minutes, now=args.until), args)
-                sys.stdout.flush()
-                time.sleep(args.every)
-        except KeyboardInterrupt:
-            return 0
+        while not stopping.is_set():
+            _print_recent(recent.query(args.symbol, args.minutes, now=args.until), args)
+            sys.stdout.flush()
+            stopping.wait(args.every)
+    return 0
 
 
 def _utc_time(text: str):
@@ -206,64 +208,28 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     k2 = [sys.executable, "-m", "k2_assets.cli"]
-    children: list[subprocess.Popen] = []
-    stopping: list[float] = []
-
-    def start(name: str, command: list[str], **kwargs) -> subprocess.Popen:
-        # A process started from a non-interactive shell inherits SIGINT as ignored, and dagster dev
-        # would then never stop: restore the default handler in each child before it starts.
-        log = open(logs / f"{name}.log", "ab") if name != "dagster" else None
-        process = subprocess.Popen(command, stdout=log, stderr=log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
-        children.append(process)
-        return process
-
-    def forward(signum, _frame):
-        stopping.append(time.monotonic())
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    processes = Supervisor(logs)
     try:
         if "K2_KAFKA_BOOTSTRAP" not in os.environ or os.environ["K2_KAFKA_BOOTSTRAP"] == DEFAULTS["K2_KAFKA_BOOTSTRAP"]:
             port = kafka.free_port()
             os.environ["K2_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{port}"
-            start("broker", [*k2, "broker", str(port)])
+            processes.start("broker", "the embedded broker", [*k2, "broker", str(port)])
             _wait_for_port(port, "the embedded Kafka broker")
         feed_port = kafka.free_port()
-        start("feed", [*k2, "feed", "--random-walk", args.symbols, "--port", str(feed_port), "--rate", str(args.rate)])
+        processes.start("feed", "the local Binance feed", [*k2, "feed", "--random-walk", args.symbols, "--port", str(feed_port), "--rate", str(args.rate)])
         _wait_for_port(feed_port, "the local Binance feed")
         if os.environ.get("K2_BINANCE_REST_URL", DEFAULTS["K2_BINANCE_REST_URL"]) == DEFAULTS["K2_BINANCE_REST_URL"]:
             os.environ["K2_BINANCE_REST_URL"] = f"http://127.0.0.1:{feed_port}"  # gap repair asks the local exchange
-        start("producer", [*k2, "stream", "binance", "--symbols", args.symbols, "--url", f"ws://127.0.0.1:{feed_port}"])
+        processes.start("producer", "the producer", [*k2, "stream", "binance", "--symbols", args.symbols, "--url", f"ws://127.0.0.1:{feed_port}"])
         print(f"k2: live trades {args.symbols} from the local feed on ws://127.0.0.1:{feed_port} into Kafka at "
               f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}", flush=True)
         print(f"k2: Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
-        dagster = start("dagster", [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
-                                    "-h", args.host, "-p", str(args.port)], cwd=dagster_home)
-        while True:
-            if dagster.poll() is not None:
-                return dagster.returncode
-            if not stopping:
-                for child in children:
-                    if child.poll() is not None:
-                        print(f"k2: {child.args[3] if len(child.args) > 3 else child.args} exited with {child.returncode}; "
-                              f"see {logs}", file=sys.stderr)
-                        forward(signal.SIGTERM, None)
-                        break
-            elif time.monotonic() - stopping[0] > STOP_GRACE_SECONDS:
-                print("k2: a process did not stop in time; killing it", file=sys.stderr)
-                for child in children:
-                    if child.poll() is None:
-                        child.kill()
-            time.sleep(0.5)
-    finally:
-        for child in children:
-            try:
-                child.wait(timeout=STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        processes.start("dagster", "dagster dev (webserver, daemon, code server, runs)", [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
+                                    "-h", args.host, "-p", str(args.port)], log=False, cwd=dagster_home)
+    except BaseException:
+        processes.kill_all()
+        raise
+    return processes.run()
 
 
 def _wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:

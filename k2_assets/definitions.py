@@ -12,6 +12,7 @@ from k2_assets.defs.resources import IcebergResource  # noqa: E402
 
 defs = dg.Definitions(
     assets=[*asx.assets, *binance.assets, *rollups.assets],
+    asset_checks=binance.asset_checks,
     jobs=[*asx.jobs, *binance.jobs, *maintenance.jobs],
     schedules=[*asx.schedules, *binance.schedules, *maintenance.schedules],
     sensors=[*binance.sensors, *rollups.sensors],

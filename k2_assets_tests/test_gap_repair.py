@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from k2_assets.core.feed_server import replay_file, run_in_thread
 from k2_assets.defs.binance.assets import binance_trades, binance_trades_history
+from k2_assets.defs.binance.checks import binance_trades_no_unexplained_gaps
 from k2_assets.defs.binance.resources import BinanceRestResource
 from k2_assets.defs.binance.sensors import binance_gap_repair_sensor
 from k2_assets.defs.resources import IcebergResource
@@ -51,13 +52,13 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     # The exchange (the local server replaying the full real file) has every trade.
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE)) as exchange:
         repair_resources = {**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)}
-        result = dg.materialize([binance_trades], partition_key="2024-01-01", resources=repair_resources)
-        again = dg.materialize([binance_trades], partition_key="2024-01-01", resources=repair_resources)
+        result = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
+        again = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
     assert result.success and again.success
     (event,) = result.asset_materializations_for_node("binance_trades")
-    assert event.metadata["repair_rows_written"].value == len(removed)
+    assert event.metadata["rows_written"].value == len(removed)
     (event_again,) = again.asset_materializations_for_node("binance_trades")
-    assert event_again.metadata["repair_rows_written"].value == 0  # nothing left to repair, nothing written twice
+    assert event_again.metadata["rows_written"].value == 0  # nothing left to repair, nothing written twice
     table = catalog.load_table("market.trades").scan().to_arrow()
     assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()
     assert sorted(table.column("source_sequence").to_pylist()) == list(range(FIRST, FIRST + 16702))
@@ -75,10 +76,10 @@ def test_a_gap_the_exchange_cannot_fill_stays_open_with_its_answer(btcusdt_dir, 
     resources = make_resources(catalog_props, binance_dir=history)
     dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
     with run_in_thread(replay_file(exchange_file)) as exchange:
-        result = dg.materialize([binance_trades], partition_key="2024-01-01",
+        result = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01",
                                 resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)})
     (event,) = result.asset_materializations_for_node("binance_trades")
-    assert event.metadata["repair_rows_written"].value == 1
+    assert event.metadata["rows_written"].value == 1
     open_gaps = [g for g in catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist() if g["closed_at"] is None]
     assert [(g["first_missing"], g["last_missing"]) for g in open_gaps] == [(lost, lost)]
     assert "exchange" in open_gaps[0]["explained_by"] and str(lost) in open_gaps[0]["explained_by"]

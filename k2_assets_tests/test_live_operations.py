@@ -281,7 +281,7 @@ def test_a_gap_across_midnight_is_recorded_once_then_repaired(btcusdt_dir, broke
         result = dg.materialize([binance_trades], partition_key="2024-01-02", resources=resources)
     assert result.success
     (event,) = result.asset_materializations_for_node("binance_trades")
-    assert event.metadata["repair_rows_written"].value == len(removed)
+    assert event.metadata["rows_written"].value == len(removed)
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
     assert [(g["first_missing"], g["last_missing"], g["closed_how"]) for g in gaps] == [(min(removed), max(removed), "repair")]
     table = catalog.load_table("market.trades").scan().to_arrow()

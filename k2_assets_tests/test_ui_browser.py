@@ -28,17 +28,11 @@ from pathlib import Path
 import pytest
 
 from k2_assets.core.kafka import free_port
-from k2_assets_tests.dagster_ui import graphql, log_tail, wait_for_server
+from k2_assets_tests.dagster_ui import UI_TIMEOUT_MS, VIEWPORT, chromium_page, graphql, log_tail, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
-CHROMIUM = Path("/usr/bin/chromium")
 IMAGES = REPO / "docs" / "images"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]
-VIEWPORT = {"width": 1600, "height": 1000}
 
 # A process started from a non-interactive shell may inherit SIGINT and SIGTERM ignored, and dagster dev would
 # then never stop: reset both (the dispositions survive exec) and become dagster dev.
@@ -48,7 +42,6 @@ RESTORE_SIGNALS_AND_EXEC = (
 )
 
 STARTUP_TIMEOUT = 120
-UI_TIMEOUT_MS = 90_000
 SHUTDOWN_TIMEOUT = 30
 
 ASX_SESSION = "2014-03-10"
@@ -205,13 +198,6 @@ def poll(page, read, done, timeout: float = UI_TIMEOUT_MS / 1000):
 
 
 def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: run `bash scripts/get-chromium` (make test does) to install Debian's chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the playwright package is missing: `.venv/bin/pip install -e '.[dev]'` (never `playwright install`)")
-
     home, dagster_home = tmp_path / "k2", tmp_path / "dagster"
     dagster_home.mkdir()
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")  # as `k2 demo` does
@@ -249,19 +235,9 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
         graphql(port, "mutation { setNuxSeen }")  # the one-time "join the community" dialog, as if dismissed
         names, edges, checks = expected_lineage()
 
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            try:
-                check_graph(page, port, names, edges, checks)
-                check_checks_tab(page, port, checks["binance_trades_history"])
-            except BaseException:
-                page.screenshot(path=tmp_path / "failure.png")
-                print(f"screenshot of the failure: {tmp_path / 'failure.png'}\n{log_tail(log)}")
-                raise
-            finally:
-                browser.close()
+        with chromium_page(tmp_path, log) as page:
+            check_graph(page, port, names, edges, checks)
+            check_checks_tab(page, port, checks["binance_trades_history"])
     finally:
         stop(process)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from k2_assets.core import live_codec
 from k2_assets.core.kafka import ensure_topics, producer_config
 from k2_assets.core.metrics import ProducerMetrics, serve
+from k2_assets.core.stopping import Stopper
 
 log = logging.getLogger("k2.stream")
 BINANCE_WS_URL = "wss://stream.binance.com:9443"
@@ -195,7 +195,7 @@ class BinanceProducer:
         if self._ws is not None:
             asyncio.ensure_future(self._ws.close())
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 5.0) -> None:  # inside the 10 s a Ctrl-C may take; what is left is counted
         remaining = self.producer.flush(timeout)
         self.publish_metrics()
         _event("stopped", produced=self.stats.produced, dead_lettered=self.stats.dead_lettered,
@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         _event("metrics", url=f"http://127.0.0.1:{args.metrics_port}/metrics")
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, producer.stop)
+        Stopper("k2 stream binance", f"the stream of {args.symbols} (flushing what Kafka has not acknowledged)",
+                producer.stop).install(asyncio.get_running_loop())
         await producer.run()
 
     asyncio.run(run())

@@ -26,7 +26,6 @@ import itertools
 import logging
 import random
 import re
-import signal
 import struct
 import threading
 import time
@@ -42,6 +41,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+
+from k2_assets.core.stopping import Stopper
 
 log = logging.getLogger("k2_assets.core.feed_server")  # not __main__ under -m
 
@@ -651,7 +652,7 @@ def run_in_thread(source: Iterable[dict], **kwargs) -> Iterator[FeedServer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m k2_assets.core.feed_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="k2 feed", description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--replay", action="append", metavar="FILE",
                       help="data.binance.vision trades dump (.csv/.zip); repeat to merge several")
@@ -699,8 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         # 100k msg/s; freezing moves them out of the collector's way.
         gc.freeze()
         stopping = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+        Stopper("k2 feed", f"the local Binance feed on {server.ws_url} and its connections", stopping.set).install(
+            asyncio.get_running_loop())
         log.info("serving %s (streams: /ws/<symbol>@trade, /stream?streams=...; REST: %s/api/v3/...) symbols %s",
                  server.ws_url, server.http_url, ",".join(sorted(server.symbols)))
         await stopping.wait()

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ class EmbeddedBroker:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -250,14 +251,17 @@ class EmbeddedBroker:
 def main(argv: list[str] | None = None) -> int:
     """`python -m k2_assets.core.kafka [PORT]`: run the embedded broker until interrupted."""
     argv = sys.argv[1:] if argv is None else argv
+    from k2_assets.core.stopping import Stopper
+
     broker = EmbeddedBroker(port=int(argv[0]) if argv else int(os.environ.get("K2_BROKER_PORT", "0")))
+    stopping = threading.Event()
     with broker:
+        Stopper("k2 broker", f"the embedded broker on {broker.bootstrap} (its topics are in memory and go with it)",
+                stopping.set).install()
         print(f"k2: embedded Kafka-compatible broker on {broker.bootstrap}", flush=True)
-        try:
-            broker.process.wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
+        while not stopping.is_set() and broker.process.poll() is None:
+            stopping.wait(0.2)
+    return 0 if stopping.is_set() else broker.process.returncode
 
 
 if __name__ == "__main__":

@@ -684,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from k2_assets.core import catalog
     from k2_assets.core.settings import Settings
+    from k2_assets.core.stopping import Stopper
 
     parser = argparse.ArgumentParser(prog="k2 writer", description=main.__doc__)
     parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
@@ -705,13 +706,13 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     live: LiveWriter | None = None
 
-    def stop(signum, _frame) -> None:
+    def stop() -> None:
         stopping.set()
         if live is not None:
             live.stop()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    Stopper("k2 writer", f"the writer of {args.topic} (a batch being committed finishes; the next writer resumes after it)",
+            stop).install()
 
     def report(batch: BatchReport) -> None:
         print(json.dumps({"written": batch.written, "rejected": batch.rejected, "duplicates": batch.duplicates,

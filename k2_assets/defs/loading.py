@@ -23,11 +23,11 @@ def rules(kind: str) -> tuple[checks.Rule, ...]:
     return checks.rules(kind) + (integrity.RULES if kind == "trades" else ())
 
 
-def check_specs(asset_name: str, kind: str) -> list[dg.AssetCheckSpec]:
-    """One Dagster asset check per rule, named after the rule."""
+def check_specs(asset_name: str, kind: str, without: tuple[str, ...] = ()) -> list[dg.AssetCheckSpec]:
+    """One Dagster asset check per rule, named after the rule (`without`: rules checked by a check of their own)."""
     return [
         dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=rule.blocking)
-        for rule in rules(kind)
+        for rule in rules(kind) if rule.name not in without
     ]
 
 

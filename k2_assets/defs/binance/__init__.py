@@ -5,12 +5,14 @@ import os
 import dagster as dg
 
 from k2_assets.defs.binance.assets import binance_trades, binance_trades_history, kafka_topic
+from k2_assets.defs.binance.checks import binance_gap_check_job, binance_trades_no_unexplained_gaps
 from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource, KafkaResource
 from k2_assets.defs.binance.schedules import binance_history_job, binance_history_schedule
 from k2_assets.defs.binance.sensors import binance_gap_repair_sensor, binance_trades_repair_job, binance_trades_sensor
 
 assets = [binance_trades_history, kafka_topic, binance_trades]
-jobs = [binance_history_job, binance_trades_repair_job]
+asset_checks = [binance_trades_no_unexplained_gaps]
+jobs = [binance_history_job, binance_trades_repair_job, binance_gap_check_job]
 schedules = [binance_history_schedule]
 sensors = [binance_trades_sensor, binance_gap_repair_sensor]
 resources = {
@@ -18,6 +20,7 @@ resources = {
     "kafka": KafkaResource(
         bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
         **({"session_timeout_ms": dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS")} if os.environ.get("K2_KAFKA_SESSION_TIMEOUT_MS") else {}),
+        **({"drain_seconds": float(os.environ["K2_SENSOR_DRAIN_SECONDS"])} if os.environ.get("K2_SENSOR_DRAIN_SECONDS") else {}),
     ),
     "binance_rest": BinanceRestResource(
         base_url=dg.EnvVar("K2_BINANCE_REST_URL"),

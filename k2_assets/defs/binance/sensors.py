@@ -6,24 +6,21 @@ import hashlib
 import os
 import json
 import threading
-from datetime import date
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, EqualTo, IsNull
 
-from k2_assets.core import integrity, live_codec
+from k2_assets.core import live_codec
 from k2_assets.core.live_writer import BatchReport, LiveWriter
 from k2_assets.core.metrics import WriterMetrics, serve
 from k2_assets.core.outage import StoreUnavailable
+from k2_assets.defs.binance.checks import BINANCE_TRADES, binance_gap_check_job
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
-BINANCE_TRADES = dg.AssetKey("binance_trades")
-
-TICK_SECONDS = 20.0  # well inside Dagster's 60 s sensor timeout; ticks follow each other ~5 s apart
 
 _writers: dict[tuple, LiveWriter] = {}
 _served: list = []
@@ -38,7 +35,7 @@ def _writer(iceberg: IcebergResource, kafka: KafkaResource) -> LiveWriter:
         if key not in _writers:
             _writers[key] = LiveWriter(iceberg.table("trades"), iceberg.table("rejected"), kafka.bootstrap, topic=kafka.topic,
                                        metrics=_metrics, gaps=iceberg.table("sequence_gaps"),
-                                       session_timeout_ms=kafka.session_timeout_ms, give_up_after=TICK_SECONDS)
+                                       session_timeout_ms=kafka.session_timeout_ms, give_up_after=kafka.drain_seconds)
             port = int(os.environ.get("K2_WRITER_METRICS_PORT", "0"))
             if port and not _served:  # one /metrics per code-server process; counters outlive writer resets
                 _served.append(serve(_metrics.registry, port))
@@ -74,53 +71,63 @@ def materializations(report: BatchReport) -> list[dg.AssetMaterialization]:
     ]
 
 
-def _gap_check(day: date, rows) -> dg.AssetCheckEvaluation:
-    """The day's no_unexplained_gaps result, from the gap rows the writer core reconciled."""
-    outcome = integrity.gap_outcome(rows)
-    return dg.AssetCheckEvaluation(
-        asset_key=BINANCE_TRADES,
-        check_name=integrity.NO_UNEXPLAINED_GAPS.name,
-        passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        partition=day.isoformat(),
-        metadata={"failed_rows": outcome.failed, "sample": dg.MetadataValue.json(outcome.sample)},
-    )
+def gap_check_requests(reports: list[BatchReport]) -> list[dg.RunRequest]:
+    """One run of the gap check per day the tick wrote to (its run key: the tick's last snapshot of that day)."""
+    last: dict[str, int] = {}
+    for report in reports:
+        for day in report.partitions:
+            last[day] = report.snapshot_id
+    # The partition goes in as the run's tag: Dagster 1.13 resolves a RunRequest's partition_key through the
+    # job's assets, and a check-only job has none, while the tag gives the check its partition all the same.
+    return [dg.RunRequest(job_name=binance_gap_check_job.name, run_key=f"gaps-{day}-{snapshot}", tags={"dagster/partition": day})
+            for day, snapshot in sorted(last.items())]
+
+
+def read_cursor(cursor: str | None) -> dict:
+    """The sensor's cursor: the writer's resume offsets (for reading only) and an error not yet reported."""
+    state = json.loads(cursor) if cursor else {}
+    return state if "offsets" in state else {"offsets": state}
 
 
 @dg.sensor(
     name="binance_trades_sensor",
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Drains market.crypto.trades.binance into market.trades in micro-batches, exactly once.",
+    jobs=[binance_gap_check_job],
+    description="Drains market.crypto.trades.binance into market.trades in micro-batches, exactly once, and checks the day's gaps.",
 )
 def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource, kafka: KafkaResource):
+    state = read_cursor(context.cursor)
     reports: list[BatchReport] = []
-    gaps: dict = {}
+    error = None
     try:
         writer = _writer(iceberg, kafka)
-        writer.drain(TICK_SECONDS, give_up_after=TICK_SECONDS, on_batch=reports.append)
-        gaps = writer.reconcile_gaps(detected_by="binance_trades_sensor")
-    except StoreUnavailable as exc:
-        # An outage ends the tick cleanly: what was committed before it is reported, and the next tick
-        # rebuilds the writer from the table's offsets.
+        writer.drain(kafka.drain_seconds, give_up_after=kafka.drain_seconds, on_batch=reports.append)
+        writer.reconcile_gaps(detected_by="binance_trades_sensor")
+        state["offsets"] = {str(p): o for p, o in sorted(writer.position.items())}
+    except Exception as exc:  # noqa: BLE001 - a tick never fails: it says why it ended, and the next one starts afresh
+        # What was committed before the error is reported below; the next tick rebuilds the writer from
+        # the table's offsets, and its first materialization carries this error.
         reset_writers()
-        context.log.warning(f"tick ended by a store outage after {len(reports)} micro-batches: {exc}")
-        if not reports:
-            return dg.SkipReason(f"catalog or object store unavailable: {exc}")
-        return dg.SensorResult(asset_events=[event for report in reports for event in materializations(report)])
-    except Exception:
-        reset_writers()
-        raise
-    events: list = [event for report in reports for event in materializations(report)]
-    for day, rows in sorted(gaps.items()):
-        events.append(_gap_check(day, rows))
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = "a store outage" if isinstance(exc, StoreUnavailable) else f"an error ({type(exc).__name__})"
+        error = f"tick ended by {what} after {len(reports)} micro-batches: {first_line}"
+        if isinstance(exc, StoreUnavailable):
+            context.log.warning(error)
+        else:
+            context.log.exception(error)
+    events = [event for report in reports for event in materializations(report)]
+    if events and state.get("pending_error"):
+        events[0] = events[0].with_metadata({**events[0].metadata, "previous_tick_error": state.pop("pending_error")})
+    if error:
+        state["pending_error"] = error
     written = sum(r.written for r in reports)
     context.log.info(f"{len(reports)} micro-batches, {written} trades written, {sum(r.rejected for r in reports)} rejected")
-    cursor = json.dumps({str(p): o for p, o in sorted(writer.position.items())})
+    cursor = json.dumps(state, sort_keys=True)
     if not reports:
-        return dg.SkipReason(f"no new messages on {kafka.topic}; resume offsets {cursor}")
-    return dg.SensorResult(asset_events=events, cursor=cursor)
-
+        reason = error or f"no new messages on {kafka.topic}; resume offsets {json.dumps(state['offsets'])}"
+        return dg.SensorResult(skip_reason=reason, cursor=cursor)
+    return dg.SensorResult(asset_events=events, run_requests=gap_check_requests(reports), cursor=cursor)
 
 
 binance_trades_repair_job = dg.define_asset_job(

@@ -1,0 +1,130 @@
+"""The processes `k2 demo` runs: started together, watched, and all of them stopped within seconds of Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from k2_assets.core.stopping import Stopper
+
+# A stop asks politely, then kills whatever is left: Ctrl-C returns within 10 s, whatever a process is doing
+# (a sensor tick mid-drain is safe to kill: every Iceberg commit is fenced, and the next writer resumes).
+STOP_GRACE_SECONDS = 6.0
+BROKER_AFTER_SECONDS = 3.0  # the producer flushes to the broker first
+
+
+class Supervisor:
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.children: dict[str, subprocess.Popen] = {}
+        self.labels: dict[str, str] = {}
+        self.known: dict[int, psutil.Process] = {}  # every descendant seen, so none outlives us once orphaned
+        self.stop_started: float | None = None
+        self.failed = False  # stopped because a process exited on its own
+        self.broker_signalled = False
+
+    def start(self, name: str, label: str, command: list[str], *, log: bool = True, **kwargs) -> subprocess.Popen:
+        # A process started from a non-interactive shell inherits SIGINT as ignored, and dagster dev would
+        # then never stop: restore the default handlers in each child before it starts.
+        out = open(self.logs / f"{name}.log", "ab") if log else None
+        process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=_default_signals, **kwargs)
+        self.children[name], self.labels[name] = process, label
+        return process
+
+    def watch(self) -> None:
+        """Remember every descendant (a run's worker, the code server) while its parent still knows it."""
+        for process in self.children.values():
+            try:
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    self.known.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop(self, why: str) -> None:
+        if self.stop_started is not None:
+            return
+        self.watch()
+        self.stop_started = time.monotonic()
+        running = [self.labels[name] for name, p in self.children.items() if p.poll() is None]
+        helpers = sum(1 for p in self.known.values() if _alive(p))
+        print(f"k2: {why}: stopping {', '.join(running)} ({helpers} child processes); "
+              f"anything still running after {STOP_GRACE_SECONDS:g} s is killed", file=sys.stderr, flush=True)
+        for name, process in self.children.items():
+            if name != "broker" and process.poll() is None:
+                process.send_signal(signal.SIGINT)
+
+    def _step_stop(self) -> None:
+        elapsed = time.monotonic() - self.stop_started
+        broker = self.children.get("broker")
+        producer = self.children.get("producer")
+        if broker is not None and not self.broker_signalled and (producer is None or producer.poll() is not None
+                                                                  or elapsed > BROKER_AFTER_SECONDS):
+            self.broker_signalled = True
+            if broker.poll() is None:
+                broker.send_signal(signal.SIGINT)
+        if elapsed > STOP_GRACE_SECONDS:
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        self.watch()
+        left = [p for p in self.known.values() if _alive(p)]
+        left += [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
+        if left:
+            names = sorted({_name(p) for p in left})
+            print(f"k2: killing {len(left)} processes still running: {', '.join(names)}", file=sys.stderr, flush=True)
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for process in self.children.values():
+            process.wait()
+
+    def everything_stopped(self) -> bool:
+        return all(p.poll() is not None for p in self.children.values()) and not any(_alive(p) for p in self.known.values())
+
+    def run(self) -> int:
+        """Until Ctrl-C or SIGTERM, or until one process exits (then everything stops, and the exit code is 1)."""
+        Stopper("k2 demo", "the demo", lambda: self.stop("asked to stop"), force=self.kill_all).install()
+        try:
+            while True:
+                self.watch()
+                if self.stop_started is None:
+                    for name, process in self.children.items():
+                        if process.poll() is not None:
+                            self.failed = True
+                            self.stop(f"{name} exited with {process.returncode} (see {self.logs})")
+                            break
+                else:
+                    self._step_stop()
+                    if self.everything_stopped():
+                        print(f"k2: stopped in {time.monotonic() - self.stop_started:.1f} s", file=sys.stderr, flush=True)
+                        return 1 if self.failed else 0
+                time.sleep(0.2)
+        finally:
+            if not self.everything_stopped():
+                self.kill_all()
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()[:3]) or process.name()
+    except psutil.Error:
+        return str(process.pid)
