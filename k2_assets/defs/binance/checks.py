@@ -1,5 +1,6 @@
 """The live asset's gap check, on its own: every sensor tick that writes asks for a run of it."""
 
+import time
 import warnings
 from datetime import date
 
@@ -7,10 +8,12 @@ import dagster as dg
 from pyiceberg.expressions import And, EqualTo
 
 from k2_assets.core import integrity, live_codec
+from k2_assets.core.outage import StoreHealth
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
 BINANCE_TRADES = dg.AssetKey("binance_trades")
+OUTAGE_WAIT_SECONDS = 120.0
 
 
 # A partitioned asset check is a preview feature of Dagster 1.13; it is what records one evaluation per day,
@@ -28,10 +31,15 @@ warnings.filterwarnings("ignore", message="Specifying a partitions_def on an Ass
 def binance_trades_no_unexplained_gaps(context: dg.AssetCheckExecutionContext, iceberg: IcebergResource) -> dg.AssetCheckResult:
     """The day's open gaps in market.sequence_gaps that nothing explains (the writer and repair keep them current)."""
     day = date.fromisoformat(context.partition_key)
-    gaps = iceberg.table("sequence_gaps")
-    rows = gaps.scan(row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat()))).to_arrow()
+
+    def read():
+        gaps = iceberg.table("sequence_gaps")
+        where = And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat()))
+        return gaps.scan(row_filter=where).to_arrow(), gaps.metadata.current_snapshot_id
+
+    # A catalog outage delays the check instead of failing its run.
+    rows, snapshot = StoreHealth(logger=context.log).call(read, "reading market.sequence_gaps", deadline=time.monotonic() + OUTAGE_WAIT_SECONDS)
     outcome = integrity.gap_outcome(rows)
-    snapshot = gaps.metadata.current_snapshot_id
     return dg.AssetCheckResult(
         passed=outcome.passed,
         severity=dg.AssetCheckSeverity.WARN,

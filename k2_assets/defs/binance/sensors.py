@@ -6,6 +6,7 @@ import hashlib
 import os
 import json
 import threading
+import time
 
 import dagster as dg
 import pyarrow as pa
@@ -15,12 +16,14 @@ from pyiceberg.expressions import And, EqualTo, IsNull
 from k2_assets.core import live_codec
 from k2_assets.core.live_writer import BatchReport, LiveWriter
 from k2_assets.core.metrics import WriterMetrics, serve
-from k2_assets.core.outage import StoreUnavailable
+from k2_assets.core.outage import TRANSIENT, StoreHealth, StoreUnavailable
 from k2_assets.defs.binance.checks import BINANCE_TRADES, binance_gap_check_job
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
+
+REPAIR_WAIT_SECONDS = 20.0  # a catalog outage skips the repair sensor's tick after this, well inside the sensor timeout
 
 _writers: dict[tuple, LiveWriter] = {}
 _served: list = []
@@ -110,9 +113,10 @@ def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergR
         # the table's offsets, and its first materialization carries this error.
         reset_writers()
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        what = "a store outage" if isinstance(exc, StoreUnavailable) else f"an error ({type(exc).__name__})"
+        outage = isinstance(exc, (StoreUnavailable, *TRANSIENT))  # TRANSIENT: met outside a retried step (opening the tables)
+        what = "a store outage" if outage else f"an error ({type(exc).__name__})"
         error = f"tick ended by {what} after {len(reports)} micro-batches: {first_line}"
-        if isinstance(exc, StoreUnavailable):
+        if outage:
             context.log.warning(error)
         else:
             context.log.exception(error)
@@ -146,9 +150,13 @@ binance_trades_repair_job = dg.define_asset_job(
     description="Launches a repair run for every day with open, unexplained Binance gaps.",
 )
 def binance_gap_repair_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource):
-    gaps = iceberg.table("sequence_gaps").scan(
-        row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), IsNull("closed_at"))
-    ).to_arrow()
+    def open_gaps():
+        return iceberg.table("sequence_gaps").scan(row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), IsNull("closed_at"))).to_arrow()
+
+    try:
+        gaps = StoreHealth(logger=context.log).call(open_gaps, "reading market.sequence_gaps", deadline=time.monotonic() + REPAIR_WAIT_SECONDS)
+    except StoreUnavailable as exc:
+        return dg.SkipReason(str(exc))  # the next tick looks again
     gaps = gaps.filter(pc.is_null(gaps.column("explained_by")))
     if gaps.num_rows == 0:
         return dg.SkipReason("no open, unexplained Binance gaps")
