@@ -35,7 +35,13 @@ def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(a
         assert meta["snapshot_id"] == str(catalog.load_table("market.trades").scan(
             row_filter=EqualTo("trade_date", session.isoformat())).snapshot().snapshot_id)
         evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == 13 + 10 and all(e.passed for e in evaluations)
+        assert len(evaluations) == (13 + 2) + (10 + 2) and all(e.passed for e in evaluations)  # + the two ledger checks
+        # The ledger: one row per company file per load, whose lines add up to the load's.
+        ledger = catalog.load_table("market.source_files").scan(row_filter=EqualTo("run_id", result.run_id)).to_arrow().to_pylist()
+        trades_files = [r for r in ledger if r["source"] == "asx_trades"]
+        assert sorted(r["path"] for r in trades_files) == sorted(f"trades/{p.name}" for p in (asx_dir / "trades").glob("*.csv"))
+        assert sum(r["lines_read"] for r in trades_files) == meta["rows_read"]
+        assert all(len(r["sha256"]) == 64 and r["size_bytes"] > 0 and not r["changed"] and r["file_error"] is None for r in ledger)
     counts, table = trades_by_symbol_day(catalog)
     assert counts == expected_counts(asx_dir, "trades")
     assert pc.count_distinct(table.column("message_id")).as_py() == table.num_rows

@@ -78,7 +78,7 @@ def test_headerless_zip_and_microsecond_dumps(btcusdt_dir, tmp_path):
     batch, notes = binance_history.load_day(history, date(2024, 1, 1), source="binance_trades_history")
     assert notes == [] and batch.rejected.num_rows == 0
     assert collections_count(batch.rows.column("symbol")) == {"BTCUSDT": 5000, "ETHUSDT": 3000}
-    assert set(batch.files) == {"BTCUSDT-trades-2024-01-01.csv", "ETHUSDT-trades-2024-01-01.zip"}
+    assert {f.path for f in batch.files} == {"BTCUSDT-trades-2024-01-01.csv", "ETHUSDT-trades-2024-01-01.zip"}
     assert batch.rows.filter(pc.equal(batch.rows.column("symbol"), "BTCUSDT")).slice(0, 1).to_pylist()[0]["source_row"] == 1
     best = pc.map_lookup(batch.rows.column("vendor_data"), "is_best_match", "first")
     assert pc.sum(pc.is_valid(best)).as_py() == 5000

@@ -61,7 +61,7 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     result = k2_report(home, "--start", "2014-03-10", "--end", "2014-03-14", "--format", "csv")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert len(rows) == 13 * len(SESSIONS)  # every rule on every ASX session; Binance's day is outside the range
+    assert len(rows) == 15 * len(SESSIONS)  # every rule (13, and the ledger's 2) on every ASX session; Binance's day is outside the range
     assert {r["partition"] for r in rows} == set(SESSIONS) and {r["asset"] for r in rows} == {"asx_trades"}
     assert all(r["passed"] == "True" and r["snapshot_id"] and r["run_id"] for r in rows)
     dvn = [r for r in rows if r["check"] == "message_id_unique"]
@@ -79,7 +79,7 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     failing = [row for row in details[1:] if row[4] == "FAILED"]
     assert len(failing) == 1 and failing[0][5] == "2"  # two missing trade ids
     assert str(FIRST + 10) in out.read_text()  # the failing range is in the sample
-    assert len(details) - 1 == 13 * len(SESSIONS) + 13
+    assert len(details) - 1 == 15 * len(SESSIONS) + 15
 
     md = k2_report(home, "--start", "2024-01-01", "--end", "2024-01-01", "--format", "md")
     assert "| binance_trades_history | no_unexplained_gaps | WARN | 1 | 0 | 1 | 2024-01-01 |" in md.stdout

@@ -16,6 +16,8 @@ Decisions (docs/asx.md explains them with the evidence):
 - The BuyerID column never holds a buyer id in the sample; in some rows it holds a price. K2 keeps
   the trade and preserves that value uninterpreted as vendor_data["buyer_id_price"].
 - A quote side printed as price 0 with size 0 is an empty side (null), not a zero price.
+- A line dated on no session (a weekend, before the first session) is rejected by the session that owns
+  it, the one of the line before it in the file (see _owner_sessions), so no line is ever in no partition.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ import pyarrow.csv as pcsv
 
 from k2_assets.core import decode, schemas
 from k2_assets.core.decode import DECIMAL, Batch, Rows
+from k2_assets.core.source_files import SourceFile, describe, file_rejects, one_line
 
 EXCHANGE = "ASX"
 TIMEZONE = "Australia/Sydney"
 CURRENCY = "AUD"
 TRADE_FIELDS = ("date", "time", "price", "volume", "qualifiers", "venue", "buyer_id")
 QUOTE_FIELDS = ("date", "time", "bid", "ask", "bid_volume", "ask_volume")
+FIRST_SESSION = date(2014, 1, 1)  # the first session partition (asx_sessions: every weekday from here)
+WEEKDAYS = pa.array(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
 
 
 @dataclass(frozen=True)
@@ -69,28 +74,31 @@ def vendor_files(data_dir: Path, kind: str) -> list[Path]:
 
 
 def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, now: datetime | None = None) -> Batch:
-    """Decode every company's `kind` ("trades" or "quotes") file for one session date."""
+    """Decode every company's `kind` ("trades" or "quotes") file for one session date; a file that cannot be
+    read is reported (one rejected record, its error in the ledger) and the others load."""
     if kind not in ("trades", "quotes"):
         raise ValueError(f"kind must be trades or quotes, not {kind!r}")
     now = now or decode.utc_now()
     companies = read_companies(data_dir)
     schema_name = schemas.TRADE if kind == "trades" else schemas.QUOTE
     schema = schemas.arrow_schema(schema_name)
-    tables, rejects, read, files = [], [], 0, []
     paths = vendor_files(data_dir, kind)
     # Arrow kernels release the GIL: decode the companies' files side by side.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        decoded_files = list(pool.map(lambda p: _decode_path(p, kind, companies.get(p.stem)), paths))
-    for path, decoded in zip(paths, decoded_files):
+        opened = list(pool.map(lambda p: _open(p, f"{kind}/{p.name}", kind, companies.get(p.stem)), paths))
+    tables, rejects, files = [], [], []
+    for path, (ledger, decoded) in zip(paths, opened):
+        files.append(ledger)
+        if decoded is None:
+            continue
         company = companies.get(path.stem)
         indices = pc.indices_nonzero(pc.equal(decoded.session, pa.scalar(session_date, pa.date32())))
         if len(indices) == 0:
             continue
-        rel = f"{kind}/{path.name}"
-        files.append(rel)
-        read += len(indices)
+        rel = ledger.path
         ok = pc.take(decoded.rows.ok, indices)
         accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
+        ledger.read, ledger.written, ledger.rejected = len(indices), len(accepted), len(rejected)
         # Sequence = position among the session's rows in vendor order, rejected rows included.
         sequence = pc.add(pc.indices_nonzero(ok), 1)
         rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
@@ -128,14 +136,24 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
                     sequences=rejected_sequence,
                 )
             )
+    symbols = {f"{kind}/{p.name}": (companies[p.stem].symbol if p.stem in companies else None) for p in paths}
+    rejects.append(file_rejects(files, source=source, partition_date=session_date, exchange=EXCHANGE, now=now, symbols=symbols))
     rows_table = pa.concat_tables(tables) if tables else schema.empty_table()
-    rejected_table = pa.concat_tables(rejects) if rejects else schemas.arrow_schema(schemas.REJECTED).empty_table()
-    return Batch(rows_table, rejected_table, read, files)
+    return Batch(rows_table, pa.concat_tables(rejects), files)
 
 
-def _decode_path(path: Path, kind: str, company: Company | None) -> "_Decoded":
-    stat = path.stat()
-    return _decode_file(path.resolve(), stat.st_size, stat.st_mtime_ns, kind, company)
+def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[SourceFile, "_Decoded | None"]:
+    """The file's ledger entry, and its decode unless it cannot be read at all (then the entry says why)."""
+    ledger = describe(path, rel)
+    if ledger.error is None and ledger.size == 0:
+        ledger.error = "the file is empty"
+    if ledger.error is not None:
+        return ledger, None
+    try:
+        return ledger, _decode_file(path.resolve(), ledger.sha256, kind, company)
+    except Exception as exc:  # noqa: BLE001 - one file that cannot be decoded must not stop the others
+        ledger.error = one_line(exc)
+        return ledger, None
 
 
 @dataclass
@@ -146,15 +164,14 @@ class _Decoded:
 
 
 @lru_cache(maxsize=64)
-def _decode_file(path: Path, size: int, mtime_ns: int, kind: str, company: Company | None) -> _Decoded:
-    """Parse and validate one whole vendor file (cached: a backfill meets the same multi-day file per session)."""
+def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) -> _Decoded:
+    """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session)."""
     fields = TRADE_FIELDS if kind == "trades" else QUOTE_FIELDS
     rows = Rows.parse(path.read_bytes(), len(fields))
     raw_date = rows.first_field
     dates = decode.parse_us_date(raw_date)
     rows.reject(pc.is_null(dates), "date '", raw_date, "' is not a MM/DD/YYYY date")
-    # A row whose date is unreadable belongs to the session around it, so exactly one partition reports it.
-    session = pc.fill_null_backward(pc.fill_null_forward(dates))
+    session = _owner_sessions(rows, raw_date, dates)
     if company is None:
         rows.reject(pa.repeat(True, len(rows)), f"company id {path.stem} is not in reference-data/company_info.csv")
         return _Decoded(rows, session, {})
@@ -187,6 +204,30 @@ def _decode_file(path: Path, size: int, mtime_ns: int, kind: str, company: Compa
         one = decode.string_map(["company_id", "isin"], [pa.array([company.company_id]), pa.array([company.isin])], 1)
         columns["vendor_data"] = pc.take(one, pa.array(np.zeros(n, dtype=np.int32)))
     return _Decoded(rows, session, columns)
+
+
+def _owner_sessions(rows: Rows, raw_date: pa.Array, dates: pa.Array) -> pa.Array:
+    """The session partition that owns each line, so exactly one partition's load reports every line.
+
+    A line dated on a session is that session's. Any other line (an unreadable date, a weekend, a date
+    before the first session) is rejected, and belongs to the session of the line before it in the file
+    (else the one after it): vendor files run in date order. A file with no session line at all gives
+    each line the next session on or after its date, and an unreadable date the first session."""
+    weekday = pc.day_of_week(dates)  # Monday = 0
+    early = pc.less(dates, pa.scalar(FIRST_SESSION, pa.date32()))
+    rows.reject(early, "date '", raw_date, f"' is before {FIRST_SESSION}, the first ASX session K2 loads")
+    weekend = pc.greater_equal(weekday, 5)
+    rows.reject(weekend, "date '", raw_date, "' is not an ASX session date (a ", pc.take(WEEKDAYS, pc.fill_null(weekday, 0)), ")")
+    on_session = pc.and_kleene(pc.invert(early), pc.invert(weekend))
+    session = pc.if_else(pc.fill_null(on_session, False), dates, pa.scalar(None, pa.date32()))
+    session = pc.fill_null_backward(pc.fill_null_forward(session))
+    if session.null_count == 0:
+        return session
+    days = dates.to_numpy(zero_copy_only=False).astype("datetime64[D]")
+    first = np.datetime64(FIRST_SESSION, "D")
+    parsed = ~np.isnat(days)
+    nxt = np.where(parsed, np.busday_offset(np.where(parsed, days, first), 0, roll="forward"), first)
+    return pa.array(np.maximum(nxt, first).astype("datetime64[D]"), pa.date32())
 
 
 def _trade_vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:

@@ -25,8 +25,11 @@ import pyarrow.compute as pc
 
 from k2_assets.core import decode, schemas
 from k2_assets.core.decode import Batch, Rows
+from k2_assets.core.source_files import describe, file_rejects, one_line
 
 EXCHANGE = "BINANCE"
+FIRST_DAY = date(2017, 7, 14)  # Binance's first trading day, the first partition (binance_days)
+KLINES_PATTERN = re.compile(r"^[A-Z0-9]+-\d+[smhdwM]-\d{4}-\d{2}-\d{2}.*\.(csv|zip)$")
 FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$")
 QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
 MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch us are above it since 1973
@@ -40,15 +43,33 @@ class DumpFile:
     day: date
 
 
-def find_files(history_dir: Path, day: date | None = None) -> list[DumpFile]:
-    found = []
+@dataclass(frozen=True)
+class Found:
+    """The dumps of one day, and the files that look like dumps but that no Binance partition can own."""
+
+    dumps: list[DumpFile]
+    unrecognised: dict[Path, str]  # path -> why
+
+
+def find_files(history_dir: Path, day: date | None = None) -> Found:
+    dumps, unrecognised = [], {}
     for path in sorted(history_dir.rglob("*")):
+        if not path.name.lower().endswith((".csv", ".zip")) or path.is_dir():
+            continue  # a broken link is kept: it is a file that cannot be read
+        if KLINES_PATTERN.match(path.name):
+            continue  # bars, not trades: another loader's files
         match = FILE_PATTERN.match(path.name)
-        if match and path.is_file():
-            file_day = date.fromisoformat(match["date"])
-            if day is None or file_day == day:
-                found.append(DumpFile(path, match["symbol"], match["kind"], file_day))
-    return found
+        try:
+            file_day = date.fromisoformat(match["date"]) if match else None
+        except ValueError:
+            file_day = None
+        if file_day is None:
+            unrecognised[path] = "the name does not parse as SYMBOL-trades-YYYY-MM-DD.csv|zip (or aggTrades)"
+        elif file_day < FIRST_DAY:
+            unrecognised[path] = f"dated {file_day}, before {FIRST_DAY}, the first Binance partition"
+        elif day is None or file_day == day:
+            dumps.append(DumpFile(path, match["symbol"], match["kind"], file_day))
+    return Found(dumps, unrecognised)
 
 
 def quote_currency(symbol: str) -> str | None:
@@ -63,43 +84,115 @@ def read_dump(path: Path) -> bytes:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.namelist() if m.endswith(".csv")]
             if len(members) != 1:
-                raise ValueError(f"{path}: expected one .csv inside the zip, found {members}")
+                raise ValueError(f"expected one .csv inside the zip, found {members}")
             return archive.read(members[0])
     return path.read_bytes()
 
 
 def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None = None) -> tuple[Batch, list[str]]:
-    """Decode every dump for `day`; returns the batch and notes on skipped files."""
+    """Decode every dump for `day`; returns the batch and notes on files skipped or not read.
+
+    A file that cannot be read (empty, a corrupt zip, a name no partition owns) gives one rejected record
+    and the others load. A trade id met twice in the day is written once: an exact repeat is skipped and
+    counted, a repeat with other values is rejected with its reason."""
     now = now or decode.utc_now()
-    files = find_files(history_dir, day)
-    raw_symbols = {f.symbol for f in files if f.kind == "trades"}
-    tables, rejects, read, used, notes = [], [], 0, [], []
-    for dump in files:
-        rel = dump.path.relative_to(history_dir).as_posix()
-        if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
-            notes.append(f"{rel}: skipped, raw trades for {dump.symbol} on {day} are loaded instead")
+    found = find_files(history_dir, day)
+    raw_symbols = {f.symbol for f in found.dumps if f.kind == "trades"}
+    decoded, files, notes = [], [], []
+    for path, why in found.unrecognised.items():
+        ledger = describe(path, path.relative_to(history_dir).as_posix())
+        ledger.error = ledger.error or why
+        files.append(ledger)
+    for dump in found.dumps:
+        ledger = describe(dump.path, dump.path.relative_to(history_dir).as_posix())
+        files.append(ledger)
+        if ledger.error is not None:
             continue
-        rows, table = _decode(dump, day, rel, now)
-        used.append(rel)
-        read += len(rows)
-        tables.append(table)
+        try:
+            lines, first_row = _data_lines(read_dump(dump.path))
+            if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
+                # Both kinds of one symbol-day hold the same volume: the raw trades are loaded, these lines are theirs.
+                ledger.read = ledger.duplicates = len(lines)
+                notes.append(f"{ledger.path}: {len(lines)} lines skipped, raw trades for {dump.symbol} on {day} are loaded instead")
+                continue
+            rows, table = _decode(dump, lines, first_row, day, ledger.path, now)
+        except Exception as exc:  # noqa: BLE001 - one file that cannot be read must not stop the others
+            ledger.error = one_line(exc)
+            continue
+        ledger.read, ledger.written, ledger.rejected = len(rows), table.num_rows, len(rows) - table.num_rows
+        decoded.append((dump, ledger, rows, table))
+    keep = _deduplicate(decoded)
+    tables, rejects = [], []
+    for (dump, ledger, rows, table), kept in zip(decoded, keep):
+        tables.append(table if kept is None else table.filter(kept))
         rejected = rows.rejected()
         rejects.append(
             decode.rejected_table(
                 rows, rejected, source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
-                source_file=rel, rejected_at=now,
+                source_file=ledger.path, rejected_at=now,
                 # A rejected row whose id is readable explains that id's absence from the table.
                 sequences=_rejected_ids(rows, rejected),
             )
         )
+    symbols = {d.path.relative_to(history_dir).as_posix(): d.symbol for d in found.dumps}
+    rejects.append(file_rejects(files, source=source, partition_date=day, exchange=EXCHANGE, now=now, symbols=symbols))
+    notes += [f"{f.path}: not read: {f.error}" for f in files if f.error is not None]
     schema = schemas.arrow_schema(schemas.TRADE)
-    batch = Batch(
-        pa.concat_tables(tables) if tables else schema.empty_table(),
-        pa.concat_tables(rejects) if rejects else schemas.arrow_schema(schemas.REJECTED).empty_table(),
-        read,
-        used,
-    )
-    return batch, notes
+    return Batch(pa.concat_tables(tables) if tables else schema.empty_table(), pa.concat_tables(rejects), files), notes
+
+
+CONTENT = ("price", "quantity", "exchange_timestamp", "side")  # what an exact repeat repeats
+
+
+def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
+    """Each trade id once per day, first come first kept (file order, then line order): a later exact repeat
+    is skipped and counted; one with other values is rejected. Returns, per file, the table rows to keep."""
+    ids = [table.column("message_id") for _, _, _, table in decoded]
+    total = sum(len(c) for c in ids)
+    if total == 0 or pc.count_distinct(pa.chunked_array(ids, pa.string())).as_py() == total:
+        return [None] * len(decoded)
+    owner = np.repeat(np.arange(len(decoded)), [len(c) for c in ids])
+    local = np.concatenate([np.arange(len(c)) for c in ids])
+    combined = pa.table({"id": pa.chunked_array(ids, pa.string()), "pos": np.arange(total)})
+    firsts = combined.group_by("id", use_threads=False).aggregate([("pos", "min")])
+    joined = combined.join(firsts, "id").filter(pc.not_equal(pc.field("pos"), pc.field("pos_min")))
+    keep = [np.ones(len(c), dtype=bool) for c in ids]
+    content = [pc.binary_join_element_wise(*(pc.cast(t.column(c), pa.string()) for c in CONTENT), "|")
+               for _, _, _, t in decoded]
+    conflicts: dict[int, list[tuple[int, str]]] = {}
+    for pos, first in zip(joined.column("pos").to_pylist(), joined.column("pos_min").to_pylist()):
+        f, i, g, j = owner[pos], local[pos], owner[first], local[first]
+        _, ledger, rows, table = decoded[f]
+        keep[f][i] = False
+        ledger.written -= 1
+        if content[f][i] == content[g][j]:
+            ledger.duplicates += 1
+            continue
+        ledger.rejected += 1
+        first_ledger, first_rows, first_table = decoded[g][1], decoded[g][2], decoded[g][3]
+        line = first_table.column("source_row")[j].as_py()
+        trade_id = table.column("trade_id")[i].as_py()
+        conflicts.setdefault(f, []).append(
+            (table.column("source_row")[i].as_py(),
+             f"trade id {trade_id} appears again with other values (first at {first_ledger.path} line {line})"))
+    for f, found in conflicts.items():
+        rows = decoded[f][2]
+        reasons = dict(found)
+        line_numbers = rows.line_numbers.to_numpy()
+        mask = np.isin(line_numbers, list(reasons))
+        rows.reject(pa.array(mask), pa.array([reasons.get(n, "") for n in line_numbers.tolist()], pa.string()))
+    return [pa.array(k) for k in keep]
+
+
+def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
+    """The dump's lines without its header, and the line number of the first one; an empty dump is an error."""
+    lines = decode.read_lines(data)
+    first_row = 1
+    if len(lines) and not lines.text[0].as_py()[:1].isdigit():  # a header line
+        lines, first_row = lines.slice(1), 2
+    if len(lines) == 0:
+        raise ValueError("the file is empty" if first_row == 1 else "the file has a header and no rows")
+    return lines, first_row
 
 
 def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
@@ -109,15 +202,11 @@ def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
     return pc.cast(pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0]), pa.int64())
 
 
-def _decode(dump: DumpFile, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
-    lines = decode.read_lines(read_dump(dump.path))
-    first_row = 1
-    if len(lines) and not lines[0].as_py()[:1].isdigit():  # a header line
-        lines, first_row = lines.slice(1), 2
+def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
     agg = dump.kind == "aggTrades"
     base = 8 if agg else 7
     # The optional is_best_match column: a file has it on every line or on none.
-    first_len = len(lines[0].as_py().split(",")) if len(lines) else base
+    first_len = len(lines.text[0].as_py().split(",")) if len(lines) else base
     n_fields = base if first_len == base else base - 1
     rows = Rows(lines, n_fields, first_row=first_row)
     if agg:

@@ -43,6 +43,7 @@ TABLES: dict[str, TableDef] = {
     "quotes": TableDef(schemas.QUOTE, ("exchange", "trade_date"), ("symbol", "exchange_timestamp", "source_sequence")),
     "rejected": TableDef(schemas.REJECTED, ("source", "partition_date"), ("source_file", "source_row")),
     "sequence_gaps": TableDef(schemas.SEQUENCE_GAP, ("exchange", "session_date"), ("symbol", "first_missing")),
+    "source_files": TableDef(schemas.SOURCE_FILE, ("source", "partition_date"), ("path",)),
     **{f"ohlcv_{i}": TableDef(schemas.OHLCV, ("exchange", "trade_date"), ("symbol", "bar_start")) for i in schemas.INTERVALS},
 }
 

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from k2_assets.core import schemas
+from k2_assets.core.source_files import SourceFile
 
 DECIMAL = pa.decimal128(18, 8)
 # decimal(18,8): at most 10 integer digits and 8 fractional ones; more fractional digits only if zeros.
@@ -24,43 +25,100 @@ NUMBER_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 INTEGER_PATTERN = r"^\d{1,18}$"
 
 
-def read_lines(data: bytes) -> pa.StringArray:
-    """Split a file's bytes into lines (LF or CRLF), keeping empty lines so line numbers stay true."""
-    if not data:
-        return pa.array([], pa.string())
-    table = pcsv.read_csv(
-        io.BytesIO(data),
-        read_options=pcsv.ReadOptions(column_names=["line"], block_size=1 << 24),
-        parse_options=pcsv.ParseOptions(delimiter="\x1f", quote_char=False, ignore_empty_lines=False),
-        convert_options=pcsv.ConvertOptions(
-            column_types={"line": pa.string()}, strings_can_be_null=False, quoted_strings_can_be_null=False
-        ),
-    )
-    return table.column("line").combine_chunks()
+def split_lines(data: bytes) -> pa.BinaryArray:
+    """A file's lines as raw bytes: split on LF only, one CR before it dropped (CRLF). A CR anywhere else
+    stays in its line, so line numbers are those of any text editor, whatever the bytes hold."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    tail = len(buf) > 0 and buf[-1] != 10  # a last line without its newline
+    starts = np.concatenate([[0], newlines + 1])[: len(newlines) + tail]
+    ends = np.concatenate([newlines, [len(buf)]])[: len(newlines) + tail]
+    crlf = (ends > starts) & (ends < len(buf)) & (buf[np.maximum(ends - 1, 0)] == 13)
+    ends = ends - crlf
+    terminator = np.zeros(len(buf), dtype=bool)
+    terminator[newlines] = True
+    terminator[ends[crlf]] = True
+    content = buf[~terminator]
+    lengths = (ends - starts).astype(np.int64)
+    large = len(content) >= 2**31 - 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64 if large else np.int32)
+    kind = pa.large_binary() if large else pa.binary()
+    return pa.Array.from_buffers(kind, len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(content.tobytes())])
+
+
+@dataclass
+class Lines:
+    """A file's lines: their text, and for files with bytes that are not UTF-8 the raw bytes and a reason per line."""
+
+    text: pa.StringArray
+    raw: pa.BinaryArray | None = None
+    undecodable: pa.StringArray | None = None  # null where the line decoded
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def slice(self, start: int) -> "Lines":
+        return Lines(self.text.slice(start), None if self.raw is None else self.raw.slice(start),
+                     None if self.undecodable is None else self.undecodable.slice(start))
+
+
+def read_lines(data: bytes) -> Lines:
+    """Split a file's bytes into lines (LF or CRLF), keeping empty lines so line numbers stay true. A line that
+    is not UTF-8 becomes empty text with a reason, and its raw bytes are kept for market.rejected."""
+    raw = split_lines(data)
+    try:
+        return Lines(raw.cast(pa.string()))
+    except pa.ArrowInvalid:
+        pass
+    texts, reasons = [], []
+    for line in raw.to_pylist():  # only files with a bad byte come here
+        try:
+            texts.append(line.decode("utf-8"))
+            reasons.append(None)
+        except UnicodeDecodeError as exc:
+            texts.append("")
+            reasons.append(f"line is not valid UTF-8: byte 0x{line[exc.start]:02x} at column {exc.start + 1}")
+    return Lines(pa.array(texts, pa.string()), raw, pa.array(reasons, pa.string()))
 
 
 @dataclass
 class Batch:
-    """One partition's decode: rows for the table, rejected rows, and how many source rows were read."""
+    """One partition's decode: rows for the table, rejected rows, and per vendor file what became of its lines.
+
+    Every line read is written, rejected or skipped as a duplicate, file by file; a file that could not be
+    read adds one rejected record of its own."""
 
     rows: pa.Table
     rejected: pa.Table
-    read: int
-    files: list[str] = field(default_factory=list)
+    files: list[SourceFile] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.read != self.rows.num_rows + self.rejected.num_rows:
-            raise AssertionError(f"counts do not reconcile: read {self.read} != {self.rows.num_rows} + {self.rejected.num_rows}")
+        unbalanced = [f.path for f in self.files if not f.balanced]
+        if unbalanced:
+            raise AssertionError(f"lines do not reconcile in {unbalanced}")
+        failed = sum(f.error is not None for f in self.files)
+        if self.read + failed != self.rows.num_rows + self.rejected.num_rows + self.duplicates:
+            raise AssertionError(f"counts do not reconcile: read {self.read} + {failed} unreadable files != "
+                                 f"{self.rows.num_rows} + {self.rejected.num_rows} + {self.duplicates} duplicates")
+
+    @property
+    def read(self) -> int:
+        return sum(f.read for f in self.files)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(f.duplicates for f in self.files)
 
 
 class Rows:
     """The lines of one file split into fields, plus the first failure reason of each row."""
 
-    def __init__(self, lines: pa.StringArray, n_fields: int, first_row: int = 1):
-        self.lines = lines
+    def __init__(self, lines: Lines, n_fields: int, first_row: int = 1):
+        self.lines = lines.text
+        self.raw = lines.raw
         self.line_numbers = pa.array(np.arange(first_row, first_row + len(lines), dtype=np.int64))
-        self.reasons: pa.Array = pa.nulls(len(lines), pa.string())
-        split = pc.split_pattern(lines, ",")
+        self.reasons: pa.Array = lines.undecodable if lines.undecodable is not None else pa.nulls(len(lines), pa.string())
+        split = pc.split_pattern(lines.text, ",")
         lengths = pc.list_value_length(split)
         shape_ok = pc.equal(lengths, n_fields)
         self.first_field = pc.list_element(split, 0)
@@ -98,6 +156,7 @@ class Rows:
         rows.line_numbers = pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64))
         rows.reasons = pa.nulls(table.num_rows, pa.string())
         rows._lines = None
+        rows.raw = None
         return rows
 
     @property
@@ -116,6 +175,7 @@ class Rows:
         """Rows already parsed elsewhere (e.g. JSON messages): only their reasons are tracked here."""
         rows = object.__new__(cls)
         rows.lines = pa.nulls(len(reasons), pa.string())
+        rows.raw = None
         rows.line_numbers = pa.nulls(len(reasons), pa.int64())
         rows.reasons = reasons
         rows.fields = []
@@ -129,11 +189,16 @@ class Rows:
         """The subset of rows at `indices`, keeping line numbers and reasons."""
         subset = object.__new__(Rows)
         subset._lines = None if self._lines is None else pc.take(self._lines, indices)
+        subset.raw = None if self.raw is None else pc.take(self.raw, indices)
         subset.line_numbers = pc.take(self.line_numbers, indices)
         subset.reasons = pc.take(self.reasons, indices)
         subset.fields = [pc.take(f, indices) for f in self.fields]
         subset.first_field = pc.take(self.first_field, indices)
         return subset
+
+    def raw_lines(self, indices: pa.Array) -> pa.Array:
+        """The lines at `indices` as the file had them, bytes and all."""
+        return pc.take(self.raw, indices) if self.raw is not None else pc.cast(pc.take(self.lines, indices), pa.binary())
 
     def accepted(self) -> pa.Array:
         return pc.indices_nonzero(self.ok)
@@ -292,7 +357,7 @@ def rejected_table(
         "kafka_topic": pa.nulls(n, pa.string()),
         "kafka_partition": pa.nulls(n, pa.int32()),
         "kafka_offset": pa.nulls(n, pa.int64()),
-        "raw": pc.cast(pc.take(rows.lines, indices), pa.binary()),
+        "raw": rows.raw_lines(indices),
         "reason": pc.take(rows.reasons, indices),
         "rejected_at": pa.array([rejected_at] * n, pa.timestamp("us", tz="UTC")),
     }

@@ -17,6 +17,7 @@ TRADE = "trade_v2"
 QUOTE = "quote_v2"
 REJECTED = "rejected_v1"
 SEQUENCE_GAP = "sequence_gap_v1"
+SOURCE_FILE = "source_file_v1"
 OHLCV = "ohlcv_v1"
 INTERVALS = ("1m", "5m", "1h", "1d")
 

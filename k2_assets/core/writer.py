@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +18,7 @@ class WriteResult:
     snapshot_id: int | None
     written: int
     skipped_existing: int
+    skipped_by_file: dict[str, int] = field(default_factory=dict)  # source_file -> rows already in the table
 
 
 def partition_filter(exchange: str, trade_date, symbols: list[str] | None = None, batch_only: bool = False) -> BooleanExpression:
@@ -37,12 +38,15 @@ def replace_rows(table: Table, rows: pa.Table, where: BooleanExpression, *, keep
     `keep` selects rows that stay in the partition (e.g. live rows from Kafka): a new row whose
     message_id is already among them is not inserted again, so the table never holds it twice.
     """
-    skipped = 0
+    skipped, by_file = 0, {}
     if keep is not None and rows.num_rows:
         existing = table.scan(row_filter=keep, selected_fields=("message_id",)).to_arrow().column("message_id")
         if len(existing):
             fresh = pc.invert(pc.is_in(rows.column("message_id"), value_set=existing))
             skipped = rows.num_rows - pc.sum(fresh).as_py()
+            if skipped and "source_file" in rows.column_names:
+                counts = pc.value_counts(rows.filter(pc.invert(fresh)).column("source_file")).to_pylist()
+                by_file = {c["values"]: c["counts"] for c in counts}
             rows = rows.filter(fresh)
     rows = rows.sort_by(SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
     before = table.current_snapshot()
@@ -56,4 +60,4 @@ def replace_rows(table: Table, rows: pa.Table, where: BooleanExpression, *, keep
     snapshot_id = after.snapshot_id if after is not None else None
     if before is not None and after is not None and before.snapshot_id == after.snapshot_id:
         snapshot_id = before.snapshot_id
-    return WriteResult(snapshot_id, rows.num_rows, skipped)
+    return WriteResult(snapshot_id, rows.num_rows, skipped, by_file)

@@ -9,9 +9,9 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry
-from pyiceberg.expressions import And, BooleanExpression, EqualTo
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, NotEqualTo
 
-from k2_assets.core import checks, integrity, writer
+from k2_assets.core import checks, integrity, ledger, source_files, writer
 from k2_assets.core.decode import Batch
 from k2_assets.core.metrics import GapMetrics, LoadMetrics
 from k2_assets.defs.resources import IcebergResource
@@ -23,11 +23,12 @@ def rules(kind: str) -> tuple[checks.Rule, ...]:
     return checks.rules(kind) + (integrity.RULES if kind == "trades" else ())
 
 
-def check_specs(asset_name: str, kind: str, without: tuple[str, ...] = ()) -> list[dg.AssetCheckSpec]:
-    """One Dagster asset check per rule, named after the rule (`without`: rules checked by a check of their own)."""
+def check_specs(asset_name: str, kind: str, without: tuple[str, ...] = (), files: bool = False) -> list[dg.AssetCheckSpec]:
+    """One Dagster asset check per rule, named after the rule (`without`: rules checked by a check of their own;
+    `files`: the asset loads vendor files, so the ledger's rules too)."""
     return [
         dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=rule.blocking)
-        for rule in rules(kind) if rule.name not in without
+        for rule in rules(kind) + (ledger.RULES if files else ()) if rule.name not in without
     ]
 
 
@@ -85,21 +86,24 @@ def write_partition(
     source = context.asset_key.to_user_string()
     properties = {"k2.source": source, "k2.partition": context.partition_key, "k2.run_id": context.run.run_id}
     result = writer.replace_rows(iceberg.table(kind), batch.rows, where, keep=keep, properties=properties)
-    writer.replace_rows(
-        iceberg.table("rejected"),
-        batch.rejected,
-        And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat())),
-        properties=properties,
-    )
+    rejected_where = And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat()))
+    writer.replace_rows(iceberg.table("rejected"), batch.rejected, rejected_where, properties=properties)
     context.log.info(
         f"{source} {context.partition_key}: read {batch.read}, wrote {result.written}, "
         f"already present {result.skipped_existing}, rejected {batch.rejected.num_rows}"
     )
+    for file in batch.files:  # a row already in the table (from the live stream) is this file's duplicate
+        moved = result.skipped_by_file.get(file.path, 0)
+        file.written, file.duplicates = file.written - moved, file.duplicates + moved
+    ledger_rows = record_files(context, iceberg, batch, source=source, session_date=session_date, snapshot_id=result.snapshot_id)
     stored = iceberg.table(kind).scan(
         row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
     ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
     outcomes = evaluate_partition(iceberg, stored, kind=kind, exchange=exchange, session_date=session_date, detected_by=source,
                                   explained=integrity.rejected_sequences(batch.rejected), gap_metrics=gap_metrics)
+    rejected_now = iceberg.table("rejected").scan(row_filter=rejected_where).to_arrow()
+    outcomes[ledger.FILES_READABLE.name] = ledger.readable_outcome(batch.files)
+    outcomes[ledger.LINES_ACCOUNTED.name] = ledger.accounted_outcome(ledger_rows, stored, rejected_now)
     results = check_results(outcomes, stored.num_rows, result.snapshot_id)
     metadata = {
         "dagster/row_count": stored.num_rows,
@@ -109,7 +113,10 @@ def write_partition(
         "rows_rejected": batch.rejected.num_rows,
         "snapshot_id": str(result.snapshot_id),
         "table": f"market.{kind}",
-        "files": dg.MetadataValue.json(batch.files),
+        "rows_duplicate_skipped": batch.duplicates + result.skipped_existing,
+        "files": dg.MetadataValue.md(files_table(batch.files)),
+        "unreadable_files": dg.MetadataValue.json({f.path: f.error for f in batch.files if f.error is not None}),
+        "changed_files": dg.MetadataValue.json(sorted(ledger_rows.filter(ledger_rows.column("changed")).column("path").to_pylist())),
         **summary(batch.rows),
         **(extra_metadata or {}),
     }
@@ -124,6 +131,34 @@ def write_partition(
     load.seconds.labels(kind).observe(time.monotonic() - started)
     publish(context, LOADS, registry)
     return dg.MaterializeResult(metadata=metadata, check_results=results)
+
+
+def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, batch: Batch, *, source: str, session_date: date,
+                 snapshot_id: int | None) -> pa.Table:
+    """The load's rows in market.source_files (a retry of the run replaces its own), flagging files whose bytes changed."""
+    table = iceberg.table("source_files")
+    run_id = context.run.run_id
+    earlier = table.scan(row_filter=And(EqualTo("source", source), NotEqualTo("run_id", run_id)),
+                         selected_fields=("path", "sha256", "loaded_at")).to_arrow()
+    previous = {row["path"]: row["sha256"] for row in earlier.sort_by("loaded_at").to_pylist()}  # the latest wins
+    rows = source_files.ledger_rows(batch.files, source=source, partition_date=session_date, run_id=run_id,
+                                    snapshot_id=snapshot_id, previous=previous, now=datetime.now(timezone.utc))
+    where = And(And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat())), EqualTo("run_id", run_id))
+    writer.replace_rows(table, rows, where, properties={"k2.source": source, "k2.run_id": run_id})
+    for path in rows.filter(rows.column("changed")).column("path").to_pylist():
+        context.log.warning(f"{path}: its bytes changed since its last load by {source}; this load reads the new ones")
+    for file in batch.files:
+        if file.error is not None:
+            context.log.warning(f"{file.path}: could not be read ({file.error}); one rejected record, the other files loaded")
+    return rows
+
+
+def files_table(files: list[source_files.SourceFile]) -> str:
+    """Per vendor file: what became of its lines (markdown, shown in the UI)."""
+    lines = ["| file | read | written | rejected | duplicates | error |", "|---|---|---|---|---|---|"]
+    for f in files:
+        lines.append(f"| {f.path} | {f.read} | {f.written} | {f.rejected} | {f.duplicates} | {f.error or ''} |")
+    return "\n".join(lines)
 
 
 def summary(rows: pa.Table) -> dict:

@@ -43,7 +43,7 @@ def outside_regular_hours(rows: pa.Table) -> int:
 
 @dg.asset(
     partitions_def=asx_sessions,
-    check_specs=check_specs("asx_trades", "trades"),
+    check_specs=check_specs("asx_trades", "trades", files=True),
     group_name="asx",
     kinds={"iceberg", "python"},
 )
@@ -54,7 +54,7 @@ def asx_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, asx_
 
 @dg.asset(
     partitions_def=asx_sessions,
-    check_specs=check_specs("asx_quotes", "quotes"),
+    check_specs=check_specs("asx_quotes", "quotes", files=True),
     group_name="asx",
     kinds={"iceberg", "python"},
 )

@@ -16,7 +16,7 @@ from k2_assets.defs.run_metrics import GAP_REPAIR, publish
 
 @dg.asset(
     partitions_def=binance_days,
-    check_specs=check_specs("binance_trades_history", "trades"),
+    check_specs=check_specs("binance_trades_history", "trades", files=True),
     group_name="binance",
     kinds={"iceberg", "python"},
 )
@@ -40,7 +40,7 @@ def binance_trades_history(
         # history row already among them is not written a second time.
         where=partition_filter(dumps.EXCHANGE, day, batch_only=True),
         keep=And(live, NotNull("kafka_topic")),
-        extra_metadata={"skipped_files": dg.MetadataValue.json(notes)},
+        extra_metadata={"file_notes": dg.MetadataValue.json(notes)},
     )
 
 
