@@ -28,6 +28,7 @@ from k2_assets.core.decode import Batch, Rows
 from k2_assets.core.source_files import describe, file_rejects, one_line
 
 EXCHANGE = "BINANCE"
+HEADER_FIRST_COLUMNS = {"id", "trade_id", "agg_trade_id", "a"}  # a first line that starts so is the header
 FIRST_DAY = date(2017, 7, 14)  # Binance's first trading day, the first partition (binance_days)
 KLINES_PATTERN = re.compile(r"^[A-Z0-9]+-\d+[smhdwM]-\d{4}-\d{2}-\d{2}.*\.(csv|zip)$")
 FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$")
@@ -136,7 +137,6 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         )
     symbols = {d.path.relative_to(history_dir).as_posix(): d.symbol for d in found.dumps}
     rejects.append(file_rejects(files, source=source, partition_date=day, exchange=EXCHANGE, now=now, symbols=symbols))
-    notes += [f"{f.path}: not read: {f.error}" for f in files if f.error is not None]
     schema = schemas.arrow_schema(schemas.TRADE)
     return Batch(pa.concat_tables(tables) if tables else schema.empty_table(), pa.concat_tables(rejects), files), notes
 
@@ -188,7 +188,7 @@ def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
     """The dump's lines without its header, and the line number of the first one; an empty dump is an error."""
     lines = decode.read_lines(data)
     first_row = 1
-    if len(lines) and not lines.text[0].as_py()[:1].isdigit():  # a header line
+    if len(lines) and lines.text[0].as_py().lstrip("\ufeff").split(",")[0].strip().lower() in HEADER_FIRST_COLUMNS:
         lines, first_row = lines.slice(1), 2
     if len(lines) == 0:
         raise ValueError("the file is empty" if first_row == 1 else "the file has a header and no rows")
@@ -198,16 +198,18 @@ def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
 def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
     """The trade ids of the rejected lines (null where unreadable): the first field is the id, also on a
     line with the wrong number of fields. Only the rejected lines are read, so a clean file costs nothing."""
-    lines = pc.cast(pc.take(rows.lines, rejected), pa.string())
-    return pc.cast(pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0]), pa.int64())
+    lines = rows.raw_lines(rejected)  # bytes: a line that is not UTF-8 may still start with a readable id
+    return pc.cast(pc.cast(pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0]), pa.string()), pa.int64())
 
 
 def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
     agg = dump.kind == "aggTrades"
     base = 8 if agg else 7
-    # The optional is_best_match column: a file has it on every line or on none.
-    first_len = len(lines.text[0].as_py().split(",")) if len(lines) else base
-    n_fields = base if first_len == base else base - 1
+    # The optional is_best_match column: a file has it on every line or on none; the lines decide by majority,
+    # so one odd line cannot make every other line wrong.
+    widths = pc.list_value_length(pc.split_pattern(lines.text, ","))
+    with_best = pc.sum(pc.equal(widths, base)).as_py() or 0
+    n_fields = base if with_best > (pc.sum(pc.equal(widths, base - 1)).as_py() or 0) else base - 1
     rows = Rows(lines, n_fields, first_row=first_row)
     if agg:
         id_s, price_s, qty_s, first_s, last_s, time_s, maker_s = rows.fields[:7]

@@ -134,6 +134,10 @@ class Rows:
         names = [f"f{i}" for i in range(n_fields)]
         odd: list = []
         try:
+            pa.array([data], pa.binary()).cast(pa.string())  # bytes that are not UTF-8 go the line-by-line way
+        except pa.ArrowInvalid:
+            return cls(read_lines(data), n_fields)
+        try:
             table = pcsv.read_csv(
                 io.BytesIO(data),
                 read_options=pcsv.ReadOptions(column_names=names, block_size=1 << 24),
