@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     recent.add_argument("--topic", default="market.crypto.trades.binance")
     recent.add_argument("--every", type=float, default=0, help="ask again every SECONDS from one Kafka reader, until Ctrl-C")
 
-    report = commands.add_parser("report", help="reports: `k2 report checks --start DATE --end DATE --format html|csv|md`")
-    report.add_argument("what", choices=("checks",))
+    report = commands.add_parser("report", help="reports: `k2 report checks|files --start DATE --end DATE --format html|csv|md`")
+    report.add_argument("what", choices=("checks", "files"), help="checks: every check result, then the vendor-file ledger; files: the ledger")
     report.add_argument("--start", required=True, type=_date)
     report.add_argument("--end", required=True, type=_date)
     report.add_argument("--format", choices=("html", "csv", "md"), default="html")
@@ -90,12 +90,21 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     if args.end < args.start:
         print(f"k2: the range is reversed: --start {args.start} is after --end {args.end}", file=sys.stderr)
         return 2
-    with dg.DagsterInstance.get() as instance:
-        rows = report.collect(instance, args.start, args.end)
-    text = report.render(rows, args.format, args.start, args.end)
+    from k2_assets.core import catalog
+
+    files = report.collect_files(catalog.ensure_table(catalog.open_catalog(settings.catalog_uri, settings.warehouse), "source_files"),
+                                 args.start, args.end)
+    if args.what == "files":
+        text = report.render_files(files, args.format, args.start, args.end)
+        said = f"{len(files)} vendor files ({sum(bool(f.file_error) for f in files)} unreadable)"
+    else:
+        with dg.DagsterInstance.get() as instance:
+            rows = report.collect(instance, args.start, args.end)
+        text = report.render(rows, args.format, args.start, args.end, files)
+        said = f"{len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed) and {len(files)} vendor files"
     if args.out:
         args.out.write_text(text)
-        print(f"k2: {len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed) written to {args.out}", file=sys.stderr)
+        print(f"k2: {said} written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -1,6 +1,10 @@
-"""Compliance report of asset check results, read from Dagster's event log.
+"""Compliance report of asset check results, read from Dagster's event log, and of the vendor-file ledger.
 
 `k2 report checks --start 2014-03-10 --end 2014-03-14 --format html|csv|md [--out FILE]`
+`k2 report files --start 2014-03-10 --end 2014-03-14 --format html|csv|md [--out FILE]`
+
+The html and md check reports end with the ledger (market.source_files): per partition and vendor file
+of its latest load, what became of every line. csv holds one kind of row, so the ledger is its own report.
 
 The range selects by partition (the exchange session date); an evaluation of an unpartitioned
 check is placed by the date it ran. Each row: asset, partition, check, severity, passed, failed and
@@ -20,6 +24,8 @@ from datetime import date, datetime, timezone
 import dagster as dg
 from dagster import DagsterEventType, EventRecordsFilter
 
+FILE_FIELDS = ("partition", "asset", "file", "sha256", "lines_read", "lines_written", "lines_rejected", "lines_duplicate",
+               "file_error", "changed", "run_id", "loaded_at")
 FIELDS = ("asset", "partition", "check", "severity", "passed", "failed_rows", "checked_rows", "snapshot_id", "run_id", "evaluated_at", "sample")
 
 
@@ -75,6 +81,40 @@ def collect(instance: dg.DagsterInstance, start: date, end: date) -> list[CheckR
     return sorted(rows, key=lambda r: (r.partition, r.asset, r.check, r.evaluated_at))
 
 
+@dataclass(frozen=True)
+class FileRow:
+    partition: str
+    asset: str
+    file: str
+    sha256: str
+    lines_read: int
+    lines_written: int
+    lines_rejected: int
+    lines_duplicate: int
+    file_error: str
+    changed: bool
+    run_id: str
+    loaded_at: str
+
+
+def collect_files(ledger, start: date, end: date) -> list[FileRow]:
+    """The ledger rows of each (asset, partition)'s latest load in [start, end]: what the tables hold now."""
+    from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual
+
+    rows = ledger.scan(row_filter=And(GreaterThanOrEqual("partition_date", start.isoformat()),
+                                      LessThanOrEqual("partition_date", end.isoformat()))).to_arrow().to_pylist()
+    latest: dict[tuple, tuple] = {}
+    for row in rows:
+        key = (row["source"], row["partition_date"])
+        latest[key] = max(latest.get(key, (row["loaded_at"], row["run_id"])), (row["loaded_at"], row["run_id"]))
+    current = [r for r in rows if latest[(r["source"], r["partition_date"])][1] == r["run_id"]]
+    return sorted((FileRow(
+        partition=r["partition_date"].isoformat(), asset=r["source"], file=r["path"], sha256=r["sha256"] or "",
+        lines_read=r["lines_read"], lines_written=r["lines_written"], lines_rejected=r["lines_rejected"],
+        lines_duplicate=r["lines_duplicate"], file_error=r["file_error"] or "", changed=r["changed"], run_id=r["run_id"],
+        loaded_at=r["loaded_at"].isoformat(timespec="seconds")) for r in current), key=lambda f: (f.partition, f.asset, f.file))
+
+
 def _as_date(value: str | None) -> date | None:
     try:
         return date.fromisoformat(value) if value else None
@@ -95,16 +135,16 @@ def summarize(rows: list[CheckRow]) -> list[dict]:
     ]
 
 
-def to_csv(rows: list[CheckRow]) -> str:
+def to_csv(rows: list, fields: tuple[str, ...] = FIELDS) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=FIELDS)
+    writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for row in rows:
         writer.writerow(asdict(row))
     return out.getvalue()
 
 
-def to_markdown(rows: list[CheckRow], start: date, end: date) -> str:
+def to_markdown(rows: list[CheckRow], start: date, end: date, files: list[FileRow] | None = None) -> str:
     summary = summarize(rows)
     lines = [f"# K2 asset check report, {start} to {end}", "",
              f"{len(rows)} evaluations, {sum(not r.passed for r in rows)} failed.", "", "## Summary", "",
@@ -118,7 +158,30 @@ def to_markdown(rows: list[CheckRow], start: date, end: date) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(rows: list[CheckRow], start: date, end: date) -> str:
+def files_markdown(files: list[FileRow]) -> str:
+    lines = ["## Vendor files", "", f"{len(files)} files; {sum(bool(f.file_error) for f in files)} could not be read; "
+             f"{sum(f.changed for f in files)} changed since their previous load.", "",
+             "| partition | asset | file | sha256 | read | written | rejected | duplicates | error | changed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {f.partition} | {f.asset} | {f.file} | {f.sha256[:12]} | {f.lines_read} | {f.lines_written} | {f.lines_rejected} | "
+              f"{f.lines_duplicate} | {f.file_error.replace('|', '/')} | {'yes' if f.changed else ''} |" for f in files]
+    return "\n".join(lines) + "\n"
+
+
+def files_html(files: list[FileRow]) -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr class='{'bad' if f.file_error else 'ok'}'><td>{e(f.partition)}</td><td>{e(f.asset)}</td><td>{e(f.file)}</td>"
+        f"<td><code>{e(f.sha256[:12])}</code></td><td class=n>{f.lines_read}</td><td class=n>{f.lines_written}</td>"
+        f"<td class=n>{f.lines_rejected}</td><td class=n>{f.lines_duplicate}</td><td>{e(f.file_error)}</td><td>{'yes' if f.changed else ''}</td></tr>"
+        for f in files)
+    return (f"<h2>Vendor files</h2><p>Per vendor file of each partition's latest load: read = written + rejected + duplicates. "
+            f"{sum(bool(f.file_error) for f in files)} files could not be read.</p>"
+            "<table><tr><th>partition</th><th>asset</th><th>file</th><th>sha256</th><th>read</th><th>written</th><th>rejected</th>"
+            f"<th>duplicates</th><th>error</th><th>changed</th></tr>{rows}</table>")
+
+
+def to_html(rows: list[CheckRow], start: date, end: date, files: list[FileRow] | None = None) -> str:
     """One self-contained page: summary first, then every evaluation (failures first)."""
     e = html.escape
     failed = sum(not r.passed for r in rows)
@@ -149,6 +212,7 @@ td.n{{text-align:right}} tr.bad td{{background:#fdecea}} tr.ok td{{background:#f
 <table><tr><th>asset</th><th>check</th><th>severity</th><th>evaluations</th><th>passed</th><th>failed</th><th>failing partitions</th></tr>{summary_rows}</table>
 <h2>Details</h2>
 <table><tr><th>partition</th><th>asset</th><th>check</th><th>severity</th><th>result</th><th>failed rows</th><th>checked rows</th><th>Iceberg snapshot</th><th>run</th><th>failing sample</th></tr>{detail_rows}</table>
+{files_html(files) if files is not None else ""}
 </body></html>
 """
 
@@ -157,11 +221,23 @@ def _n(value) -> str:
     return "" if value is None else str(value)
 
 
-def render(rows: list[CheckRow], fmt: str, start: date, end: date) -> str:
+def render(rows: list[CheckRow], fmt: str, start: date, end: date, files: list[FileRow] | None = None) -> str:
+    """The check report; html and md end with the ledger's `files`."""
     if fmt == "csv":
         return to_csv(rows)
     if fmt == "md":
-        return to_markdown(rows, start, end)
+        return to_markdown(rows, start, end) + ("\n" + files_markdown(files) if files is not None else "")
     if fmt == "html":
-        return to_html(rows, start, end)
+        return to_html(rows, start, end, files)
+    raise ValueError(f"format must be html, csv or md, not {fmt!r}")
+
+
+def render_files(files: list[FileRow], fmt: str, start: date, end: date) -> str:
+    """The ledger alone."""
+    if fmt == "csv":
+        return to_csv(files, FILE_FIELDS)
+    if fmt == "md":
+        return f"# K2 vendor-file ledger, {start} to {end}\n\n" + files_markdown(files)
+    if fmt == "html":
+        return f"<!doctype html><html lang=en><head><meta charset=utf-8><title>K2 vendor files</title></head><body>{files_html(files)}</body></html>\n"
     raise ValueError(f"format must be html, csv or md, not {fmt!r}")

@@ -13,7 +13,7 @@ import dagster as dg
 
 from k2_assets.defs.asx.assets import asx_trades
 from k2_assets.defs.binance.assets import binance_trades_history
-from k2_assets_tests.conftest import REPO, make_resources
+from k2_assets_tests.conftest import REPO, make_resources, vendor_rows
 from k2_assets_tests.test_gap_repair import FIRST, write_without
 
 SESSIONS = ["2014-03-10", "2014-03-11", "2014-03-12", "2014-03-13", "2014-03-14"]
@@ -72,7 +72,7 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     assert result.returncode == 0, result.stderr
     page = _Tables()
     page.feed(out.read_text())
-    summary, details = page.tables
+    summary, details, files = page.tables
     assert summary[0][:3] == ["asset", "check", "severity"]
     gaps = [row for row in summary[1:] if row[0] == "binance_trades_history" and row[1] == "no_unexplained_gaps"]
     assert gaps == [["binance_trades_history", "no_unexplained_gaps", "WARN", "1", "0", "1", "2024-01-01"]]
@@ -81,8 +81,23 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     assert str(FIRST + 10) in out.read_text()  # the failing range is in the sample
     assert len(details) - 1 == 15 * len(SESSIONS) + 15
 
+    # The ledger closes the report: per partition and vendor file, what became of every line.
+    assert files[0][:4] == ["partition", "asset", "file", "sha256"]
+    assert len(files) - 1 == 4 * len(SESSIONS) + 1  # four company files per session, one Binance dump
+    (dump,) = [row for row in files[1:] if row[1] == "binance_trades_history"]
+    assert dump[2] == "BTCUSDT-trades-2024-01-01.csv" and int(dump[4]) == int(dump[5]) + int(dump[6]) + int(dump[7]) == 16700
+
     md = k2_report(home, "--start", "2024-01-01", "--end", "2024-01-01", "--format", "md")
     assert "| binance_trades_history | no_unexplained_gaps | WARN | 1 | 0 | 1 | 2024-01-01 |" in md.stdout
+    assert "## Vendor files" in md.stdout and "| 2024-01-01 | binance_trades_history | BTCUSDT-trades-2024-01-01.csv |" in md.stdout
+
+    ledger = subprocess.run([sys.executable, "-m", "k2_assets.cli", "report", "files", "--start", "2014-03-10", "--end", "2014-03-14",
+                             "--format", "csv"], env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    assert ledger.returncode == 0, ledger.stderr
+    files_csv = list(csv.DictReader(io.StringIO(ledger.stdout)))
+    assert len(files_csv) == 4 * len(SESSIONS)
+    assert sum(int(f["lines_read"]) for f in files_csv if f["file"].startswith("trades/")) == sum(
+        len(vendor_rows(p)) for p in (asx_dir / "trades").glob("*.csv"))
 
     bad = k2_report(home, "--start", "2014-03-14", "--end", "2014-03-10")
     assert bad.returncode == 2 and "reversed" in bad.stderr
