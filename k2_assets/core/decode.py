@@ -46,6 +46,12 @@ def split_lines(data: bytes) -> pa.BinaryArray:
     return pa.Array.from_buffers(kind, len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(content.tobytes())])
 
 
+def utf8_or_raise(data: bytes) -> None:
+    """ArrowInvalid unless `data` is UTF-8 (validated in place, no copy)."""
+    offsets = np.array([0, len(data)], dtype=np.int64)
+    pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]).cast(pa.large_string())
+
+
 @dataclass
 class Lines:
     """A file's lines: their text, and for files with bytes that are not UTF-8 the raw bytes and a reason per line."""
@@ -134,7 +140,7 @@ class Rows:
         names = [f"f{i}" for i in range(n_fields)]
         odd: list = []
         try:
-            pa.array([data], pa.binary()).cast(pa.string())  # bytes that are not UTF-8 go the line-by-line way
+            utf8_or_raise(data)  # bytes that are not UTF-8 go the line-by-line way
         except pa.ArrowInvalid:
             return cls(read_lines(data), n_fields)
         try:
