@@ -56,8 +56,12 @@ class Company:
 
 
 def read_companies(data_dir: Path) -> dict[str, Company]:
+    """The vendor's company list; a list that cannot be read stops the load with one line (nothing is written)."""
     path = data_dir / "reference-data" / "company_info.csv"
-    return _companies(path, path.stat().st_mtime_ns)
+    try:
+        return _companies(path, path.stat().st_mtime_ns)
+    except (OSError, pa.ArrowException, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{path} cannot be read as the company list: {one_line(exc)}") from None
 
 
 @lru_cache(maxsize=8)
