@@ -135,7 +135,7 @@ def write_partition(
 
 def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, batch: Batch, *, source: str, session_date: date,
                  snapshot_id: int | None) -> pa.Table:
-    """The load's rows in market.source_files (a retry of the run replaces its own), flagging files whose bytes changed."""
+    """The load's rows in market.source_files, flagging files whose bytes changed since their last load."""
     table = iceberg.table("source_files")
     run_id = context.run.run_id
     earlier = table.scan(row_filter=And(EqualTo("source", source), NotEqualTo("run_id", run_id)),
@@ -143,8 +143,9 @@ def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, ba
     previous = {row["path"]: row["sha256"] for row in earlier.sort_by("loaded_at").to_pylist()}  # the latest wins
     rows = source_files.ledger_rows(batch.files, source=source, partition_date=session_date, run_id=run_id,
                                     snapshot_id=snapshot_id, previous=previous, now=datetime.now(timezone.utc))
-    where = And(And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat())), EqualTo("run_id", run_id))
-    writer.replace_rows(table, rows, where, properties={"k2.source": source, "k2.run_id": run_id})
+    # Appended: a run loads its partition once (K2 sets no step retries; a re-execution is a new run).
+    if rows.num_rows:
+        table.append(rows, snapshot_properties={"k2.source": source, "k2.run_id": run_id})
     for path in rows.filter(rows.column("changed")).column("path").to_pylist():
         context.log.warning(f"{path}: its bytes changed since its last load by {source}; this load reads the new ones")
     for file in batch.files:
