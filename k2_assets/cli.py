@@ -17,6 +17,14 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handler: no traceback
+        print("k2: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k2", description="K2 market-data lakehouse")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -235,6 +243,10 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         print(f"k2: Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
         processes.start("dagster", "dagster dev (webserver, daemon, code server, runs)", [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
                                     "-h", args.host, "-p", str(args.port)], log=False, cwd=dagster_home)
+    except KeyboardInterrupt:
+        processes.stop("Ctrl-C while starting")
+        processes.kill_all()
+        return 130
     except BaseException:
         processes.kill_all()
         raise

@@ -158,3 +158,27 @@ def test_a_vendor_file_whose_bytes_changed_is_flagged_and_reloaded(asx_dir, tmp_
     assert event.metadata["changed_files"].value == ["trades/7181.csv"]
     row = catalog.load_table("market.trades").scan(row_filter=EqualTo("message_id", "ASX:DVN:20140310:1")).to_arrow().to_pylist()
     assert str(row[0]["price"]) == "0.68000000"
+
+
+def test_a_file_with_classic_mac_line_endings_loads_like_the_original(asx_dir, tmp_path):
+    from k2_assets.core import asx
+
+    data = tmp_path / "asx"
+    shutil.copytree(asx_dir, data)
+    original = sum(asx.load_session(asx_dir, s, "trades", source="asx_trades").rows.num_rows for s in SESSIONS)
+    path = data / "trades" / "7181.csv"
+    path.write_bytes(path.read_bytes().replace(b"\r\n", b"\r"))
+    batches = [asx.load_session(data, s, "trades", source="asx_trades") for s in SESSIONS]
+    assert sum(b.rows.num_rows for b in batches) == original and not any(b.rejected.num_rows for b in batches)
+
+
+def test_a_folder_named_like_a_dump_is_reported_not_skipped(btcusdt_dir, tmp_path):
+    from k2_assets.core import binance_history
+
+    folder = tmp_path / "history"
+    (folder / "ETHUSDT-trades-2024-01-01.csv").mkdir(parents=True)
+    shutil.copy(btcusdt_dir / BTC_FILE, folder / "BTCUSDT-trades-2024-01-01.csv")
+    batch, _ = binance_history.load_day(folder, date(2024, 1, 1), source="binance_trades_history")
+    errors = {f.path: f.error for f in batch.files if f.error}
+    assert list(errors) == ["ETHUSDT-trades-2024-01-01.csv"] and "IsADirectoryError" in errors["ETHUSDT-trades-2024-01-01.csv"]
+    assert batch.rows.num_rows == 16702

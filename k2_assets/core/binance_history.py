@@ -55,8 +55,8 @@ class Found:
 def find_files(history_dir: Path, day: date | None = None) -> Found:
     dumps, unrecognised = [], {}
     for path in sorted(history_dir.rglob("*")):
-        if not path.name.lower().endswith((".csv", ".zip")) or path.is_dir():
-            continue  # a broken link is kept: it is a file that cannot be read
+        if not path.name.lower().endswith((".csv", ".zip")) or (path.is_dir() and not FILE_PATTERN.match(path.name)):
+            continue  # a broken link, or a folder named like a dump, is kept: a file that cannot be read
         if KLINES_PATTERN.match(path.name):
             continue  # bars, not trades: another loader's files
         match = FILE_PATTERN.match(path.name)

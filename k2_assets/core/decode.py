@@ -27,9 +27,13 @@ INTEGER_PATTERN = r"^\d{1,18}$"
 
 def split_lines(data: bytes) -> pa.BinaryArray:
     """A file's lines as raw bytes: split on LF only, one CR before it dropped (CRLF). A CR anywhere else
-    stays in its line, so line numbers are those of any text editor, whatever the bytes hold."""
+    stays in its line, so line numbers are those of any text editor, whatever the bytes hold; a file with
+    no LF at all but CRs has CR line endings."""
     buf = np.frombuffer(data, dtype=np.uint8)
     newlines = np.flatnonzero(buf == 10)
+    if len(newlines) == 0 and 13 in buf:  # no LF at all: a file with classic Mac (CR) line endings
+        newlines = np.flatnonzero(buf == 13)
+        buf = np.where(buf == 13, np.uint8(10), buf)
     tail = len(buf) > 0 and buf[-1] != 10  # a last line without its newline
     starts = np.concatenate([[0], newlines + 1])[: len(newlines) + tail]
     ends = np.concatenate([newlines, [len(buf)]])[: len(newlines) + tail]
