@@ -1,5 +1,5 @@
-"""K2: a market-data lakehouse of Dagster software-defined assets."""
+"""K2: a market-data lakehouse of Dagster software-defined assets.
 
-from k2_assets.definitions import defs
-
-__all__ = ["defs"]
+The code location is `k2_assets.definitions` (its `defs`); `k2_assets.core` is plain Python and importing
+it loads no Dagster and changes no environment variable.
+"""

@@ -18,7 +18,7 @@ defs = dg.Definitions(
     sensors=[*binance.sensors, *rollups.sensors],
     resources={
         "iceberg": IcebergResource(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
-        # Loads any asset partition as a DataFrame: k2_assets.defs.load_asset_value("ohlcv_1m", partition_key=...)
+        # Loads any asset partition as a DataFrame: k2_assets.definitions.defs.load_asset_value("ohlcv_1m", partition_key=...)
         "io_manager": IcebergIOManager(catalog_uri=dg.EnvVar("K2_CATALOG_URI"), warehouse=dg.EnvVar("K2_WAREHOUSE")),
         **asx.resources,
         **binance.resources,

@@ -18,7 +18,7 @@ from k2_assets.defs.partitions import asx_sessions, binance_days
 
 
 def test_defs_load_with_every_asset_and_check():
-    from k2_assets import defs
+    from k2_assets.definitions import defs
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()

@@ -275,7 +275,7 @@ def test_ohlcv_bars_of_every_exchange_for_the_trade_date(lake):
 
 
 def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
-    from k2_assets import defs as code_location
+    from k2_assets.definitions import defs as code_location
 
     keys = {k.to_user_string() for k in code_location.resolve_asset_graph().get_all_asset_keys()}
     tables = keys - {"kafka/market_crypto_trades_binance"}
@@ -384,7 +384,7 @@ REGISTER = ('register it in k2_assets/definitions.py: "io_manager": IcebergIOMan
 
 
 def test_the_code_location_loads_assets_through_the_iceberg_io_manager():
-    from k2_assets import defs as code_location
+    from k2_assets.definitions import defs as code_location
 
     manager = code_location.resources.get("io_manager")
     assert isinstance(manager, IcebergIOManager), REGISTER
@@ -405,7 +405,7 @@ def test_the_notebook_runs_end_to_end_on_a_prepared_k2_home(k2_home, catalog_pro
     """The analyst notebook against a K2_HOME this test fills: asx_trades of one session and some one-minute bars."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    from k2_assets import defs as code_location
+    from k2_assets.definitions import defs as code_location
 
     assert isinstance(code_location.resources.get("io_manager"), IcebergIOManager), REGISTER
     # The embedded defaults for this K2_HOME are exactly where the data goes.

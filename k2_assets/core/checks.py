@@ -12,9 +12,18 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import os
+
 import pandas as pd
-import pandera.pandas as pa
-import pyarrow as arrow
+
+_environ = dict(os.environ)
+import pandera.pandas as pa  # noqa: E402
+import pyarrow as arrow  # noqa: E402
+
+# pandera's import sets PYARROW_IGNORE_TIMEZONE and SPARK_LOCAL_IP for pyspark, which K2 does not use;
+# importing K2's core changes no environment variable.
+for _name in set(os.environ) - set(_environ):
+    del os.environ[_name]
 
 EXCHANGES = {"ASX": "Australia/Sydney", "BINANCE": "UTC"}
 CURRENCIES = {"AUD", "USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY"}

@@ -6,10 +6,12 @@ import json
 from functools import cache
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
-from pyiceberg.io.pyarrow import schema_to_pyarrow
-from pyiceberg.schema import Schema
-from pyiceberg.utils.schema_conversion import AvroSchemaConversion
+
+if TYPE_CHECKING:
+    from pyiceberg.schema import Schema
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -30,12 +32,16 @@ def avro_schema(name: str) -> dict:
 
 @cache
 def iceberg_schema(name: str) -> Schema:
+    from pyiceberg.utils.schema_conversion import AvroSchemaConversion  # pyiceberg loads pandas: only when needed
+
     return AvroSchemaConversion().avro_to_iceberg(avro_schema(name))
 
 
 @cache
 def arrow_schema(name: str) -> pa.Schema:
     """Arrow schema matching the Iceberg table (field ids, nullability), with plain string/binary types."""
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
     schema = schema_to_pyarrow(iceberg_schema(name))
     return pa.schema([_plain(f) for f in schema])
 
