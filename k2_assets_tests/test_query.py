@@ -478,8 +478,7 @@ def test_query_module_does_not_import_dagster():
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    # `-m k2_assets.core.query` first imports the k2_assets package, i.e. the Dagster definitions, whose
-    # import-time warnings (e.g. Dagster BetaWarnings) are not the CLI's output: silence them here.
+    # Libraries' import-time warnings are not the CLI's output: silence them here.
     return subprocess.run([sys.executable, "-m", "k2_assets.core.query", *args], cwd=REPO,
                           env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=180)
 

@@ -169,7 +169,7 @@ def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
             ledger.duplicates += 1
             continue
         ledger.rejected += 1
-        first_ledger, first_rows, first_table = decoded[g][1], decoded[g][2], decoded[g][3]
+        first_ledger, first_table = decoded[g][1], decoded[g][3]
         line = first_table.column("source_row")[j].as_py()
         trade_id = table.column("trade_id")[i].as_py()
         conflicts.setdefault(f, []).append(

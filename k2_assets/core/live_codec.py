@@ -24,7 +24,21 @@ from k2_assets.core import decode, schemas
 EXCHANGE = "BINANCE"
 TOPIC = "market.crypto.trades.binance"
 DEAD_LETTER_TOPIC = "market.crypto.trades.binance.dlq"
-HEADERS = [("k2-schema", b"k2.market.v2.Trade"), ("content-type", b"application/json")]
+
+
+def _contract_headers() -> list[tuple[str, bytes]]:
+    """The headers naming the contract each message follows: its full name and its Avro fingerprint, so a
+    consumer tells versions apart."""
+    import fastavro.schema
+
+    contract = schemas.avro_schema(schemas.TRADE)
+    fingerprint = fastavro.schema.fingerprint(fastavro.schema.to_parsing_canonical_form(fastavro.schema.parse_schema(contract)),
+                                              "CRC-64-AVRO")
+    return [("k2-schema", f"{contract['namespace']}.{contract['name']}".encode()),
+            ("k2-schema-fingerprint", fingerprint.encode()), ("content-type", b"application/json")]
+
+
+HEADERS = _contract_headers()
 DECIMAL_TEXT = decode.DECIMAL_PATTERN
 
 
