@@ -134,18 +134,36 @@ def encode(trade: dict) -> bytes:
     return orjson.dumps(trade)
 
 
-# What the writer reads from each message: the v2 fields a producer sets (Kafka position comes from Kafka).
-_WIRE = pa.schema(
-    [
-        ("message_id", pa.string()), ("trade_id", pa.string()), ("exchange", pa.string()), ("symbol", pa.string()),
-        ("asset_class", pa.string()), ("currency", pa.string()), ("side", pa.string()), ("price", pa.string()),
-        ("quantity", pa.string()), ("exchange_timestamp", pa.int64()), ("trade_date", pa.string()),
-        ("ingest_timestamp", pa.int64()), ("source_sequence", pa.int64()), ("trade_conditions", pa.list_(pa.string())),
-        ("venue", pa.string()), ("vendor_data", pa.struct([(k, pa.string()) for k in ("event_time", "is_best_match")])),
-    ]
-)
 VENDOR_KEYS = ("event_time", "is_best_match")  # what Binance's trade stream carries beyond the v2 core
-_REQUIRED = ("message_id", "exchange", "symbol", "asset_class", "currency", "side", "price", "quantity", "exchange_timestamp", "ingest_timestamp")
+NOT_ON_THE_WIRE = ("source_file", "source_row", "kafka_topic", "kafka_partition", "kafka_offset")  # files' and Kafka's own
+
+
+def _wire_type(avro_type) -> pa.DataType:
+    """How a v2 field travels in the JSON message: decimals and dates as text, timestamps as epoch µs."""
+    if isinstance(avro_type, list):
+        return _wire_type(next(t for t in avro_type if t != "null"))
+    if isinstance(avro_type, dict):
+        logical, kind = avro_type.get("logicalType"), avro_type["type"]
+        if logical in ("decimal", "date") or kind == "enum":
+            return pa.string()
+        if kind == "array":
+            return pa.list_(_wire_type(avro_type["items"]))
+        if kind == "map":  # Arrow's JSON reader takes an object as a struct of the keys the producer sets
+            return pa.struct([(k, _wire_type(avro_type["values"])) for k in VENDOR_KEYS])
+        return _wire_type(kind)
+    return {"string": pa.string(), "long": pa.int64(), "int": pa.int32(), "boolean": pa.bool_()}[avro_type]
+
+
+def _wire() -> tuple[pa.Schema, tuple[str, ...]]:
+    """What the writer reads from each message, derived from schemas/trade_v2.avsc, and the fields it must carry."""
+    fields = [f for f in schemas.avro_schema(schemas.TRADE)["fields"] if f["name"] not in NOT_ON_THE_WIRE]
+    wire = pa.schema([(f["name"], _wire_type(f["type"])) for f in fields])
+    required = tuple(f["name"] for f in fields if not (isinstance(f["type"], list) and "null" in f["type"])
+                     and not pa.types.is_nested(wire.field(f["name"]).type) and f["name"] != "trade_date")  # the writer derives the day
+    return wire, required
+
+
+_WIRE, _REQUIRED = _wire()
 
 
 def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str,
