@@ -120,8 +120,10 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
 
 def _stream(argv: list[str]) -> int:
     if not argv or argv[0] != "binance":
-        print("usage: k2 stream binance --symbols BTCUSDT,ETHUSDT [--url WS_BASE_URL] [--bootstrap HOST:PORT]", file=sys.stderr)
-        return 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print("usage: k2 stream binance --symbols BTCUSDT,ETHUSDT [--url WS_BASE_URL] [--bootstrap HOST:PORT]\n"
+              "live producers; one so far: `binance` (see `k2 stream binance --help`)", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     from k2_assets.core import binance_stream
 
     return binance_stream.main(argv[1:])

@@ -543,5 +543,5 @@ def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, cap
         query.main(["trades", "--limit", "abc"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "python -m k2_assets.core.query trades: error: argument --limit: invalid int value: 'abc'"
+        "k2 query trades: error: argument --limit: invalid int value: 'abc'"
     ]

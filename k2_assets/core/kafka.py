@@ -249,11 +249,16 @@ class EmbeddedBroker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m k2_assets.core.kafka [PORT]`: run the embedded broker until interrupted."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`k2 broker [PORT]`: run the embedded Kafka-compatible broker (Tansu, in memory) until interrupted."""
+    import argparse
+
     from k2_assets.core.stopping import Stopper
 
-    broker = EmbeddedBroker(port=int(argv[0]) if argv else int(os.environ.get("K2_BROKER_PORT", "0")))
+    parser = argparse.ArgumentParser(prog="k2 broker", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("port", nargs="?", type=int, default=int(os.environ.get("K2_BROKER_PORT", "0")),
+                        help="loopback port to listen on (default: K2_BROKER_PORT, else a free one)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    broker = EmbeddedBroker(port=args.port)
     stopping = threading.Event()
     with broker:
         Stopper("k2 broker", f"the embedded broker on {broker.bootstrap} (its topics are in memory and go with it)",

@@ -820,7 +820,7 @@ def _parser() -> argparse.ArgumentParser:
     ranged.add_argument("--trade-date", help="one session date, YYYY-MM-DD")
     ranged.add_argument("--columns", help="comma-separated column names")
 
-    parser = _Parser(prog="python -m k2_assets.core.query",
+    parser = _Parser(prog="k2 query",
                      description="Query K2's Iceberg tables (catalog from the K2_* environment).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     trades = sub.add_parser("trades", parents=[common, ranged], help="trades, oldest first")
