@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 
 import dagster as dg
+
+from k2_assets.core.text import markdown_table
 from dagster import DagsterEventType, EventRecordsFilter
 
 FILE_FIELDS = ("partition", "asset", "file", "sha256", "lines_read", "lines_written", "lines_rejected", "lines_duplicate",
@@ -148,23 +150,22 @@ def to_markdown(rows: list[CheckRow], start: date, end: date, files: list[FileRo
     summary = summarize(rows)
     lines = [f"# K2 asset check report, {start} to {end}", "",
              f"{len(rows)} evaluations, {sum(not r.passed for r in rows)} failed.", "", "## Summary", "",
-             "| asset | check | severity | evaluations | passed | failed | failing partitions |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['asset']} | {s['check']} | {s['severity']} | {s['evaluations']} | {s['passed']} | {s['failed']} | {s['failing_partitions']} |"
-              for s in summary]
-    lines += ["", "## Details", "", "| partition | asset | check | severity | passed | failed rows | checked rows | snapshot | run | sample |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.partition} | {r.asset} | {r.check} | {r.severity} | {'yes' if r.passed else 'NO'} | {_n(r.failed_rows)} | "
-              f"{_n(r.checked_rows)} | {r.snapshot_id} | {r.run_id[:8]} | {'' if r.passed else r.sample.replace('|', '/')} |" for r in rows]
+             markdown_table(("asset", "check", "severity", "evaluations", "passed", "failed", "failing partitions"),
+                            ([s[k] for k in ("asset", "check", "severity", "evaluations", "passed", "failed", "failing_partitions")]
+                             for s in summary)),
+             "", "## Details", "",
+             markdown_table(("partition", "asset", "check", "severity", "passed", "failed rows", "checked rows", "snapshot", "run", "sample"),
+                            ((r.partition, r.asset, r.check, r.severity, "yes" if r.passed else "NO", r.failed_rows, r.checked_rows,
+                              r.snapshot_id, r.run_id[:8], "" if r.passed else r.sample) for r in rows))]
     return "\n".join(lines) + "\n"
 
 
 def files_markdown(files: list[FileRow]) -> str:
     lines = ["## Vendor files", "", f"{len(files)} files; {sum(bool(f.file_error) for f in files)} could not be read; "
              f"{sum(f.changed for f in files)} changed since their previous load.", "",
-             "| partition | asset | file | sha256 | read | written | rejected | duplicates | error | changed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {f.partition} | {f.asset} | {f.file} | {f.sha256[:12]} | {f.lines_read} | {f.lines_written} | {f.lines_rejected} | "
-              f"{f.lines_duplicate} | {f.file_error.replace('|', '/')} | {'yes' if f.changed else ''} |" for f in files]
+             markdown_table(("partition", "asset", "file", "sha256", "read", "written", "rejected", "duplicates", "error", "changed"),
+                            ((f.partition, f.asset, f.file, f.sha256[:12], f.lines_read, f.lines_written, f.lines_rejected,
+                              f.lines_duplicate, f.file_error, "yes" if f.changed else "") for f in files))]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 from pyiceberg.expressions import EqualTo
 
-from k2_assets.core import binance_history, catalog as k2_catalog
+from k2_assets.core import binance_format, binance_history, catalog as k2_catalog
 from k2_assets.defs.binance.assets import binance_trades_history
 from k2_assets_tests.conftest import make_resources
 
@@ -192,4 +192,4 @@ def test_history_never_duplicates_trades_that_arrived_live(btcusdt_dir, catalog_
 
 @pytest.mark.parametrize("symbol,currency", [("BTCUSDT", "USDT"), ("XRPETH", "ETH"), ("BNBFDUSD", "FDUSD"), ("ETHBTC", "BTC"), ("USDT", None)])
 def test_quote_currency_from_symbol(symbol, currency):
-    assert binance_history.quote_currency(symbol) == currency
+    assert binance_format.quote_currency(symbol) == currency

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2_assets.core import decode, schemas
+from k2_assets.core.binance_format import MICROS_FROM, quote_currency
 from k2_assets.core.decode import Batch, Rows
 from k2_assets.core.source_files import describe, file_rejects, one_line
 
@@ -32,8 +33,6 @@ HEADER_FIRST_COLUMNS = {"id", "trade_id", "agg_trade_id", "a"}  # a first line t
 FIRST_DAY = date(2017, 7, 14)  # Binance's first trading day, the first partition (binance_days)
 KLINES_PATTERN = re.compile(r"^[A-Z0-9]+-\d+[smhdwM]-\d{4}-\d{2}-\d{2}.*\.(csv|zip)$")
 FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$")
-QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
-MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch us are above it since 1973
 
 
 @dataclass(frozen=True)
@@ -71,13 +70,6 @@ def find_files(history_dir: Path, day: date | None = None) -> Found:
         elif day is None or file_day == day:
             dumps.append(DumpFile(path, match["symbol"], match["kind"], file_day))
     return Found(dumps, unrecognised)
-
-
-def quote_currency(symbol: str) -> str | None:
-    for asset in QUOTE_ASSETS:
-        if symbol.endswith(asset) and len(symbol) > len(asset):
-            return asset
-    return None
 
 
 def read_dump(path: Path) -> bytes:

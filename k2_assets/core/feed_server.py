@@ -42,13 +42,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from k2_assets.core.binance_format import MICROS_FROM, quote_currency
 from k2_assets.core.stopping import Stopper
 
 log = logging.getLogger("k2_assets.core.feed_server")  # not __main__ under -m
 
-MICROS_FROM = 10**14  # epoch ms stay below this until year 5138; epoch µs are above it since 1973
 DUMP_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-trades-")
-QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY")
 DEFAULT_START_PRICES = {"BTCUSDT": "42690.21", "ETHUSDT": "2281.40", "BNBUSDT": "312.50", "SOLUSDT": "101.20"}
 
 MAX_BATCH = 500  # frames written per event-loop turn when unpaced
@@ -617,7 +616,7 @@ class FeedServer:
 
 
 def _symbol_info(symbol: str) -> dict:
-    quote = next((q for q in QUOTE_ASSETS if symbol.endswith(q) and len(symbol) > len(q)), symbol[-4:])
+    quote = quote_currency(symbol) or symbol[-4:]
     return {"symbol": symbol, "status": "TRADING", "baseAsset": symbol[: -len(quote)], "baseAssetPrecision": 8,
             "quoteAsset": quote, "quotePrecision": 8, "quoteAssetPrecision": 8, "orderTypes": ["LIMIT", "MARKET"],
             "isSpotTradingAllowed": True, "permissions": ["SPOT"],

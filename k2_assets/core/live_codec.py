@@ -115,7 +115,7 @@ _ACCEPTED_SYMBOLS: dict[str, str] = {}  # symbol -> quote currency, once validat
 def _accept_symbol(symbol) -> str:
     if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
         raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
-    from k2_assets.core.binance_history import quote_currency
+    from k2_assets.core.binance_format import quote_currency
 
     currency = quote_currency(symbol)
     if currency is None:

@@ -14,6 +14,7 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, NotEqualTo
 from k2_assets.core import checks, integrity, ledger, source_files, writer
 from k2_assets.core.decode import Batch
 from k2_assets.core.metrics import GapMetrics, LoadMetrics
+from k2_assets.core.text import markdown_table
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import LOADS, publish
 
@@ -122,9 +123,7 @@ def write_partition(
     }
     if batch.rejected.num_rows:
         reasons = batch.rejected.group_by("reason").aggregate([("reason", "count")]).sort_by([("reason_count", "descending")])
-        metadata["rejected_reasons"] = dg.MetadataValue.md(
-            "| reason | rows |\n|---|---|\n" + "\n".join(f"| {r} | {n} |" for r, n in zip(*reasons.to_pydict().values()))
-        )
+        metadata["rejected_reasons"] = dg.MetadataValue.md(markdown_table(("reason", "rows"), zip(*reasons.to_pydict().values())))
     load.read.labels(kind).inc(batch.read)
     load.written.labels(kind).inc(result.written)
     load.rejected.labels(kind).inc(batch.rejected.num_rows)
@@ -156,10 +155,8 @@ def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, ba
 
 def files_table(files: list[source_files.SourceFile]) -> str:
     """Per vendor file: what became of its lines (markdown, shown in the UI)."""
-    lines = ["| file | read | written | rejected | duplicates | error |", "|---|---|---|---|---|---|"]
-    for f in files:
-        lines.append(f"| {f.path} | {f.read} | {f.written} | {f.rejected} | {f.duplicates} | {f.error or ''} |")
-    return "\n".join(lines)
+    return markdown_table(("file", "read", "written", "rejected", "duplicates", "error"),
+                          ((f.path, f.read, f.written, f.rejected, f.duplicates, f.error) for f in files))
 
 
 def summary(rows: pa.Table) -> dict:
@@ -169,13 +166,14 @@ def summary(rows: pa.Table) -> dict:
     per_symbol = rows.group_by("symbol").aggregate(
         [("symbol", "count"), ("exchange_timestamp", "min"), ("exchange_timestamp", "max")]
     ).sort_by("symbol")
-    lines = ["| symbol | rows | first (UTC) | last (UTC) |", "|---|---|---|---|"]
-    for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in ("symbol", "symbol_count", "exchange_timestamp_min", "exchange_timestamp_max"))):
-        lines.append(f"| {s} | {n} | {first:%Y-%m-%d %H:%M:%S.%f} | {last:%Y-%m-%d %H:%M:%S.%f} |")
+    columns = ("symbol", "symbol_count", "exchange_timestamp_min", "exchange_timestamp_max")
+    table = markdown_table(("symbol", "rows", "first (UTC)", "last (UTC)"), (
+        (s, n, f"{first:%Y-%m-%d %H:%M:%S.%f}", f"{last:%Y-%m-%d %H:%M:%S.%f}")
+        for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in columns))))
     ts = rows.column("exchange_timestamp")
     return {
         "symbols": dg.MetadataValue.json(per_symbol.column("symbol").to_pylist()),
-        "per_symbol": dg.MetadataValue.md("\n".join(lines)),
+        "per_symbol": dg.MetadataValue.md(table),
         "first_timestamp": pc.min(ts).as_py().isoformat(),
         "last_timestamp": pc.max(ts).as_py().isoformat(),
     }
