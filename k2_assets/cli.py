@@ -179,10 +179,12 @@ def _recent(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _utc_time(text: str):
-    from datetime import datetime, timezone
+    from k2_assets.core.snapshots import parse_utc
 
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    try:
+        return parse_utc(text, "--until")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_recent(rows, args: argparse.Namespace) -> None:

@@ -86,7 +86,7 @@ from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, G
 from pyiceberg.table import Table
 
 from k2_assets.core import catalog as k2_catalog
-from k2_assets.core import schemas
+from k2_assets.core import schemas, snapshots
 from k2_assets.core.checks import EXCHANGES
 
 __all__ = [
@@ -175,21 +175,11 @@ class QueryTimeout(QueryError):
 
 
 def parse_time(value: Any, what: str) -> datetime:
-    """A datetime or ISO 8601 string (a date alone is midnight) as an aware UTC datetime; naive means UTC."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise InvalidValue(f"{what} {value!r} is not an ISO 8601 date/time (e.g. 2014-03-11T10:00:00Z)") from None
-    else:
-        raise InvalidValue(f"{what} must be a datetime or an ISO 8601 string, not {type(value).__name__}")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    """`snapshots.parse_utc`, its error as the query's InvalidValue."""
+    try:
+        return snapshots.parse_utc(value, what)
+    except ValueError as exc:
+        raise InvalidValue(str(exc)) from None
 
 
 def parse_date(value: Any, what: str) -> date:
@@ -622,7 +612,7 @@ class QueryEngine:
                 raise UnknownSnapshot(f"snapshot {as_of} does not exist in market.{name}; {_describe_snapshots(handle)}")
             return as_of
         moment = parse_time(as_of, "as_of")
-        snapshot = handle.snapshot_as_of_timestamp(int(moment.timestamp() * 1000)) if handle is not None else None
+        snapshot = snapshots.snapshot_at(handle, moment) if handle is not None else None
         if snapshot is None:
             raise UnknownSnapshot(
                 f"as_of {moment.isoformat()} is before the first snapshot of market.{name}; {_describe_snapshots(handle)}"

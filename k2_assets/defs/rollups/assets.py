@@ -1,6 +1,6 @@
 import time
 import warnings
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 
 import dagster as dg
 import pyarrow as pa
@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import EqualTo, GreaterThan
 from pyiceberg.table import Table
 
-from k2_assets.core import rollups, schemas, writer
+from k2_assets.core import rollups, schemas, snapshots, writer
 from k2_assets.core.metrics import RollupMetrics
 from k2_assets.defs.partitions import trade_days
 from k2_assets.defs.resources import IcebergResource
@@ -40,9 +40,8 @@ def trades_snapshot(trades: Table, config: RollupConfig) -> int | None:
             raise ValueError(f"market.trades has no snapshot {config.as_of_snapshot_id}")
         return config.as_of_snapshot_id
     if config.as_of:
-        moment = datetime.fromisoformat(config.as_of)
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-        snapshot = trades.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
+        moment = snapshots.parse_utc(config.as_of, "as_of")
+        snapshot = snapshots.snapshot_at(trades, moment)
         if snapshot is None:
             raise ValueError(f"market.trades has no snapshot at or before {moment.isoformat()}")
         return snapshot.snapshot_id
