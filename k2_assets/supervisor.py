@@ -16,6 +16,8 @@ from k2_assets.core.stopping import Stopper
 # (a sensor tick mid-drain is safe to kill: every Iceberg commit is fenced, and the next writer resumes).
 STOP_GRACE_SECONDS = 6.0
 BROKER_AFTER_SECONDS = 3.0  # the producer flushes to the broker first
+# A helper (broker, feed, producer) that dies is started again; one that keeps dying stops the demo.
+MAX_RESTARTS, RESTART_WINDOW_SECONDS = 5, 60.0
 
 
 class Supervisor:
@@ -26,6 +28,8 @@ class Supervisor:
         self.known: dict[int, psutil.Process] = {}  # every descendant seen, so none outlives us once orphaned
         self.stop_started: float | None = None
         self.failed = False  # stopped because a process exited on its own
+        self.launches: dict[str, tuple[list[str], bool, dict]] = {}
+        self.restarts: dict[str, list[float]] = {}
         self.broker_signalled = False
 
     def start(self, name: str, label: str, command: list[str], *, log: bool = True, **kwargs) -> subprocess.Popen:
@@ -34,7 +38,22 @@ class Supervisor:
         out = open(self.logs / f"{name}.log", "ab") if log else None
         process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=_default_signals, **kwargs)
         self.children[name], self.labels[name] = process, label
+        self.launches[name] = (command, log, kwargs)
         return process
+
+    def restart(self, name: str) -> bool:
+        """Start a helper that died again, unless it died too often lately; False means it should not be."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_SECONDS]
+        if len(recent) >= MAX_RESTARTS:
+            return False
+        self.restarts[name] = [*recent, now]
+        command, log, kwargs = self.launches[name]
+        code = self.children[name].returncode
+        print(f"k2: {self.labels[name]} exited with {code}; starting it again ({len(recent) + 1} of {MAX_RESTARTS} "
+              f"restarts in {RESTART_WINDOW_SECONDS:g} s; see {self.logs})", file=sys.stderr, flush=True)
+        self.start(name, self.labels[name], command, log=log, **kwargs)
+        return True
 
     def watch(self) -> None:
         """Remember every descendant (a run's worker, the code server) while its parent still knows it."""
@@ -88,17 +107,18 @@ class Supervisor:
     def everything_stopped(self) -> bool:
         return all(p.poll() is not None for p in self.children.values()) and not any(_alive(p) for p in self.known.values())
 
-    def run(self) -> int:
-        """Until Ctrl-C or SIGTERM, or until one process exits (then everything stops, and the exit code is 1)."""
+    def run(self, main: str = "dagster") -> int:
+        """Until Ctrl-C or SIGTERM. A helper that exits is started again; if `main` exits, or a helper keeps
+        exiting, everything stops and the exit code is 1."""
         Stopper("k2 demo", "the demo", lambda: self.stop("asked to stop"), force=self.kill_all).install()
         try:
             while True:
                 self.watch()
                 if self.stop_started is None:
-                    for name, process in self.children.items():
-                        if process.poll() is not None:
+                    for name, process in list(self.children.items()):
+                        if process.poll() is not None and (name == main or not self.restart(name)):
                             self.failed = True
-                            self.stop(f"{name} exited with {process.returncode} (see {self.logs})")
+                            self.stop(f"{self.labels[name]} exited with {process.returncode} (see {self.logs})")
                             break
                 else:
                     self._step_stop()
