@@ -18,6 +18,9 @@ STOP_GRACE_SECONDS = 6.0
 BROKER_AFTER_SECONDS = 3.0  # the producer flushes to the broker first
 # A helper (broker, feed, producer) that dies is started again; one that keeps dying stops the demo.
 MAX_RESTARTS, RESTART_WINDOW_SECONDS = 5, 60.0
+# The embedded broker keeps its topics in memory: after it restarts, the producer's idempotent session and
+# queued messages belong to a broker that is gone, so the producer starts afresh too.
+DEPENDENTS = {"broker": ("producer",)}
 
 
 class Supervisor:
@@ -53,6 +56,11 @@ class Supervisor:
         print(f"k2: {self.labels[name]} exited with {code}; starting it again ({len(recent) + 1} of {MAX_RESTARTS} "
               f"restarts in {RESTART_WINDOW_SECONDS:g} s; see {self.logs})", file=sys.stderr, flush=True)
         self.start(name, self.labels[name], command, log=log, **kwargs)
+        for dependent in DEPENDENTS.get(name, ()):
+            process = self.children.get(dependent)
+            if process is not None and process.poll() is None:
+                print(f"k2: restarting {self.labels[dependent]} too: {self.labels[name]} came back empty", file=sys.stderr, flush=True)
+                process.kill()
         return True
 
     def watch(self) -> None:

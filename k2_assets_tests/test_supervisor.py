@@ -3,12 +3,14 @@ again, one that keeps dying or the main process dying stops everything, and Ctrl
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 
 import psutil
+import pytest
 
 RUNNER = """
 import sys
@@ -23,8 +25,20 @@ sys.exit(processes.run())
 """
 
 
-def start(tmp_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path), "x"], stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def start(tmp_path):
+    """Start the runner; whatever a failing test leaves behind is killed."""
+    started: list[subprocess.Popen] = []
+
+    def run() -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path), "x"], stderr=subprocess.PIPE, text=True))
+        return started[-1]
+
+    yield run
+    for runner in started:
+        with contextlib.suppress(psutil.Error):
+            for process in [*psutil.Process(runner.pid).children(recursive=True), psutil.Process(runner.pid)]:
+                process.kill()
 
 
 def child(runner: subprocess.Popen, role: str, timeout: float = 10) -> psutil.Process:
@@ -47,8 +61,8 @@ def finish(runner: subprocess.Popen, family: list[psutil.Process]) -> tuple[int,
     return code, runner.stderr.read()
 
 
-def test_a_helper_that_dies_is_started_again_and_ctrl_c_stops_everything(tmp_path):
-    runner = start(tmp_path)
+def test_a_helper_that_dies_is_started_again_and_ctrl_c_stops_everything(start):
+    runner = start()
     first = child(runner, "helper")
     first.kill()
     again = child(runner, "helper")
@@ -62,8 +76,8 @@ def test_a_helper_that_dies_is_started_again_and_ctrl_c_stops_everything(tmp_pat
     assert "stopping the main process, the helper" in said and "k2: stopped in" in said
 
 
-def test_a_helper_that_keeps_dying_or_the_main_process_dying_stops_everything(tmp_path):
-    runner = start(tmp_path)
+def test_a_helper_that_keeps_dying_or_the_main_process_dying_stops_everything(start):
+    runner = start()
     main = child(runner, "main")
     seen = set()
     while runner.poll() is None and len(seen) < 10:
@@ -79,7 +93,7 @@ def test_a_helper_that_keeps_dying_or_the_main_process_dying_stops_everything(tm
     assert code == 1 and len(seen) == 4  # the first and three restarts
     assert "the helper exited with -9 (see" in said
 
-    runner = start(tmp_path)
+    runner = start()
     helper = child(runner, "helper")
     child(runner, "main").kill()
     code, said = finish(runner, [helper])
