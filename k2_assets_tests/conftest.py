@@ -58,10 +58,14 @@ def make_resources(catalog_props: dict, asx_dir: Path | None = None, binance_dir
     """The code location's resources, pointed at a test catalog and test source directories."""
     from k2_assets.defs.asx.resources import AsxFilesResource
     from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
+    from dagster_duckdb import DuckDBResource
+
+    from k2_assets.core.rollups import DUCKDB_CONFIG
     from k2_assets.defs.resources import IcebergResource
 
     return {
         "iceberg": IcebergResource(**catalog_props),
+        "duckdb": DuckDBResource(database=":memory:", connection_config=DUCKDB_CONFIG),
         "asx_files": AsxFilesResource(data_dir=str(asx_dir or "/nonexistent")),
         "binance_history": BinanceHistoryResource(history_dir=str(binance_dir or "/nonexistent")),
         "binance_rest": BinanceRestResource(base_url="http://127.0.0.1:9"),  # tests that repair pass their own exchange

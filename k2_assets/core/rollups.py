@@ -28,18 +28,24 @@ BUCKET_MICROS = {"1m": 60_000_000, "5m": 300_000_000, "1h": 3_600_000_000}
 
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
+# The one DuckDB configuration of the rollups, also given to Dagster's DuckDBResource: in memory, two
+# threads on this machine kind, a memory ceiling, and no file or network access (the data comes as Arrow).
+DUCKDB_CONFIG = {"threads": 2, "memory_limit": "2GB", "enable_external_access": False}
+
+
+def session(con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """The connection to compute on (Dagster's, or a hardened one of our own), its clock in UTC."""
+    con = con if con is not None else duckdb.connect(":memory:", config=DUCKDB_CONFIG)
+    con.execute("SET TimeZone = 'UTC'")  # after connecting: as a connect option it wants the icu extension downloaded
     return con
 
 
-def bars_from_trades(trades: pa.Table, interval: str) -> pa.Table:
+def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """Bars of every traded bucket, straight from raw trades (also the proof for derived bars)."""
     if interval not in BUCKETS:
         raise ValueError(f"interval must be one of {sorted(BUCKETS)}")
     width = BUCKET_MICROS[interval]
-    con = _connect()
+    con = session(con)
     con.register("trades", trades.select(["exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity", "side"]))
     # The bucket as an integer and the (time, sequence) order as one HUGEINT key: both far cheaper to
     # group and compare than time_bucket() on timestamptz or a struct.
@@ -65,14 +71,14 @@ def bars_from_trades(trades: pa.Table, interval: str) -> pa.Table:
 
 
 def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], Decimal], complete_days: set[tuple[str, str]],
-                    snapshot_id: int, now: datetime | None = None) -> pa.Table:
+                    snapshot_id: int, now: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """1m bars of a trades partition, empty minutes filled where the exchange does so.
 
     previous_close: (exchange, symbol) -> close before this partition, so a day can open with filled
     bars. complete_days: (exchange, symbol) whose day is over (later trades exist): filled to 23:59."""
     now = now or datetime.now(timezone.utc)
-    raw = bars_from_trades(trades, "1m")
-    con = _connect()
+    con = session(con)
+    raw = bars_from_trades(trades, "1m", con)
     con.register("raw", raw)
     fills = []
     for exchange, symbol, day in con.sql("SELECT DISTINCT exchange, symbol, trade_date FROM raw").fetchall():
@@ -125,13 +131,14 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
         FROM raw WHERE (exchange, symbol, trade_date) NOT IN (SELECT (exchange, symbol, trade_date) FROM grid)
         ORDER BY exchange, symbol, bar_start
     """).to_arrow_table()
-    return _finish(bars, "1m", snapshot_id, now)
+    return _finish(bars, "1m", snapshot_id, now, con)
 
 
-def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None = None) -> pa.Table:
+def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None = None,
+           con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """Coarser bars from 1m bars: 5m and 1h by UTC bucket, 1d by session (trade_date)."""
     now = now or datetime.now(timezone.utc)
-    con = _connect()
+    con = session(con)
     con.register("m", bars)
     if interval == "1d":
         bucket = "trade_date"
@@ -157,12 +164,11 @@ def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None
         out = out.set_column(out.schema.get_field_index("bucket"), "bar_start", pa.array(starts, pa.timestamp("us", tz="UTC")))
     else:
         out = out.rename_columns([c if c != "bucket" else "bar_start" for c in out.column_names])
-    return _finish(out, interval, snapshot_id, now)
+    return _finish(out, interval, snapshot_id, now, con)
 
 
-def _finish(bars: pa.Table, interval: str, snapshot_id: int, now: datetime) -> pa.Table:
+def _finish(bars: pa.Table, interval: str, snapshot_id: int, now: datetime, con: duckdb.DuckDBPyConnection) -> pa.Table:
     """Add VWAP, interval and lineage columns and conform to the ohlcv_v1 contract."""
-    con = _connect()
     con.register("b", bars)
     vwap = con.sql("""
         SELECT CASE WHEN volume > 0 THEN round(quote_volume::DOUBLE / volume::DOUBLE, 8)::DECIMAL(18,8) END AS vwap FROM b

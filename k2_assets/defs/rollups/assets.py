@@ -5,6 +5,7 @@ from datetime import date, timedelta
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+from dagster_duckdb import DuckDBResource
 from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import EqualTo, GreaterThan
 from pyiceberg.table import Table
@@ -96,12 +97,12 @@ def _metadata(bars: pa.Table, interval: str, source_snapshot, snapshot_id, confi
     }
 
 
-def _matches_raw(trades: pa.Table, bars: pa.Table, interval: str) -> dg.AssetCheckResult:
+def _matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> dg.AssetCheckResult:
     """Every traded bar equals the bar recomputed straight from the raw trades."""
     if interval == "1d":
-        raw = rollups.derive(_raw_1m_as_bars(trades), "1d", 0)
+        raw = rollups.derive(_raw_1m_as_bars(trades, con), "1d", 0, con=con)
     else:
-        raw = rollups.bars_from_trades(trades, interval)
+        raw = rollups.bars_from_trades(trades, interval, con)
     traded = bars.filter(pc.invert(bars.column("filled")))
     keys = ["exchange", "symbol", "bar_start", "open", "high", "low", "close", "volume", "quote_volume", "trade_count",
             "taker_buy_volume", "first_sequence", "last_sequence"]
@@ -118,8 +119,8 @@ def _matches_raw(trades: pa.Table, bars: pa.Table, interval: str) -> dg.AssetChe
     )
 
 
-def _raw_1m_as_bars(trades: pa.Table) -> pa.Table:
-    raw = rollups.bars_from_trades(trades, "1m")
+def _raw_1m_as_bars(trades: pa.Table, con) -> pa.Table:
+    raw = rollups.bars_from_trades(trades, "1m", con)
     return raw.append_column("filled", pa.repeat(pa.scalar(False), raw.num_rows))
 
 
@@ -131,7 +132,8 @@ def _publish(context: dg.AssetExecutionContext, interval: str, bars: pa.Table, s
     publish(context, ROLLUPS, metrics.registry)
 
 
-def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
+               config: RollupConfig) -> dg.MaterializeResult:
     started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     trades = iceberg.table("trades")
@@ -139,10 +141,11 @@ def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, conf
     rows = _scan(trades, EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else schemas.arrow_schema(schemas.TRADE).empty_table()
     symbols = list(set(zip(rows.column("exchange").to_pylist(), rows.column("symbol").to_pylist()))) if rows.num_rows else []
     previous_close, complete = _fill_context(trades, day, snapshot, symbols) if snapshot else ({}, set())
-    bars = rollups.one_minute_bars(rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0) if rows.num_rows \
-        else _empty_bars()
-    written = _write(iceberg, "1m", day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
-    checks = [_matches_raw(rows, bars, "1m")]
+    with duckdb.get_connection() as con:
+        bars = rollups.one_minute_bars(rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0,
+                                       con=con) if rows.num_rows else _empty_bars()
+        written = _write(iceberg, "1m", day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
+        checks = [_matches_raw(rows, bars, "1m", con)]
     _publish(context, "1m", bars, started)
     return dg.MaterializeResult(metadata=_metadata(bars, "1m", snapshot, written, config), check_results=checks)
 
@@ -151,18 +154,20 @@ def _empty_bars() -> pa.Table:
     return schemas.arrow_schema(schemas.OHLCV).empty_table()
 
 
-def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig, interval: str) -> dg.MaterializeResult:
+def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig,
+                    interval: str) -> dg.MaterializeResult:
     started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     minute = _scan(iceberg.table("ohlcv_1m"), EqualTo("trade_date", day.isoformat()), None)
     # The trades snapshot the 1m bars were computed from: the derived bars and their proof use the same one.
     snapshots = pc.unique(minute.column("source_snapshot_id")).to_pylist() if minute.num_rows else []
     snapshot = snapshots[0] if snapshots else None
-    bars = rollups.derive(minute, interval, snapshot or 0) if minute.num_rows else _empty_bars()
-    written = _write(iceberg, interval, day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
-    trades = _scan(iceberg.table("trades"), EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else None
-    checks = [_matches_raw(trades, bars, interval)] if trades is not None else [
-        dg.AssetCheckResult(check_name=MATCHES_RAW, passed=True, metadata={"bars_compared": 0})]
+    with duckdb.get_connection() as con:
+        bars = rollups.derive(minute, interval, snapshot or 0, con=con) if minute.num_rows else _empty_bars()
+        written = _write(iceberg, interval, day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
+        trades = _scan(iceberg.table("trades"), EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else None
+        checks = [_matches_raw(trades, bars, interval, con)] if trades is not None else [
+            dg.AssetCheckResult(check_name=MATCHES_RAW, passed=True, metadata={"bars_compared": 0})]
     _publish(context, interval, bars, started)
     return dg.MaterializeResult(metadata=_metadata(bars, interval, snapshot, written, config), check_results=checks)
 
@@ -189,24 +194,28 @@ def _spec(interval: str, upstream) -> dict:
 
 
 @dg.asset(**_spec("1m", ["asx_trades", "binance_trades_history", "binance_trades"]))
-def ohlcv_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
+             config: RollupConfig) -> dg.MaterializeResult:
     """1-minute OHLCV bars per exchange and symbol from market.trades (DuckDB), Binance's empty minutes filled."""
-    return _rollup_1m(context, iceberg, config)
+    return _rollup_1m(context, iceberg, duckdb, config)
 
 
 @dg.asset(**_spec("5m", ["ohlcv_1m"]))
-def ohlcv_5m(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_5m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
+             config: RollupConfig) -> dg.MaterializeResult:
     """5-minute OHLCV bars derived from the 1-minute bars."""
-    return _rollup_derived(context, iceberg, config, "5m")
+    return _rollup_derived(context, iceberg, duckdb, config, "5m")
 
 
 @dg.asset(**_spec("1h", ["ohlcv_1m"]))
-def ohlcv_1h(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1h(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
+             config: RollupConfig) -> dg.MaterializeResult:
     """1-hour OHLCV bars derived from the 1-minute bars."""
-    return _rollup_derived(context, iceberg, config, "1h")
+    return _rollup_derived(context, iceberg, duckdb, config, "1h")
 
 
 @dg.asset(**_spec("1d", ["ohlcv_1m"]))
-def ohlcv_1d(context: dg.AssetExecutionContext, iceberg: IcebergResource, config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1d(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
+             config: RollupConfig) -> dg.MaterializeResult:
     """Daily OHLCV bars per exchange session, derived from the 1-minute bars."""
-    return _rollup_derived(context, iceberg, config, "1d")
+    return _rollup_derived(context, iceberg, duckdb, config, "1d")
