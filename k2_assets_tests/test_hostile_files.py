@@ -182,3 +182,19 @@ def test_a_folder_named_like_a_dump_is_reported_not_skipped(btcusdt_dir, tmp_pat
     errors = {f.path: f.error for f in batch.files if f.error}
     assert list(errors) == ["ETHUSDT-trades-2024-01-01.csv"] and "IsADirectoryError" in errors["ETHUSDT-trades-2024-01-01.csv"]
     assert batch.rows.num_rows == 16702
+
+
+def test_the_same_dump_twice_in_a_day_is_written_once_and_counted_as_duplicates(btcusdt_dir, tmp_path):
+    from k2_assets.core import binance_history
+
+    folder = tmp_path / "history"
+    folder.mkdir()
+    shutil.copy(btcusdt_dir / BTC_FILE, folder / "BTCUSDT-trades-2024-01-01.csv")
+    with zipfile.ZipFile(folder / "BTCUSDT-trades-2024-01-01.zip", "w") as archive:
+        archive.write(btcusdt_dir / BTC_FILE, "BTCUSDT-trades-2024-01-01.csv")
+    batch, _ = binance_history.load_day(folder, date(2024, 1, 1), source="binance_trades_history")
+    files = {f.path: f for f in batch.files}
+    assert batch.rows.num_rows == 16702 == pc.count_distinct(batch.rows.column("message_id")).as_py()
+    first, second = files["BTCUSDT-trades-2024-01-01.csv"], files["BTCUSDT-trades-2024-01-01.zip"]
+    assert (first.read, first.written, first.duplicates) == (16702, 16702, 0)
+    assert (second.read, second.written, second.rejected, second.duplicates) == (16702, 0, 0, 16702)

@@ -138,42 +138,47 @@ CONTENT = ("price", "quantity", "exchange_timestamp", "side")  # what an exact r
 
 def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
     """Each trade id once per day, first come first kept (file order, then line order): a later exact repeat
-    is skipped and counted; one with other values is rejected. Returns, per file, the table rows to keep."""
-    ids = [table.column("message_id") for _, _, _, table in decoded]
-    total = sum(len(c) for c in ids)
-    if total == 0 or pc.count_distinct(pa.chunked_array(ids, pa.string())).as_py() == total:
+    is skipped and counted; one with other values is rejected. Returns, per file, the table rows to keep.
+
+    Vectorized: a day may hold the same dump twice (a .csv and its .zip), a million repeats."""
+    tables = [table for _, _, _, table in decoded]
+    ids = pa.chunked_array([t.column("message_id") for t in tables], pa.string())
+    total = len(ids)
+    if total == 0 or pc.count_distinct(ids).as_py() == total:
         return [None] * len(decoded)
-    owner = np.repeat(np.arange(len(decoded)), [len(c) for c in ids])
-    local = np.concatenate([np.arange(len(c)) for c in ids])
-    combined = pa.table({"id": pa.chunked_array(ids, pa.string()), "pos": np.arange(total)})
+    sizes = np.array([t.num_rows for t in tables])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    owner = np.repeat(np.arange(len(tables)), sizes)
+    combined = pa.table({"id": ids, "pos": np.arange(total)})
     firsts = combined.group_by("id", use_threads=False).aggregate([("pos", "min")])
-    joined = combined.join(firsts, "id").filter(pc.not_equal(pc.field("pos"), pc.field("pos_min")))
-    keep = [np.ones(len(c), dtype=bool) for c in ids]
-    content = [pc.binary_join_element_wise(*(pc.cast(t.column(c), pa.string()) for c in CONTENT), "|")
-               for _, _, _, t in decoded]
-    conflicts: dict[int, list[tuple[int, str]]] = {}
-    for pos, first in zip(joined.column("pos").to_pylist(), joined.column("pos_min").to_pylist()):
-        f, i, g, j = owner[pos], local[pos], owner[first], local[first]
-        _, ledger, rows, table = decoded[f]
-        keep[f][i] = False
-        ledger.written -= 1
-        if content[f][i] == content[g][j]:
-            ledger.duplicates += 1
+    repeats = combined.join(firsts, "id").filter(pc.not_equal(pc.field("pos"), pc.field("pos_min"))).sort_by("pos")
+    pos, first = repeats.column("pos").to_numpy(), repeats.column("pos_min").to_numpy()
+
+    def column(name: str, at: np.ndarray) -> pa.Array:
+        return pa.chunked_array([t.column(name) for t in tables]).take(pa.array(at))
+
+    def content(at: np.ndarray) -> pa.Array:
+        return pc.binary_join_element_wise(*(pc.cast(column(c, at), pa.string()) for c in CONTENT), "|")
+
+    same = pc.equal(content(pos), content(first)).to_numpy(zero_copy_only=False)
+    keep = np.ones(total, dtype=bool)
+    keep[pos] = False
+    for f, (_, ledger, rows, table) in enumerate(decoded):
+        mine = owner[pos] == f
+        exact, conflicting = int((mine & same).sum()), mine & ~same
+        ledger.written -= int(mine.sum())
+        ledger.duplicates += exact
+        ledger.rejected += int(conflicting.sum())
+        if not conflicting.any():
             continue
-        ledger.rejected += 1
-        first_ledger, first_table = decoded[g][1], decoded[g][3]
-        line = first_table.column("source_row")[j].as_py()
-        trade_id = table.column("trade_id")[i].as_py()
-        conflicts.setdefault(f, []).append(
-            (table.column("source_row")[i].as_py(),
-             f"trade id {trade_id} appears again with other values (first at {first_ledger.path} line {line})"))
-    for f, found in conflicts.items():
-        rows = decoded[f][2]
-        reasons = dict(found)
-        line_numbers = rows.line_numbers.to_numpy()
-        mask = np.isin(line_numbers, list(reasons))
-        rows.reject(pa.array(mask), pa.array([reasons.get(n, "") for n in line_numbers.tolist()], pa.string()))
-    return [pa.array(k) for k in keep]
+        at, was = pos[conflicting], first[conflicting]
+        lines = column("source_row", at).to_pylist()
+        reasons = [f"trade id {trade_id} appears again with other values (first at {decoded[g][1].path} line {line})"
+                   for trade_id, g, line in zip(column("trade_id", at).to_pylist(), owner[was].tolist(),
+                                                column("source_row", was).to_pylist())]
+        mask = pc.is_in(rows.line_numbers, pa.array(lines, pa.int64()))  # ascending, as `lines` is
+        rows.reject(mask, pc.replace_with_mask(pa.nulls(len(rows), pa.string()), mask, pa.array(reasons, pa.string())))
+    return [pa.array(keep[s:s + n]) for s, n in zip(starts, sizes)]
 
 
 def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
