@@ -36,7 +36,8 @@ import pyarrow.csv as pcsv
 
 from k2_assets.core import decode, schemas
 from k2_assets.core.decode import DECIMAL, Batch, Rows
-from k2_assets.core.source_files import SourceFile, describe, file_rejects, one_line
+from k2_assets.core.source_files import SourceFile, describe, file_rejects
+from k2_assets.core.text import one_line
 
 EXCHANGE = "ASX"
 TIMEZONE = "Australia/Sydney"

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 from k2_assets.core import decode, schemas
 from k2_assets.core.binance_format import MICROS_FROM, quote_currency
 from k2_assets.core.decode import Batch, Rows
-from k2_assets.core.source_files import describe, file_rejects, one_line
+from k2_assets.core.source_files import describe, file_rejects
+from k2_assets.core.text import one_line
 
 EXCHANGE = "BINANCE"
 HEADER_FIRST_COLUMNS = {"id", "trade_id", "agg_trade_id", "a"}  # a first line that starts so is the header

@@ -47,6 +47,7 @@ from k2_assets.core.metrics import WriterMetrics, serve
 from k2_assets.core.offsets import BATCH_KEY, OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, Fenced, FencedTable, OffsetIndex
 from k2_assets.core.outage import StoreHealth
 from k2_assets.core.sequence import SequenceTracker
+from k2_assets.core.text import one_line
 
 log = logging.getLogger("k2.writer")
 MAX_TRACKER_STATE = 64 * 1024
@@ -730,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a writer that meets an error is rebuilt from the table's offsets
             if stopping.is_set():
                 break
-            log.error("writer rebuilt from the table's offsets after: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.error("writer rebuilt from the table's offsets after: %s", one_line(exc))
             if live is not None:
                 _close_quietly(live)
                 live = None

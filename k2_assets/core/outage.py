@@ -20,6 +20,8 @@ import sqlalchemy.exc
 from pyiceberg.exceptions import CommitStateUnknownException
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from k2_assets.core.text import one_line
+
 log = logging.getLogger("k2.writer")
 T = TypeVar("T")
 
@@ -57,7 +59,7 @@ class StoreHealth:
             result = retrying(step)
         except TRANSIENT as exc:
             waited = time.monotonic() - (self._since or time.monotonic())
-            raise StoreUnavailable(f"{what}: catalog or object store unavailable for {waited:.0f} s: {_one_line(exc)}") from exc
+            raise StoreUnavailable(f"{what}: catalog or object store unavailable for {waited:.0f} s: {one_line(exc)}") from exc
         self._recovered(what)
         return result
 
@@ -68,7 +70,7 @@ class StoreHealth:
                 self._since = now
             stalled = now - self._since >= self.stall_after
         exc = state.outcome.exception() if state.outcome else None
-        self._set("stalled" if stalled else "degraded", detail=f"{what} failed (attempt {state.attempt_number}): {_one_line(exc)}")
+        self._set("stalled" if stalled else "degraded", detail=f"{what} failed (attempt {state.attempt_number}): {one_line(exc)}")
 
     def _recovered(self, what: str) -> None:
         with self._lock:
@@ -84,8 +86,3 @@ class StoreHealth:
                 self.gauge.labels(name).set(1 if name == state else 0)
         if changed and not quiet:
             (self.log.warning if state != "healthy" else self.log.info)("store state %s: %s", state, detail)
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
-    return text.splitlines()[0][:300]

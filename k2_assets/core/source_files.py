@@ -10,16 +10,15 @@ The rows go to market.source_files; `core.ledger` proves the sums from the ledge
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from k2_assets.core import schemas
+from k2_assets.core.text import one_line
 
 
 @dataclass
@@ -57,11 +56,6 @@ def _sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> 
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def file_rejects(files: list[SourceFile], *, source: str, partition_date: date, exchange: str, now: datetime,
