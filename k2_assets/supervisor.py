@@ -18,6 +18,7 @@ STOP_GRACE_SECONDS = 6.0
 BROKER_AFTER_SECONDS = 3.0  # the producer flushes to the broker first
 # A helper (broker, feed, producer) that dies is started again; one that keeps dying stops the demo.
 MAX_RESTARTS, RESTART_WINDOW_SECONDS = 5, 60.0
+WATCH_SECONDS = 1.0
 # The embedded broker keeps its topics in memory: after it restarts, the producer's idempotent session and
 # queued messages belong to a broker that is gone, so the producer starts afresh too.
 DEPENDENTS = {"broker": ("producer",)}
@@ -64,13 +65,11 @@ class Supervisor:
         return True
 
     def watch(self) -> None:
-        """Remember every descendant (a run's worker, the code server) while its parent still knows it."""
-        for process in self.children.values():
-            try:
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    self.known.setdefault(child.pid, child)
-            except psutil.NoSuchProcess:
-                pass
+        """Remember every descendant (a run's worker, the code server) while its parent still knows it, and
+        forget those that are gone: one walk of the process table for all of them."""
+        self.known = {pid: p for pid, p in self.known.items() if _alive(p)}
+        for child in psutil.Process().children(recursive=True):
+            self.known.setdefault(child.pid, child)
 
     def stop(self, why: str) -> None:
         if self.stop_started is not None:
@@ -78,8 +77,8 @@ class Supervisor:
         self.watch()
         self.stop_started = time.monotonic()
         running = [self.labels[name] for name, p in self.children.items() if p.poll() is None]
-        helpers = sum(1 for p in self.known.values() if _alive(p))
-        print(f"k2: {why}: stopping {', '.join(running)} ({helpers} child processes); "
+        processes = sum(1 for p in self.known.values() if _alive(p))
+        print(f"k2: {why}: stopping {', '.join(running)} ({processes} processes in all); "
               f"anything still running after {STOP_GRACE_SECONDS:g} s is killed", file=sys.stderr, flush=True)
         for name, process in self.children.items():
             if name != "broker" and process.poll() is None:
@@ -100,7 +99,7 @@ class Supervisor:
     def kill_all(self) -> None:
         self.watch()
         left = [p for p in self.known.values() if _alive(p)]
-        left += [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
+        left += [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None and p.pid not in self.known]
         if left:
             names = sorted({_name(p) for p in left})
             print(f"k2: killing {len(left)} processes still running: {', '.join(names)}", file=sys.stderr, flush=True)
@@ -119,9 +118,12 @@ class Supervisor:
         """Until Ctrl-C or SIGTERM. A helper that exits is started again; if `main` exits, or a helper keeps
         exiting, everything stops and the exit code is 1."""
         Stopper("k2 demo", "the demo", lambda: self.stop("asked to stop"), force=self.kill_all).install()
+        watched = 0.0
         try:
             while True:
-                self.watch()
+                if self.stop_started is None and time.monotonic() - watched >= WATCH_SECONDS:
+                    self.watch()  # each walk reads all of /proc: once a second is enough while running
+                    watched = time.monotonic()
                 if self.stop_started is None:
                     for name, process in list(self.children.items()):
                         if process.poll() is not None and (name == main or not self.restart(name)):
@@ -129,6 +131,7 @@ class Supervisor:
                             self.stop(f"{self.labels[name]} exited with {process.returncode} (see {self.logs})")
                             break
                 else:
+                    self.watch()
                     self._step_stop()
                     if self.everything_stopped():
                         print(f"k2: stopped in {time.monotonic() - self.stop_started:.1f} s", file=sys.stderr, flush=True)
