@@ -1,8 +1,5 @@
 """Compliance report of asset check results, read from Dagster's event log, and of the vendor-file ledger.
 
-`k2 report checks --start 2014-03-10 --end 2014-03-14 --format html|csv|md [--out FILE]`
-`k2 report files --start 2014-03-10 --end 2014-03-14 --format html|csv|md [--out FILE]`
-
 The html and md check reports end with the ledger (market.source_files): per partition and vendor file
 of its latest load, what became of every line. csv holds one kind of row, so the ledger is its own report.
 
@@ -22,9 +19,9 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
 
 import dagster as dg
+from dagster import DagsterEventType, EventRecordsFilter
 
 from k2_assets.core.text import markdown_table
-from dagster import DagsterEventType, EventRecordsFilter
 
 FILE_FIELDS = ("partition", "asset", "file", "sha256", "lines_read", "lines_written", "lines_rejected", "lines_duplicate",
                "file_error", "changed", "run_id", "loaded_at")
@@ -46,14 +43,14 @@ class CheckRow:
     sample: str  # JSON
 
 
-def collect(instance: dg.DagsterInstance, start: date, end: date) -> list[CheckRow]:
-    """Every asset check evaluation whose partition (or run date) lies in [start, end]."""
+def collect(instance: dg.DagsterInstance, start: date, end: date, track=lambda records: records) -> list[CheckRow]:
+    """Every asset check evaluation whose partition (or run date) lies in [start, end] (`track`: a progress bar over the records)."""
     if end < start:
         raise ValueError(f"the range is reversed: {start} > {end}")
     records = instance.get_event_records(EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION), ascending=True)
     run_partitions: dict[str, str | None] = {}
     rows = []
-    for record in records:
+    for record in track(records):
         entry = record.event_log_entry
         evaluation = entry.dagster_event.event_specific_data
         partition = evaluation.partition

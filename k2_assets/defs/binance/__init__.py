@@ -1,7 +1,5 @@
 """Binance crypto trades: public history dumps (and, later, the live stream)."""
 
-import os
-
 import dagster as dg
 
 from k2_assets.defs.binance.assets import binance_trades, binance_trades_history, kafka_topic
@@ -19,11 +17,11 @@ resources = {
     "binance_history": BinanceHistoryResource(history_dir=dg.EnvVar("K2_BINANCE_HISTORY_DIR")),
     "kafka": KafkaResource(
         bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
-        **({"session_timeout_ms": dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS")} if os.environ.get("K2_KAFKA_SESSION_TIMEOUT_MS") else {}),
-        **({"drain_seconds": float(os.environ["K2_SENSOR_DRAIN_SECONDS"])} if os.environ.get("K2_SENSOR_DRAIN_SECONDS") else {}),
+        session_timeout_ms=dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS"),
+        drain_seconds=dg.EnvVar.int("K2_SENSOR_DRAIN_SECONDS"),
     ),
     "binance_rest": BinanceRestResource(
         base_url=dg.EnvVar("K2_BINANCE_REST_URL"),
-        **({"api_key": dg.EnvVar("K2_BINANCE_API_KEY")} if os.environ.get("K2_BINANCE_API_KEY") else {}),
+        api_key=dg.EnvVar("K2_BINANCE_API_KEY"),
     ),
 }

@@ -22,7 +22,7 @@ class KafkaResource(dg.ConfigurableResource):
     topic: str = "market.crypto.trades.binance"
     session_timeout_ms: int = 6000  # how long a dead writer keeps its partitions (K2_KAFKA_SESSION_TIMEOUT_MS)
     # How long one sensor tick drains (K2_SENSOR_DRAIN_SECONDS): well inside Dagster's 60 s sensor timeout.
-    drain_seconds: float = 20.0
+    drain_seconds: int = 20
 
 
 class BinanceRestResource(dg.ConfigurableResource):

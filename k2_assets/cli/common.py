@@ -1,0 +1,80 @@
+"""What every `k2` command shares: the settings, one-line user errors, output formats and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime
+from typing import TypeVar
+
+import click
+
+from k2_assets.core.settings import Settings
+
+T = TypeVar("T")
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"k2: error: {self.format_message()}", file=file or sys.stderr)
+
+
+@functools.cache
+def settings() -> Settings:
+    """The one configuration, read once per command from the environment (embedded defaults for the rest)."""
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def default(name: str):
+    """An option default taken from the settings when the command runs (so `--help` reads no environment)."""
+    return lambda: getattr(settings(), name)
+
+
+class IsoDate(click.ParamType):
+    name = "YYYY-MM-DD"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, date):
+            return value
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a YYYY-MM-DD date", param, ctx)
+
+
+class UtcTime(click.ParamType):
+    name = "ISO-8601"
+
+    def convert(self, value, param, ctx):
+        from k2_assets.core.snapshots import parse_utc
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_utc(value, param.opts[0] if param else "time")
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DATE = IsoDate()
+UTC_TIME = UtcTime()
+
+
+def date_range(start: date, end: date) -> None:
+    if end < start:
+        raise UserError(f"the range is reversed: --start {start} is after --end {end}")
+
+
+def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
+    """Items with a progress bar on stderr (a terminal shows the bar; a log gets the label once)."""
+    with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True,
+                           item_show_func=lambda item: None if item is None else str(item)) as bar:
+        yield from bar
