@@ -40,9 +40,9 @@ from bench._common import save, footer, environment, progress
 from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
 from k2_assets.core.binance_stream import BinanceProducer
-from k2_assets.core.feed_server import random_walk, run_in_thread
 from k2_assets.core.kafka import consumer_config, ensure_topics
 from k2_assets.core.recent import RecentTrades
+from k2_assets.dev.feed_server import random_walk, run_in_thread
 
 NAME = "live_freshness"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")

@@ -39,8 +39,8 @@ from bench.live_throughput import (CpuMeter, binance_trades_file, broker, cycled
                                    v2_messages, verdict)
 from k2_assets.core import live_codec
 from k2_assets.core.binance_stream import BinanceProducer, stream_url
-from k2_assets.core.feed_server import FeedServer
 from k2_assets.core.kafka import ensure_topics
+from k2_assets.dev.feed_server import FeedServer
 
 NAME = "live_producer_rate"
 N_MESSAGES = int(os.environ.get("K2_BENCH_PRODUCER_MESSAGES", 500_000))

@@ -3,7 +3,7 @@
 One embedded broker (Tansu, in memory), one topic of 4 partitions, N v2 trade messages (N = 600,000)
 from `live_throughput.v2_messages` (the real BTCUSDT trades of 2024-01-01 12:00-12:30 cycled over 4
 symbols), symbol i produced to partition i, so 2 writers own 2 partitions each.
-  k2 x1, x2   `python -m k2_assets.core.live_writer` processes (the `k2 writer` code) in one consumer
+  k2 x1, x2   `python -m k2_assets.cli writer` processes (`k2 writer`) in one consumer
               group, each into the same fresh SQLite catalog + file warehouse per run, fenced commits.
               Timed from the moment every writer has its assignment (the group join is left out; it is
               about half the session timeout, once) to the batch line that brings the written total to N.
@@ -87,7 +87,7 @@ def writers_run(bootstrap: str, topic: str, count: int, home: Path) -> dict:
                     if state["written"] >= N_MESSAGES and state["end"] is None:
                         state["end"] = time.perf_counter()
 
-    processes = [subprocess.Popen([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", bootstrap, "--topic", topic,
+    processes = [subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", bootstrap, "--topic", topic,
                                    "--seconds", str(WRITER_LIMIT_S), "--max-batch-rows", str(MAX_BATCH_ROWS)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(count)]
     readers = [threading.Thread(target=follow, args=(p,), daemon=True) for p in processes]

@@ -47,8 +47,9 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from bench._common import save, footer, REPO, BenchUnavailable, Timing, environment, progress
 from k2_assets.core import catalog, live_codec, live_writer
-from k2_assets.core.feed_server import replay_file
-from k2_assets.core.kafka import EmbeddedBroker, consumer_config, ensure_topics, producer_config
+from k2_assets.core.kafka import consumer_config, ensure_topics, producer_config
+from k2_assets.dev.broker import EmbeddedBroker
+from k2_assets.dev.feed_server import replay_file
 
 NAME = "live_throughput"
 N_MESSAGES = int(os.environ.get("K2_BENCH_LIVE_MESSAGES", 1_000_000))

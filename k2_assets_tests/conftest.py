@@ -80,7 +80,7 @@ def vendor_rows(path: Path) -> list[list[str]]:
 @pytest.fixture(scope="session")
 def broker():
     """The embedded Kafka-compatible broker (Tansu), one per test process."""
-    from k2_assets.core.kafka import EmbeddedBroker
+    from k2_assets.dev.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running

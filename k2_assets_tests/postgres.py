@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from k2_assets.core.kafka import free_port
+from k2_assets.dev.broker import free_port
 
 
 def _bin(name: str) -> str:

@@ -11,6 +11,7 @@ from pyiceberg.expressions import EqualTo
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.defs.asx.assets import asx_quotes, asx_trades
+from k2_assets.defs.asx.checks import asx_quotes_rules, asx_trades_rules
 from k2_assets_tests.conftest import make_resources
 from k2_assets_tests.test_asx_decode import BAD_LINES, SESSIONS, bad_copy, expected_counts
 
@@ -28,7 +29,7 @@ def metadata(result, asset):
 def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(asx_dir, catalog_props, catalog):
     resources = make_resources(catalog_props, asx_dir=asx_dir)
     for session in SESSIONS:
-        result = dg.materialize([asx_trades, asx_quotes], partition_key=session.isoformat(), resources=resources)
+        result = dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources)
         assert result.success
         meta = metadata(result, "asx_trades")
         assert meta["rows_read"] == meta["rows_written"] + meta["rows_rejected"]
@@ -52,7 +53,7 @@ def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(a
     # Rerun two partitions: same rows, same ids, nothing left over.
     before_ids = sorted(table.column("message_id").to_pylist())
     for key in ("2014-03-10", "2014-03-13"):
-        assert dg.materialize([asx_trades, asx_quotes], partition_key=key, resources=resources).success
+        assert dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=key, resources=resources).success
     counts_after, table_after = trades_by_symbol_day(catalog)
     assert counts_after == counts
     assert sorted(table_after.column("message_id").to_pylist()) == before_ids
@@ -63,7 +64,7 @@ def test_rejected_rows_land_in_market_rejected_once_per_partition(asx_dir, tmp_p
     data = bad_copy(asx_dir, tmp_path)
     resources = make_resources(catalog_props, asx_dir=data)
     for _ in range(2):  # the rerun replaces the partition's rejects, it does not add to them
-        result = dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources)
+        result = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources)
         assert result.success
         meta = metadata(result, "asx_trades")
         assert meta["rows_rejected"] == len(BAD_LINES)
@@ -86,14 +87,14 @@ def test_rejected_rows_land_in_market_rejected_once_per_partition(asx_dir, tmp_p
 def test_rerun_after_the_vendor_corrects_a_file_leaves_no_leftovers(asx_dir, tmp_path, catalog_props, catalog):
     data = bad_copy(asx_dir, tmp_path)
     resources = make_resources(catalog_props, asx_dir=data)
-    assert dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources).success
+    assert dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources).success
     # The vendor redelivers BHP without its bad lines and without its last 10 rows of the session.
     path = data / "trades" / "7078.csv"
     lines = [line for line in path.read_bytes().decode().split("\r\n") if line not in BAD_LINES]
     session_idx = [i for i, line in enumerate(lines) if line.startswith("03/10/2014")]
     del lines[session_idx[-10] : session_idx[-1] + 1]
     path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
-    result = dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources)
+    result = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources)
     assert metadata(result, "asx_trades")["rows_rejected"] == 0
     bhp = catalog.load_table("market.trades").scan(row_filter=EqualTo("symbol", "BHP")).to_arrow()
     assert bhp.num_rows == len(session_idx) - 10
@@ -102,7 +103,7 @@ def test_rerun_after_the_vendor_corrects_a_file_leaves_no_leftovers(asx_dir, tmp
 
 def test_tables_are_partitioned_sorted_and_keep_metadata_small(asx_dir, catalog_props, catalog):
     resources = make_resources(catalog_props, asx_dir=asx_dir)
-    assert dg.materialize([asx_trades], partition_key="2014-03-12", resources=resources).success
+    assert dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-12", resources=resources).success
     table = catalog.load_table("market.trades")
     assert [f.name for f in table.spec().fields] == ["exchange", "trade_date"]
     names = {f.field_id: f.name for f in table.schema().fields}
@@ -121,7 +122,7 @@ def test_tables_are_partitioned_sorted_and_keep_metadata_small(asx_dir, catalog_
 
 def test_missing_vendor_directory_is_a_clear_error(catalog_props, tmp_path):
     resources = make_resources(catalog_props, asx_dir=tmp_path / "nowhere")
-    result = dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources, raise_on_error=False)
+    result = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources, raise_on_error=False)
     assert not result.success
     error = result.get_step_failure_events()[0].step_failure_data.error
     assert error.cause.cls_name == "FileNotFoundError"

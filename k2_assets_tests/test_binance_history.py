@@ -14,8 +14,10 @@ import pyarrow.compute as pc
 import pytest
 from pyiceberg.expressions import EqualTo
 
-from k2_assets.core import binance_format, binance_history, catalog as k2_catalog
+from k2_assets.core import binance_format, binance_history
+from k2_assets.core import catalog as k2_catalog
 from k2_assets.defs.binance.assets import binance_trades_history
+from k2_assets.defs.binance.checks import binance_trades_history_rules
 from k2_assets_tests.conftest import make_resources
 
 BTC_FILE = "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
@@ -36,7 +38,7 @@ def metadata(result):
 
 def test_real_btcusdt_file_writes_16702_contiguous_trades(btcusdt_dir, catalog_props, catalog):
     resources = make_resources(catalog_props, binance_dir=btcusdt_dir)
-    result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
+    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
     assert result.success
     meta = metadata(result)
     assert (meta["rows_read"], meta["rows_written"], meta["rows_rejected"]) == (16702, 16702, 0)
@@ -53,7 +55,7 @@ def test_real_btcusdt_file_writes_16702_contiguous_trades(btcusdt_dir, catalog_p
     assert first["exchange_timestamp"] == datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
     assert first["currency"] == "USDT" and first["asset_class"] == "CRYPTO" and first["trade_id"] == str(FIRST_ID)
     # A rerun replaces the day: still 16,702.
-    assert dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources).success
+    assert dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources).success
     assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 16702
 
 
@@ -112,7 +114,7 @@ def test_bad_dump_rows_are_rejected_with_reasons(btcusdt_dir, tmp_path, catalog_
     history.mkdir()
     (history / "BTCUSDT-trades-2024-01-01.csv").write_text("".join(",".join(r) + "\n" for r in rows))
     result = dg.materialize(
-        [binance_trades_history], partition_key="2024-01-01", resources=make_resources(catalog_props, binance_dir=history)
+        [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=make_resources(catalog_props, binance_dir=history)
     )
     meta = metadata(result)
     assert (meta["rows_read"], meta["rows_written"], meta["rows_rejected"]) == (100, 95, 5)
@@ -172,7 +174,7 @@ def test_history_never_duplicates_trades_that_arrived_live(btcusdt_dir, catalog_
     k2_catalog.ensure_table(catalog, "trades").append(live)
 
     resources = make_resources(catalog_props, binance_dir=btcusdt_dir)
-    result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources, raise_on_error=False)
+    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources, raise_on_error=False)
     # The bad live row fails a blocking (ERROR) check: the data is written and described, the run is red.
     assert not result.success
     assert "timestamp_in_session" in result.get_step_failure_events()[0].step_failure_data.error.message

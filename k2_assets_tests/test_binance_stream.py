@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+import structlog
 from confluent_kafka import Consumer, TopicPartition
 
-from k2_assets.core import live_codec
+from k2_assets.core import live_codec, logs
 from k2_assets.core.binance_stream import BinanceProducer
-from k2_assets.core.feed_server import random_walk, replay_file, run_in_thread
 from k2_assets.core.kafka import consumer_config, ensure_topics
+from k2_assets.dev.feed_server import random_walk, replay_file, run_in_thread
 from k2_assets_tests.test_live_end_to_end import BTC_FILE, ProducerThread, wait_until
 
 
@@ -26,6 +28,14 @@ def count_messages(bootstrap: str, topic: str, partitions: int, expect: int, tim
         messages += [m for m in consumer.consume(10_000, timeout=0.5) if m.error() is None]
     consumer.close()
     return messages
+
+
+@pytest.fixture
+def logged(monkeypatch) -> list[dict]:
+    """The producer's log events, as `k2 stream binance` hands them to its JSON renderer."""
+    monkeypatch.setattr(logs, "_configured", True)  # structlog's own loggers, as in the command, which capture_logs sees
+    with structlog.testing.capture_logs() as events:
+        yield events
 
 
 def test_k2_stream_binance_produces_everything_and_flushes_on_sigterm(btcusdt_dir, broker, tmp_path):
@@ -59,16 +69,14 @@ def test_k2_stream_binance_produces_everything_and_flushes_on_sigterm(btcusdt_di
     assert dict(messages[0].headers())["k2-schema"] == b"k2.market.v2.Trade"
 
 
-def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, topic, caplog):
+def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, topic, logged):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
-    caplog.set_level("INFO", logger="k2.stream")
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), drop_every=4000, skip_ids={3345206500, 3345206501, 3345210000}) as server:
         producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
                                    dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.5)
         with ProducerThread(producer):
             wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == 3345223129, 60, "the last trade")
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "k2.stream"]
-    reconnects = [e for e in events if e["event"] == "reconnect"]
+    reconnects = [e for e in logged if e["event"] == "reconnect"]
     assert len(reconnects) == server.stats["drops"] >= 4
     # Each reconnect names the last trade id seen before the outage; with the shared cursor the stream resumes right after it.
     ids = [r["last_trade_id"]["BTCUSDT"] for r in reconnects]
@@ -81,18 +89,16 @@ def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, top
     ]
 
 
-def test_connection_is_renewed_before_the_exchange_cuts_it_and_pings_are_answered(broker, topic, caplog):
+def test_connection_is_renewed_before_the_exchange_cuts_it_and_pings_are_answered(broker, topic, logged):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
-    caplog.set_level("INFO", logger="k2.stream")
     with run_in_thread(random_walk(["BTCUSDT"], seed=1), rate=200, ping_interval=0.2, ping_timeout=0.5) as server:
         producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
                                    dead_letter_topic=topic + ".dlq", backoff_initial=0.01, backoff_max=0.05,
                                    max_connection_seconds=1.0)
         with ProducerThread(producer):
             time.sleep(3.5)
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "k2.stream"]
-    renewals = [e for e in events if e["event"] == "reconnect" and e["reason"] == "renewed before the 24-hour limit"]
+    renewals = [e for e in logged if e["event"] == "reconnect" and e["reason"] == "renewed before the 24-hour limit"]
     assert len(renewals) >= 2
     # The server pinged every 0.2 s and closes a connection whose pong is 0.5 s late: no reconnect had another cause.
-    assert all(e["reason"] == "renewed before the 24-hour limit" for e in events if e["event"] == "reconnect")
+    assert all(e["reason"] == "renewed before the 24-hour limit" for e in logged if e["event"] == "reconnect")
     assert producer.stats.produced > 400 and producer.stats.dead_lettered == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from k2_assets.core.kafka import free_port
+from k2_assets.dev.broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 K2 = REPO / ".venv" / "bin" / "k2"
@@ -85,7 +85,7 @@ def started_commands(name: str, tmp_path: Path, env: dict, request) -> tuple[Com
     """The command under test, once it is doing its work; and what it must say when it stops."""
     if name == "broker":
         port = free_port()
-        command = Command(["broker", str(port)], tmp_path, name, env)
+        command = Command(["broker", "--port", str(port)], tmp_path, name, env)
         command.wait_until(lambda c: "embedded Kafka-compatible broker on" in c.output(), "serving")
         return command, "k2 broker: SIGINT: stopping the embedded broker"
     if name == "feed":

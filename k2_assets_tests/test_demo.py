@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import zipfile
 from collections import Counter
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from k2_assets.core.demo import generate_demo_data, isin, main
+from k2_assets.cli import main as cli_main
+from k2_assets.dev.demo import generate_demo_data, isin
 
 ASX_DAYS = ["03/10/2014", "03/11/2014", "03/12/2014", "03/13/2014", "03/14/2014"]  # Mon..Fri
 BINANCE_DATES = [date(2024, 1, 1), date(2024, 1, 2), date(2025, 1, 2)]
@@ -105,7 +107,7 @@ def test_summary_lists_exactly_the_files_written(default_run):
 
 
 def test_company_info(default_run):
-    out, summary = default_run
+    out, _ = default_run
     data = (out / "asx/reference-data/company_info.csv").read_bytes()
     assert b"\r" not in data and data.endswith(b"\n")
     header, *rows = data.decode().splitlines()
@@ -151,7 +153,7 @@ def test_asx_trades(run, request):
             assert (fields[0], t) >= last  # days ascending, time order within a day
             last = (fields[0], t)
         assert dict(bad) == nonzero(stats["bad_rows"]), path.name
-        assert sum(a == b for a, b in zip(lines, lines[1:])) == stats["duplicate_rows"]
+        assert sum(a == b for a, b in itertools.pairwise(lines)) == stats["duplicate_rows"]
         per_day.append(len(lines) / len(days))
     assert max(per_day) >= 15_000 and min(per_day) < 50
     if run == "noisy_run":
@@ -164,7 +166,7 @@ def test_asx_trades(run, request):
 
 
 def test_asx_volume_and_duplicates(default_run):
-    out, summary = default_run
+    _, summary = default_run
     trade_files = {k: v for k, v in summary["files"].items() if k.startswith("asx/trades/")}
     assert 150_000 <= sum(v["rows"] for v in trade_files.values()) <= 250_000
     assert 0 < summary["total_bad_rows"]
@@ -211,7 +213,7 @@ def test_binance_trades(run, request):
                 assert lines.pop(0) == "id,price,qty,quote_qty,time,is_buyer_maker"
             assert len(lines) == stats["rows"]
             per_day = 86_400_000 if day < date(2025, 1, 1) else 86_400_000_000
-            start = int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()) * (per_day // 86_400)
+            start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * (per_day // 86_400)
             bad = Counter()
             prev_time = start
             for line in lines:
@@ -279,9 +281,9 @@ def test_deterministic_per_seed(tmp_path):
     assert all(first[name] != other[name] for name in data)
 
 
-def test_main_prints_summary(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--asx-days", "1", "--binance-rows-per-day", "50",
-                 "--binance-dates", "2025-01-02", "--seed", "1"]) == 0
+def test_k2_demo_data_prints_summary(tmp_path, capsys):
+    assert cli_main(["demo-data", "--out", str(tmp_path), "--asx-days", "1", "--binance-rows-per-day", "50",
+                     "--binance-dates", "2025-01-02", "--seed", "1", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert "binance/BTCUSDT-trades-2025-01-02.csv" in summary["files"]
     assert not list(tmp_path.rglob("*.zip"))

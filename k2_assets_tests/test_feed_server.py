@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
-from k2_assets.core.feed_server import FeedServer, merge_by_time, random_walk, replay_file, run_in_thread
+from k2_assets.dev.feed_server import FeedServer, merge_by_time, random_walk, replay_file, run_in_thread
 
 SHARED = Path(os.environ.get("K2_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DUMP = SHARED / "binance_spot_btcusdt_trades_2024-01-01_1200-1230" / "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
@@ -505,7 +505,7 @@ def _non_loopback_address() -> str | None:
 
 
 def test_command_line_serves_the_dump_until_sigterm():
-    command = [sys.executable, "-m", "k2_assets.core.feed_server", "--replay", str(DUMP), "--port", "0", "--unpaced"]
+    command = [sys.executable, "-m", "k2_assets.cli", "feed", "--replay", str(DUMP), "--port", "0", "--unpaced"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         port = None

@@ -7,12 +7,12 @@ import csv
 import dagster as dg
 import pyarrow.compute as pc
 
-from k2_assets.core.feed_server import replay_file, run_in_thread
 from k2_assets.defs.binance.assets import binance_trades, binance_trades_history
-from k2_assets.defs.binance.checks import binance_trades_no_unexplained_gaps
+from k2_assets.defs.binance.checks import binance_trades_history_rules, binance_trades_no_unexplained_gaps, binance_trades_rules
 from k2_assets.defs.binance.resources import BinanceRestResource
 from k2_assets.defs.binance.sensors import binance_gap_repair_sensor
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.dev.feed_server import replay_file, run_in_thread
 from k2_assets_tests.conftest import make_resources
 
 BTC_FILE = "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
@@ -33,7 +33,7 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     write_without(btcusdt_dir, history / "BTCUSDT-trades-2024-01-01.csv", removed)
     resources = make_resources(catalog_props, binance_dir=history)
 
-    result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
+    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
     gaps_check = {e.check_name: e for e in result.get_asset_check_evaluations()}["no_unexplained_gaps"]
     assert not gaps_check.passed and gaps_check.severity == dg.AssetCheckSeverity.WARN
     assert gaps_check.metadata["failed_rows"].value == len(removed)
@@ -52,8 +52,8 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     # The exchange (the local server replaying the full real file) has every trade.
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE)) as exchange:
         repair_resources = {**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)}
-        result = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
-        again = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
+        result = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
+        again = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
     assert result.success and again.success
     (event,) = result.asset_materializations_for_node("binance_trades")
     assert event.metadata["rows_written"].value == len(removed)
@@ -74,9 +74,9 @@ def test_a_gap_the_exchange_cannot_fill_stays_open_with_its_answer(btcusdt_dir, 
     exchange_file = tmp_path / "exchange" / "BTCUSDT-trades-2024-01-01.csv"
     write_without(btcusdt_dir, exchange_file, {lost})  # the exchange itself lacks one of the two
     resources = make_resources(catalog_props, binance_dir=history)
-    dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
+    dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
     with run_in_thread(replay_file(exchange_file)) as exchange:
-        result = dg.materialize([binance_trades, binance_trades_no_unexplained_gaps], partition_key="2024-01-01",
+        result = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01",
                                 resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)})
     (event,) = result.asset_materializations_for_node("binance_trades")
     assert event.metadata["rows_written"].value == 1

@@ -19,7 +19,9 @@ from pyiceberg.expressions import EqualTo
 
 from k2_assets.core.decode import split_lines
 from k2_assets.defs.asx.assets import asx_quotes, asx_trades
+from k2_assets.defs.asx.checks import asx_quotes_rules, asx_trades_rules
 from k2_assets.defs.binance.assets import binance_trades_history
+from k2_assets.defs.binance.checks import binance_trades_history_rules
 from k2_assets_tests.conftest import make_resources
 
 BTC_FILE = "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
@@ -60,7 +62,7 @@ def test_a_day_of_hostile_binance_dumps_loads_every_good_trade_once(btcusdt_dir,
     real = hostile_binance_day(btcusdt_dir, tmp_path / "history")
     resources = make_resources(catalog_props, binance_dir=tmp_path / "history")
     for _ in range(2):  # a rerun gives the same table, the same rejects, and a ledger row per load
-        result = dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources)
+        result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
         assert result.success
         trades = catalog.load_table("market.trades").scan().to_arrow()
         assert trades.num_rows == real == pc.count_distinct(trades.column("message_id")).as_py()
@@ -112,7 +114,7 @@ def test_hostile_asx_files_lose_no_line_and_lines_on_no_session_are_rejected_by_
     resources = make_resources(catalog_props, asx_dir=data)
     read: dict[str, int] = {}
     for session in SESSIONS:
-        result = dg.materialize([asx_trades, asx_quotes], partition_key=session.isoformat(), resources=resources)
+        result = dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources)
         assert result.success
         checks = {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
         assert checks[("asx_trades", "lines_accounted_for")].passed and checks[("asx_quotes", "lines_accounted_for")].passed
@@ -140,7 +142,7 @@ def test_a_vendor_file_whose_bytes_changed_is_flagged_and_reloaded(asx_dir, tmp_
     data = tmp_path / "asx"
     shutil.copytree(asx_dir, data)
     resources = make_resources(catalog_props, asx_dir=data)
-    first = dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources)
+    first = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources)
     path = data / "trades" / "7181.csv"
     before = path.stat()
     body = path.read_bytes()
@@ -149,7 +151,7 @@ def test_a_vendor_file_whose_bytes_changed_is_flagged_and_reloaded(asx_dir, tmp_
     assert len(fixed) == len(line) and fixed != line
     path.write_bytes(body.replace(line, fixed, 1))  # the vendor corrects a price: same size ...
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the same modification time
-    second = dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources)
+    second = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources)
     assert first.success and second.success
     old, new = ledger_of(catalog, first.run_id)["trades/7181.csv"], ledger_of(catalog, second.run_id)["trades/7181.csv"]
     assert (new["changed"], new["previous_sha256"], new["sha256"]) == (True, old["sha256"], new["sha256"]) and old["sha256"] != new["sha256"]

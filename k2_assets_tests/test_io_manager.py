@@ -1,7 +1,6 @@
 """IcebergIOManager: assets read back from a real SQLite-catalog Iceberg warehouse, and the analyst notebook run end to end."""
 
 import collections
-import importlib
 import json
 import os
 import sys
@@ -16,13 +15,14 @@ import pyarrow as pa
 import pytest
 from pyiceberg.expressions import And, EqualTo
 
-from k2_assets.core import binance_history, catalog as k2_catalog, schemas
-from k2_assets.defs import asx, binance
+from k2_assets.core import binance_history, schemas
+from k2_assets.core import catalog as k2_catalog
 from k2_assets.defs.asx.assets import asx_quotes, asx_trades
-from k2_assets.defs.binance.assets import binance_trades_history
+from k2_assets.defs.binance.assets import binance_trades, binance_trades_history, kafka_topic
 from k2_assets.defs.binance.resources import BinanceRestResource, KafkaResource
 from k2_assets.defs.io_manager import ASSET_TABLES, IcebergIOManager
 from k2_assets.defs.partitions import asx_sessions
+from k2_assets.defs.rollups.assets import ohlcv_1d, ohlcv_1h, ohlcv_1m, ohlcv_5m
 from k2_assets_tests.conftest import make_resources
 from k2_assets_tests.test_asx_decode import expected_counts
 
@@ -35,25 +35,10 @@ LIVE_ROWS = 1000
 OFFLINE = {"kafka": KafkaResource(bootstrap="127.0.0.1:9"), "binance_rest": BinanceRestResource(base_url="http://127.0.0.1:9")}
 
 
-def ohlcv_assets() -> list:
-    """The real rollup assets if k2_assets.defs.rollups has them; until then a stub `ohlcv_1m` spec, only in these tests."""
-    try:
-        rollups = importlib.import_module("k2_assets.defs.rollups")
-    except ModuleNotFoundError as e:
-        if e.name != "k2_assets.defs.rollups":
-            raise
-        rollups = None
-    real = [a for a in getattr(rollups, "assets", []) if dg.AssetKey("ohlcv_1m") in getattr(a, "keys", ())]
-    if real:
-        return list(rollups.assets)
-    return [dg.AssetSpec("ohlcv_1m", partitions_def=dg.DailyPartitionsDefinition(start_date="2014-01-01"),
-                         description="Stub of the 1-minute rollup (test only).")]
-
-
 def location(props: dict, **io_manager_config) -> dg.Definitions:
     """The code location's assets with IcebergIOManager as io_manager, over the catalog `props`."""
     return dg.Definitions(
-        assets=[*asx.assets, *binance.assets, *ohlcv_assets()],
+        assets=[asx_trades, asx_quotes, binance_trades_history, binance_trades, kafka_topic, ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d],
         resources={**make_resources(props), **OFFLINE, "io_manager": IcebergIOManager(**props, **io_manager_config)},
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from k2_assets.core.kafka import free_port
+from k2_assets.dev.broker import free_port
 from k2_assets_tests.dagster_ui import chromium_page, graphql, log_tail, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]

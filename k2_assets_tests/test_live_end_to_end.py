@@ -11,9 +11,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core.binance_stream import BinanceProducer
-from k2_assets.core.feed_server import replay_file, run_in_thread
 from k2_assets.core.kafka import consumer_config, ensure_topics
 from k2_assets.core.live_writer import LiveWriter
+from k2_assets.dev.feed_server import replay_file, run_in_thread
 
 BTC_FILE = "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
 

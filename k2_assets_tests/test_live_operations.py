@@ -21,8 +21,9 @@ import pytest
 from confluent_kafka import Producer
 
 from k2_assets.core import catalog as k2_catalog
-from k2_assets.core.kafka import EmbeddedBroker, ensure_topics, producer_config, topic_incarnation
+from k2_assets.core.kafka import ensure_topics, producer_config, topic_incarnation
 from k2_assets.core.offsets import recorded_offsets
+from k2_assets.dev.broker import EmbeddedBroker
 from k2_assets_tests.conftest import REPO, btc_trade_events, offsets_key
 from k2_assets_tests.test_live_writer import SESSION_TIMEOUT_MS, trade_messages, wait_for, writer_for
 
@@ -59,9 +60,10 @@ class Writers:
 
     def start(self, slot: int) -> subprocess.Popen:
         self.started += 1
-        log = open(self.home / f"writer-{slot}-{self.started}.log", "wb")
-        process = subprocess.Popen([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", self.bootstrap, "--topic",
-                                    self.topic, "--seconds", "600", "--max-batch-rows", "700"], env=self.env, stdout=log, stderr=log)
+        with open(self.home / f"writer-{slot}-{self.started}.log", "wb") as log:  # the writer keeps its own descriptor
+            process = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", self.bootstrap,
+                                        "--topic", self.topic, "--seconds", "600", "--max-batch-rows", "700"],
+                                       env=self.env, stdout=log, stderr=log)
         self.processes[slot] = process
         return process
 
@@ -252,9 +254,9 @@ def test_the_epoch_fallback_also_tells_incarnations_apart(broker):
 
 def test_a_gap_across_midnight_is_recorded_once_then_repaired(btcusdt_dir, broker, topic, catalog, catalog_props, tmp_path):
     """Trade ids skipped on both sides of 00:00 UTC: one gap, on the day after, closed by repair."""
-    from k2_assets.core.feed_server import replay_file, run_in_thread
     from k2_assets.defs.binance.assets import binance_trades
     from k2_assets.defs.binance.resources import BinanceRestResource
+    from k2_assets.dev.feed_server import replay_file, run_in_thread
     from k2_assets_tests.conftest import make_resources
 
     shift_ms = (11 * 60 + 45) * 60_000  # 12:15 -> 00:00 of the next day

@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from k2_assets.core import catalog as k2_catalog, live_codec
+from k2_assets.core import catalog as k2_catalog
+from k2_assets.core import live_codec
 from k2_assets.core.kafka import consumer_config, producer_config
 from k2_assets.core.live_writer import LiveWriter
 from k2_assets.core.offsets import recorded_offsets
-from k2_assets_tests.conftest import offsets_key, REPO, btc_trade_events
+from k2_assets_tests.conftest import REPO, btc_trade_events, offsets_key
 
 INGEST_US = 1_704_110_400_000_000
 SESSION_TIMEOUT_MS = 1500  # a killed writer's partitions move on quickly (the embedded broker accepts it; Kafka wants 6000+)
@@ -38,7 +39,8 @@ def trade_messages(events: list[dict]) -> list[tuple[bytes, bytes]]:
 
 def writer_for(catalog, broker, topic, **kwargs) -> LiveWriter:
     kwargs.setdefault("session_timeout_ms", SESSION_TIMEOUT_MS)
-    return LiveWriter(k2_catalog.ensure_table(catalog, "trades"), k2_catalog.ensure_table(catalog, "rejected"), broker.bootstrap, topic=topic, **kwargs)
+    return LiveWriter(k2_catalog.ensure_table(catalog, "trades"), k2_catalog.ensure_table(catalog, "rejected"), broker.bootstrap,
+                      topic=topic, **kwargs)
 
 
 def drain_all(writer: LiveWriter, rounds: int = 5):
@@ -55,7 +57,8 @@ def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, 
     events = btc_trade_events(btcusdt_dir)
     messages = trade_messages(events)
     messages += trade_messages(events[100:600])  # a replayed stretch: the same trades again
-    bad = [(b"BTCUSDT", b"{not json"), (b"BTCUSDT", live_codec.encode({**live_codec.trade_from_event(events[0], INGEST_US), "price": "1.123456789"})),
+    bad = [(b"BTCUSDT", b"{not json"),
+           (b"BTCUSDT", live_codec.encode({**live_codec.trade_from_event(events[0], INGEST_US), "price": "1.123456789"})),
            (b"BTCUSDT", b"[]")]
     messages[5000:5000] = bad
     produce(broker.bootstrap, topic, messages)
@@ -159,12 +162,12 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(btcusdt_dir, brok
         produce(broker.bootstrap, topic, chunk)
         out = k2_home / f"writer-{i}.log"
         with open(out, "wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", broker.bootstrap,
+            process = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", broker.bootstrap,
                                         "--topic", topic, "--seconds", "30", "--max-batch-rows", "300"], env=env,
                                        stdout=log, stderr=subprocess.DEVNULL)
-            wait_for(lambda: b'"ready"' in out.read_bytes(), timeout=30)
+            wait_for(lambda out=out: b'"ready"' in out.read_bytes(), timeout=30)
             if i % 2:  # every other writer dies only once it has committed a batch: mid-stream, not at start-up
-                wait_for(lambda: out.read_bytes().count(b"\n") >= 2, timeout=30)
+                wait_for(lambda out=out: out.read_bytes().count(b"\n") >= 2, timeout=30)
             time.sleep(rng.uniform(0.0, 0.5))  # somewhere among reading, writing and committing batches
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -191,10 +194,13 @@ def writer_env(broker, topic, k2_home) -> dict:
 
 def run_writer(broker, topic, k2_home, seconds: float, crash_point: str | None = None) -> subprocess.CompletedProcess:
     env = writer_env(broker, topic, k2_home)
+    command = ["-m", "k2_assets.cli", "writer"]
     if crash_point:
         env["K2_WRITER_CRASH_POINT"] = crash_point
-    return subprocess.run([sys.executable, "-m", "k2_assets.core.live_writer", "--bootstrap", broker.bootstrap, "--topic", topic,
-                           "--seconds", str(seconds), "--max-batch-rows", "1000"], env=env, capture_output=True, timeout=120)
+        command = ["-m", "k2_assets.dev.crashing_writer"]
+    return subprocess.run([sys.executable, *command, "--bootstrap", broker.bootstrap, "--topic", topic,
+                           "--seconds", str(seconds), "--max-batch-rows", "1000"], env=env, capture_output=True, timeout=120,
+                          check=False)
 
 
 def assert_exactly(catalog, broker, topic, trades: int, rejected: int, consumed: int) -> None:

@@ -16,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyiceberg.expressions import EqualTo
 
 from k2_assets.core.binance_stream import BinanceProducer
-from k2_assets.core.feed_server import replay_file, run_in_thread
-from k2_assets.core.kafka import ensure_topics, free_port
+from k2_assets.core.kafka import ensure_topics
 from k2_assets.core.metrics import GapMetrics, LoadMetrics, RepairMetrics, RollupMetrics, push, serve
+from k2_assets.dev.broker import free_port
+from k2_assets.dev.feed_server import replay_file, run_in_thread
 from k2_assets_tests.conftest import REPO, btc_trade_events, make_resources
 from k2_assets_tests.test_alert_rules import promtool  # noqa: F401  (the fixture)
 from k2_assets_tests.test_live_end_to_end import BTC_FILE, ProducerThread, wait_until
@@ -213,9 +214,9 @@ def test_rollup_and_load_runs_push_what_they_wrote_to_the_pushgateway(pushgatewa
 
 
 def test_a_repair_run_pushes_the_gaps_it_closed(pushgateway, btcusdt_dir, tmp_path, catalog_props, monkeypatch):
-    from k2_assets.core.feed_server import replay_file, run_in_thread
     from k2_assets.defs.binance.assets import binance_trades, binance_trades_history
     from k2_assets.defs.binance.resources import BinanceRestResource
+    from k2_assets.dev.feed_server import replay_file, run_in_thread
     from k2_assets_tests.test_gap_repair import BTC_FILE as HISTORY_FILE, FIRST, write_without
 
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -27,7 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pytest
 
-from k2_assets.core import asx, binance_history, catalog as k2_catalog, query, schemas, writer
+from k2_assets.cli import main as k2_main
+from k2_assets.cli.common import settings
+from k2_assets.core import asx, binance_history, query, schemas, writer
+from k2_assets.core import catalog as k2_catalog
 from k2_assets.core.query import (
     InvalidLimit,
     InvalidTimeRange,
@@ -43,7 +46,6 @@ from k2_assets.core.query import (
 )
 from k2_assets_tests.conftest import REPO, shared_data_dir
 
-UTC = timezone.utc
 SYDNEY = ZoneInfo("Australia/Sydney")
 SESSIONS = (date(2014, 3, 10), date(2014, 3, 11))
 BTC_DAY = date(2024, 1, 1)
@@ -73,7 +75,7 @@ def bar_rows(symbol: str, day: date, minutes: int, first_price: Decimal, exchang
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     opens = [first_price + Decimal(i) / 100 for i in range(minutes)]
     qty = [Decimal(i % 7 + 1) for i in range(minutes)]
-    dec = lambda values: pa.array(values, pa.decimal128(38, 16))  # noqa: E731
+    dec = lambda values: pa.array(values, pa.decimal128(38, 16))
     columns = {
         "exchange": pa.array([exchange] * minutes),
         "symbol": pa.array([symbol] * minutes),
@@ -153,8 +155,8 @@ def warehouse(tmp_path_factory, sources):
     load_asx(cat, sources["asx_dir"])
     load_btc(cat, sources["btc_dir"])
     bars = pa.concat_tables(
-        [bar_rows("BTCUSDT", BTC_DAY, 120, Decimal("42000")), bar_rows("ETHUSDT", BTC_DAY, 120, Decimal("2300"))]
-        + [bar_rows(f"SYM{i:02d}USDT", BTC_DAY, 1, Decimal("1")) for i in range(25)]
+        [bar_rows("BTCUSDT", BTC_DAY, 120, Decimal(42000)), bar_rows("ETHUSDT", BTC_DAY, 120, Decimal(2300))]
+        + [bar_rows(f"SYM{i:02d}USDT", BTC_DAY, 1, Decimal(1)) for i in range(25)]
     )
     writer.replace_rows(k2_catalog.ensure_table(cat, "ohlcv_1m"), bars, writer.partition_filter("BINANCE", BTC_DAY))
     return cat
@@ -273,7 +275,7 @@ def test_symbols_lists_what_the_table_holds(engine, sources):
 def test_bars_return_the_written_rows(engine):
     start, end = datetime(2024, 1, 1, 0, 30, tzinfo=UTC), datetime(2024, 1, 1, 1, 0, tzinfo=UTC)
     bars = engine.bars("1m", "BINANCE", "BTCUSDT", start, end)
-    written = bar_rows("BTCUSDT", BTC_DAY, 120, Decimal("42000"))
+    written = bar_rows("BTCUSDT", BTC_DAY, 120, Decimal(42000))
     expected = written.slice(30, 30)
     assert bars.num_rows == 30
     assert bars.column_names == list(query.BAR_COLUMNS)
@@ -284,7 +286,7 @@ def test_bars_return_the_written_rows(engine):
     assert all_bars.num_rows == 265
     assert all_bars.column("bar_start").to_pylist() == sorted(all_bars.column("bar_start").to_pylist())
     eth = engine.bars("1m", symbol="ETHUSDT", limit=5).column("open").to_pylist()
-    assert eth == [Decimal("2300") + Decimal(i) / 100 for i in range(5)]
+    assert eth == [Decimal(2300) + Decimal(i) / 100 for i in range(5)]
     # A table nobody has written yet is empty, not an error (and is not created by reading).
     assert engine.bars("5m").num_rows == 0
     assert "ohlcv_5m" not in {name for _, name in engine.catalog.list_tables("market")}
@@ -312,7 +314,7 @@ def test_as_of_snapshot_id_and_time_return_the_data_before_a_correction(catalog,
 
     with QueryEngine(catalog, refresh_ms=0) as engine:
         now = engine.trades("BINANCE", "BTCUSDT", limit=100_000)
-        assert now.num_rows == 15702 and now.column("price")[0].as_py() == Decimal("42000")
+        assert now.num_rows == 15702 and now.column("price")[0].as_py() == Decimal(42000)
         older = (first.snapshot_id, str(first.snapshot_id), first_time, first_time.isoformat(), between, between.isoformat())
         for as_of in older:
             old = engine.trades("BINANCE", "BTCUSDT", as_of=as_of, limit=100_000)
@@ -467,11 +469,14 @@ def test_pandas_helper(engine):
     assert isinstance(exact["volume"][0], Decimal)
 
 
-def test_query_module_does_not_import_dagster():
-    tree = ast.parse((REPO / "k2_assets" / "core" / "query.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert not any(name.split(".")[0] == "dagster" for name in imported), imported
+def test_query_package_does_not_import_dagster():
+    modules = sorted((REPO / "k2_assets" / "core" / "query").glob("*.py"))
+    assert len(modules) > 1
+    for module in modules:
+        tree = ast.parse(module.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not any(name.split(".")[0] == "dagster" for name in imported), (module.name, imported)
 
 
 # ---------------------------------------------------------------- command line
@@ -479,7 +484,7 @@ def test_query_module_does_not_import_dagster():
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     # Libraries' import-time warnings are not the CLI's output: silence them here.
-    return subprocess.run([sys.executable, "-m", "k2_assets.core.query", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "k2_assets.cli", "query", *args], check=False, cwd=REPO,
                           env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=180)
 
 
@@ -508,40 +513,46 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     done = cli("trades", "--symbol", INJECTION, "--exchange", "ASX", env=env)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "error: unknown symbol \"BHP' OR 1=1 --\": market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO"
+        "k2: error: unknown symbol \"BHP' OR 1=1 --\": market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO"
     ]
 
 
-def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, capsys):
+@pytest.fixture
+def fresh_settings():
+    """`k2` reads its settings once per process; each in-process run here has its own K2_HOME."""
+    settings.cache_clear()
+    yield
+    settings.cache_clear()
+
+
+def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, fresh_settings, capsys):
     """The same entry point in-process (each subprocess pays the package's Dagster import)."""
     load_btc(catalog, btcusdt_dir)
-    assert query.main(["symbols"]) == 0
+    assert k2_main(["query", "symbols"]) == 0
     out = capsys.readouterr().out
     assert "BTCUSDT" in out and "(1 row)" in out
-    assert query.main(["bars", "--interval", "5m", "--exchange", "BINANCE"]) == 0
+    assert k2_main(["query", "bars", "--interval", "5m", "--exchange", "BINANCE"]) == 0
     assert "(0 rows)" in capsys.readouterr().out
-    args = ["trades", "--exchange", "BINANCE", "--limit", "3", "--format", "json", "--columns", "source_sequence,price"]
-    assert query.main(args) == 0
+    args = ["query", "trades", "--exchange", "BINANCE", "--limit", "3", "--format", "json", "--columns", "source_sequence,price"]
+    assert k2_main(args) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"source_sequence": 3345206428 + i, "price": p} for i, p in enumerate(["42690.21", "42690.2", "42690.2"])
     ]
     for args, message in [
-        (["bars", "--interval", "7m"], "error: unknown interval '7m'; allowed intervals are 1m, 5m, 1h, 1d"),
-        (["trades", "--limit", "0"], "error: limit must be in 1..100,000, not 0"),
-        (["trades", "--start", "2024-01-02", "--end", "2024-01-01"], "error: time range is reversed or empty"),
-        (["trades", "--exchange", "NYSE"], "error: unknown exchange 'NYSE'"),
-        (["trades", "--as-of", "1234567890123"], "error: snapshot 1234567890123 does not exist in market.trades"),
+        (["bars", "--interval", "7m"], "k2: error: unknown interval '7m'; allowed intervals are 1m, 5m, 1h, 1d"),
+        (["trades", "--limit", "0"], "k2: error: limit must be in 1..100,000, not 0"),
+        (["trades", "--start", "2024-01-02", "--end", "2024-01-01"], "k2: error: time range is reversed or empty"),
+        (["trades", "--exchange", "NYSE"], "k2: error: unknown exchange 'NYSE'"),
+        (["trades", "--as-of", "1234567890123"], "k2: error: snapshot 1234567890123 does not exist in market.trades"),
         (["summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--symbol", "ETHUSDT"],
-         "error: unknown symbol 'ETHUSDT'"),
+         "k2: error: unknown symbol 'ETHUSDT'"),
+        (["trades", "--memory-limit", "lots"], "k2: error: memory_limit 'lots' is not a size"),
+        (["trades", "--limit", "abc"], "k2 query trades: error: Invalid value for '--limit': 'abc' is not a valid integer"),
+        (["summary", "--start-date", "2024-13-01", "--end-date", "2024-01-01"],
+         "k2 query summary: error: Invalid value for '--start-date': '2024-13-01' is not a YYYY-MM-DD date"),
     ]:
-        assert query.main(args) == 2, args
+        assert k2_main(["query", *args]) == 2, args
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), (args, captured.err)
         assert captured.out == ""
-    with pytest.raises(SystemExit) as exited:
-        query.main(["trades", "--limit", "abc"])
-    assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "k2 query trades: error: argument --limit: invalid int value: 'abc'"
-    ]

@@ -12,7 +12,9 @@ from html.parser import HTMLParser
 import dagster as dg
 
 from k2_assets.defs.asx.assets import asx_trades
+from k2_assets.defs.asx.checks import asx_trades_rules
 from k2_assets.defs.binance.assets import binance_trades_history
+from k2_assets.defs.binance.checks import binance_trades_history_rules
 from k2_assets_tests.conftest import REPO, make_resources, vendor_rows
 from k2_assets_tests.test_gap_repair import FIRST, write_without
 
@@ -55,8 +57,8 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     resources = make_resources(catalog_props, asx_dir=asx_dir, binance_dir=history)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         for session in SESSIONS:
-            assert dg.materialize([asx_trades], partition_key=session, resources=resources, instance=instance).success
-        assert dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources, instance=instance).success
+            assert dg.materialize([asx_trades, *asx_trades_rules], partition_key=session, resources=resources, instance=instance).success
+        assert dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources, instance=instance).success
 
     result = k2_report(home, "--start", "2014-03-10", "--end", "2014-03-14", "--format", "csv")
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import dagster as dg
@@ -14,11 +14,18 @@ from pyiceberg.expressions import And, EqualTo
 from k2_assets.core import writer
 from k2_assets.defs.asx.assets import asx_trades
 from k2_assets.defs.binance.assets import binance_trades_history
-from k2_assets.defs.rollups.assets import ohlcv_1d, ohlcv_1h, ohlcv_1m, ohlcv_5m
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.rollups.assets import ohlcv_1d, ohlcv_1h, ohlcv_1m, ohlcv_5m
+from k2_assets.defs.rollups.checks import (
+    ohlcv_1d_matches_raw_trades,
+    ohlcv_1h_matches_raw_trades,
+    ohlcv_1m_matches_raw_trades,
+    ohlcv_5m_matches_raw_trades,
+)
 from k2_assets_tests.conftest import make_resources
 
-ROLLUPS = [ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d]
+ROLLUPS = [ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d, ohlcv_1m_matches_raw_trades, ohlcv_5m_matches_raw_trades,
+           ohlcv_1h_matches_raw_trades, ohlcv_1d_matches_raw_trades]
 XRP = "freqtrade_binance_xrpeth_aggtrades_vs_1m"
 
 
@@ -27,7 +34,7 @@ def split_by_day(source, out) -> list[str]:
         header, *rows = list(csv.reader(f))
     by_day: dict[str, list] = {}
     for r in rows:
-        by_day.setdefault(datetime.fromtimestamp(int(r[5]) / 1000, tz=timezone.utc).date().isoformat(), []).append(r)
+        by_day.setdefault(datetime.fromtimestamp(int(r[5]) / 1000, tz=UTC).date().isoformat(), []).append(r)
     out.mkdir(parents=True)
     for day, day_rows in by_day.items():
         (out / f"XRPETH-aggTrades-{day}.csv").write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in day_rows))
@@ -42,7 +49,8 @@ def test_one_minute_bars_equal_binance_bars_for_every_minute(shared_data, tmp_pa
     for day in days:
         result = dg.materialize(ROLLUPS, partition_key=day, resources=resources)
         assert result.success
-        assert all(e.passed for e in result.get_asset_check_evaluations())  # matches_raw_trades on every interval
+        evaluations = result.get_asset_check_evaluations()
+        assert len(evaluations) == 4 and all(e.passed for e in evaluations)  # matches_raw_trades on every interval
     bars = catalog.load_table("market.ohlcv_1m").scan(row_filter=EqualTo("symbol", "XRPETH")).to_arrow()
     mine = {int(b["bar_start"].timestamp() * 1000): b for b in bars.to_pylist()}
     with open(shared_data / XRP / "XRPETH-1m-2019-10-11_2019-10-13.derived.csv", newline="") as f:
@@ -65,7 +73,8 @@ def test_asx_bars_follow_the_vendor_convention_and_derive_consistently(asx_dir, 
     resources = make_resources(catalog_props, asx_dir=asx_dir)
     assert dg.materialize([asx_trades], partition_key="2014-03-10", resources=resources).success
     result = dg.materialize(ROLLUPS, partition_key="2014-03-10", resources=resources)
-    assert result.success and all(e.passed for e in result.get_asset_check_evaluations())
+    assert result.success and len(result.get_asset_check_evaluations()) == 4
+    assert all(e.passed for e in result.get_asset_check_evaluations())
     minute = catalog.load_table("market.ohlcv_1m").scan().to_arrow()
     assert pc.sum(minute.column("filled")).as_py() == 0  # no bar for a minute without trades
     trades = catalog.load_table("market.trades").scan().to_arrow()
@@ -75,7 +84,7 @@ def test_asx_bars_follow_the_vendor_convention_and_derive_consistently(asx_dir, 
     bhp = minute.filter(pc.equal(minute.column("symbol"), "BHP")).sort_by("bar_start").to_pylist()
     assert bhp[0]["open"] == Decimal("36.667") and bhp[0]["first_sequence"] == 1
     (day,) = [d for d in catalog.load_table("market.ohlcv_1d").scan().to_arrow().to_pylist() if d["symbol"] == "BHP"]
-    assert day["bar_start"] == datetime(2014, 3, 9, 13, tzinfo=timezone.utc)  # the Sydney session day
+    assert day["bar_start"] == datetime(2014, 3, 9, 13, tzinfo=UTC)  # the Sydney session day
     assert day["high"] == max(b["high"] for b in bhp) and day["close"] == bhp[-1]["close"]
     (event,) = result.asset_materializations_for_node("ohlcv_1m")
     assert event.metadata["chart"].value.startswith("![")  # the candlestick PNG, inline

@@ -6,8 +6,9 @@ session, two Binance days, the bars of two days; one Binance file lacks a run of
 `no_unexplained_gaps` check fails), then drives headless Chromium (Debian's, through Playwright) to
 the global asset lineage and to binance_trades_history's Checks tab. It asserts what is on screen:
 every asset, the arrows between them (compared with the code location's own dependencies), the check
-summaries on the graph's nodes, and the passed and failed checks; and saves the screenshots the README
-shows, under docs/images/.
+summaries on the graph's nodes, and the passed and failed checks; that every rule is a check of its own and
+the live trades and 1-minute bars have freshness checks; and it re-runs one check alone on a stored partition
+from the launchpad of `binance_checks_job`. It saves the screenshots the README shows, under docs/images/.
 
 Chromium is installed by `bash scripts/get-chromium` (`make test` runs it); Playwright never downloads
 a browser here.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from k2_assets.core.kafka import free_port
+from k2_assets.dev.broker import free_port
 from k2_assets_tests.dagster_ui import UI_TIMEOUT_MS, VIEWPORT, chromium_page, graphql, log_tail, wait_for_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,30 +126,31 @@ def punch_hole(path: Path, count: int) -> list[int]:
 
 
 def materialize_samples(hole: list[int]) -> None:
-    """The sample partitions, run in this process against the instance dagster dev serves."""
+    """The sample partitions with their checks, run in this process against the instance dagster dev serves."""
     import dagster as dg
 
+    from k2_assets.cli.common import run_selection
     from k2_assets.definitions import defs
-    from k2_assets.defs.asx.assets import asx_quotes, asx_trades
-    from k2_assets.defs.binance.assets import binance_trades_history
-    from k2_assets.defs.rollups import assets as rollups
+
+    graph = defs.resolve_asset_graph()
+
+    def run(assets, partition):
+        keys = {dg.AssetKey(a) for a in assets}
+        result = run_selection(keys, {c for c in graph.asset_check_keys if c.asset_key in keys}, partition, instance)
+        assert result.success, partition
+        return {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
 
     with dg.DagsterInstance.get() as instance:
-        def run(assets, partition):
-            result = dg.materialize(assets, partition_key=partition, instance=instance, resources=defs.resources)
-            assert result.success, partition
-            return {e.check_name: e for e in result.get_asset_check_evaluations()}
-
-        checks = run([asx_trades, asx_quotes], ASX_SESSION)
+        checks = run(["asx_trades", "asx_quotes"], ASX_SESSION)
         assert all(e.passed for e in checks.values()), [n for n, e in checks.items() if not e.passed]
         for day in BINANCE_DAYS:
-            checks = run([binance_trades_history], day)
-        gaps = checks[FAILED_CHECK]
+            checks = run(["binance_trades_history"], day)
+        gaps = checks["binance_trades_history", FAILED_CHECK]
         assert not gaps.passed and gaps.metadata["failed_rows"].value >= len(hole) == HOLE
-        assert [n for n, e in checks.items() if not e.passed] == [FAILED_CHECK]
+        assert [n for n, e in checks.items() if not e.passed] == [("binance_trades_history", FAILED_CHECK)]
         for day in (ASX_SESSION, BINANCE_DAYS[-1]):
-            checks = run(rollups, day)
-            assert all(e.passed for e in checks.values()), day
+            checks = run(["ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d"], day)
+            assert len(checks) == 4 + 1 and all(e.passed for e in checks.values()), day  # matches_raw_trades x4, freshness
 
 
 def expected_lineage() -> tuple[set[str], set[tuple[str, str]], dict[str, list[str]]]:
@@ -238,6 +240,8 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
         with chromium_page(tmp_path, log) as page:
             check_graph(page, port, names, edges, checks)
             check_checks_tab(page, port, checks["binance_trades_history"])
+            check_standalone_and_freshness_checks(page, port, checks)
+            rerun_one_check(page, port)
     finally:
         stop(process)
 
@@ -298,3 +302,53 @@ def check_checks_tab(page, port: int, asset_checks: list[str]) -> None:
     assert page.get_by_text("Failed", exact=True).count() >= 2  # in the list and as the evaluation result
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=IMAGES / "asset-checks.png")
+
+
+def check_standalone_and_freshness_checks(page, port: int, checks: dict[str, list[str]]) -> None:
+    """Every rule is a check of its own in the UI, and the live trades and the 1-minute bars have freshness checks."""
+    for asset in ("binance_trades", "ohlcv_1m"):
+        page.goto(f"http://127.0.0.1:{port}/assets/{asset}?view=checks")
+        page.get_by_text(f"Checks ({len(checks[asset])})").wait_for()
+        rows = page.locator('[class*="checkRow"]')
+        shown = poll(page, lambda p: {t.split()[0] for t in rows.all_inner_texts() if t.strip()},
+                     lambda seen: seen == set(checks[asset]))
+        assert shown == set(checks[asset]) and "freshness_check" in shown, (asset, shown)
+
+
+def rerun_one_check(page, port: int) -> None:
+    """Re-run one check alone on a stored partition from the UI: the checks job's launchpad, one op, the partition as a tag."""
+    import dagster as dg
+
+    day, check = BINANCE_DAYS[-1], "price_positive"
+    page.goto(f"http://127.0.0.1:{port}/locations/k2/jobs/binance_checks_job/playground")
+    page.get_by_text("Launch Run").wait_for()
+    subset = page.get_by_placeholder(re.compile("Type an op subset"))
+    op = f"binance_trades_history_{check}"
+    subset.click()
+    subset.press("Control+a")
+    subset.press_sequentially(op, delay=10)
+    subset.press("Enter")
+    # The launchpad lists the ops the run will execute: this one alone.
+    ops = page.locator("text=/^binance_trades(_history)?_[a-z_]+$/")
+    poll(page, lambda p: sorted(set(ops.all_inner_texts()) - {op}), lambda rest: not rest)
+    page.get_by_role("button", name="Edit tags").click()
+    page.get_by_placeholder("Tag Key").fill("dagster/partition")
+    page.get_by_placeholder("Tag Value").fill(day)
+    page.get_by_role("button", name="Apply").click()
+    page.get_by_role("button", name="Launch Run").click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+
+    with dg.DagsterInstance.get() as instance:
+        deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+        while not (run := instance.get_run_by_id(run_id)).is_finished and time.monotonic() < deadline:
+            time.sleep(1)
+        page.get_by_text("Success", exact=True).first.wait_for()  # the run page says so too
+        page.screenshot(path=IMAGES / "check-rerun.png")
+        assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags["dagster/partition"] == day
+        events = instance.all_logs(run_id)
+        evaluations = [e.dagster_event.event_specific_data for e in events
+                       if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+        assert [(e.asset_key.to_user_string(), e.check_name, e.partition, e.passed) for e in evaluations] == [
+            ("binance_trades_history", check, day, True)]
+        assert not [e for e in events if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]

@@ -6,18 +6,22 @@ import sys
 
 import click
 
-from k2_assets.cli import demo, passthrough, recent, report
+from k2_assets.cli import backfill, broker, check, demo, feed, query, recent, report, stream, writer
 from k2_assets.cli.common import UserError
 from k2_assets.core.settings import describe
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-             epilog="Settings (environment variables; the options' defaults come from them):\n\n" + describe().replace("\n", "\n\n"))
+SETTINGS_HELP = "Settings (environment variables; the options' defaults come from them):\n\n" + describe().replace("\n", "\n\n")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}, epilog=SETTINGS_HELP)
 def cli() -> None:
     """K2 market-data lakehouse: Dagster assets over Apache Iceberg."""
 
 
-for command in (demo.demo, demo.demo_data, recent.recent, report.report, *passthrough.COMMANDS):
+COMMANDS = (demo.demo, demo.demo_data, backfill.backfill, check.check, query.query, recent.recent, report.report,
+            writer.writer, stream.stream, feed.feed, broker.broker)
+for command in COMMANDS:
     cli.add_command(command)
 
 
@@ -41,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"k2: error: {exc.format_message()}", err=True)
         return exc.exit_code
+    except Exception as exc:  # not the user's mistake (a store that is down, a bug): still one line, exit 1
+        from k2_assets.core.text import one_line
+
+        click.echo(f"k2: error ({type(exc).__name__}): {one_line(exc)}", err=True)
+        return 1
     return result if isinstance(result, int) else 0
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import date, datetime
+from pathlib import Path
 from typing import TypeVar
 
 import click
@@ -13,6 +16,7 @@ import click
 from k2_assets.core.settings import Settings
 
 T = TypeVar("T")
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 class UserError(click.ClickException):
@@ -78,3 +82,33 @@ def progress(items: Iterable[T], label: str, length: int | None = None) -> Itera
     with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True,
                            item_show_func=lambda item: None if item is None else str(item)) as bar:
         yield from bar
+
+
+def dagster_home() -> Path:
+    """DAGSTER_HOME (by default $K2_HOME/dagster), with K2's dagster.yaml unless the instance has its own."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings().home / "dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():  # never overwrite an instance's own configuration
+        shutil.copy(PROJECT_DIR / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def dagster_instance():
+    """The Dagster instance the UI shows, so command-line runs appear there too."""
+    import dagster as dg
+
+    dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def run_selection(assets: set, checks: set, partition_key: str | None, instance):
+    """Run some of K2's assets and asset checks on one partition, in this process, recorded in `instance`."""
+    from k2_assets.definitions import defs
+
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=set(assets), asset_check_selection=set(checks))
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the progress bar speaks; the UI has the full log
+    if assets:
+        return job.execute_in_process(run_config=quiet, partition_key=partition_key, instance=instance, raise_on_error=False)
+    # A job of checks alone has no partitions definition Dagster can resolve; the partition goes in as the run's tag.
+    tags = {"dagster/partition": partition_key} if partition_key else {}
+    return job.execute_in_process(run_config=quiet, tags=tags, instance=instance, raise_on_error=False)

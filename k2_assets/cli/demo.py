@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import click
 
-from k2_assets.cli.common import settings
-from k2_assets.core import kafka
+from k2_assets.cli.common import DATE, PROJECT_DIR, UserError, dagster_home, settings
 from k2_assets.core.settings import DEFAULTS, Settings
 from k2_assets.supervisor import Supervisor
-
-PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 @click.command("demo")
@@ -30,22 +28,39 @@ def demo(host: str, port: int, regenerate: bool, symbols: str, rate: float) -> i
 
 
 @click.command("demo-data")
-@click.option("--out", type=click.Path(path_type=Path), help="directory to write  [default: $K2_HOME/data]")
+@click.option("--out", type=click.Path(path_type=Path), help="directory to write asx/ and binance/ into  [default: $K2_HOME/data]")
 @click.option("--seed", default=7, show_default=True, help="random seed of the generator")
-def demo_data(out: Path | None, seed: int) -> None:
+@click.option("--asx-start", type=DATE, default="2014-03-10", show_default=True, help="first ASX session")
+@click.option("--asx-days", default=5, show_default=True, help="ASX sessions (weekdays) to write")
+@click.option("--binance-dates", default="2024-01-01,2024-01-02,2025-01-02", show_default=True, help="comma-separated UTC days")
+@click.option("--binance-rows-per-day", default=20_000, show_default=True, help="Binance trades per symbol and day")
+@click.option("--bad-row-rate", default=0.001, show_default=True, help="share of deliberately bad rows")
+@click.option("--json", "as_json", is_flag=True, help="print the generator's summary (every file, its rows and bad rows) as JSON")
+def demo_data(out: Path | None, seed: int, asx_start: date, asx_days: int, binance_dates: str, binance_rows_per_day: int,
+              bad_row_rate: float, as_json: bool) -> None:
     """Write the demo vendor files (ASX CSVs, Binance dumps) in exactly the vendors' formats."""
-    _write_demo_data(out or settings().home / "data", seed)
+    try:
+        days = [date.fromisoformat(d.strip()) for d in binance_dates.split(",") if d.strip()]
+    except ValueError:
+        raise UserError(f"--binance-dates must be comma-separated YYYY-MM-DD dates, not {binance_dates!r}") from None
+    _write_demo_data(out or settings().home / "data", seed=seed, asx_start=asx_start, asx_days=asx_days, binance_dates=days,
+                     binance_rows_per_day=binance_rows_per_day, bad_row_rate=bad_row_rate, as_json=as_json)
 
 
-def _write_demo_data(out: Path, seed: int) -> None:
-    from k2_assets.core import demo
+def _write_demo_data(out: Path, as_json: bool = False, **options) -> None:
+    from k2_assets.dev import demo
 
-    print(f"k2: writing demo vendor files to {out} ...", flush=True)
-    summary = demo.generate_demo_data(out, seed=seed)
-    print(f"k2: {summary['total_rows']:,} rows in {len(summary['files'])} files ({summary['total_bad_rows']} deliberately bad rows)")
+    click.echo(f"k2: writing demo vendor files to {out} ...", err=as_json)
+    summary = demo.generate_demo_data(out, **options)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"k2: {summary['total_rows']:,} rows in {len(summary['files'])} files ({summary['total_bad_rows']} deliberately bad rows)")
 
 
 def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols: str, rate: float) -> int:
+    from k2_assets.dev.broker import free_port
+
     data_dir = settings.home / "data"
     defaults = (settings.asx_data_dir == data_dir / "asx", settings.binance_history_dir == data_dir / "binance")
     missing = not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists() or not settings.binance_history_dir.is_dir()
@@ -54,21 +69,18 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
     for path, name in ((settings.asx_data_dir, "K2_ASX_DATA_DIR"), (settings.binance_history_dir, "K2_BINANCE_HISTORY_DIR")):
         if not path.exists():
             print(f"k2: warning: {name}={path} does not exist; its asset will fail until it does", file=sys.stderr)
-    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.home / "dagster")))
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    if not (dagster_home / "dagster.yaml").exists():  # never overwrite an instance's own configuration
-        shutil.copy(PROJECT_DIR / "dagster.yaml", dagster_home / "dagster.yaml")
+    home = dagster_home()
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     k2 = [sys.executable, "-m", "k2_assets.cli"]
     processes = Supervisor(logs)
     try:
         if "K2_KAFKA_BOOTSTRAP" not in os.environ or os.environ["K2_KAFKA_BOOTSTRAP"] == DEFAULTS["K2_KAFKA_BOOTSTRAP"]:
-            broker_port = kafka.free_port()
+            broker_port = free_port()
             os.environ["K2_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{broker_port}"
             processes.start("broker", "the embedded broker", [*k2, "broker", "--port", str(broker_port)])
             _wait_for_port(broker_port, "the embedded Kafka broker")
-        feed_port = kafka.free_port()
+        feed_port = free_port()
         processes.start("feed", "the local Binance feed", [*k2, "feed", "--random-walk", symbols, "--port", str(feed_port), "--rate", str(rate)])
         _wait_for_port(feed_port, "the local Binance feed")
         if os.environ.get("K2_BINANCE_REST_URL", DEFAULTS["K2_BINANCE_REST_URL"]) == DEFAULTS["K2_BINANCE_REST_URL"]:
@@ -78,7 +90,7 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
               f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}", flush=True)
         print(f"k2: Dagster UI on http://{host}:{port} (Ctrl-C stops everything)", flush=True)
         dagster_dev = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host, "-p", str(port)]
-        processes.start("dagster", "dagster dev (webserver, daemon, code server, runs)", dagster_dev, log=False, cwd=dagster_home)
+        processes.start("dagster", "dagster dev (webserver, daemon, code server, runs)", dagster_dev, log=False, cwd=home)
     except KeyboardInterrupt:
         processes.stop("Ctrl-C while starting")
         processes.kill_all()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import date
 from pathlib import Path
 
 import click
 
-from k2_assets.cli.common import DATE, date_range, progress, settings
+from k2_assets.cli.common import DATE, dagster_instance, date_range, progress, settings
 
 FORMATS = click.Choice(("html", "csv", "md"))
 
@@ -34,15 +33,12 @@ def _range_options(command):
 @_range_options
 def checks(start: date, end: date, fmt: str, out: Path | None) -> None:
     """Every asset check evaluation in the range, from Dagster's event log; html and md end with the vendor-file ledger."""
-    import dagster as dg
-
     from k2_assets import report as reports
 
     date_range(start, end)
-    os.environ.setdefault("DAGSTER_HOME", str(settings().home / "dagster"))
     # The csv check report holds check rows only: the ledger is read where it is shown.
     files = _files(start, end) if fmt != "csv" else None
-    with dg.DagsterInstance.get() as instance:
+    with dagster_instance() as instance:
         rows = reports.collect(instance, start, end, track=lambda records: progress(records, "check evaluations"))
     said = f"{len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed)"
     _write(reports.render(rows, fmt, start, end, files), out, said + (f" and {len(files)} vendor files" if files is not None else ""))

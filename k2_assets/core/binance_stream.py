@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,11 +21,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from k2_assets.core import live_codec
-from k2_assets.core.kafka import ensure_topics, producer_config
-from k2_assets.core.metrics import ProducerMetrics, serve
-from k2_assets.core.stopping import Stopper
+from k2_assets.core.kafka import producer_config
+from k2_assets.core.logs import get_logger
+from k2_assets.core.metrics import ProducerMetrics
 
-log = logging.getLogger("k2.stream")
+LOGGER = "k2.stream"
 BINANCE_WS_URL = "wss://stream.binance.com:9443"
 MAX_CONNECTION_SECONDS = 23.5 * 3600  # Binance closes every connection at 24 hours
 METRICS_EVERY_US = 250_000
@@ -50,8 +47,9 @@ def stream_url(base_url: str, symbols: list[str]) -> str:
 
 
 def _event(name: str, **fields) -> None:
-    """Structured log line (JSON), one per notable event."""
-    log.info(json.dumps({"event": name, **fields}, default=str))
+    """One structured log line per notable event: JSON in `k2 stream binance`, through `logging` in a library."""
+    # Looked up per event, not at import: the command configures JSON logs after importing this module.
+    get_logger(LOGGER).info(name, **fields)
 
 
 class BinanceProducer:
@@ -105,7 +103,8 @@ class BinanceProducer:
             trade = live_codec.trade_from_event(event, ingest_us)
         except live_codec.InvalidEvent as exc:
             stats.dead_lettered += 1
-            self._produce(self.dead_letter_topic, None, raw_bytes, [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())])
+            self._produce(self.dead_letter_topic, None, raw_bytes,
+                          [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())])
             self.publish_metrics()
             return
         symbol, trade_id = trade["symbol"], trade["source_sequence"]
@@ -154,7 +153,7 @@ class BinanceProducer:
             started = time.monotonic()
             try:
                 await self._connection()
-            except (OSError, ConnectionClosed, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake, InvalidURI) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 reason = "renewed before the 24-hour limit" if not self.stop_event.is_set() else "stopped"
@@ -166,10 +165,11 @@ class BinanceProducer:
             self.stats.reconnects += 1
             self.metrics.reconnects.inc()
             self.publish_metrics()
-            _event("reconnect", reason=reason, attempt=attempt, delay_seconds=round(delay, 3), last_trade_id=dict(self.stats.last_trade_id))
+            _event("reconnect", reason=reason, attempt=attempt, delay_seconds=round(delay, 3),
+                   last_trade_id=dict(self.stats.last_trade_id))
             try:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self.close()
         return self.stats
@@ -200,35 +200,3 @@ class BinanceProducer:
         self.publish_metrics()
         _event("stopped", produced=self.stats.produced, dead_lettered=self.stats.dead_lettered,
                unflushed=remaining, last_trade_id=dict(self.stats.last_trade_id))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`k2 stream binance --symbols BTCUSDT,ETHUSDT`: run the producer until SIGTERM or Ctrl-C."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="k2 stream binance", description=main.__doc__)
-    parser.add_argument("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT,BNBUSDT")
-    parser.add_argument("--url", default=os.environ.get("K2_BINANCE_WS_URL", BINANCE_WS_URL), help="stream base URL")
-    parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    parser.add_argument("--partitions", type=int, default=3, help="partitions of the topic if K2 creates it")
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("K2_PRODUCER_METRICS_PORT", "0")),
-                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    ensure_topics(args.bootstrap, {live_codec.TOPIC: args.partitions, live_codec.DEAD_LETTER_TOPIC: 1})
-    producer = BinanceProducer([s.strip() for s in args.symbols.split(",") if s.strip()], args.bootstrap, base_url=args.url)
-    if args.metrics_port:
-        serve(producer.metrics.registry, args.metrics_port)
-        _event("metrics", url=f"http://127.0.0.1:{args.metrics_port}/metrics")
-
-    async def run() -> None:
-        Stopper("k2 stream binance", f"the stream of {args.symbols} (flushing what Kafka has not acknowledged)",
-                producer.stop).install(asyncio.get_running_loop())
-        await producer.run()
-
-    asyncio.run(run())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

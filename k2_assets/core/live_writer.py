@@ -17,106 +17,55 @@ that records how far rejects were written; a replay skips rejects below that mar
 deduplicated by content: the writer never inserts a (symbol, trade id) the partition already holds
 (`live_dedup.py`). Catalog and object-store outages are ridden out with retries (`outage.py`).
 Consumer-group offsets are committed last, for lag monitoring only.
+
+This module holds the writer and its commit path; beside it are live_ownership.py (the consumer group),
+live_consuming.py (the consuming thread), live_properties.py (what a commit records), live_dead_letters.py,
+live_gaps.py (sequence gaps) and live_report.py (a batch's report and the metrics it moves).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import queue
-import random
-import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, date, datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from pyiceberg.exceptions import CommitFailedException, ValidationException
+from confluent_kafka import Consumer
 from pyiceberg.table import Table
 
-from k2_assets.core import integrity, live_codec, offsets, schemas, writer
-from k2_assets.core.kafka import DEFAULT_SESSION_TIMEOUT_MS, consumer_config, ensure_topics, holds_offset, topic_incarnation
-from k2_assets.core.live_dedup import KEYS_KEY, SeenIndex, groups, keys_property
-from k2_assets.core.metrics import WriterMetrics, serve
-from k2_assets.core.offsets import BATCH_KEY, OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, Fenced, FencedTable, OffsetIndex
+from k2_assets.core import live_codec, offsets, writer
+from k2_assets.core.kafka import DEFAULT_SESSION_TIMEOUT_MS, consumer_config, ensure_topics, topic_incarnation
+from k2_assets.core.live_consuming import Batch, Consuming
+from k2_assets.core.live_dead_letters import dead_letter_rows
+from k2_assets.core.live_dedup import SeenIndex, groups
+from k2_assets.core.live_gaps import GapReconciling
+from k2_assets.core.live_ownership import Ownership
+from k2_assets.core.live_properties import SOURCE, rejects_properties, trades_properties
+from k2_assets.core.live_report import BatchReport, latency, record, rows_per_day
+from k2_assets.core.metrics import WriterMetrics
+from k2_assets.core.offsets import BATCH_KEY, OFFSETS_KEY, REJECTED_KEY, Fenced, FencedTable, OffsetIndex
 from k2_assets.core.outage import StoreHealth
 from k2_assets.core.sequence import SequenceTracker
-from k2_assets.core.text import one_line
 
 log = logging.getLogger("k2.writer")
-MAX_TRACKER_STATE = 64 * 1024
-SOURCE = "binance_trades"
+StageHook = Callable[[str], None]
+STAGES = ("after_rejects_commit", "after_trades_commit")  # stage_hook's stages: a commit landed, nothing acknowledged it yet
 
 
-class OffsetBeyondEnd(RuntimeError):
-    """The table records an offset its partition no longer reaches: the topic was truncated."""
-
-
-@dataclass
-class BatchReport:
-    """One committed micro-batch, as the sensor reports it."""
-
-    consumed: int
-    written: int
-    duplicates: int
-    rejected: int
-    dead_lettered: int  # producer dead letters moved to market.rejected (not counted in consumed)
-    sequence_events: dict[str, int]  # in_order, gap, duplicate, out_of_order, ... as the tracker saw the batch
-    offset_ranges: dict[int, tuple[int, int]]  # partition -> [first, last] offsets consumed
-    snapshot_id: int | None
-    partitions: dict[str, int]  # trade_date -> rows written
-    latency_seconds: dict[str, float]  # exchange time -> committed, p50 / max over the batch
-    committed_at: datetime
-
-
-@dataclass
-class _Batch:
-    """A consumed micro-batch: the trade topic's messages as columns, the dead letters as messages, and
-    the assignment generation of each partition it holds (a batch read under an older one is dropped)."""
-
-    values: list[bytes]
-    partitions: np.ndarray  # int64, one per value
-    offsets: np.ndarray
-    dead: list
-    generations: dict[tuple[str, int], int]
-
-    @classmethod
-    def of(cls, messages: list, dead_letter_topic: str, generations: dict[tuple[str, int], int]) -> _Batch:
-        dead = [m for m in messages if m.topic() == dead_letter_topic]
-        if dead:
-            messages = [m for m in messages if m.topic() != dead_letter_topic]
-        n = len(messages)
-        return cls([m.value() or b"" for m in messages], np.fromiter((m.partition() for m in messages), np.int64, n),
-                   np.fromiter((m.offset() for m in messages), np.int64, n), dead, generations)
-
-    def only(self, keep: np.ndarray) -> _Batch:
-        return _Batch([v for v, k in zip(self.values, keep.tolist()) if k], self.partitions[keep], self.offsets[keep], self.dead,
-                      self.generations)
-
-
-def _hand_over(out: queue.Queue, item, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            pass
-
-
-class LiveWriter:
+class LiveWriter(Ownership, Consuming, GapReconciling):
     """Drains a Kafka topic into market.trades in micro-batches (see the module docstring)."""
 
     def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
                  group_id: str | None = None, max_batch_rows: int = 250_000,
                  max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None, metrics: WriterMetrics | None = None,
                  gaps: Table | None = None, join_timeout: float = 60.0, stall_after: float = 60.0,
-                 session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS, give_up_after: float | None = None):
+                 session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS, give_up_after: float | None = None,
+                 stage_hook: StageHook | None = None):
         self.trades, self.rejected, self.gaps = FencedTable.of(trades), FencedTable.of(rejected), gaps
         self.bootstrap, self.topic = bootstrap, topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
@@ -148,148 +97,26 @@ class LiveWriter:
         # Store outages met while starting are retried this long (None: until stop()); drain() sets its own.
         self._give_up_at: float | None = None if give_up_after is None else time.monotonic() + give_up_after
         self._group_commit: dict[int, int] | None = None  # set after each Iceberg commit, done by the consuming thread
+        self.stage_hook = stage_hook  # called with each of STAGES as the writer passes it (crash tests kill it there)
         self._start_from_table()
         self.consumer = Consumer(consumer_config(bootstrap, self.group_id, session_timeout_ms))
         self.consumer.subscribe([topic, self.dead_letter_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         self.join(join_timeout)
 
-    # -- positions from the table ---------------------------------------------------------------
-
-    def _start_from_table(self) -> None:
-        def read():
-            self.trades.refresh()
-            self.rejected.refresh()
-            return offsets.latest_property(self.trades, TRACKER_KEY), offsets.keys_for_topic(self.trades, OFFSETS_KEY, self.topic)
-
-        state, keys = self.health.call(read, "reading market.trades", deadline=self._give_up_at, stop=self._stop)
-        if state:
-            self.tracker.restore(json.loads(state))
-        self.seen.in_step.append(self.trades.metadata.current_snapshot_id)
-        others = keys - {self.offsets_key}
-        if others and self.offsets_key not in keys:
-            self.metrics.incarnation_switches.inc()
-            log.warning("topic %s is a new incarnation (%s); market.trades holds offsets of %s only: reading the new one "
-                        "from its beginning", self.topic, self.incarnation, ", ".join(sorted(k.rsplit("@", 1)[1] for k in others)))
-
-    def _positions(self, tps: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        """Where each partition resumes: the offsets the tables record, checked against the partition's end."""
-        def read():
-            trades = self.trades.catalog.load_table(self.trades.name())  # own objects: the writing thread uses the others
-            rejected = self.rejected.catalog.load_table(self.rejected.name())
-            return (offsets.recorded_offsets(trades, self.offsets_key), offsets.recorded_offsets(rejected, self.rejects_key),
-                    offsets.recorded_offsets(rejected, self.dead_key))
-
-        trade_offsets, marks, dead = self.health.call(read, "reading the recorded offsets", deadline=self._give_up_at, stop=self._stop)
-        self.rejects_written.update({p: o for p, o in marks.items()})
-        found = {}
-        for tp in tps:
-            recorded = (trade_offsets if tp.topic == self.topic else dead).get(tp.partition, 0)
-            if recorded and not holds_offset(self.bootstrap, tp.topic, tp.partition, recorded - 1):
-                self.metrics.offsets_beyond_end.inc()
-                raise OffsetBeyondEnd(
-                    f"partition {tp.partition} of {tp.topic} ({self.incarnation}) ends before offset {recorded}, which the table "
-                    "records: the topic was truncated under the same id; nothing is read from it until an operator decides "
-                    "(docs/live-path.md, 'Offsets beyond the end')")
-            found[(tp.topic, tp.partition)] = recorded
-        return found
-
-    def _take(self, tps: list[TopicPartition]) -> None:
-        """Own these partitions from the table's offsets (a new generation: older reads of them are dropped)."""
-        found = self._positions(tps)
-        with self._lock:
-            self._generation += 1
-            for tp in tps:
-                key = (tp.topic, tp.partition)
-                tp.offset = found[key]
-                self._owned[key] = self._generation
-                if tp.topic == self.topic:
-                    self.position[tp.partition] = self.committed[tp.partition] = found[key]
-                else:
-                    self.dead_letter_position[tp.partition] = found[key]
-            self._pending = [m for m in self._pending if self._owned.get((m.topic(), m.partition())) and (m.topic(), m.partition()) not in found]
-
-    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        try:
-            if tps:
-                self._take(tps)
-                consumer.incremental_assign(tps)
-                self.metrics.partitions_owned.set(sum(1 for t, _ in self._owned if t == self.topic))
-                log.info("assigned %s", _names(tps))
-        finally:
-            self._joined.set()
-
-    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        """A partition that moves to another writer is not committed by this one from here on."""
-        with self._lock:
-            for tp in tps:
-                self._owned.pop((tp.topic, tp.partition), None)
-                if tp.topic == self.topic:
-                    self.position.pop(tp.partition, None)
-                    self.committed.pop(tp.partition, None)
-                else:
-                    self.dead_letter_position.pop(tp.partition, None)
-            self._pending = [m for m in self._pending if (m.topic(), m.partition()) in self._owned]
-        try:
-            consumer.incremental_unassign(tps)
-        except KafkaException:
-            pass  # partitions lost with the session are unassigned already
-        self.metrics.partitions_owned.set(sum(1 for t, _ in self._owned if t == self.topic))
-        log.info("revoked %s", _names(tps))
-
-    def join(self, timeout: float) -> None:
-        """Wait for the group's first assignment (messages that arrive meanwhile are kept for the first batch)."""
-        deadline = time.monotonic() + timeout
-        while not self._joined.is_set():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no partition assignment from consumer group {self.group_id} on {self.bootstrap} "
-                                   f"within {timeout:.0f} s")
-            got = self._good(self.consumer.consume(min(1000, self.max_batch_rows), timeout=0.1))  # may run _on_assign
-            with self._lock:
-                self._pending.extend(got)
-
-    def _rewind(self) -> None:
-        """After a discarded or failed batch: every owned partition back to the table's offsets."""
-        with self._lock:
-            tps = [TopicPartition(t, p) for t, p in self._owned]
-            self._pending = []
-        self.health.call(self.trades.refresh, "reading market.trades", deadline=self._give_up_at, stop=self._stop)
-        self.seen.clear()
-        self.seen.in_step.append(self.trades.metadata.current_snapshot_id)
-        if tps:
-            self._take(tps)
-            self.consumer.incremental_unassign(tps)
-            self.consumer.incremental_assign(tps)
-
     def stop(self) -> None:
         """Ask a drain in progress to stop (a signal handler may call it): retries end, the batch in hand is not committed."""
         self._stop.set()
 
     def close(self) -> None:
+        """Leave the consumer group, its offsets committed where the table's are."""
         with self._lock:
             self._group_commit = {p: o for p, o in self.committed.items()}  # synchronously, so the group ends where the table is
         self._commit_group_offsets(wait=True)
         self.consumer.close()
 
-    def _commit_group_offsets(self, wait: bool = False) -> None:
-        """Commit the consumer group's offsets to the table's (lag monitoring only) and update the lag
-        gauges. Called from the thread that consumes: the table's offsets are the truth, so a failed
-        commit here loses nothing."""
-        offsets_, self._group_commit = self._group_commit, None
-        if not offsets_:
-            return
-        try:
-            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in offsets_.items()], asynchronous=not wait)
-        except KafkaException as exc:
-            log.warning("consumer-group offsets not committed (lag monitoring only): %s", exc)
-        for p, position in offsets_.items():
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
-            if high >= 0:
-                self.metrics.lag.labels(str(p)).set(max(0, high - position))
-
-    # -- draining -------------------------------------------------------------------------------
-
-    def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None, give_up_after: float | None = None) -> list[BatchReport]:
+    def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None,
+              give_up_after: float | None = None) -> list[BatchReport]:
         """Write micro-batches for up to `seconds`, stopping early once the topic is idle.
 
         A thread consumes the next micro-batch while this one is decoded and committed: Arrow's
@@ -312,100 +139,20 @@ class LiveWriter:
             except BaseException:
                 try:
                     self._rewind()
-                except Exception:  # noqa: BLE001 - the original failure is the one to raise; the next writer re-reads the table
+                except Exception:  # the original failure is the one to raise; the next writer re-reads the table
                     log.exception("could not re-read the committed offsets after a failed batch; this writer must be discarded")
                 raise
         self._commit_group_offsets()
         return reports
 
-    def _drain_until(self, deadline: float, idle_seconds: float, reports: list, on_batch) -> None:
-        batches: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        consuming = threading.Thread(target=self._prefetch, args=(deadline, idle_seconds, batches, stop),
-                                     name="k2-writer-consume", daemon=True)
-        consuming.start()
-        try:
-            while True:
-                batch = batches.get()
-                if isinstance(batch, BaseException):
-                    raise batch
-                if batch is None:
-                    return
-                report = self._write(batch)
-                if report is not None:
-                    reports.append(report)
-                    if on_batch is not None:
-                        on_batch(report)
-        finally:
-            stop.set()
-            consuming.join()
-
-    def _prefetch(self, deadline: float, idle_seconds: float, out: queue.Queue, stop: threading.Event) -> None:
-        """The consuming thread: micro-batches into `out`, then None once the topic is idle or time is up."""
-        try:
-            while not stop.is_set() and not self._stop.is_set():
-                messages, generations = self._collect(deadline, idle_seconds, stop)
-                batch = _Batch.of(messages, self.dead_letter_topic, generations) if messages else None
-                _hand_over(out, batch, stop)
-                if batch is None:
-                    return
-            _hand_over(out, None, stop)
-        except BaseException as exc:  # noqa: BLE001 - raised again in drain's thread
-            _hand_over(out, exc, stop)
-
-    def _good(self, messages: list) -> list:
-        good = []
-        for m in messages:
-            error = m.error()
-            if error is None:
-                good.append(m)
-            elif error.code() != KafkaError._PARTITION_EOF:
-                raise RuntimeError(f"Kafka error while consuming {self.topic}: {error}")
-        return good
-
-    def _collect(self, deadline: float, idle_seconds: float, stop: threading.Event) -> tuple[list, dict]:
-        with self._lock:
-            batch, self._pending = self._pending, []
-            owned = dict(self._owned)
-        started = time.monotonic()
-        idle_since = time.monotonic()
-        while len(batch) < self.max_batch_rows and not stop.is_set() and not self._stop.is_set():
-            now = time.monotonic()
-            if now >= deadline or now - started >= self.max_batch_seconds or now - idle_since >= idle_seconds:
-                break
-            self._commit_group_offsets()
-            messages = self._good(self.consumer.consume(min(50_000, self.max_batch_rows - len(batch)), timeout=0.1))
-            with self._lock:
-                if self._owned != owned:  # a rebalance ran inside consume(): what was read under the old owners goes
-                    changed = {k for k in owned.keys() | self._owned.keys() if owned.get(k) != self._owned.get(k)}
-                    batch = [m for m in batch if (m.topic(), m.partition()) not in changed]
-                    owned = dict(self._owned)
-            if messages:
-                batch.extend(m for m in messages if (m.topic(), m.partition()) in owned)
-                idle_since = time.monotonic()
-        return batch, owned
-
-    # -- writing --------------------------------------------------------------------------------
-
-    def _write(self, batch: _Batch) -> BatchReport | None:
+    def _write(self, batch: Batch) -> BatchReport | None:
         started = time.monotonic()
         report = self._write_batch(batch)
-        if report is None:
-            return None
-        m = self.metrics
-        m.batch_seconds.observe(time.monotonic() - started)
-        m.consumed.inc(report.consumed)
-        m.written.inc(report.written)
-        m.rejected.inc(report.rejected + report.dead_lettered)
-        m.duplicates.inc(report.duplicates)
-        for event, count in report.sequence_events.items():
-            m.sequence_events.labels(event).inc(count)
-        if report.latency_seconds:
-            m.freshness.set(report.latency_seconds["p95"])
-        m.last_commit_time.set(report.committed_at.timestamp())
+        if report is not None:
+            record(self.metrics, report, time.monotonic() - started)
         return report
 
-    def _current(self, batch: _Batch) -> _Batch | None:
+    def _current(self, batch: Batch) -> Batch | None:
         """The part of the batch read under this writer's current ownership, starting where it left off."""
         with self._lock:
             valid = {k for k, g in batch.generations.items() if self._owned.get(k) == g}
@@ -419,14 +166,14 @@ class LiveWriter:
             first = int(batch.offsets[fresh].min()) if fresh.any() else position[p]
             if first > position[p]:  # the broker no longer holds them (retention): say so, they cannot be read
                 self.metrics.offsets_skipped_by_broker.inc(first - position[p])
-                log.error("offsets %d..%d of partition %d of %s are gone from the broker; K2 never read them", position[p], first - 1, p,
-                          self.topic)
+                log.error("offsets %d..%d of partition %d of %s are gone from the broker; K2 never read them",
+                          position[p], first - 1, p, self.topic)
         if not keep.all():
             batch = batch.only(keep)
         batch.dead = [m for m in batch.dead if (m.topic(), m.partition()) in valid]
         return batch if len(batch.partitions) or batch.dead else None
 
-    def _write_batch(self, batch: _Batch) -> BatchReport | None:
+    def _write_batch(self, batch: Batch) -> BatchReport | None:
         batch = self._current(batch)
         if batch is None:
             return None
@@ -437,13 +184,14 @@ class LiveWriter:
         with self._lock:
             starts = {p: self.committed.get(p) for p in ranges}
         if None in starts.values():
-            raise Fenced(f"partitions {sorted(p for p, o in starts.items() if o is None)} of {self.topic} moved to another writer")
+            moved = sorted(p for p, o in starts.items() if o is None)
+            raise Fenced(f"partitions {moved} of {self.topic} moved to another writer")
 
         rejected = self._fresh_rejects(rejected)
-        dead_rows = _dead_letters(dead)
+        dead_rows = dead_letter_rows(dead)
         if rejected.num_rows or dead_rows.num_rows:
             self._commit_rejects(rejected, dead_rows, next_offsets, dead)
-            _crash_point("after_rejects_commit")
+            self._reached("after_rejects_commit")
 
         # Judge the sequence in arrival order (before dedup: a repeat is an event worth counting).
         events = self.tracker.check(rows.column("symbol"), rows.column("source_sequence")).counts() if rows.num_rows else {}
@@ -451,23 +199,19 @@ class LiveWriter:
         rows = rows.sort_by(writer.SORT_KEYS) if rows.num_rows else rows
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64) if rows.num_rows else None
         batch_ids = {key: ids[index] for key, index in groups(rows)} if rows.num_rows else {}
-        properties = {self.offsets_key: json.dumps({str(p): o for p, o in next_offsets.items()}), "k2.source": SOURCE,
-                      KEYS_KEY: keys_property(set(batch_ids))}
-        state = self.tracker.dumps()
-        if len(state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead
-            properties[TRACKER_KEY] = state
+        properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker.dumps())
         snapshot_id = None
         if rows.num_rows or any(next_offsets[p] > starts[p] for p in next_offsets):
             # Also a batch of duplicates only records its offsets: the next batch's fence starts from them.
             snapshot_id = self._commit(self.trades, rows, properties, self._trades_fence(starts, batch_ids), "market.trades")
-        _crash_point("after_trades_commit")
+        self._reached("after_trades_commit")
         with self._lock:
             for p, o in next_offsets.items():
                 if (self.topic, p) in self._owned:
                     self.position[p] = self.committed[p] = o
             self._group_commit = dict(self.committed)
         self._remember(batch_ids)
-        committed = datetime.now(timezone.utc)
+        committed = datetime.now(UTC)
         return BatchReport(
             consumed=len(values),
             written=rows.num_rows,
@@ -477,8 +221,8 @@ class LiveWriter:
             sequence_events={k: v for k, v in events.items() if v},
             offset_ranges=ranges,
             snapshot_id=snapshot_id,
-            partitions=_per_day(rows),
-            latency_seconds=_latency(rows, committed),
+            partitions=rows_per_day(rows),
+            latency_seconds=latency(rows, committed),
             committed_at=committed,
         )
 
@@ -488,10 +232,9 @@ class LiveWriter:
                         self.dead_key: {m.partition(): self.dead_letter_position.get(m.partition(), 0) for m in dead}}
         marks = {**expected[self.rejects_key], **next_offsets}
         dead_marks = {**expected[self.dead_key], **{m.partition(): m.offset() + 1 for m in dead}}
-        properties = {self.rejects_key: json.dumps({str(p): o for p, o in marks.items()})}
-        if dead_marks:
-            properties[self.dead_key] = json.dumps({str(p): o for p, o in dead_marks.items()})
-        self._commit(self.rejected, pa.concat_tables([rejected, dead_rows]), properties, self._marks_fence(expected), "market.rejected")
+        properties = rejects_properties(self.rejects_key, marks, self.dead_key, dead_marks)
+        self._commit(self.rejected, pa.concat_tables([rejected, dead_rows]), properties, self._marks_fence(expected),
+                     "market.rejected")
         with self._lock:
             self.rejects_written.update(marks)
             self.dead_letter_position.update(dead_marks)
@@ -584,170 +327,6 @@ class LiveWriter:
                 self.seen.add(day, symbol, ids)
             self.touched.add((day, symbol))
 
-    # -- sequence gaps --------------------------------------------------------------------------
-
-    def reconcile_gaps(self, detected_by: str = SOURCE, now: datetime | None = None) -> dict[date, pa.Table]:
-        """Reconcile market.sequence_gaps for the (day, symbol)s written since the last call, from the
-        stored ids; a gap that straddles midnight UTC belongs to the day of the trade after it.
-        Returns each day's gap rows for the symbols reconciled."""
-        if self.gaps is None or not self.touched:
-            return {}
-        now = now or datetime.now(timezone.utc)
-        by_day: dict[date, list[str]] = {}
-        for day, symbol in sorted(self.touched):
-            by_day.setdefault(day, []).append(symbol)
-        result = {}
-        for day, symbols in sorted(by_day.items()):
-            def reconcile(day=day, symbols=symbols) -> pa.Table:
-                current = {}
-                for symbol in symbols:
-                    last = self.seen.last_before(self.trades, day, symbol)
-                    found = integrity.holes(self.seen.load(self.trades, day, symbol), None if last is None else last + 1)
-                    if found:
-                        current[symbol] = found
-                return integrity.reconcile_partition(self.gaps, current, exchange=live_codec.EXCHANGE, session_date=day,
-                                                     detected_by=detected_by, now=now, metrics=self.metrics.gaps, symbols=symbols)
-
-            result[day] = self.health.call(lambda: self._reconciled(reconcile), "reconciling market.sequence_gaps",
-                                           deadline=self._give_up_at, stop=self._stop)
-            self.touched -= {(day, s) for s in symbols}
-        return result
-
-
-    def _reconciled(self, reconcile, attempts: int = 8):
-        """Reconcile from the table as it is now; another writer reconciling the same day first makes
-        pyiceberg refuse the rebased overwrite, and the gaps are computed again from the newer view."""
-        for attempt in range(attempts):
-            self.trades.refresh()
-            self.seen.follow(self.trades.metadata, self.trades.metadata.current_snapshot_id, self.trades.io)
-            self.gaps.refresh()
-            try:
-                return reconcile()
-            except (CommitFailedException, ValidationException):
-                if attempt == attempts - 1:
-                    raise
-                time.sleep(random.uniform(0.05, 0.5))
-
-
-def _names(tps: list[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in tps)
-
-
-def _dead_letters(messages: list) -> pa.Table:
-    """Dead-letter messages -> market.rejected rows, with the producer's reason."""
-    now = datetime.now(timezone.utc)
-    n = len(messages)
-    headers = [dict(m.headers() or []) for m in messages]
-    return schemas.build_table(
-        schemas.REJECTED,
-        {
-            "source": pa.repeat(pa.scalar("binance_stream"), n),
-            "partition_date": pa.repeat(pa.scalar(now.date(), pa.date32()), n),
-            "exchange": pa.repeat(pa.scalar(live_codec.EXCHANGE), n),
-            "kafka_topic": pa.array([m.topic() for m in messages], pa.string()),
-            "kafka_partition": pa.array([m.partition() for m in messages], pa.int32()),
-            "kafka_offset": pa.array([m.offset() for m in messages], pa.int64()),
-            "raw": pa.array([m.value() or b"" for m in messages], pa.binary()),
-            "reason": pa.array([(h.get("k2-reason") or b"dead-lettered without a reason").decode("utf-8", "replace") for h in headers]),
-            "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
-        },
-        n,
-    )
-
-
-def _per_day(rows: pa.Table) -> dict[str, int]:
-    if not rows.num_rows:
-        return {}
-    counts = pc.value_counts(rows.column("trade_date"))
-    return {item["values"].isoformat(): item["counts"] for item in counts.to_pylist()}
-
-
-def _latency(rows: pa.Table, committed: datetime) -> dict[str, float]:
-    """Seconds from the exchange's event time (Binance E, else the trade time) to the commit."""
-    if not rows.num_rows:
-        return {}
-    trade_ms = pc.divide(rows.column("exchange_timestamp").cast(pa.int64()), 1000)
-    event_ms = pc.cast(pc.map_lookup(rows.column("vendor_data"), "event_time", "first"), pa.int64(), safe=False)
-    ms = pc.coalesce(event_ms, trade_ms).to_numpy(zero_copy_only=False).astype(np.float64)
-    lag = committed.timestamp() - ms / 1e3
-    return {"p50": float(np.percentile(lag, 50)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max())}
-
-
-def _crash_point(name: str) -> None:
-    """Crash tests kill the writer exactly here (K2_WRITER_CRASH_POINT) to prove recovery."""
-    if os.environ.get("K2_WRITER_CRASH_POINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`k2 writer`: drain the topic into Iceberg until interrupted (or --seconds), beside any other writers."""
-    import argparse
-
-    from k2_assets.core import catalog
-    from k2_assets.core.settings import Settings
-    from k2_assets.core.stopping import Stopper
-
-    parser = argparse.ArgumentParser(prog="k2 writer", description=main.__doc__)
-    parser.add_argument("--bootstrap", default=os.environ.get("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    parser.add_argument("--topic", default=live_codec.TOPIC)
-    parser.add_argument("--seconds", type=float, default=float("inf"))
-    parser.add_argument("--max-batch-rows", type=int, default=250_000)
-    parser.add_argument("--session-timeout-ms", type=int, default=int(os.environ.get("K2_KAFKA_SESSION_TIMEOUT_MS", DEFAULT_SESSION_TIMEOUT_MS)),
-                        help="how long a dead or paused writer keeps its partitions (the broker's minimum or more)")
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("K2_WRITER_METRICS_PORT", "0")),
-                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
-    cat = catalog.open_catalog(settings.catalog_uri, settings.warehouse)
-    metrics = WriterMetrics()
-    if args.metrics_port:
-        serve(metrics.registry, args.metrics_port)
-    deadline = time.monotonic() + args.seconds
-    stopping = threading.Event()
-    live: LiveWriter | None = None
-
-    def stop() -> None:
-        stopping.set()
-        if live is not None:
-            live.stop()
-
-    Stopper("k2 writer", f"the writer of {args.topic} (a batch being committed finishes; the next writer resumes after it)",
-            stop).install()
-
-    def report(batch: BatchReport) -> None:
-        print(json.dumps({"written": batch.written, "rejected": batch.rejected, "duplicates": batch.duplicates,
-                          "snapshot_id": batch.snapshot_id, "offsets": batch.offset_ranges}), flush=True)
-
-    while not stopping.is_set() and time.monotonic() < deadline:
-        try:
-            if live is None:
-                tables = [catalog.ensure_table(cat, name) for name in ("trades", "rejected", "sequence_gaps")]
-                live = LiveWriter(tables[0], tables[1], args.bootstrap, topic=args.topic, max_batch_rows=args.max_batch_rows,
-                                  metrics=metrics, gaps=tables[2], session_timeout_ms=args.session_timeout_ms)
-                print(json.dumps({"ready": True, "resume_offsets": live.position}), flush=True)
-            live.drain(min(5.0, max(0.0, deadline - time.monotonic())), on_batch=report)
-            live.reconcile_gaps(detected_by="k2_writer")
-        except Exception as exc:  # noqa: BLE001 - a writer that meets an error is rebuilt from the table's offsets
-            if stopping.is_set():
-                break
-            log.error("writer rebuilt from the table's offsets after: %s", one_line(exc))
-            if live is not None:
-                _close_quietly(live)
-                live = None
-            time.sleep(1.0)
-    if live is not None:
-        print(json.dumps({"stopping": True, "committed_offsets": live.committed}), flush=True)
-        _close_quietly(live)
-    return 0
-
-
-def _close_quietly(live: LiveWriter) -> None:
-    try:
-        live.close()
-    except Exception as exc:  # noqa: BLE001 - the table's offsets are the truth; the group's are for lag only
-        log.warning("closing the writer: %s", exc)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def _reached(self, stage: str) -> None:
+        if self.stage_hook is not None:
+            self.stage_hook(stage)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import duckdb
@@ -28,9 +28,18 @@ BUCKET_MICROS = {"1m": 60_000_000, "5m": 300_000_000, "1h": 3_600_000_000}
 
 
 
-# The one DuckDB configuration of the rollups, also given to Dagster's DuckDBResource: in memory, two
-# threads on this machine kind, a memory ceiling, and no file or network access (the data comes as Arrow).
-DUCKDB_CONFIG = {"threads": 2, "memory_limit": "2GB", "enable_external_access": False}
+# K2's one hardened DuckDB configuration: the rollups', also given to Dagster's DuckDBResource and (with its
+# own memory limit) to the query engine. In memory, two threads on this machine kind, a memory ceiling; the
+# data comes as registered Arrow tables, so SQL reads no file or URL, sees no Python variable, and loads
+# no extension it would have to download.
+DUCKDB_CONFIG = {
+    "threads": 2,
+    "memory_limit": "2GB",
+    "enable_external_access": False,
+    "python_enable_replacements": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
 
 
 def session(con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
@@ -76,7 +85,7 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
 
     previous_close: (exchange, symbol) -> close before this partition, so a day can open with filled
     bars. complete_days: (exchange, symbol) whose day is over (later trades exist): filled to 23:59."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     con = session(con)
     raw = bars_from_trades(trades, "1m", con)
     con.register("raw", raw)
@@ -137,7 +146,7 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
 def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None = None,
            con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """Coarser bars from 1m bars: 5m and 1h by UTC bucket, 1d by session (trade_date)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     con = session(con)
     con.register("m", bars)
     if interval == "1d":

@@ -35,7 +35,7 @@ class Settings:
     pushgateway_url: str = _setting("K2_PUSHGATEWAY_URL", "", "Prometheus Pushgateway for run metrics (empty: none)")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> "Settings":
+    def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> Settings:
         values = dict(os.environ if env is None else env)
         apply_defaults(values)
         typed = {}

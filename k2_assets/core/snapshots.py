@@ -1,8 +1,9 @@
-"""Time travel: ISO 8601 times as UTC, and the Iceberg snapshot that was current at a time."""
+"""Time travel: ISO 8601 times as UTC, "as of" values (a snapshot id or a time), and the snapshot current at a time."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+import re
+from datetime import UTC, date, datetime
 from typing import Any
 
 
@@ -19,10 +20,23 @@ def parse_utc(value: Any, what: str) -> datetime:
         except ValueError:
             raise ValueError(f"{what} {value!r} is not an ISO 8601 date/time (e.g. 2014-03-11T10:00:00Z)") from None
     else:
-        raise ValueError(f"{what} must be a datetime or an ISO 8601 string, not {type(value).__name__}")
+        # ValueError for every bad value, whatever its type: callers report it to the user as one.
+        raise ValueError(f"{what} must be a datetime or an ISO 8601 string, not {type(value).__name__}")  # noqa: TRY004
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def parse_as_of(value: Any, what: str = "as_of") -> int | datetime:
+    """An "as of" value as a snapshot id (an int, or a string of nine or more digits) or else a time (as parse_utc reads it)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a snapshot id or a time, not {value!r}")  # noqa: TRY004
+    if isinstance(value, int):
+        return value
+    # Snapshot ids are long random numbers; eight digits could be a basic ISO date (20140311), so that is read as one.
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{9,}\s*", value):
+        return int(value)
+    return parse_utc(value, what)
 
 
 def snapshot_at(table, moment: datetime):

@@ -9,7 +9,8 @@ Input metadata (`metadata=` of `load_asset_value`, or `AssetIn(metadata=...)`) t
 
 - `columns`: list of column names to read (default: the I/O manager's `columns`, else all);
 - `as_of`: an Iceberg snapshot id to read instead of the current one (time travel; the
-  `snapshot_id` an asset reports in its materialization metadata is one);
+  `snapshot_id` an asset reports in its materialization metadata is one), or a time (datetime or
+  ISO 8601, UTC unless an offset is given): the snapshot that was current then;
 - `dataframe`: "pandas", "arrow" or "polars" for this load only.
 
 `python_type=pa.Table`, `pd.DataFrame` or `polars.DataFrame` picks the flavour too.
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from functools import cache
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -32,7 +33,8 @@ from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
-from k2_assets.core import catalog as k2_catalog, schemas
+from k2_assets.core import catalog as k2_catalog
+from k2_assets.core import schemas, snapshots
 from k2_assets.core.asx import EXCHANGE as ASX
 from k2_assets.core.binance_history import EXCHANGE as BINANCE
 
@@ -107,7 +109,7 @@ def _kind_of_python_type(context: dg.InputContext) -> str | None:
 
 def _in_a_run(context: dg.InputContext) -> bool:
     try:
-        context.step_context
+        context.step_context  # noqa: B018 (the property raises outside a run)
     except dg.DagsterInvariantViolationError:
         return False
     return True
@@ -170,7 +172,7 @@ class IcebergIOManager(dg.ConfigurableIOManager):
     catalog_uri: str
     warehouse: str
     dataframe: str = "pandas"  # "pandas" | "arrow" | "polars"
-    columns: Optional[list[str]] = None  # default columns of every load; input metadata "columns" overrides
+    columns: list[str] | None = None  # default columns of every load; input metadata "columns" overrides
 
     @field_validator("dataframe")
     @classmethod
@@ -235,13 +237,18 @@ class IcebergIOManager(dg.ConfigurableIOManager):
         if as_of is None:
             return None
         try:
-            snapshot_id = int(as_of)
-        except (TypeError, ValueError):
-            raise ValueError(f"as_of must be an Iceberg snapshot id, not {as_of!r}") from None
-        if table.snapshot_by_id(snapshot_id) is None:
-            identifier = ".".join(table.name())
-            raise LookupError(f"snapshot {snapshot_id} is not in the history of {identifier} (expired, or of another table)")
-        return snapshot_id
+            wanted = snapshots.parse_as_of(as_of)
+        except ValueError:
+            raise ValueError(f"as_of must be an Iceberg snapshot id or a time (ISO 8601), not {as_of!r}") from None
+        identifier = ".".join(table.name())
+        if isinstance(wanted, datetime):
+            snapshot = snapshots.snapshot_at(table, wanted)
+            if snapshot is None:
+                raise LookupError(f"{identifier} has no snapshot as of {wanted.isoformat()} (its history starts later)")
+            return snapshot.snapshot_id
+        if table.snapshot_by_id(wanted) is None:
+            raise LookupError(f"snapshot {wanted} is not in the history of {identifier} (expired, or of another table)")
+        return wanted
 
 
 __all__ = ["ASSET_TABLES", "DATAFRAME_KINDS", "AssetTable", "IcebergIOManager", "to_dataframe"]

@@ -1,9 +1,9 @@
-"""Shared by the batch sources: write one partition to Iceberg, check it, and describe it in Dagster."""
+"""Shared by the batch sources: write one partition to Iceberg and describe it in Dagster."""
 
 from __future__ import annotations
 
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import dagster as dg
 import pyarrow as pa
@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import And, BooleanExpression, EqualTo, NotEqualTo
 
-from k2_assets.core import checks, integrity, ledger, source_files, writer
+from k2_assets.core import integrity, source_files, writer
 from k2_assets.core.decode import Batch
 from k2_assets.core.metrics import GapMetrics, LoadMetrics
 from k2_assets.core.text import markdown_table
@@ -19,53 +19,17 @@ from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import LOADS, publish
 
 
-def rules(kind: str) -> tuple[checks.Rule, ...]:
-    """The row rules (pandera) and, for trades, the integrity rules (gaps, time order)."""
-    return checks.rules(kind) + (integrity.RULES if kind == "trades" else ())
-
-
-def check_specs(asset_name: str, kind: str, without: tuple[str, ...] = (), files: bool = False) -> list[dg.AssetCheckSpec]:
-    """One Dagster asset check per rule, named after the rule (`without`: rules checked by a check of their own;
-    `files`: the asset loads vendor files, so the ledger's rules too)."""
-    return [
-        dg.AssetCheckSpec(name=rule.name, asset=asset_name, description=rule.description, blocking=rule.blocking)
-        for rule in rules(kind) + (ledger.RULES if files else ()) if rule.name not in without
-    ]
-
-
-def check_results(outcomes: dict[str, checks.Outcome], checked_rows: int, snapshot_id) -> list[dg.AssetCheckResult]:
-    return [
-        dg.AssetCheckResult(
-            check_name=name,
-            passed=outcome.passed,
-            severity=dg.AssetCheckSeverity.ERROR if outcome.rule.blocking else dg.AssetCheckSeverity.WARN,
-            metadata={
-                "failed_rows": outcome.failed,
-                "checked_rows": checked_rows,
-                "sample": dg.MetadataValue.json(outcome.sample),
-                "snapshot_id": str(snapshot_id),
-            },
-        )
-        for name, outcome in outcomes.items()
-    ]
-
-
-def evaluate_partition(iceberg: IcebergResource, stored: pa.Table, *, kind: str, exchange: str, session_date: date,
-                       detected_by: str, explained: dict | None = None, filled_how: str = "late_arrival",
-                       answers: dict | None = None, gap_metrics: GapMetrics | None = None) -> dict[str, checks.Outcome]:
-    """Every rule on a stored partition; for trades, also reconcile its gaps into market.sequence_gaps (counted in gap_metrics)."""
-    outcomes = checks.validate(checks.to_frame(stored), kind, exchange, session_date)
-    if kind == "trades":
-        resets = exchange == "ASX"  # ASX numbers each session from 1; Binance trade ids run on across days
-        last_before = None if resets else integrity.last_before(iceberg.table("trades"), exchange, session_date)
-        gaps = integrity.reconcile_partition(
-            iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets, last_before),
-            exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(timezone.utc),
-            explained=explained, filled_how=filled_how, answers=answers, metrics=gap_metrics,
-        )
-        outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(gaps)
-        outcomes[integrity.TIME_MONOTONIC.name] = integrity.time_disorder(stored)
-    return outcomes
+def reconcile_gaps(iceberg: IcebergResource, stored: pa.Table, *, exchange: str, session_date: date, detected_by: str,
+                   explained: dict | None = None, filled_how: str = "late_arrival", answers: dict | None = None,
+                   gap_metrics: GapMetrics | None = None) -> pa.Table:
+    """Bring market.sequence_gaps up to date with a stored trades partition (counted in gap_metrics); the day's gap rows."""
+    resets = exchange == "ASX"  # ASX numbers each session from 1; Binance trade ids run on across days
+    last_before = None if resets else integrity.last_before(iceberg.table("trades"), exchange, session_date)
+    return integrity.reconcile_partition(
+        iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets, last_before),
+        exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(UTC),
+        explained=explained, filled_how=filled_how, answers=answers, metrics=gap_metrics,
+    )
 
 
 def write_partition(
@@ -80,7 +44,9 @@ def write_partition(
     keep: BooleanExpression | None = None,
     extra_metadata: dict | None = None,
 ) -> dg.MaterializeResult:
-    """Replace the partition's rows and its rejects, validate what the table now holds, report it all (and push its metrics)."""
+    """Replace the partition's rows and its rejects, record its files and gaps, report it all (and push its metrics).
+
+    The rules run as the asset's own checks (`defs.rule_checks`), on the snapshots this reports."""
     started = time.monotonic()
     registry = CollectorRegistry()
     load, gap_metrics = LoadMetrics(registry), GapMetrics(registry, exchanges=(exchange,)) if kind == "trades" else None
@@ -88,7 +54,7 @@ def write_partition(
     properties = {"k2.source": source, "k2.partition": context.partition_key, "k2.run_id": context.run.run_id}
     result = writer.replace_rows(iceberg.table(kind), batch.rows, where, keep=keep, properties=properties)
     rejected_where = And(EqualTo("source", source), EqualTo("partition_date", session_date.isoformat()))
-    writer.replace_rows(iceberg.table("rejected"), batch.rejected, rejected_where, properties=properties)
+    rejected = writer.replace_rows(iceberg.table("rejected"), batch.rejected, rejected_where, properties=properties)
     context.log.info(
         f"{source} {context.partition_key}: read {batch.read}, wrote {result.written}, "
         f"already present {result.skipped_existing}, rejected {batch.rejected.num_rows}"
@@ -100,12 +66,9 @@ def write_partition(
     stored = iceberg.table(kind).scan(
         row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
     ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
-    outcomes = evaluate_partition(iceberg, stored, kind=kind, exchange=exchange, session_date=session_date, detected_by=source,
-                                  explained=integrity.rejected_sequences(batch.rejected), gap_metrics=gap_metrics)
-    rejected_now = iceberg.table("rejected").scan(row_filter=rejected_where).to_arrow()
-    outcomes[ledger.FILES_READABLE.name] = ledger.readable_outcome(batch.files)
-    outcomes[ledger.LINES_ACCOUNTED.name] = ledger.accounted_outcome(ledger_rows, stored, rejected_now)
-    results = check_results(outcomes, stored.num_rows, result.snapshot_id)
+    if kind == "trades":
+        reconcile_gaps(iceberg, stored, exchange=exchange, session_date=session_date, detected_by=source,
+                       explained=integrity.rejected_sequences(batch.rejected), gap_metrics=gap_metrics)
     metadata = {
         "dagster/row_count": stored.num_rows,
         "rows_read": batch.read,
@@ -113,6 +76,7 @@ def write_partition(
         "rows_already_present": result.skipped_existing,
         "rows_rejected": batch.rejected.num_rows,
         "snapshot_id": str(result.snapshot_id),
+        "rejected_snapshot_id": str(rejected.snapshot_id),
         "table": f"market.{kind}",
         "rows_duplicate_skipped": batch.duplicates + result.skipped_existing,
         "files": dg.MetadataValue.md(files_table(batch.files)),
@@ -129,7 +93,7 @@ def write_partition(
     load.rejected.labels(kind).inc(batch.rejected.num_rows)
     load.seconds.labels(kind).observe(time.monotonic() - started)
     publish(context, LOADS, registry)
-    return dg.MaterializeResult(metadata=metadata, check_results=results)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, batch: Batch, *, source: str, session_date: date,
@@ -141,7 +105,7 @@ def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, ba
                          selected_fields=("path", "sha256", "loaded_at")).to_arrow()
     previous = {row["path"]: row["sha256"] for row in earlier.sort_by("loaded_at").to_pylist()}  # the latest wins
     rows = source_files.ledger_rows(batch.files, source=source, partition_date=session_date, run_id=run_id,
-                                    snapshot_id=snapshot_id, previous=previous, now=datetime.now(timezone.utc))
+                                    snapshot_id=snapshot_id, previous=previous, now=datetime.now(UTC))
     # Appended: a run loads its partition once (K2 sets no step retries; a re-execution is a new run).
     if rows.num_rows:
         table.append(rows, snapshot_properties={"k2.source": source, "k2.run_id": run_id})

@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 from k2_assets.core import asx
 from k2_assets.core.writer import partition_filter
 from k2_assets.defs.asx.resources import AsxFilesResource
-from k2_assets.defs.loading import check_specs, write_partition
+from k2_assets.defs.loading import write_partition
 from k2_assets.defs.partitions import asx_sessions
 from k2_assets.defs.resources import IcebergResource
 
@@ -43,7 +43,6 @@ def outside_regular_hours(rows: pa.Table) -> int:
 
 @dg.asset(
     partitions_def=asx_sessions,
-    check_specs=check_specs("asx_trades", "trades", files=True),
     group_name="asx",
     kinds={"iceberg", "python"},
 )
@@ -54,7 +53,6 @@ def asx_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, asx_
 
 @dg.asset(
     partitions_def=asx_sessions,
-    check_specs=check_specs("asx_quotes", "quotes", files=True),
     group_name="asx",
     kinds={"iceberg", "python"},
 )

@@ -4,11 +4,12 @@ import dagster as dg
 from prometheus_client import CollectorRegistry
 from pyiceberg.expressions import And, NotNull
 
-from k2_assets.core import binance_history as dumps, integrity, repair
+from k2_assets.core import binance_history as dumps
+from k2_assets.core import repair
 from k2_assets.core.metrics import GapMetrics, RepairMetrics
 from k2_assets.core.writer import partition_filter
 from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
-from k2_assets.defs.loading import check_results, check_specs, evaluate_partition, summary, write_partition
+from k2_assets.defs.loading import reconcile_gaps, summary, write_partition
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import GAP_REPAIR, publish
@@ -16,7 +17,6 @@ from k2_assets.defs.run_metrics import GAP_REPAIR, publish
 
 @dg.asset(
     partitions_def=binance_days,
-    check_specs=check_specs("binance_trades_history", "trades", files=True),
     group_name="binance",
     kinds={"iceberg", "python"},
 )
@@ -55,9 +55,6 @@ kafka_topic = dg.AssetSpec(
     key="binance_trades",
     deps=[kafka_topic],
     partitions_def=binance_days,
-    # The gap check is its own definition (binance_trades_no_unexplained_gaps), so that the live sensor can
-    # ask for it after every tick; a repair run evaluates it too, after the repair.
-    check_specs=check_specs("binance_trades", "trades", without=(integrity.NO_UNEXPLAINED_GAPS.name,)),
     group_name="binance",
     kinds={"iceberg", "kafka"},
 )
@@ -71,14 +68,12 @@ def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, 
     gap_metrics, repair_metrics = GapMetrics(registry, exchanges=(dumps.EXCHANGE,)), RepairMetrics(registry)
     # What is missing now (late arrivals may have filled some gaps since the last look) ...
     before = trades.scan(row_filter=where).to_arrow()
-    evaluate_partition(iceberg, before, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source,
-                       gap_metrics=gap_metrics)
+    reconcile_gaps(iceberg, before, exchange=dumps.EXCHANGE, session_date=day, detected_by=source, gap_metrics=gap_metrics)
     # ... then ask the exchange for the rest, write it once, and close what it filled.
     report = repair.repair_partition(trades, gaps, binance_rest.base_url, day, api_key=binance_rest.api_key or None)
     stored = trades.scan(row_filter=where).to_arrow()
-    outcomes = evaluate_partition(iceberg, stored, kind="trades", exchange=dumps.EXCHANGE, session_date=day, detected_by=source,
-                                  filled_how="repair", answers=repair.explanations(report), gap_metrics=gap_metrics)
-    outcomes.pop(integrity.NO_UNEXPLAINED_GAPS.name)
+    reconcile_gaps(iceberg, stored, exchange=dumps.EXCHANGE, session_date=day, detected_by=source, filled_how="repair",
+                   answers=repair.explanations(report), gap_metrics=gap_metrics)
     context.log.info(f"repair of {day}: {report.written} trades written, {len(report.unavailable)} ranges the exchange cannot fill")
     repair_metrics.requested.inc(report.requested)
     repair_metrics.written.inc(report.written)
@@ -98,5 +93,4 @@ def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, 
             "table": "market.trades",
             **summary(stored),
         },
-        check_results=check_results(outcomes, stored.num_rows, report.snapshot_id),
     )

@@ -1,7 +1,6 @@
-"""The live asset's gap check, on its own: every sensor tick that writes asks for a run of it."""
+"""Binance checks: the rule catalogue on each stored day, and the live asset's gap check, which every sensor tick that writes asks for."""
 
 import time
-import warnings
 from datetime import date
 
 import dagster as dg
@@ -11,14 +10,14 @@ from k2_assets.core import integrity, live_codec
 from k2_assets.core.outage import StoreHealth
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.rule_checks import OUTAGE_WAIT_SECONDS, rule_checks
 
 BINANCE_TRADES = dg.AssetKey("binance_trades")
-OUTAGE_WAIT_SECONDS = 120.0
 
-
-# A partitioned asset check is a preview feature of Dagster 1.13; it is what records one evaluation per day,
-# so the warning it raises on every import says nothing new.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
+binance_trades_history_rules = rule_checks("binance_trades_history", "trades", live_codec.EXCHANGE, binance_days, files=True)
+# The live asset's gap check is a definition of its own (below), so that the sensor can ask for it alone after every tick.
+binance_trades_rules = rule_checks("binance_trades", "trades", live_codec.EXCHANGE, binance_days,
+                                   without=(integrity.NO_UNEXPLAINED_GAPS.name,))
 
 
 @dg.asset_check(
@@ -57,4 +56,13 @@ binance_gap_check_job = dg.define_asset_job(
     selection=dg.AssetSelection.checks(binance_trades_no_unexplained_gaps),
     partitions_def=binance_days,
     description="Evaluates no_unexplained_gaps on one day of binance_trades (the live sensor asks for it after every tick that writes).",
+)
+
+
+binance_checks_job = dg.define_asset_job(
+    "binance_checks_job",
+    selection=dg.AssetSelection.checks(*binance_trades_history_rules, *binance_trades_rules, binance_trades_no_unexplained_gaps),
+    partitions_def=binance_days,
+    description="Runs Binance rule checks alone on a stored day: pick checks by op selection and the day by the "
+                "dagster/partition tag in the launchpad.",
 )

@@ -1,4 +1,4 @@
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 
 import dagster as dg
 
@@ -16,5 +16,5 @@ binance_history_job = dg.define_asset_job(
 @dg.schedule(job=binance_history_job, cron_schedule="0 3 * * *", execution_timezone="UTC")
 def binance_history_schedule(context: dg.ScheduleEvaluationContext):
     """Load yesterday's dumps at 03:00 UTC, once Binance has published them."""
-    day = (context.scheduled_execution_time.astimezone(timezone.utc) - timedelta(days=1)).date().isoformat()
+    day = (context.scheduled_execution_time.astimezone(UTC) - timedelta(days=1)).date().isoformat()
     return dg.RunRequest(run_key=f"binance-history-{day}", partition_key=day)

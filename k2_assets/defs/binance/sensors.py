@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import threading
 import time
 
@@ -14,14 +14,14 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, EqualTo, IsNull
 
 from k2_assets.core import live_codec
-from k2_assets.core.live_writer import BatchReport, LiveWriter
+from k2_assets.core.live_report import BatchReport
+from k2_assets.core.live_writer import LiveWriter
 from k2_assets.core.metrics import WriterMetrics, serve
 from k2_assets.core.outage import TRANSIENT, StoreHealth, StoreUnavailable
 from k2_assets.defs.binance.checks import BINANCE_TRADES, binance_gap_check_job
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
-
 
 REPAIR_WAIT_SECONDS = 20.0  # a catalog outage skips the repair sensor's tick after this, well inside the sensor timeout
 
@@ -108,7 +108,7 @@ def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergR
         writer.drain(kafka.drain_seconds, give_up_after=kafka.drain_seconds, on_batch=reports.append)
         writer.reconcile_gaps(detected_by="binance_trades_sensor")
         state["offsets"] = {str(p): o for p, o in sorted(writer.position.items())}
-    except Exception as exc:  # noqa: BLE001 - a tick never fails: it says why it ended, and the next one starts afresh
+    except Exception as exc:
         # What was committed before the error is reported below; the next tick rebuilds the writer from
         # the table's offsets, and its first materialization carries this error.
         reset_writers()

@@ -7,7 +7,7 @@ k2_assets.core.maintenance (which also keeps the live writer's exactly-once offs
 
 # No `from __future__ import annotations`: Dagster reads the config classes from the op signatures.
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 from pydantic import Field
@@ -16,7 +16,8 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, In, IsNull
 from pyiceberg.table import Table
 from pyiceberg.types import DateType
 
-from k2_assets.core import catalog as k2_catalog, maintenance
+from k2_assets.core import catalog as k2_catalog
+from k2_assets.core import maintenance
 from k2_assets.core.metrics import MaintenanceMetrics
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import MAINTENANCE, publish
@@ -78,7 +79,7 @@ def _partition_filter(partition: dict) -> BooleanExpression:
 @dg.op(out=dg.Out(dg.Nothing))
 def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
     """Rewrite each closed partition with too many small files into few files, rows and Kafka offsets unchanged."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if config.days:
         days = sorted({date.fromisoformat(d) for d in config.days})
         for day in days:
@@ -156,14 +157,14 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
     if retain < timedelta(0):
         raise dg.Failure(description="retention_days must not be negative")
     rows, expired_total = [], 0
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         before = len(table.metadata.snapshots)
         expired = maintenance.expire(table, retain, now)
         table.refresh()
         oldest = min((s.timestamp_ms for s in table.metadata.snapshots), default=None)
-        oldest_text = datetime.fromtimestamp(oldest / 1000, tz=timezone.utc).isoformat(timespec="seconds") if oldest else ""
+        oldest_text = datetime.fromtimestamp(oldest / 1000, tz=UTC).isoformat(timespec="seconds") if oldest else ""
         context.log.info(f"market.{name}: {expired} of {before} snapshots expired")
         expired_total += expired
         metrics.expired.labels(name).inc(expired)

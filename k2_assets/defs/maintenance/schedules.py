@@ -1,4 +1,4 @@
-from datetime import timezone
+from datetime import UTC
 
 import dagster as dg
 
@@ -13,5 +13,5 @@ from k2_assets.defs.maintenance.jobs import table_maintenance_job
 )
 def table_maintenance_schedule(context: dg.ScheduleEvaluationContext):
     """Daily at 04:30 UTC, after the Binance history load: compact closed days, expire past 7 days, remove orphans."""
-    day = context.scheduled_execution_time.astimezone(timezone.utc).date().isoformat()
+    day = context.scheduled_execution_time.astimezone(UTC).date().isoformat()
     return dg.RunRequest(run_key=f"table-maintenance-{day}")

@@ -17,7 +17,6 @@ from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.rollups.chart import markdown_charts
 from k2_assets.defs.run_metrics import ROLLUPS, publish
 
-MATCHES_RAW = "matches_raw_trades"
 # Like eager(), but for any partition (a backfill of 2014 cascades too, not only the latest day) and
 # without waiting for every dependency: the three trade sources are alternatives, not all required.
 AUTOMATION = (
@@ -97,8 +96,8 @@ def _metadata(bars: pa.Table, interval: str, source_snapshot, snapshot_id, confi
     }
 
 
-def _matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> dg.AssetCheckResult:
-    """Every traded bar equals the bar recomputed straight from the raw trades."""
+def matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> tuple[bool, dict]:
+    """Whether every traded bar equals the bar recomputed straight from the raw trades, and the comparison's metadata."""
     if interval == "1d":
         raw = rollups.derive(_raw_1m_as_bars(trades, con), "1d", 0, con=con)
     else:
@@ -112,11 +111,8 @@ def _matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> dg.Ass
     a = set(map(tuple, zip(*(mine.column(k).to_pylist() for k in keys))))
     b = set(map(tuple, zip(*(theirs.column(k).to_pylist() for k in keys))))
     differing = sorted(a ^ b, key=str)
-    return dg.AssetCheckResult(
-        check_name=MATCHES_RAW,
-        passed=not differing,
-        metadata={"bars_compared": len(a), "bars_differing": len(differing), "sample": dg.MetadataValue.json([str(d) for d in differing[:5]])},
-    )
+    return not differing, {"bars_compared": len(a), "bars_differing": len(differing),
+                           "sample": dg.MetadataValue.json([str(d) for d in differing[:5]])}
 
 
 def _raw_1m_as_bars(trades: pa.Table, con) -> pa.Table:
@@ -145,9 +141,8 @@ def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duck
         bars = rollups.one_minute_bars(rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0,
                                        con=con) if rows.num_rows else _empty_bars()
         written = _write(iceberg, "1m", day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
-        checks = [_matches_raw(rows, bars, "1m", con)]
     _publish(context, "1m", bars, started)
-    return dg.MaterializeResult(metadata=_metadata(bars, "1m", snapshot, written, config), check_results=checks)
+    return dg.MaterializeResult(metadata=_metadata(bars, "1m", snapshot, written, config))
 
 
 def _empty_bars() -> pa.Table:
@@ -165,11 +160,8 @@ def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource,
     with duckdb.get_connection() as con:
         bars = rollups.derive(minute, interval, snapshot or 0, con=con) if minute.num_rows else _empty_bars()
         written = _write(iceberg, interval, day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
-        trades = _scan(iceberg.table("trades"), EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else None
-        checks = [_matches_raw(trades, bars, interval, con)] if trades is not None else [
-            dg.AssetCheckResult(check_name=MATCHES_RAW, passed=True, metadata={"bars_compared": 0})]
     _publish(context, interval, bars, started)
-    return dg.MaterializeResult(metadata=_metadata(bars, interval, snapshot, written, config), check_results=checks)
+    return dg.MaterializeResult(metadata=_metadata(bars, interval, snapshot, written, config))
 
 
 def _mapping() -> dg.TimeWindowPartitionMapping:
@@ -186,8 +178,6 @@ def _spec(interval: str, upstream) -> dict:
         group_name="rollups",
         kinds={"duckdb", "iceberg"},
         automation_condition=AUTOMATION,
-        check_specs=[dg.AssetCheckSpec(MATCHES_RAW, asset=f"ohlcv_{interval}", blocking=True,
-                                       description="every traded bar equals the bar recomputed from the raw trades")],
         # Same key, same trade_date: ASX sessions and Binance days both label their windows in UTC.
         deps=[dg.AssetDep(u, partition_mapping=_mapping()) for u in upstream],
     )

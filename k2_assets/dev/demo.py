@@ -3,18 +3,17 @@
 `generate_demo_data` writes a small, deterministic data set (with a few deliberately bad rows)
 so the demo runs without the real sample files. Plain Python + numpy; never imports Dagster.
 
-    python -m k2_assets.core.demo --out .k2/data
+    k2 demo-data --out .k2/data
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import itertools
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -221,7 +220,7 @@ def _asx_company(rng: np.random.Generator, co: Company, days: list[date], bad_ro
     t_idx = np.repeat(np.flatnonzero(is_trade), reps[is_trade])
     trades, bad = _asx_trade_lines(rng, days, day[t_idx], times[t_idx], price[t_idx], volume[t_idx],
                                    qualifier[t_idx], venue[t_idx], bad_row_rate)
-    duplicates = sum(a == b for a, b in zip(trades, trades[1:]))
+    duplicates = sum(a == b for a, b in itertools.pairwise(trades))
 
     q = ~is_trade
     bid_q, ask_q = bid[q].copy(), ask[q].copy()
@@ -468,31 +467,3 @@ def generate_demo_data(
         "total_rows": sum(s["rows"] for s in by_name.values()),
         "total_bad_rows": sum(sum(s["bad_rows"].values()) for s in by_name.values()),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m k2_assets.core.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory to write asx/ and binance/ into")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--asx-start", type=date.fromisoformat, default=date(2014, 3, 10))
-    parser.add_argument("--asx-days", type=int, default=5)
-    parser.add_argument("--binance-dates", default="2024-01-01,2024-01-02,2025-01-02",
-                        help="comma-separated YYYY-MM-DD")
-    parser.add_argument("--binance-rows-per-day", type=int, default=20_000)
-    parser.add_argument("--bad-row-rate", type=float, default=0.001)
-    args = parser.parse_args(argv)
-    summary = generate_demo_data(
-        args.out,
-        asx_start=args.asx_start,
-        asx_days=args.asx_days,
-        binance_dates=[date.fromisoformat(d) for d in args.binance_dates.split(",") if d.strip()],
-        binance_rows_per_day=args.binance_rows_per_day,
-        seed=args.seed,
-        bad_row_rate=args.bad_row_rate,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,17 +9,15 @@ Trades come from a source: a data.binance.vision dump (`replay_file`) or an endl
 (`random_walk`). On request the server injects the faults a real feed has: disconnects, id gaps,
 duplicates, swapped neighbours and garbled frames, each decided per trade from a seed.
 
-    python -m k2_assets.core.feed_server --replay BTCUSDT-trades-2024-01-01.zip --port 9443 --speedup 10
+    k2 feed --replay BTCUSDT-trades-2024-01-01.zip --port 9443 --speedup 10
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import contextlib
 import csv
-import gc
 import heapq
 import io
 import itertools
@@ -33,6 +31,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -43,9 +42,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from k2_assets.core.binance_format import MICROS_FROM, quote_currency
-from k2_assets.core.stopping import Stopper
 
-log = logging.getLogger("k2_assets.core.feed_server")  # not __main__ under -m
+log = logging.getLogger(__name__)
 
 DUMP_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-trades-")
 DEFAULT_START_PRICES = {"BTCUSDT": "42690.21", "ETHUSDT": "2281.40", "BNBUSDT": "312.50", "SOLUSDT": "101.20"}
@@ -357,7 +355,7 @@ class FeedServer:
         """Market position (0-based index into the source) where the next connection starts."""
         return self._cursor if self.shared_cursor else self._market.base
 
-    async def start(self) -> FeedServer:
+    async def start(self) -> Self:
         self._market.pull()  # learn the symbols before the first REST call
         self._server = await serve(
             self._handle, self.host, self.port, process_request=self._process_request,
@@ -377,7 +375,7 @@ class FeedServer:
         assert self._server is not None, "start() first"
         await self._server.serve_forever()
 
-    async def __aenter__(self) -> FeedServer:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -540,8 +538,7 @@ class FeedServer:
     def _row(self, conn: _Connection) -> Row | None:
         """The market row at the connection's position, pulling from the source as needed."""
         market = self._market
-        if conn.pos < market.base:  # a slow reader fell behind the kept history: those trades are gone
-            conn.pos = market.base
+        conn.pos = max(conn.pos, market.base)  # a slow reader fell behind the kept history: those trades are gone
         while (index := conn.pos - market.base) >= len(market.rows):
             if not market.pull():
                 return None
@@ -648,68 +645,3 @@ def run_in_thread(source: Iterable[dict], **kwargs) -> Iterator[FeedServer]:
         thread.join(timeout=10)
         if not thread.is_alive():
             loop.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="k2 feed", description=__doc__.split("\n\n")[0])
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--replay", action="append", metavar="FILE",
-                      help="data.binance.vision trades dump (.csv/.zip); repeat to merge several")
-    what.add_argument("--random-walk", metavar="SYMBOLS", help="comma-separated symbols, e.g. BTCUSDT,ETHUSDT")
-    parser.add_argument("--symbol", help="symbol of a --replay file whose name does not start with it")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9443)
-    pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, help="messages per second per connection")
-    pace.add_argument("--speedup", type=float, help="replay at N times the original pace (default 1 = real time)")
-    pace.add_argument("--unpaced", action="store_true", help="send as fast as the client reads")
-    parser.add_argument("--no-shared-cursor", action="store_true", help="every connection replays from the start")
-    parser.add_argument("--ping-interval", type=float, default=20.0)
-    parser.add_argument("--ping-timeout", type=float, default=60.0)
-    parser.add_argument("--drop-every", type=int)
-    parser.add_argument("--max-connection-seconds", type=float)
-    parser.add_argument("--skip-ids", default="", help="comma-separated trade ids never to stream")
-    parser.add_argument("--skip-ids-ratio", type=float, default=0.0)
-    parser.add_argument("--duplicate-ratio", type=float, default=0.0)
-    parser.add_argument("--out-of-order-ratio", type=float, default=0.0)
-    parser.add_argument("--malformed-ratio", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is ours
-
-    if args.replay:
-        source = merge_by_time(*(replay_file(path, args.symbol) for path in args.replay))
-        symbols = None
-    else:
-        symbols = [s.strip().upper() for s in args.random_walk.split(",") if s.strip()]
-        source = random_walk(symbols, seed=args.seed)
-    speedup = None if args.unpaced or args.rate else args.speedup or 1.0
-    server = FeedServer(
-        source, host=args.host, port=args.port, rate=args.rate, speedup=speedup,
-        shared_cursor=not args.no_shared_cursor, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-        drop_every=args.drop_every, max_connection_seconds=args.max_connection_seconds,
-        skip_ids={int(i) for i in args.skip_ids.split(",") if i.strip()}, skip_ids_ratio=args.skip_ids_ratio,
-        duplicate_ratio=args.duplicate_ratio, out_of_order_ratio=args.out_of_order_ratio,
-        malformed_ratio=args.malformed_ratio, seed=args.seed, symbols=symbols)
-
-    async def serve_until_signalled() -> None:
-        await server.start()
-        # Every full GC pass rescans all start-up objects, which costs more than the trades themselves at
-        # 100k msg/s; freezing moves them out of the collector's way.
-        gc.freeze()
-        stopping = asyncio.Event()
-        Stopper("k2 feed", f"the local Binance feed on {server.ws_url} and its connections", stopping.set).install(
-            asyncio.get_running_loop())
-        log.info("serving %s (streams: /ws/<symbol>@trade, /stream?streams=...; REST: %s/api/v3/...) symbols %s",
-                 server.ws_url, server.http_url, ",".join(sorted(server.symbols)))
-        await stopping.wait()
-        await server.stop()
-        log.info("stopped; stats %s", server.stats)
-
-    asyncio.run(serve_until_signalled())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The producer's dead letters (frames that never became trades) as market.rejected rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from k2_assets.core import live_codec, schemas
+
+
+def dead_letter_rows(messages: list) -> pa.Table:
+    """Dead-letter messages -> market.rejected rows, with the producer's reason."""
+    now = datetime.now(UTC)
+    n = len(messages)
+    headers = [dict(m.headers() or []) for m in messages]
+    return schemas.build_table(
+        schemas.REJECTED,
+        {
+            "source": pa.repeat(pa.scalar("binance_stream"), n),
+            "partition_date": pa.repeat(pa.scalar(now.date(), pa.date32()), n),
+            "exchange": pa.repeat(pa.scalar(live_codec.EXCHANGE), n),
+            "kafka_topic": pa.array([m.topic() for m in messages], pa.string()),
+            "kafka_partition": pa.array([m.partition() for m in messages], pa.int32()),
+            "kafka_offset": pa.array([m.offset() for m in messages], pa.int64()),
+            "raw": pa.array([m.value() or b"" for m in messages], pa.binary()),
+            "reason": pa.array([(h.get("k2-reason") or b"dead-lettered without a reason").decode("utf-8", "replace")
+                                for h in headers]),
+            "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+        },
+        n,
+    )

@@ -1,0 +1,1 @@
+"""Dev and demo tooling: not used by the production pipeline."""
