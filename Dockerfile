@@ -5,7 +5,9 @@ COPY pyproject.toml README.md workspace.yaml dagster.yaml ./
 COPY schemas ./schemas
 COPY k2_assets ./k2_assets
 COPY docker ./docker
+# pg_dump and pg_restore for the catalog backups (catalog_backup_job, `k2 catalog backup|restore`).
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir -e . \
- && useradd --create-home k2 && mkdir -p /opt/dagster && cp docker/dagster.yaml /opt/dagster/dagster.yaml && chown -R k2 /opt/dagster
+ && useradd --create-home k2 && mkdir -p /opt/dagster /backups && chown k2 /backups && cp docker/dagster.yaml /opt/dagster/dagster.yaml && chown -R k2 /opt/dagster
 USER k2
 ENV DAGSTER_HOME=/opt/dagster K2_HOME=/home/k2/.k2

@@ -33,6 +33,8 @@ postgresql:  # Debian's PostgreSQL server: the tests of the production catalog s
 	@bash scripts/get-postgresql || echo "warning: postgresql unavailable; the PostgreSQL catalog tests will say why they fail"
 
 test: install /usr/bin/chromium .tools/promtool .tools/pushgateway docker-compose postgresql
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: install

@@ -16,13 +16,16 @@ import traceback
 import bench
 from bench._common import BenchUnavailable
 
+
 def discover() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_") and not m.ispkg)
 
 
 def main(argv: list[str] | None = None) -> int:
     names = discover()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", metavar="NAME", action="append", help=f"run only this benchmark (repeatable); one of {names}")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": commit,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -104,15 +104,18 @@ def write_results(name: str, results: dict) -> Path:
 def footer(results: dict, verdicts_note: str = "") -> str:
     """The closing line of a report: memory, machine load and where the JSON went."""
     load = results["load_average_1min"]
-    return (f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {load['before']:.2f} before, "
-            f"{load['after']:.2f} after (other processes skew timings){verdicts_note}; JSON: {results['json']}")
+    return (
+        f"peak RSS: {results['peak_rss_mb']:.0f} MB; 1-min load average {load['before']:.2f} before, "
+        f"{load['after']:.2f} after (other processes skew timings){verdicts_note}; JSON: {results['json']}"
+    )
 
 
 def save(name: str, results: dict, load_before: float) -> dict:
     """Add memory, machine load and the JSON path to `results`, write them, and return them."""
     json_path = Path("bench") / "results" / f"{name}.json"
-    results.update(peak_rss_mb=peak_rss_mb(), load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
-                   json=str(json_path))
+    results.update(
+        peak_rss_mb=peak_rss_mb(), load_average_1min={"before": load_before, "after": os.getloadavg()[0]}, json=str(json_path)
+    )
     write_results(name, results)
     progress(f"wrote {json_path}")
     return results

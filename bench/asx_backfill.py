@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from pyiceberg.expressions import And, EqualTo
 
-from bench._common import save, footer, REPO, BenchUnavailable, Timing, environment, progress, timed
+from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, save, timed
 from k2_assets.core import asx, catalog, checks, writer
 
 NAME = "asx_backfill"
@@ -112,7 +112,10 @@ def bench_validate(batches) -> tuple[Timing, int]:
     for _ in range(STAGE_REPEAT):
         seconds, failures = timed(validate_all, batches)
         timing.seconds.append(seconds)
-    progress(f"validate: {timing.rows:,} rows, best {timing.best:.3f}s ({timing.rate(timing.best):,.0f} rows/s), failed-row checks {failures}")
+    progress(
+        f"validate: {timing.rows:,} rows, best {timing.best:.3f}s ({timing.rate(timing.best):,.0f} rows/s), "
+        f"failed-row checks {failures}"
+    )
     return timing, failures
 
 
@@ -182,7 +185,11 @@ def backfill_dagster(data: Path, home: Path) -> dict:
     with dg.DagsterInstance.ephemeral() as instance:
         for day in SESSIONS:
             result = dg.materialize(
-                [asx_trades, asx_quotes], partition_key=day.isoformat(), resources=resources, instance=instance, run_config=QUIET_RUN_CONFIG
+                [asx_trades, asx_quotes],
+                partition_key=day.isoformat(),
+                resources=resources,
+                instance=instance,
+                run_config=QUIET_RUN_CONFIG,
             )
             if not result.success:
                 raise RuntimeError(f"dg.materialize failed for {day}")
@@ -200,7 +207,10 @@ def backfill_dagster(data: Path, home: Path) -> dict:
 def table_counts(home: Path) -> dict[str, int]:
     props = catalog_props(home)
     cat = catalog.open_catalog(props["catalog_uri"], props["warehouse"])
-    return {name: cat.load_table(f"market.{name}").scan(selected_fields=("source_row",)).to_arrow().num_rows for name in ("trades", "quotes", "rejected")}
+    return {
+        name: cat.load_table(f"market.{name}").scan(selected_fields=("source_row",)).to_arrow().num_rows
+        for name in ("trades", "quotes", "rejected")
+    }
 
 
 def bench_backfill(data: Path, label: str, fn) -> tuple[Timing, dict]:
@@ -225,7 +235,9 @@ def bench_backfill(data: Path, label: str, fn) -> tuple[Timing, dict]:
     timing.rows = totals["read"]
     if steps:
         totals["steps_median_s"] = {step: statistics.median(v) for step, v in steps.items()}
-    progress(f"backfill {label}: best {timing.best:.2f}s, median {timing.median:.2f}s ({timing.rate(timing.best):,.0f} rows/s best)")
+    progress(
+        f"backfill {label}: best {timing.best:.2f}s, median {timing.median:.2f}s ({timing.rate(timing.best):,.0f} rows/s best)"
+    )
     return timing, totals
 
 
@@ -239,16 +251,30 @@ def verdict(ok: bool) -> str:
 def render(results: dict) -> str:
     s = results["stages"]
     rows = [
-        ("parse+normalize (10 loads, cold cache)", s["parse_normalize"], f">= {TARGET_PARSE_ROWS_PER_S:,} rows/s",
-         verdict(s["parse_normalize"]["rows_per_s_median"] >= TARGET_PARSE_ROWS_PER_S)),
+        (
+            "parse+normalize (10 loads, cold cache)",
+            s["parse_normalize"],
+            f">= {TARGET_PARSE_ROWS_PER_S:,} rows/s",
+            verdict(s["parse_normalize"]["rows_per_s_median"] >= TARGET_PARSE_ROWS_PER_S),
+        ),
         ("  raw floor: read_csv as strings", s["raw_read_csv"], "", ""),
         ("validate (10 batches, pandera)", s["validate"], "", ""),
-        ("backfill 5 days, core", s["backfill_core"], f"< {TARGET_BACKFILL_S:g} s",
-         verdict(s["backfill_core"]["median_s"] < TARGET_BACKFILL_S)),
-        ("backfill 5 days, dg.materialize", s["backfill_dagster"], f"< {TARGET_BACKFILL_S:g} s",
-         verdict(s["backfill_dagster"]["median_s"] < TARGET_BACKFILL_S)),
+        (
+            "backfill 5 days, core",
+            s["backfill_core"],
+            f"< {TARGET_BACKFILL_S:g} s",
+            verdict(s["backfill_core"]["median_s"] < TARGET_BACKFILL_S),
+        ),
+        (
+            "backfill 5 days, dg.materialize",
+            s["backfill_dagster"],
+            f"< {TARGET_BACKFILL_S:g} s",
+            verdict(s["backfill_dagster"]["median_s"] < TARGET_BACKFILL_S),
+        ),
     ]
-    header = f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'rows/s best':>13} {'rows/s median':>14}  {'target':<22} verdict"
+    header = (
+        f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'rows/s best':>13} {'rows/s median':>14}  {'target':<22} verdict"
+    )
     lines = [
         f"ASX backfill — {results['data_dir']}, sessions {SESSIONS[0]}..{SESSIONS[-1]}, trades + quotes"
         f" ({results['environment']['cpu_count']} CPUs, pyarrow {results['environment']['versions']['pyarrow']})",
@@ -268,7 +294,8 @@ def render(results: dict) -> str:
         "core backfill by step (median s over the 5 days x 2 kinds): "
         + ", ".join(f"{step} {seconds:.2f}" for step, seconds in steps.items())
         + f"; Dagster overhead ≈ {s['backfill_dagster']['median_s'] - s['backfill_core']['median_s']:.2f} s",
-        f"rows read {c['read']:,} = written {c['written']:,} + rejected {c['rejected']:,}  (checked for both paths; tables hold the same)",
+        f"rows read {c['read']:,} = written {c['written']:,} + rejected {c['rejected']:,}  "
+        "(checked for both paths; tables hold the same)",
         f"decode vs raw read: {ratio:.1f}x the floor's time; validate failures: {c['validate_failed_rows']} rows; "
         f"failed checks after backfill: core {c['core_failed_checks']}, dagster {c['dagster_failed_checks']}",
         footer(results, "; verdicts use the median"),
@@ -296,7 +323,11 @@ def run() -> str:
         "sessions": [d.isoformat() for d in SESSIONS],
         "kinds": list(KINDS),
         "environment": environment(),
-        "targets": {"parse_normalize_rows_per_s": TARGET_PARSE_ROWS_PER_S, "backfill_s": TARGET_BACKFILL_S, "judged_on": "median"},
+        "targets": {
+            "parse_normalize_rows_per_s": TARGET_PARSE_ROWS_PER_S,
+            "backfill_s": TARGET_BACKFILL_S,
+            "judged_on": "median",
+        },
         "stages": {
             "parse_normalize": decode.as_dict(),
             "raw_read_csv": floor.as_dict(),

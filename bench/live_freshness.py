@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from bench._common import save, footer, environment, progress
+from bench._common import environment, footer, progress, save
 from bench.live_throughput import CpuMeter, _StageClock, broker, load_average, percentiles, temp_tables, verdict
 from k2_assets.core import catalog, live_writer
 from k2_assets.core.binance_stream import BinanceProducer
@@ -93,7 +93,7 @@ class ProducerThread:
         except BaseException as exc:  # reported, not swallowed
             self.error = exc
 
-    def start(self) -> "ProducerThread":
+    def start(self) -> ProducerThread:
         self.thread.start()
         return self
 
@@ -121,7 +121,7 @@ def raw_kafka_loop(stop: threading.Event, bootstrap: str, topic: str, out: list)
                     continue
                 value = m.value()
                 i = value.find(EVENT_TIME) + len(EVENT_TIME)
-                out.append(now - int(value[i:value.index(b'"', i)]) / 1000)
+                out.append(now - int(value[i : value.index(b'"', i)]) / 1000)
     finally:
         consumer.close()
 
@@ -162,9 +162,16 @@ def _recent_calls(stop, recent, calls, errors, tail_clock) -> None:
         except Exception as exc:  # noqa: BLE001 - the bench's own analysis must not end the thread silently
             errors.append(f"bench: reading event times of the answer: {type(exc).__name__}: {exc}")
             continue
-        calls.append({"called": called, "returned": returned, "rows": rows.num_rows,
-                      "kafka_tail_s": tail_clock["s"], "kafka_tail_rows": tail_clock["rows"],
-                      "freshness_s": returned - newest / 1000 if newest is not None else None})
+        calls.append(
+            {
+                "called": called,
+                "returned": returned,
+                "rows": rows.num_rows,
+                "kafka_tail_s": tail_clock["s"],
+                "kafka_tail_rows": tail_clock["rows"],
+                "freshness_s": returned - newest / 1000 if newest is not None else None,
+            }
+        )
 
 
 def visible_freshness(trades_table, batches: list[dict]) -> tuple[np.ndarray, dict]:
@@ -175,8 +182,11 @@ def visible_freshness(trades_table, batches: list[dict]) -> tuple[np.ndarray, di
     offsets = rows.column("kafka_offset").to_numpy(zero_copy_only=False)
     commit = np.full(rows.num_rows, np.nan)
     for p in np.unique(partitions):
-        spans = sorted((b["offset_ranges"][int(p)][0], b["offset_ranges"][int(p)][1], b["commit_wall"])
-                       for b in batches if int(p) in b["offset_ranges"] and b["commit_wall"] is not None)
+        spans = sorted(
+            (b["offset_ranges"][int(p)][0], b["offset_ranges"][int(p)][1], b["commit_wall"])
+            for b in batches
+            if int(p) in b["offset_ranges"] and b["commit_wall"] is not None
+        )
         firsts = np.array([s[0] for s in spans])
         lasts = np.array([s[1] for s in spans])
         walls = np.array([s[2] for s in spans])
@@ -186,8 +196,11 @@ def visible_freshness(trades_table, batches: list[dict]) -> tuple[np.ndarray, di
         commit[np.flatnonzero(mask)[ok]] = walls[idx[ok]]
     unmapped = int(np.isnan(commit).sum())
     fresh = commit - event_ms(rows) / 1000
-    check = {"table_rows": rows.num_rows, "distinct_message_ids": pc.count_distinct(rows.column("message_id")).as_py(),
-             "rows_not_mapped_to_a_batch": unmapped}
+    check = {
+        "table_rows": rows.num_rows,
+        "distinct_message_ids": pc.count_distinct(rows.column("message_id")).as_py(),
+        "rows_not_mapped_to_a_batch": unmapped,
+    }
     return fresh[~np.isnan(fresh)], check
 
 
@@ -197,9 +210,15 @@ def run_feed(home: Path) -> dict:
         ensure_topics(b.bootstrap, {topic: PARTITIONS, topic + ".dlq": 1})
         table_home = home / "lake"
         _, trades, rejected = temp_tables(table_home)
-        writer = live_writer.LiveWriter(trades, rejected, b.bootstrap, topic=topic,
-                                        group_id=f"bench-fresh-{uuid.uuid4().hex[:8]}",
-                                        max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
+        writer = live_writer.LiveWriter(
+            trades,
+            rejected,
+            b.bootstrap,
+            topic=topic,
+            group_id=f"bench-fresh-{uuid.uuid4().hex[:8]}",
+            max_batch_rows=MAX_BATCH_ROWS,
+            max_batch_seconds=MAX_BATCH_SECONDS,
+        )
         # "Visible" = right after the Iceberg commit of the batch: time it where trades.append returns.
         appended: list[float] = []
         append = writer.trades.append  # the writer's own (fenced) handle on the table
@@ -224,28 +243,45 @@ def run_feed(home: Path) -> dict:
         batches: list[dict] = []
 
         def on_batch(report: live_writer.BatchReport) -> None:
-            batches.append({"consumed": report.consumed, "written": report.written, "duplicates": report.duplicates,
-                            "rejected": report.rejected, "offset_ranges": report.offset_ranges, "snapshot_id": report.snapshot_id,
-                            "commit_wall": appended[-1] if report.snapshot_id is not None else None,
-                            "reported_wall": time.time(), "k2_latency_s": report.latency_seconds, "write_s": write_seconds[-1],
-                            "tick": len(ticks)})
+            batches.append(
+                {
+                    "consumed": report.consumed,
+                    "written": report.written,
+                    "duplicates": report.duplicates,
+                    "rejected": report.rejected,
+                    "offset_ranges": report.offset_ranges,
+                    "snapshot_id": report.snapshot_id,
+                    "commit_wall": appended[-1] if report.snapshot_id is not None else None,
+                    "reported_wall": time.time(),
+                    "k2_latency_s": report.latency_seconds,
+                    "write_s": write_seconds[-1],
+                    "tick": len(ticks),
+                }
+            )
 
         stop_side = threading.Event()
         raw_latency: list[float] = []
         recent_calls: list[dict] = []
         recent_errors: list[str] = []
-        side = [threading.Thread(target=raw_kafka_loop, args=(stop_side, b.bootstrap, topic, raw_latency),
-                                 name="raw-consumer", daemon=True),
-                threading.Thread(target=recent_loop,
-                                 args=(stop_side, table_home, b.bootstrap, topic, recent_calls, recent_errors),
-                                 name="recent-trades", daemon=True)]
+        side = [
+            threading.Thread(
+                target=raw_kafka_loop, args=(stop_side, b.bootstrap, topic, raw_latency), name="raw-consumer", daemon=True
+            ),
+            threading.Thread(
+                target=recent_loop,
+                args=(stop_side, table_home, b.bootstrap, topic, recent_calls, recent_errors),
+                name="recent-trades",
+                daemon=True,
+            ),
+        ]
         ticks: list[dict] = []
         feed: dict = {}
         feeding = stopper = None
         try:
             with run_in_thread(wall_clock_walk(SYMBOLS), rate=RATE, symbols=SYMBOLS) as server:
-                producer = BinanceProducer(list(SYMBOLS), b.bootstrap, base_url=server.ws_url, topic=topic,
-                                           dead_letter_topic=topic + ".dlq")
+                producer = BinanceProducer(
+                    list(SYMBOLS), b.bootstrap, base_url=server.ws_url, topic=topic, dead_letter_topic=topic + ".dlq"
+                )
                 for t in side:
                     t.start()
                 feeding = ProducerThread(producer).start()
@@ -267,8 +303,9 @@ def run_feed(home: Path) -> dict:
                     while time.monotonic() < deadline:
                         tick_start = time.time()
                         reports = writer.drain(TICK_SECONDS, on_batch=on_batch)
-                        ticks.append({"start": tick_start - feed["started"], "end": time.time() - feed["started"],
-                                      "batches": len(reports)})
+                        ticks.append(
+                            {"start": tick_start - feed["started"], "end": time.time() - feed["started"], "batches": len(reports)}
+                        )
                         consumed = sum(x["consumed"] for x in batches)
                         if "flushed" in feed and consumed >= producer.stats.produced:
                             break
@@ -296,13 +333,29 @@ def run_feed(home: Path) -> dict:
             raise RuntimeError(f"BinanceProducer.run failed: {feeding.error!r}")
         fresh, check = visible_freshness(trades, batches)
         stats = producer.stats
-        del producer, feeding, writer
-        return {"topic": topic, "fresh": fresh, "check": check, "batches": batches, "ticks": ticks, "raw_latency": raw_latency,
-                "recent_calls": recent_calls, "recent_errors": recent_errors, "cpu": meter.as_dict(),
-                "writer_steps_s": clock.breakdown(),
-                "feed_seconds": feed["stopped"] - feed["started"], "flush_seconds": feed["flushed"] - feed["stopped"],
-                "produced": stats.produced, "dead_lettered": stats.dead_lettered, "produce_errors": stats.produce_errors,
-                "reconnects": stats.reconnects, "gaps": len(stats.gaps), "server": server_stats}
+        # Let go of the Kafka clients here, while the broker is still up. Rebound rather than deleted:
+        # stop_feed closes over `feeding`, and a `del` would leave that closure's name unbound.
+        producer = feeding = writer = None
+        return {
+            "topic": topic,
+            "fresh": fresh,
+            "check": check,
+            "batches": batches,
+            "ticks": ticks,
+            "raw_latency": raw_latency,
+            "recent_calls": recent_calls,
+            "recent_errors": recent_errors,
+            "cpu": meter.as_dict(),
+            "writer_steps_s": clock.breakdown(),
+            "feed_seconds": feed["stopped"] - feed["started"],
+            "flush_seconds": feed["flushed"] - feed["stopped"],
+            "produced": stats.produced,
+            "dead_lettered": stats.dead_lettered,
+            "produce_errors": stats.produce_errors,
+            "reconnects": stats.reconnects,
+            "gaps": len(stats.gaps),
+            "server": server_stats,
+        }
 
 
 def _firsts(batches: list[dict]) -> list[dict]:
@@ -327,7 +380,12 @@ def render(results: dict) -> str:
     ]
     for label, key, target, ok in (
         ("E -> visible in market.trades (after commit)", "visible", f"p95 < {TARGET_VISIBLE_P95_S:g} s", v["visible_p95"]),
-        (f"E -> RecentTrades.query({RECENT_SYMBOL}, 1 min) returned", "recent", f"p95 < {TARGET_RECENT_P95_S:g} s", v["recent_p95"]),
+        (
+            f"E -> RecentTrades.query({RECENT_SYMBOL}, 1 min) returned",
+            "recent",
+            f"p95 < {TARGET_RECENT_P95_S:g} s",
+            v["recent_p95"],
+        ),
         ("  query call duration", "recent_call_duration", "", ""),
         ("    of which Kafka tail (end offsets, read, decode)", "recent_kafka_tail_part", "", ""),
         ("    of which table scan + merge", "recent_table_and_merge_part", "", ""),
@@ -338,8 +396,9 @@ def render(results: dict) -> str:
         if not s.get("n"):
             lines.append(f"{label:<50} {0:>8}  (no samples)")
             continue
-        lines.append(f"{label:<50} {s['n']:>8,} {s['p50']:>8.3f} {s['p95']:>8.3f} {s['p99']:>8.3f} {s['max']:>8.3f}  "
-                     f"{target:<14} {ok}")
+        lines.append(
+            f"{label:<50} {s['n']:>8,} {s['p50']:>8.3f} {s['p95']:>8.3f} {s['p99']:>8.3f} {s['max']:>8.3f}  {target:<14} {ok}"
+        )
     c, cpu = results["check"], results["cpu"]
     lines += [
         "-" * len(header),
@@ -363,8 +422,10 @@ def render(results: dict) -> str:
 
 def run() -> str:
     load_before = load_average()
-    progress(f"live freshness: {RATE:,} trades/s for {FEED_SECONDS:.0f} s over {','.join(SYMBOLS)} "
-             f"(load average {load_before:.2f} on {os.cpu_count()} CPUs)")
+    progress(
+        f"live freshness: {RATE:,} trades/s for {FEED_SECONDS:.0f} s over {','.join(SYMBOLS)} "
+        f"(load average {load_before:.2f} on {os.cpu_count()} CPUs)"
+    )
     with tempfile.TemporaryDirectory(prefix="k2-bench-live-freshness-") as tmp:
         out = run_feed(Path(tmp))
     calls = out["recent_calls"]
@@ -378,19 +439,28 @@ def run() -> str:
         "raw_kafka": percentiles(out["raw_latency"]),
         "k2_report_p95_per_batch": percentiles([b["k2_latency_s"]["p95"] for b in out["batches"] if b["k2_latency_s"]]),
     }
-    progress("visible p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["visible"])
-             + ("recent p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["recent"]) if recent else "recent: no samples; ")
-             + "raw Kafka p50 {p50:.3f} s p95 {p95:.3f} s".format(**freshness["raw_kafka"]))
+    progress(
+        "visible p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["visible"])
+        + ("recent p50 {p50:.2f} s p95 {p95:.2f} s; ".format(**freshness["recent"]) if recent else "recent: no samples; ")
+        + "raw Kafka p50 {p50:.3f} s p95 {p95:.3f} s".format(**freshness["raw_kafka"])
+    )
     batches = out["batches"]
     results = {
         "benchmark": NAME,
         "environment": environment(),
-        "feed": {"source": "random_walk, trade time re-stamped with the wall clock at pull", "symbols": list(SYMBOLS),
-                 "rate": RATE},
+        "feed": {
+            "source": "random_walk, trade time re-stamped with the wall clock at pull",
+            "symbols": list(SYMBOLS),
+            "rate": RATE,
+        },
         "event_time": "Binance E = vendor_data['event_time'] (epoch ms), stamped by the feed server when it sends the frame",
         "visible": "wall time right after trades.append (the Iceberg commit) of the batch holding the row",
-        "sensor": {"tick_drain_s": TICK_SECONDS, "pause_s": PAUSE_SECONDS, "max_batch_rows": MAX_BATCH_ROWS,
-                   "max_batch_seconds": MAX_BATCH_SECONDS},
+        "sensor": {
+            "tick_drain_s": TICK_SECONDS,
+            "pause_s": PAUSE_SECONDS,
+            "max_batch_rows": MAX_BATCH_ROWS,
+            "max_batch_seconds": MAX_BATCH_SECONDS,
+        },
         "targets": {"visible_p95_s": TARGET_VISIBLE_P95_S, "recent_p95_s": TARGET_RECENT_P95_S},
         "verdicts": {
             "visible_p95": verdict(freshness["visible"].get("p95", float("inf")) < TARGET_VISIBLE_P95_S),
@@ -411,13 +481,20 @@ def run() -> str:
         "median_batch_rows": int(np.median([b["consumed"] for b in batches])) if batches else 0,
         "tick_log": out["ticks"],
         "batch_write_s": percentiles([b["write_s"] for b in batches]),
-        "writer_steps_mean_per_batch_s": {k: v / max(1, len(batches)) for k, v in out["writer_steps_s"].items()
-                                          if k != "consume"},
-        "first_batch_of_tick": {"rows": percentiles([b["consumed"] for b in _firsts(batches)]),
-                                "write_s": percentiles([b["write_s"] for b in _firsts(batches)])},
-        "batch_log": [{**{k: b[k] for k in ("tick", "consumed", "written", "duplicates", "rejected", "write_s", "k2_latency_s")},
-                       "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None}
-                      for b in batches],
+        "writer_steps_mean_per_batch_s": {
+            k: v / max(1, len(batches)) for k, v in out["writer_steps_s"].items() if k != "consume"
+        },
+        "first_batch_of_tick": {
+            "rows": percentiles([b["consumed"] for b in _firsts(batches)]),
+            "write_s": percentiles([b["write_s"] for b in _firsts(batches)]),
+        },
+        "batch_log": [
+            {
+                **{k: b[k] for k in ("tick", "consumed", "written", "duplicates", "rejected", "write_s", "k2_latency_s")},
+                "commit_to_report_s": (b["reported_wall"] - b["commit_wall"]) if b["commit_wall"] else None,
+            }
+            for b in batches
+        ],
         "recent_calls": len(calls),
         "recent_empty_calls": sum(c["rows"] == 0 for c in calls),
         "recent_kafka_tail_rows": percentiles([c["kafka_tail_rows"] for c in calls]),

@@ -34,9 +34,18 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench._common import save, footer, REPO, environment, peak_rss_mb, progress
-from bench.live_throughput import (CpuMeter, binance_trades_file, broker, cycled_trades, load_average, produce_all, real_trades,
-                                   v2_messages, verdict)
+from bench._common import REPO, environment, footer, peak_rss_mb, progress, save
+from bench.live_throughput import (
+    CpuMeter,
+    binance_trades_file,
+    broker,
+    cycled_trades,
+    load_average,
+    produce_all,
+    real_trades,
+    v2_messages,
+    verdict,
+)
 from k2_assets.core import live_codec
 from k2_assets.core.binance_stream import BinanceProducer, stream_url
 from k2_assets.core.kafka import ensure_topics
@@ -79,8 +88,13 @@ class FeedProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.live_producer_rate", "--serve", str(self.n)], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.live_producer_rate", "--serve", str(self.n)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout=30):
@@ -130,10 +144,18 @@ async def _k2_producer(base_url: str, bootstrap: str, topic: str, n: int) -> dic
     stats = await task  # run() ends with close(): flush
     end = time.perf_counter()
     unflushed = len(producer.producer)
-    result = {"seconds": end - start, "seconds_to_produced": produced_at - start, "flush_s": end - produced_at,
-              "received": stats.received, "produced": stats.produced, "dead_lettered": stats.dead_lettered,
-              "produce_errors": stats.produce_errors, "reconnects": stats.reconnects, "gaps": len(stats.gaps),
-              "unflushed": unflushed}
+    result = {
+        "seconds": end - start,
+        "seconds_to_produced": produced_at - start,
+        "flush_s": end - produced_at,
+        "received": stats.received,
+        "produced": stats.produced,
+        "dead_lettered": stats.dead_lettered,
+        "produce_errors": stats.produce_errors,
+        "reconnects": stats.reconnects,
+        "gaps": len(stats.gaps),
+        "unflushed": unflushed,
+    }
     del producer
     return result
 
@@ -193,7 +215,9 @@ def per_frame_profile(bootstrap: str, topic: str, frames: list[str]) -> dict:
     clock("Producer.produce + flush (K2 config)", produce_values)
     clock("handle_frame whole + flush", lambda: ([producer.handle_frame(f, ingest) for f in frames], producer.producer.flush(60)))
     producer.producer.flush(60)
-    del producer
+    # Let go of the Kafka producer now. Rebound rather than deleted: produce_values and the lambda above
+    # close over `producer`, and a `del` would leave their name unbound.
+    producer = None
     out["sum of the pieces"] = sum(v for k, v in out.items() if k != "handle_frame whole + flush")
     return out
 
@@ -211,8 +235,12 @@ def render(results: dict) -> str:
         "-" * len(header),
     ]
     for label, key, target, ok in (
-        ("K2: FeedServer -> BinanceProducer -> Kafka (flushed)", "k2", f">= {TARGET_MSGS_PER_S:,}/s",
-         results["verdicts"]["k2_msgs_per_s"]),
+        (
+            "K2: FeedServer -> BinanceProducer -> Kafka (flushed)",
+            "k2",
+            f">= {TARGET_MSGS_PER_S:,}/s",
+            results["verdicts"]["k2_msgs_per_s"],
+        ),
         ("  raw (a): bare websockets client, no Kafka", "raw_websocket", "", ""),
         ("  raw (b): bare confluent-kafka produce loop", "raw_produce", "", ""),
     ):
@@ -240,30 +268,45 @@ def run() -> str:
     m: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="k2-bench-producer-rate-") as tmp, broker(Path(tmp)) as b:
         run_id = uuid.uuid4().hex[:6]
-        topics = {f"bench.live.prod.{run_id}": PARTITIONS, f"bench.live.prod.{run_id}.dlq": 1,
-                  f"bench.live.raw.{run_id}": PARTITIONS, f"bench.live.prof.{run_id}": PARTITIONS,
-                  f"bench.live.prof.{run_id}.dlq": 1}
+        topics = {
+            f"bench.live.prod.{run_id}": PARTITIONS,
+            f"bench.live.prod.{run_id}.dlq": 1,
+            f"bench.live.raw.{run_id}": PARTITIONS,
+            f"bench.live.prof.{run_id}": PARTITIONS,
+            f"bench.live.prof.{run_id}.dlq": 1,
+        }
         ensure_topics(b.bootstrap, topics)
         k2_topic, raw_topic, profile_topic = (f"bench.live.{k}.{run_id}" for k in ("prod", "raw", "prof"))
 
         frames: list = [None] * min(PROFILE_FRAMES, N_MESSAGES)
         with FeedProcess(N_MESSAGES) as url:
             result = asyncio.run(_bare_websocket(url, N_MESSAGES, frames))
-        m["raw_websocket"] = {"messages": result["received"], "seconds": result["seconds"],
-                              "msgs_per_s": result["received"] / result["seconds"],
-                              "load_1min_after": load_average()}
-        progress(f"raw websockets client: {result['received']:,} frames in {result['seconds']:.2f} s "
-                 f"({m['raw_websocket']['msgs_per_s']:,.0f}/s); "
-                 f"peak RSS {peak_rss_mb():.0f} MB")
+        m["raw_websocket"] = {
+            "messages": result["received"],
+            "seconds": result["seconds"],
+            "msgs_per_s": result["received"] / result["seconds"],
+            "load_1min_after": load_average(),
+        }
+        progress(
+            f"raw websockets client: {result['received']:,} frames in {result['seconds']:.2f} s "
+            f"({m['raw_websocket']['msgs_per_s']:,.0f}/s); "
+            f"peak RSS {peak_rss_mb():.0f} MB"
+        )
 
         with FeedProcess(N_MESSAGES) as url, CpuMeter(b.process.pid) as meter:
             result = asyncio.run(_k2_producer(url, b.bootstrap, k2_topic, N_MESSAGES))
         gc.collect()
-        m["k2"] = {"messages": result["produced"], "msgs_per_s": result["produced"] / result["seconds"], **result,
-                   "cpu": meter.as_dict(),
-                   "load_1min_after": load_average()}
-        progress(f"K2 BinanceProducer: {result['produced']:,} in {result['seconds']:.2f} s ({m['k2']['msgs_per_s']:,.0f}/s), "
-                 f"flush {result['flush_s']:.2f} s; peak RSS {peak_rss_mb():.0f} MB")
+        m["k2"] = {
+            "messages": result["produced"],
+            "msgs_per_s": result["produced"] / result["seconds"],
+            **result,
+            "cpu": meter.as_dict(),
+            "load_1min_after": load_average(),
+        }
+        progress(
+            f"K2 BinanceProducer: {result['produced']:,} in {result['seconds']:.2f} s ({m['k2']['msgs_per_s']:,.0f}/s), "
+            f"flush {result['flush_s']:.2f} s; peak RSS {peak_rss_mb():.0f} MB"
+        )
         if result["produce_errors"] or result["unflushed"] or result["dead_lettered"]:
             raise AssertionError(f"BinanceProducer: {result}")
 
@@ -272,8 +315,13 @@ def run() -> str:
         values = [(key, bytes(memoryview(value))) for key, value in messages]
         with CpuMeter(b.process.pid) as meter:
             count, seconds = produce_all(b.bootstrap, raw_topic, values)
-        m["raw_produce"] = {"messages": count, "seconds": seconds, "msgs_per_s": count / seconds, "cpu": meter.as_dict(),
-                            "load_1min_after": load_average()}
+        m["raw_produce"] = {
+            "messages": count,
+            "seconds": seconds,
+            "msgs_per_s": count / seconds,
+            "cpu": meter.as_dict(),
+            "load_1min_after": load_average(),
+        }
         progress(f"raw produce loop: {count:,} in {seconds:.2f} s ({count / seconds:,.0f}/s); peak RSS {peak_rss_mb():.0f} MB")
         del values
 
@@ -302,5 +350,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         serve(int(sys.argv[2]))
     else:
-        sys.exit("usage: python -m bench.live_producer_rate --serve N   "
-                 "(the benchmark itself: python -m bench --only live_producer_rate)")
+        sys.exit(
+            "usage: python -m bench.live_producer_rate --serve N   "
+            "(the benchmark itself: python -m bench --only live_producer_rate)"
+        )

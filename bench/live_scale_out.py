@@ -30,8 +30,15 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from bench._common import REPO, environment, footer, progress, save
-from bench.live_throughput import (SYMBOLS, broker, load_average, pid_cpu_seconds, raw_consume_decode_write, real_trades,
-                                   v2_messages)
+from bench.live_throughput import (
+    SYMBOLS,
+    broker,
+    load_average,
+    pid_cpu_seconds,
+    raw_consume_decode_write,
+    real_trades,
+    v2_messages,
+)
 from k2_assets.core import catalog, live_codec
 from k2_assets.core.kafka import ensure_topics, producer_config
 
@@ -87,9 +94,28 @@ def writers_run(bootstrap: str, topic: str, count: int, home: Path) -> dict:
                     if state["written"] >= N_MESSAGES and state["end"] is None:
                         state["end"] = time.perf_counter()
 
-    processes = [subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", bootstrap, "--topic", topic,
-                                   "--seconds", str(WRITER_LIMIT_S), "--max-batch-rows", str(MAX_BATCH_ROWS)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(count)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "k2_assets.cli",
+                "writer",
+                "--bootstrap",
+                bootstrap,
+                "--topic",
+                topic,
+                "--seconds",
+                str(WRITER_LIMIT_S),
+                "--max-batch-rows",
+                str(MAX_BATCH_ROWS),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
     readers = [threading.Thread(target=follow, args=(p,), daemon=True) for p in processes]
     for reader in readers:
         reader.start()
@@ -112,27 +138,42 @@ def writers_run(bootstrap: str, topic: str, count: int, home: Path) -> dict:
     distinct = len(set(ids.to_pylist()))
     if len(ids) != N_MESSAGES or distinct != N_MESSAGES:
         raise AssertionError(f"market.trades holds {len(ids)} rows, {distinct} distinct; expected exactly {N_MESSAGES}")
-    commits = [s for s in trades.metadata.snapshots if s.summary and s.summary.additional_properties.get("k2.source") == "binance_trades"]
-    return {"writers": count, "seconds": seconds, "trades_per_s": N_MESSAGES / seconds, "batches": state["batches"],
-            "commits": len(commits), "writer_cpu_s": cpu, "writer_cores": [c / seconds for c in cpu],
-            "trades_per_writer_core_s": N_MESSAGES / sum(cpu) if sum(cpu) else 0.0, "table_rows": len(ids)}
+    commits = [
+        s for s in trades.metadata.snapshots if s.summary and s.summary.additional_properties.get("k2.source") == "binance_trades"
+    ]
+    return {
+        "writers": count,
+        "seconds": seconds,
+        "trades_per_s": N_MESSAGES / seconds,
+        "batches": state["batches"],
+        "commits": len(commits),
+        "writer_cpu_s": cpu,
+        "writer_cores": [c / seconds for c in cpu],
+        "trades_per_writer_core_s": N_MESSAGES / sum(cpu) if sum(cpu) else 0.0,
+        "table_rows": len(ids),
+    }
 
 
 def render(results: dict) -> str:
     raw, runs = results["raw"], results["runs"]
-    lines = [f"Live scale-out — {N_MESSAGES:,} v2 trade messages on {PARTITIONS} partitions ({len(SYMBOLS)} symbols), "
-             f"`k2 writer` processes in one group ({results['environment']['cpu_count']} CPUs)",
-             f"{'stage':<34} {'seconds':>8} {'trades/s':>10} {'CPU per writer (cores)':>24} {'trades per writer-CPU-s':>24}",
-             "-" * 104]
+    lines = [
+        f"Live scale-out — {N_MESSAGES:,} v2 trade messages on {PARTITIONS} partitions ({len(SYMBOLS)} symbols), "
+        f"`k2 writer` processes in one group ({results['environment']['cpu_count']} CPUs)",
+        f"{'stage':<34} {'seconds':>8} {'trades/s':>10} {'CPU per writer (cores)':>24} {'trades per writer-CPU-s':>24}",
+        "-" * 104,
+    ]
     for run in runs:
-        lines.append(f"{'K2, ' + str(run['writers']) + ' writer(s)':<34} {run['seconds']:>8.2f} {run['trades_per_s']:>10,.0f} "
-                     f"{', '.join(f'{c:.2f}' for c in run['writer_cores']):>24} {run['trades_per_writer_core_s']:>24,.0f}")
+        lines.append(
+            f"{'K2, ' + str(run['writers']) + ' writer(s)':<34} {run['seconds']:>8.2f} {run['trades_per_s']:>10,.0f} "
+            f"{', '.join(f'{c:.2f}' for c in run['writer_cores']):>24} {run['trades_per_writer_core_s']:>24,.0f}"
+        )
     lines.append(f"{'  raw: consume + JSON + parquet':<34} {raw['seconds']:>8.2f} {raw['trades_per_s']:>10,.0f}")
     one, two = runs
     per_core = two["trades_per_writer_core_s"]
     lines += [
         "-" * 104,
-        f"2 writers / 1 writer: {two['trades_per_s'] / one['trades_per_s']:.2f}x; K2 x1 / raw {one['trades_per_s'] / raw['trades_per_s']:.2f}x; "
+        f"2 writers / 1 writer: {two['trades_per_s'] / one['trades_per_s']:.2f}x; "
+        f"K2 x1 / raw {one['trades_per_s'] / raw['trades_per_s']:.2f}x; "
         f"every run: exactly {N_MESSAGES:,} distinct trades in the table",
         f"projection at {per_core:,.0f} trades per writer-CPU-second: 4 cores for writers ~{4 * per_core:,.0f}/s, "
         f"8 cores ~{8 * per_core:,.0f}/s, while one table's commits (one every ~{two['seconds'] / max(1, two['commits']):.2f} s "
@@ -161,7 +202,12 @@ def run() -> str:
             for count in (1, 2):
                 runs.append(writers_run(b.bootstrap, topic, count, home / f"k2-{count}"))
                 progress(f"k2 x{count}: {runs[-1]['seconds']:.2f} s ({runs[-1]['trades_per_s']:,.0f} trades/s)")
-    results = {"benchmark": NAME, "messages": N_MESSAGES, "partitions": PARTITIONS, "environment": environment(),
-               "raw": {"seconds": raw_seconds, "trades_per_s": N_MESSAGES / raw_seconds}, "runs": runs}
+    results = {
+        "benchmark": NAME,
+        "messages": N_MESSAGES,
+        "partitions": PARTITIONS,
+        "environment": environment(),
+        "raw": {"seconds": raw_seconds, "trades_per_s": N_MESSAGES / raw_seconds},
+        "runs": runs,
+    }
     return render(save(NAME, results, load_before))
-

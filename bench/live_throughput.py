@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench._common import save, footer, REPO, BenchUnavailable, Timing, environment, progress
+from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, save
 from k2_assets.core import catalog, live_codec, live_writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, producer_config
 from k2_assets.dev.broker import EmbeddedBroker
@@ -103,18 +103,32 @@ def cycled_trades(trades: list[dict], symbols: tuple[str, ...], n: int) -> Itera
                 if k == n:
                     return
                 k += 1
-                yield {**trade, "symbol": symbol, "trade_id": trade["trade_id"] + id_shift,
-                       "time_ms": trade["time_ms"] + time_shift}
+                yield {
+                    **trade,
+                    "symbol": symbol,
+                    "trade_id": trade["trade_id"] + id_shift,
+                    "time_ms": trade["time_ms"] + time_shift,
+                }
 
 
 def binance_event(trade: dict, event_ms: int) -> dict:
     """A source trade as Binance's `<symbol>@trade` event (what the feed server sends)."""
-    return {"e": "trade", "E": event_ms, "s": trade["symbol"], "t": trade["trade_id"], "p": trade["price"], "q": trade["qty"],
-            "T": trade["time_ms"], "m": trade["is_buyer_maker"], "M": True}
+    return {
+        "e": "trade",
+        "E": event_ms,
+        "s": trade["symbol"],
+        "t": trade["trade_id"],
+        "p": trade["price"],
+        "q": trade["qty"],
+        "T": trade["time_ms"],
+        "m": trade["is_buyer_maker"],
+        "M": True,
+    }
 
 
-def v2_messages(trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us: int,
-                spot_check_every: int = 9973) -> Iterator[tuple[bytes, bytes]]:
+def v2_messages(
+    trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us: int, spot_check_every: int = 9973
+) -> Iterator[tuple[bytes, bytes]]:
     """(key, value) of `n` v2 trade messages over `cycled_trades`, event time E = trade time T.
 
     The first round goes through `live_codec.trade_from_event` + `encode` as the producer does. At
@@ -134,11 +148,16 @@ def v2_messages(trades: list[dict], symbols: tuple[str, ...], n: int, ingest_us:
             tid, t_ms = base["source_sequence"] + r * length, base["exchange_timestamp"] // 1000 + r * span
             day = days.get(t_ms // 86_400_000)
             if day is None:
-                day = days[t_ms // 86_400_000] = datetime.fromtimestamp(t_ms / 1000, tz=timezone.utc).date().isoformat()
-            v2 = {**base, "message_id": f"{live_codec.EXCHANGE}:{base['symbol']}:{tid}", "trade_id": str(tid),
-                  "source_sequence": tid,
-                  "exchange_timestamp": t_ms * 1000, "trade_date": day,
-                  "vendor_data": {**base["vendor_data"], "event_time": str(t_ms)}}
+                day = days[t_ms // 86_400_000] = datetime.fromtimestamp(t_ms / 1000, tz=UTC).date().isoformat()
+            v2 = {
+                **base,
+                "message_id": f"{live_codec.EXCHANGE}:{base['symbol']}:{tid}",
+                "trade_id": str(tid),
+                "source_sequence": tid,
+                "exchange_timestamp": t_ms * 1000,
+                "trade_date": day,
+                "vendor_data": {**base["vendor_data"], "event_time": str(t_ms)},
+            }
             if k % spot_check_every == 0:
                 expected = live_codec.trade_from_event(binance_event(trade, trade["time_ms"]), ingest_us)
                 if expected != v2:
@@ -188,8 +207,14 @@ def percentiles(values, scale: float = 1.0) -> dict:
     arr = np.asarray(values, dtype=np.float64) * scale
     if not arr.size:
         return {"n": 0}
-    return {"n": int(arr.size), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
-            "p99": float(np.percentile(arr, 99)), "max": float(arr.max()), "min": float(arr.min())}
+    return {
+        "n": int(arr.size),
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": float(arr.max()),
+        "min": float(arr.min()),
+    }
 
 
 def verdict(ok: bool) -> str:
@@ -226,7 +251,7 @@ class CpuMeter:
     def __init__(self, broker_pid: int | None):
         self.broker_pid = broker_pid
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
         self.broker0 = pid_cpu_seconds(self.broker_pid) if self.broker_pid else 0.0
         self.stat0 = _proc_stat_cpu()
@@ -240,10 +265,14 @@ class CpuMeter:
         self.steal = steal / total if total else 0.0
 
     def as_dict(self) -> dict:
-        return {"wall_s": self.wall, "process_cpu_s": self.cpu, "broker_cpu_s": self.broker,
-                "process_cores": self.cpu / self.wall if self.wall else 0.0,
-                "broker_cores": self.broker / self.wall if self.wall else 0.0,
-                "machine_steal_fraction": self.steal}
+        return {
+            "wall_s": self.wall,
+            "process_cpu_s": self.cpu,
+            "broker_cpu_s": self.broker,
+            "process_cores": self.cpu / self.wall if self.wall else 0.0,
+            "broker_cores": self.broker / self.wall if self.wall else 0.0,
+            "machine_steal_fraction": self.steal,
+        }
 
 
 def load_average() -> float:
@@ -253,8 +282,9 @@ def load_average() -> float:
 # ================================================================ the raw limit
 
 
-def raw_consume_decode_write(bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int,
-                             partitions: int = PARTITIONS) -> tuple[float, dict]:
+def raw_consume_decode_write(
+    bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int, partitions: int = PARTITIONS
+) -> tuple[float, dict]:
     """Plain consumer + pyarrow JSON decode + Parquet write per 250k batch; (seconds for n, details)."""
     consumer = Consumer(consumer_config(bootstrap, f"bench-raw-{uuid.uuid4().hex[:8]}"))
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
@@ -313,8 +343,12 @@ class _StageClock:
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
         self._saved_decode = live_codec.decode_batch
         self.idle_collect = 0.0  # a _collect that returned nothing: drain's idle wait at the end, not work
-        for attr, stage in (("_write", "write"), ("_fresh_rejects", "rejects"), ("_new_rows", "dedup"),
-                            ("_remember", "remember ids")):
+        for attr, stage in (
+            ("_write", "write"),
+            ("_fresh_rejects", "rejects"),
+            ("_new_rows", "dedup"),
+            ("_remember", "remember ids"),
+        ):
             setattr(writer, attr, self._wrap(getattr(writer, attr), stage))
         collect = writer._collect
 
@@ -355,24 +389,44 @@ class _StageClock:
         s = self.seconds
         inside = s["decode"] + s["rejects"] + s["dedup"] + s["iceberg append"] + s["remember ids"]
         # What _write does besides the wrapped calls: offset ranges, row sort, consumer.commit, report.
-        return {"consume": s["consume"], "decode": s["decode"], "rejects": s["rejects"], "dedup": s["dedup"],
-                "iceberg append": s["iceberg append"], "remember ids": s["remember ids"],
-                "rest of _write (sort, offsets, commit, report)": s["write"] - inside}
+        return {
+            "consume": s["consume"],
+            "decode": s["decode"],
+            "rejects": s["rejects"],
+            "dedup": s["dedup"],
+            "iceberg append": s["iceberg append"],
+            "remember ids": s["remember ids"],
+            "rest of _write (sort, offsets, commit, report)": s["write"] - inside,
+        }
 
 
 def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) -> tuple[float, dict]:
     """LiveWriter.drain until n trades are written; (seconds, details). The table is checked after."""
     _, trades, rejected = temp_tables(home)
-    writer = live_writer.LiveWriter(trades, rejected, bootstrap, topic=topic, group_id=f"bench-k2-{uuid.uuid4().hex[:8]}",
-                                    max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
+    writer = live_writer.LiveWriter(
+        trades,
+        rejected,
+        bootstrap,
+        topic=topic,
+        group_id=f"bench-k2-{uuid.uuid4().hex[:8]}",
+        max_batch_rows=MAX_BATCH_ROWS,
+        max_batch_seconds=MAX_BATCH_SECONDS,
+    )
     clock = _StageClock(writer)
     written = {"n": 0, "consumed": 0, "end": None, "batches": []}
 
     def on_batch(report: live_writer.BatchReport) -> None:
         written["n"] += report.written
         written["consumed"] += report.consumed
-        written["batches"].append({"consumed": report.consumed, "written": report.written, "duplicates": report.duplicates,
-                                   "rejected": report.rejected, "latency_s": report.latency_seconds})
+        written["batches"].append(
+            {
+                "consumed": report.consumed,
+                "written": report.written,
+                "duplicates": report.duplicates,
+                "rejected": report.rejected,
+                "latency_s": report.latency_seconds,
+            }
+        )
         if written["n"] >= n and written["end"] is None:
             written["end"] = time.perf_counter()
 
@@ -384,8 +438,9 @@ def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) ->
         clock.restore()
         writer.close()
     if written["end"] is None:
-        raise AssertionError(f"LiveWriter wrote {written['n']} of {n} trades within {DRAIN_LIMIT_S:.0f} s "
-                             f"(consumed {written['consumed']})")
+        raise AssertionError(
+            f"LiveWriter wrote {written['n']} of {n} trades within {DRAIN_LIMIT_S:.0f} s (consumed {written['consumed']})"
+        )
     seconds = written["end"] - start
     trades.refresh()
     ids = trades.scan(selected_fields=("message_id",)).to_arrow().column("message_id")
@@ -394,11 +449,18 @@ def k2_drain(bootstrap: str, topic: str, n: int, home: Path, broker_pid: int) ->
     n_rejected = rejected.scan(selected_fields=("source",)).to_arrow().num_rows
     if len(ids) != n or distinct != n:
         raise AssertionError(f"market.trades holds {len(ids)} rows, {distinct} distinct message_ids; expected exactly {n}")
-    return seconds, {"written": written["n"], "consumed": written["consumed"], "table_rows": len(ids),
-                     "distinct_message_ids": distinct,
-                     "rejected_rows": n_rejected, "batches": written["batches"], "steps_s": clock.breakdown(),
-                     "step_calls": clock.calls, "cpu": meter.as_dict(),
-                     "tail_after_last_batch_s": time.perf_counter() - written["end"]}
+    return seconds, {
+        "written": written["n"],
+        "consumed": written["consumed"],
+        "table_rows": len(ids),
+        "distinct_message_ids": distinct,
+        "rejected_rows": n_rejected,
+        "batches": written["batches"],
+        "steps_s": clock.breakdown(),
+        "step_calls": clock.calls,
+        "cpu": meter.as_dict(),
+        "tail_after_last_batch_s": time.perf_counter() - written["end"],
+    }
 
 
 class _FirstBatchDone(Exception):
@@ -411,8 +473,15 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
     import pstats
 
     _, trades, rejected = temp_tables(home)
-    writer = live_writer.LiveWriter(trades, rejected, bootstrap, topic=topic, group_id=f"bench-prof-{uuid.uuid4().hex[:8]}",
-                                    max_batch_rows=MAX_BATCH_ROWS, max_batch_seconds=MAX_BATCH_SECONDS)
+    writer = live_writer.LiveWriter(
+        trades,
+        rejected,
+        bootstrap,
+        topic=topic,
+        group_id=f"bench-prof-{uuid.uuid4().hex[:8]}",
+        max_batch_rows=MAX_BATCH_ROWS,
+        max_batch_seconds=MAX_BATCH_SECONDS,
+    )
     sizes = []
 
     def on_batch(report):
@@ -433,13 +502,23 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
     rows = []
     for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
         where = os.path.relpath(filename, REPO) if filename.startswith(str(REPO)) else filename.rsplit("site-packages/", 1)[-1]
-        rows.append({"function": f"{where}:{line}({func})", "calls": ncalls, "own_s": round(tottime, 4),
-                     "cumulative_s": round(cumtime, 4)})
+        rows.append(
+            {
+                "function": f"{where}:{line}({func})",
+                "calls": ncalls,
+                "own_s": round(tottime, 4),
+                "cumulative_s": round(cumtime, 4),
+            }
+        )
     by_own = sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
     by_cum = [r for r in sorted(rows, key=lambda r: r["cumulative_s"], reverse=True) if "k2_assets" in r["function"]][:top]
     by_cum_all = sorted(rows, key=lambda r: r["cumulative_s"], reverse=True)[:top]
-    return {"batch_messages": sizes[0] if sizes else 0, "top_own_time": by_own, "k2_assets_by_cumulative": by_cum,
-            "top_cumulative": by_cum_all}
+    return {
+        "batch_messages": sizes[0] if sizes else 0,
+        "top_own_time": by_own,
+        "k2_assets_by_cumulative": by_cum,
+        "top_cumulative": by_cum_all,
+    }
 
 
 # ================================================================ report
@@ -450,12 +529,17 @@ def render(results: dict) -> str:
     k2, raw = s["k2_live_writer"], s["raw_consume_decode_parquet"]
     ratio = results["k2_over_raw_median"]
     rows = [
-        ("K2 LiveWriter.drain -> market.trades", k2, f">= {TARGET_TRADES_PER_S:,}/s & >= {TARGET_RAW_FRACTION:g}x raw",
-         f"{v['trades_per_s']} / {v['vs_raw']}"),
+        (
+            "K2 LiveWriter.drain -> market.trades",
+            k2,
+            f">= {TARGET_TRADES_PER_S:,}/s & >= {TARGET_RAW_FRACTION:g}x raw",
+            f"{v['trades_per_s']} / {v['vs_raw']}",
+        ),
         ("  raw: consume + pyarrow JSON + parquet", raw, "", ""),
     ]
-    header = (f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'msgs/s best':>13} {'msgs/s median':>14}  "
-              f"{'target':<32} verdict")
+    header = (
+        f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'msgs/s best':>13} {'msgs/s median':>14}  {'target':<32} verdict"
+    )
     lines = [
         f"Live throughput — {results['messages']:,} v2 trade messages ({len(SYMBOLS)} symbols, real BTCUSDT trades cycled) on "
         f"{PARTITIONS} partitions, batches of {MAX_BATCH_ROWS:,} / {MAX_BATCH_SECONDS:g} s "
@@ -464,8 +548,10 @@ def render(results: dict) -> str:
         "-" * len(header),
     ]
     for label, t, target, ok in rows:
-        lines.append(f"{label:<40} {t['repetitions']:>2} {t['best_s']:>8.3f} {t['median_s']:>9.3f} "
-                     f"{t['rows_per_s_best']:>13,.0f} {t['rows_per_s_median']:>14,.0f}  {target:<32} {ok}")
+        lines.append(
+            f"{label:<40} {t['repetitions']:>2} {t['best_s']:>8.3f} {t['median_s']:>9.3f} "
+            f"{t['rows_per_s_best']:>13,.0f} {t['rows_per_s_median']:>14,.0f}  {target:<32} {ok}"
+        )
     steps, raw_steps = results["k2_steps_median_s"], results["raw_steps_median_s"]
     kc, rc = results["k2_cpu_median"], results["raw_cpu_median"]
     lines += [
@@ -489,8 +575,10 @@ def render(results: dict) -> str:
 def run() -> str:
     trades = real_trades()
     load_before = load_average()
-    progress(f"live throughput: {len(trades):,} real trades from {binance_trades_file().name}, N={N_MESSAGES:,} "
-             f"(load average {load_before:.2f} on {os.cpu_count()} CPUs)")
+    progress(
+        f"live throughput: {len(trades):,} real trades from {binance_trades_file().name}, N={N_MESSAGES:,} "
+        f"(load average {load_before:.2f} on {os.cpu_count()} CPUs)"
+    )
     k2, raw = Timing(rows=N_MESSAGES), Timing(rows=N_MESSAGES)
     k2_details, raw_details = [], []
     with tempfile.TemporaryDirectory(prefix="k2-bench-live-throughput-") as tmp:
@@ -509,17 +597,20 @@ def run() -> str:
                 seconds, details = raw_consume_decode_write(b.bootstrap, topic, N_MESSAGES, out, b.process.pid)
                 raw.seconds.append(seconds)
                 raw_details.append(details)
-                progress(f"raw {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} msgs/s) "
-                         + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items()))
+                progress(
+                    f"raw {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} msgs/s) "
+                    + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items())
+                )
                 for f in out.iterdir():
                     f.unlink()
                 warehouse = home / f"k2-{i}"
                 seconds, details = k2_drain(b.bootstrap, topic, N_MESSAGES, warehouse, b.process.pid)
                 k2.seconds.append(seconds)
                 k2_details.append(details)
-                progress(f"k2 {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} trades/s), "
-                         f"{len(details['batches'])} batches; "
-                         + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items()))
+                progress(
+                    f"k2 {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} trades/s), "
+                    f"{len(details['batches'])} batches; " + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items())
+                )
                 gc.collect()
             profile = None
             if os.environ.get("K2_BENCH_PROFILE"):
@@ -540,8 +631,10 @@ def run() -> str:
         "produce": produced,
         "stages": {"k2_live_writer": k2.as_dict(), "raw_consume_decode_parquet": raw.as_dict()},
         "k2_over_raw_median": k2_rate / raw_rate,
-        "verdicts": {"trades_per_s": verdict(k2_rate >= TARGET_TRADES_PER_S),
-                     "vs_raw": verdict(k2_rate >= TARGET_RAW_FRACTION * raw_rate)},
+        "verdicts": {
+            "trades_per_s": verdict(k2_rate >= TARGET_TRADES_PER_S),
+            "vs_raw": verdict(k2_rate >= TARGET_RAW_FRACTION * raw_rate),
+        },
         "k2_steps_median_s": median_of(k2_details, "steps_s"),
         "raw_steps_median_s": median_of(raw_details, "steps_s"),
         "k2_cpu_median": k2_median_run["cpu"],

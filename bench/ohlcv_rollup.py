@@ -32,21 +32,32 @@ def make_trades(seed: int = 3) -> pa.Table:
     price_units = (4_000_000_000_000 + np.cumsum(rng.integers(-100_000, 100_001, TRADES))).astype(np.int64)  # 1e-8 units
     qty_units = rng.integers(1, 100_000_000, TRADES).astype(np.int64)
     names = np.array([f"SYM{i}USDT" for i in range(SYMBOLS)], dtype=object)
-    return pa.table({
-        "exchange": pa.array(np.full(TRADES, "BINANCE", dtype=object)),
-        "symbol": pa.array(names[symbol]),
-        "trade_date": pa.array(np.full(TRADES, np.datetime64("2024-01-01", "D"))),
-        "exchange_timestamp": pa.array(ts.astype("datetime64[us]"), pa.timestamp("us", tz="UTC")),
-        "source_sequence": pa.array(np.arange(TRADES, dtype=np.int64)),
-        "price": pa.Array.from_buffers(pa.decimal128(18, 8), TRADES, [None, pa.array(np.stack([price_units, price_units >> 63], axis=1).ravel()).buffers()[1]]),
-        "quantity": pa.Array.from_buffers(pa.decimal128(18, 8), TRADES, [None, pa.array(np.stack([qty_units, qty_units >> 63], axis=1).ravel()).buffers()[1]]),
-        "side": pa.array(np.where(rng.random(TRADES) < 0.5, "BUY", "SELL").astype(object)),
-    })
+    return pa.table(
+        {
+            "exchange": pa.array(np.full(TRADES, "BINANCE", dtype=object)),
+            "symbol": pa.array(names[symbol]),
+            "trade_date": pa.array(np.full(TRADES, np.datetime64("2024-01-01", "D"))),
+            "exchange_timestamp": pa.array(ts.astype("datetime64[us]"), pa.timestamp("us", tz="UTC")),
+            "source_sequence": pa.array(np.arange(TRADES, dtype=np.int64)),
+            "price": pa.Array.from_buffers(
+                pa.decimal128(18, 8),
+                TRADES,
+                [None, pa.array(np.stack([price_units, price_units >> 63], axis=1).ravel()).buffers()[1]],
+            ),
+            "quantity": pa.Array.from_buffers(
+                pa.decimal128(18, 8),
+                TRADES,
+                [None, pa.array(np.stack([qty_units, qty_units >> 63], axis=1).ravel()).buffers()[1]],
+            ),
+            "side": pa.array(np.where(rng.random(TRADES) < 0.5, "BUY", "SELL").astype(object)),
+        }
+    )
 
 
 RAW_SQL = """
 SELECT symbol, time_bucket(INTERVAL '1 minute', exchange_timestamp) AS bar_start,
-       arg_min(price, exchange_timestamp) AS open, max(price) AS high, min(price) AS low, arg_max(price, exchange_timestamp) AS close,
+       arg_min(price, exchange_timestamp) AS open, max(price) AS high, min(price) AS low,
+       arg_max(price, exchange_timestamp) AS close,
        sum(quantity) AS volume, count(*) AS trades
 FROM t GROUP BY ALL
 """
@@ -74,17 +85,30 @@ def run() -> str:
     full_s = time.perf_counter() - start
     best, raw_best = min(k2), min(raw)
     results = {
-        "trades": TRADES, "bars": bars.num_rows, "k2_bars_s": k2, "raw_group_by_s": raw, "k2_best_s": best, "raw_best_s": raw_best,
-        "ratio_best": best / raw_best, "one_minute_bars_with_fill_and_contract_s": full_s, "full_rows": full.num_rows,
-        "peak_rss_mb": peak_rss_mb(), "loadavg_1m": load, "environment": environment(),
+        "trades": TRADES,
+        "bars": bars.num_rows,
+        "k2_bars_s": k2,
+        "raw_group_by_s": raw,
+        "k2_best_s": best,
+        "raw_best_s": raw_best,
+        "ratio_best": best / raw_best,
+        "one_minute_bars_with_fill_and_contract_s": full_s,
+        "full_rows": full.num_rows,
+        "peak_rss_mb": peak_rss_mb(),
+        "loadavg_1m": load,
+        "environment": environment(),
     }
     write_results("ohlcv_rollup", results)
-    return "\n".join([
-        f"1m OHLCV over {TRADES:,} trades, {SYMBOLS} symbols -> {bars.num_rows:,} bars (load avg {load:.2f})",
-        f"  K2 bars (exact decimals, (time, seq) open/close, taker volumes): best {best:.2f} s, median {statistics.median(k2):.2f} s "
-        f"-> {'PASS' if best < 1 else 'MISS'} (< 1 s)",
-        f"  raw DuckDB GROUP BY on the same Arrow data:                     best {raw_best:.2f} s, median {statistics.median(raw):.2f} s",
-        f"  ratio {best / raw_best:.2f}x -> {'PASS' if best / raw_best <= 2 else 'MISS'} (within 2x)",
-        f"  with empty-minute fill, VWAP and the Iceberg contract (one_minute_bars): {full_s:.2f} s",
-        f"  peak RSS {peak_rss_mb():,.0f} MB",
-    ])
+    return "\n".join(
+        [
+            f"1m OHLCV over {TRADES:,} trades, {SYMBOLS} symbols -> {bars.num_rows:,} bars (load avg {load:.2f})",
+            f"  K2 bars (exact decimals, (time, seq) open/close, taker volumes): best {best:.2f} s, "
+            f"median {statistics.median(k2):.2f} s "
+            f"-> {'PASS' if best < 1 else 'MISS'} (< 1 s)",
+            f"  raw DuckDB GROUP BY on the same Arrow data:                     best {raw_best:.2f} s, "
+            f"median {statistics.median(raw):.2f} s",
+            f"  ratio {best / raw_best:.2f}x -> {'PASS' if best / raw_best <= 2 else 'MISS'} (within 2x)",
+            f"  with empty-minute fill, VWAP and the Iceberg contract (one_minute_bars): {full_s:.2f} s",
+            f"  peak RSS {peak_rss_mb():,.0f} MB",
+        ]
+    )

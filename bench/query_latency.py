@@ -27,14 +27,14 @@ import os
 import statistics
 import tempfile
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
-from bench._common import save, REPO, BenchUnavailable, environment, progress
+from bench._common import REPO, BenchUnavailable, environment, progress, save
 from k2_assets.core import asx, binance_history, catalog, query, schemas, writer
 
 NAME = "query_latency"
@@ -45,7 +45,7 @@ REPEAT = 300
 TARGET_TRADES_P99_MS = 50.0
 TARGET_BARS_P99_MS = 20.0
 PREVIOUS_K2 = {"p50_ms": 388.0, "p99_ms": 681.0}
-UTC = timezone.utc
+UTC = UTC
 
 
 def shared_dir() -> Path:
@@ -81,15 +81,25 @@ def minute_bars(symbol: str, first_price: float, day: date, seed: int) -> pa.Tab
     quote = volume * (open_ + close) / 2
     first_seq = 1_000_000 + np.concatenate([[0], np.cumsum(trades)[:-1]])
     columns = {
-        "exchange": pa.array(["BINANCE"] * n), "symbol": pa.array([symbol] * n), "interval": pa.array(["1m"] * n),
+        "exchange": pa.array(["BINANCE"] * n),
+        "symbol": pa.array([symbol] * n),
+        "interval": pa.array(["1m"] * n),
         "bar_start": pa.array([start + timedelta(minutes=i) for i in range(n)], pa.timestamp("us", tz="UTC")),
         "trade_date": pa.array([day] * n, pa.date32()),
-        "open": dec(open_, 8), "high": dec(high, 8), "low": dec(low, 8), "close": dec(close, 8),
-        "volume": dec(volume, 8), "quote_volume": dec(quote, 16), "vwap": dec(quote / volume, 8),
+        "open": dec(open_, 8),
+        "high": dec(high, 8),
+        "low": dec(low, 8),
+        "close": dec(close, 8),
+        "volume": dec(volume, 8),
+        "quote_volume": dec(quote, 16),
+        "vwap": dec(quote / volume, 8),
         "trade_count": pa.array(trades, pa.int64()),
-        "taker_buy_volume": dec(volume / 2, 8), "taker_buy_quote_volume": dec(quote / 2, 16),
-        "first_sequence": pa.array(first_seq, pa.int64()), "last_sequence": pa.array(first_seq + trades - 1, pa.int64()),
-        "filled": pa.array([False] * n), "source_snapshot_id": pa.array([0] * n, pa.int64()),
+        "taker_buy_volume": dec(volume / 2, 8),
+        "taker_buy_quote_volume": dec(quote / 2, 16),
+        "first_sequence": pa.array(first_seq, pa.int64()),
+        "last_sequence": pa.array(first_seq + trades - 1, pa.int64()),
+        "filled": pa.array([False] * n),
+        "source_snapshot_id": pa.array([0] * n, pa.int64()),
         "computed_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
     }
     return schemas.build_table(schemas.OHLCV, columns, n)
@@ -141,7 +151,8 @@ def call(engine: query.QueryEngine, kind: str, exchange: str, symbol: str, windo
 def raw_setup(engine: query.QueryEngine, kind: str, exchange: str, symbol: str, window, limit: int):
     """The engine's cached Arrow for this query, and two DuckDB-only runners over it."""
     table, schema_name, order, time_col, columns = (
-        ("trades", schemas.TRADE, query.TRADE_ORDER, "exchange_timestamp", query.TRADE_COLUMNS) if kind == "trades"
+        ("trades", schemas.TRADE, query.TRADE_ORDER, "exchange_timestamp", query.TRADE_COLUMNS)
+        if kind == "trades"
         else ("ohlcv_1m", schemas.OHLCV, query.BAR_ORDER, "bar_start", query.BAR_COLUMNS)
     )
     start, end = window
@@ -157,8 +168,10 @@ def raw_setup(engine: query.QueryEngine, kind: str, exchange: str, symbol: str, 
     full = con.cursor()
     full.register("src", data)
     cols = ", ".join(f'"{c}"' for c in columns)
-    full_sql = (f'SELECT {cols} FROM src WHERE exchange = $exchange AND symbol = $symbol AND "{time_col}" >= $start '
-                f'AND "{time_col}" < $end ORDER BY {", ".join(order)} LIMIT $limit')
+    full_sql = (
+        f'SELECT {cols} FROM src WHERE exchange = $exchange AND symbol = $symbol AND "{time_col}" >= $start '
+        f'AND "{time_col}" < $end ORDER BY {", ".join(order)} LIMIT $limit'
+    )
     full_params = {"exchange": exchange, "symbol": symbol, "start": start, "end": end, "limit": limit}
     wide = data.select(list(columns))
 
@@ -178,8 +191,15 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 def summary(seconds: list[float]) -> dict:
     ms = sorted(s * 1000 for s in seconds)
-    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99),
-            "max_ms": ms[-1], "mean_ms": statistics.fmean(ms), "min_ms": ms[0]}
+    return {
+        "n": len(ms),
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": ms[-1],
+        "mean_ms": statistics.fmean(ms),
+        "min_ms": ms[0],
+    }
 
 
 def measure(cat, spec) -> dict:
@@ -215,14 +235,21 @@ def measure(cat, spec) -> dict:
             raise AssertionError(f"{name}: warm result has {result.num_rows} rows")
         con.close()
         out = {
-            "rows": expected, "limit": limit, "cold_ms": cold * 1000, "warm": summary(warm),
-            "raw_same_sql": summary(same), "raw_full_rows": summary(full), "target_p99_ms": target,
+            "rows": expected,
+            "limit": limit,
+            "cold_ms": cold * 1000,
+            "warm": summary(warm),
+            "raw_same_sql": summary(same),
+            "raw_full_rows": summary(full),
+            "target_p99_ms": target,
             "cache": engine.cache_info(),
         }
         out["verdict"] = "PASS" if out["warm"]["p99_ms"] < target else "MISS"
-        progress(f"{name}: cold {cold * 1000:.1f} ms; warm p50 {out['warm']['p50_ms']:.2f} p99 {out['warm']['p99_ms']:.2f} ms "
-                 f"(raw same SQL p99 {out['raw_same_sql']['p99_ms']:.2f}, "
-                 f"raw full rows p99 {out['raw_full_rows']['p99_ms']:.2f}) {out['verdict']}")
+        progress(
+            f"{name}: cold {cold * 1000:.1f} ms; warm p50 {out['warm']['p50_ms']:.2f} p99 {out['warm']['p99_ms']:.2f} ms "
+            f"(raw same SQL p99 {out['raw_same_sql']['p99_ms']:.2f}, "
+            f"raw full rows p99 {out['raw_full_rows']['p99_ms']:.2f}) {out['verdict']}"
+        )
         return out
     finally:
         engine.close()
@@ -233,8 +260,10 @@ def measure(cat, spec) -> dict:
 
 def render(results: dict) -> str:
     env = results["environment"]
-    header = (f"{'query':<28} {'rows':>6} {'cold ms':>8} {'warm p50':>9} {'p90':>7} {'p99':>7} {'max':>7}  "
-              f"{'raw same-SQL p50/p99':>21}  {'raw full-rows p50/p99':>22}  {'target p99':<11} verdict")
+    header = (
+        f"{'query':<28} {'rows':>6} {'cold ms':>8} {'warm p50':>9} {'p90':>7} {'p99':>7} {'max':>7}  "
+        f"{'raw same-SQL p50/p99':>21}  {'raw full-rows p50/p99':>22}  {'target p99':<11} verdict"
+    )
     lines = [
         f"Query latency — QueryEngine (pyiceberg scan -> Arrow cache -> DuckDB {results['duckdb']}), {REPEAT} warm reps each "
         f"({env['cpu_count']} CPUs, pyarrow {env['versions']['pyarrow']}, pyiceberg {env['versions']['pyiceberg']})",

@@ -60,7 +60,11 @@ def run() -> str:
         for i in range(0, n, BATCH):
             result = tracker.check(symbols.slice(i, BATCH), seq[i : i + BATCH])
             counts += np.bincount(result.events, minlength=len(EVENT_NAMES))
-        return time.perf_counter() - start, {"cpu_s": time.process_time() - cpu, **dict(zip(EVENT_NAMES, counts.tolist()))}, tracker
+        return (
+            time.perf_counter() - start,
+            {"cpu_s": time.process_time() - cpu, **dict(zip(EVENT_NAMES, counts.tolist()))},
+            tracker,
+        )
 
     progress("sequence_checks: batches of 100,000")
     batch_s, batch_counts, tracker = batched()
@@ -89,22 +93,38 @@ def run() -> str:
     state_bytes = len(tracker.dumps())
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = {
-        "trades": n, "symbols": SYMBOLS, "injected": injected, "batch_size": BATCH,
-        "batched_s": batch_s, "batched_checks_per_s": n / batch_s, "batched_cpu_s": batch_counts["cpu_s"],
-        "single_batch_s": single_s, "single_batch_checks_per_s": n / single_s, "single_batch_cpu_s": single_cpu,
-        "single_batch_traced_peak_mb": traced_peak / 2**20, "raw_sort_diff_s": raw_s, "raw_checks_per_s": n / raw_s,
-        "events": {k: batch_counts[k] for k in EVENT_NAMES}, "open_gaps_after": open_gaps, "saved_state_bytes": state_bytes,
-        "peak_rss_mb": peak_rss, "loadavg_1m_before": load_before, "environment": environment(),
+        "trades": n,
+        "symbols": SYMBOLS,
+        "injected": injected,
+        "batch_size": BATCH,
+        "batched_s": batch_s,
+        "batched_checks_per_s": n / batch_s,
+        "batched_cpu_s": batch_counts["cpu_s"],
+        "single_batch_s": single_s,
+        "single_batch_checks_per_s": n / single_s,
+        "single_batch_cpu_s": single_cpu,
+        "single_batch_traced_peak_mb": traced_peak / 2**20,
+        "raw_sort_diff_s": raw_s,
+        "raw_checks_per_s": n / raw_s,
+        "events": {k: batch_counts[k] for k in EVENT_NAMES},
+        "open_gaps_after": open_gaps,
+        "saved_state_bytes": state_bytes,
+        "peak_rss_mb": peak_rss,
+        "loadavg_1m_before": load_before,
+        "environment": environment(),
     }
     write_results("sequence_checks", results)
     per_million = batch_counts["cpu_s"] / (n / 1e6)
     lines = [
         f"Sequence checks — {n:,} trades, {SYMBOLS:,} symbols; injected {injected}",
-        f"  batches of {BATCH:,}:   {batch_s:6.2f} s  {n / batch_s:>12,.0f} checks/s  ({per_million:.3f} s CPU per 1M; target well under 1 s: "
+        f"  batches of {BATCH:,}:   {batch_s:6.2f} s  {n / batch_s:>12,.0f} checks/s  "
+        f"({per_million:.3f} s CPU per 1M; target well under 1 s: "
         f"{'PASS' if per_million < 0.5 else 'MISS'})",
-        f"  one batch of all:   {single_s:6.2f} s  {n / single_s:>12,.0f} checks/s  (allocations peak {traced_peak / 2**20:,.0f} MB)",
+        f"  one batch of all:   {single_s:6.2f} s  {n / single_s:>12,.0f} checks/s  "
+        f"(allocations peak {traced_peak / 2**20:,.0f} MB)",
         f"  raw sort + diff:    {raw_s:6.2f} s  {n / raw_s:>12,.0f} /s  (K2 batched at {raw_s / batch_s:.2f}x the raw rate)",
         f"  events: {', '.join(f'{k} {v:,}' for k, v in batch_counts.items() if k != 'cpu_s' and v)}",
-        f"  open gaps after: {open_gaps:,}; saved state {state_bytes / 1024:,.0f} KiB; peak RSS {peak_rss:,.0f} MB; load avg {load_before:.2f}",
+        f"  open gaps after: {open_gaps:,}; saved state {state_bytes / 1024:,.0f} KiB; peak RSS {peak_rss:,.0f} MB; "
+        f"load avg {load_before:.2f}",
     ]
     return "\n".join(lines)

@@ -54,13 +54,21 @@ class Supervisor:
         self.restarts[name] = [*recent, now]
         command, log, kwargs = self.launches[name]
         code = self.children[name].returncode
-        print(f"k2: {self.labels[name]} exited with {code}; starting it again ({len(recent) + 1} of {MAX_RESTARTS} "
-              f"restarts in {RESTART_WINDOW_SECONDS:g} s; see {self.logs})", file=sys.stderr, flush=True)
+        print(
+            f"k2: {self.labels[name]} exited with {code}; starting it again ({len(recent) + 1} of {MAX_RESTARTS} "
+            f"restarts in {RESTART_WINDOW_SECONDS:g} s; see {self.logs})",
+            file=sys.stderr,
+            flush=True,
+        )
         self.start(name, self.labels[name], command, log=log, **kwargs)
         for dependent in DEPENDENTS.get(name, ()):
             process = self.children.get(dependent)
             if process is not None and process.poll() is None:
-                print(f"k2: restarting {self.labels[dependent]} too: {self.labels[name]} came back empty", file=sys.stderr, flush=True)
+                print(
+                    f"k2: restarting {self.labels[dependent]} too: {self.labels[name]} came back empty",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 process.kill()
         return True
 
@@ -78,8 +86,12 @@ class Supervisor:
         self.stop_started = time.monotonic()
         running = [self.labels[name] for name, p in self.children.items() if p.poll() is None]
         processes = sum(1 for p in self.known.values() if _alive(p))
-        print(f"k2: {why}: stopping {', '.join(running)} ({processes} processes in all); "
-              f"anything still running after {STOP_GRACE_SECONDS:g} s is killed", file=sys.stderr, flush=True)
+        print(
+            f"k2: {why}: stopping {', '.join(running)} ({processes} processes in all); "
+            f"anything still running after {STOP_GRACE_SECONDS:g} s is killed",
+            file=sys.stderr,
+            flush=True,
+        )
         for name, process in self.children.items():
             if name != "broker" and process.poll() is None:
                 process.send_signal(signal.SIGINT)
@@ -88,8 +100,11 @@ class Supervisor:
         elapsed = time.monotonic() - self.stop_started
         broker = self.children.get("broker")
         producer = self.children.get("producer")
-        if broker is not None and not self.broker_signalled and (producer is None or producer.poll() is not None
-                                                                  or elapsed > BROKER_AFTER_SECONDS):
+        if (
+            broker is not None
+            and not self.broker_signalled
+            and (producer is None or producer.poll() is not None or elapsed > BROKER_AFTER_SECONDS)
+        ):
             self.broker_signalled = True
             if broker.poll() is None:
                 broker.send_signal(signal.SIGINT)

@@ -1,8 +1,13 @@
-"""Fixtures: the real sample data beside the checkout, and a fresh real Iceberg catalog per test."""
+"""Fixtures: the real sample data beside the checkout, a fresh real Iceberg catalog per test, and the Prometheus
+tools (promtool, a real Pushgateway)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,11 +61,11 @@ def catalog(catalog_props):
 
 def make_resources(catalog_props: dict, asx_dir: Path | None = None, binance_dir: Path | None = None) -> dict:
     """The code location's resources, pointed at a test catalog and test source directories."""
-    from k2_assets.defs.asx.resources import AsxFilesResource
-    from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
     from dagster_duckdb import DuckDBResource
 
     from k2_assets.core.rollups import DUCKDB_CONFIG
+    from k2_assets.defs.asx.resources import AsxFilesResource
+    from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
     from k2_assets.defs.resources import IcebergResource
 
     return {
@@ -106,7 +111,17 @@ def btc_trade_events(btcusdt_dir: Path) -> list[dict]:
     with open(btcusdt_dir / "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv", newline="") as f:
         rows = list(csv.reader(f))[1:]
     return [
-        {"e": "trade", "E": int(r[4]) + 1, "s": "BTCUSDT", "t": int(r[0]), "p": r[1], "q": r[2], "T": int(r[4]), "m": r[5] == "True", "M": True}
+        {
+            "e": "trade",
+            "E": int(r[4]) + 1,
+            "s": "BTCUSDT",
+            "t": int(r[0]),
+            "p": r[1],
+            "q": r[2],
+            "T": int(r[4]),
+            "m": r[5] == "True",
+            "M": True,
+        }
         for r in rows
     ]
 
@@ -134,5 +149,50 @@ def postgres():
 @pytest.fixture(params=["sqlite", "postgres"])
 def any_catalog_props(request, k2_home) -> dict[str, str]:
     """The embedded SQLite catalog and the production PostgreSQL one, each with a file warehouse."""
-    uri = f"sqlite:///{k2_home}/catalog.db" if request.param == "sqlite" else request.getfixturevalue("postgres").create_database()
+    uri = (
+        f"sqlite:///{k2_home}/catalog.db" if request.param == "sqlite" else request.getfixturevalue("postgres").create_database()
+    )
     return {"catalog_uri": uri, "warehouse": f"file://{k2_home}/warehouse"}
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = REPO / ".tools" / "promtool"
+    found = str(path) if path.exists() else shutil.which("promtool")
+    if not found:
+        pytest.fail("promtool not found: `bash scripts/get-promtool` unpacks it from Debian's prometheus package into .tools/")
+    return found
+
+
+@pytest.fixture
+def pushgateway() -> str:
+    """A real Pushgateway on a free port; its URL."""
+    from k2_assets.dev.broker import free_port
+
+    path = REPO / ".tools" / "pushgateway"
+    found = str(path) if path.exists() else shutil.which("pushgateway") or shutil.which("prometheus-pushgateway")
+    if not found:
+        pytest.fail(
+            "pushgateway not found: `bash scripts/get-pushgateway` unpacks it from Debian's prometheus-pushgateway package "
+            "into .tools/"
+        )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [found, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=2).read()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    why = process.stderr.read().decode() if process.poll() is not None else "timeout"
+                    pytest.fail(f"pushgateway did not start: {why}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -34,8 +34,19 @@ class PostgresServer:
         return subprocess.run(command, check=check, capture_output=True, text=True, timeout=120)
 
     def start(self) -> None:
-        self._run(_bin("pg_ctl"), "-D", self.data_dir, "-l", f"{self.data_dir}/server.log", "-w", "-t", "60",
-                  "-o", f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self._run(
+            _bin("pg_ctl"),
+            "-D",
+            self.data_dir,
+            "-l",
+            f"{self.data_dir}/server.log",
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run(_bin("pg_ctl"), "-D", self.data_dir, "-m", "fast", "-w", "stop", check=False)
@@ -45,7 +56,19 @@ class PostgresServer:
 
     def create_database(self) -> str:
         name = f"k2_{uuid.uuid4().hex[:10]}"
-        self._run(_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres", "-c", f"CREATE DATABASE {name}")
+        self._run(
+            _bin("psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            "-d",
+            "postgres",
+            "-c",
+            f"CREATE DATABASE {name}",
+        )
         return self.uri(name)
 
 

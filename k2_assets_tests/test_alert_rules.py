@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
-import pytest
 from prometheus_client import generate_latest
 
-from k2_assets_tests.conftest import REPO
+from k2_assets_tests.conftest import REPO, btc_trade_events
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
-from k2_assets_tests.conftest import btc_trade_events
 
 RULES = REPO / "config" / "prometheus" / "rules" / "k2.yml"
 TESTS = REPO / "config" / "prometheus" / "tests" / "k2_test.yml"
-ALERTS = ("K2ConsumerLagHigh", "K2NoDataIngested", "K2RejectedRateHigh", "K2SequenceGaps", "K2IcebergCommitFailures",
-          "K2FreshnessBreach", "K2FeedReconnectStorm")
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = REPO / ".tools" / "promtool"
-    found = str(path) if path.exists() else shutil.which("promtool")
-    if not found:
-        pytest.fail("promtool not found: `bash scripts/get-promtool` unpacks it from Debian's prometheus package into .tools/")
-    return found
+ALERTS = (
+    "K2ConsumerLagHigh",
+    "K2NoDataIngested",
+    "K2RejectedRateHigh",
+    "K2SequenceGaps",
+    "K2IcebergCommitFailures",
+    "K2FreshnessBreach",
+    "K2FeedReconnectStorm",
+)
 
 
 def run(promtool: str, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -59,9 +54,13 @@ def test_served_metrics_pass_promtool(promtool, btcusdt_dir, broker, topic, cata
     producer = ProducerMetrics()
     producer.produced.labels("BTCUSDT").inc(5)
     producer.last_trade_id.labels("BTCUSDT").set(3345206428)
-    producer.record_statistics({"brokers": {"b1": {"rtt": {"cnt": 3, "p50": 900, "p99": 2100},
-                                                    "int_latency": {"cnt": 0, "p50": 0, "p99": 0}}}})
-    assert producer.registry.get_sample_value("k2_feed_produce_latency_seconds", {"stage": "round_trip", "percentile": "p99"}) == 0.0021
+    producer.record_statistics(
+        {"brokers": {"b1": {"rtt": {"cnt": 3, "p50": 900, "p99": 2100}, "int_latency": {"cnt": 0, "p50": 0, "p99": 0}}}}
+    )
+    assert (
+        producer.registry.get_sample_value("k2_feed_produce_latency_seconds", {"stage": "round_trip", "percentile": "p99"})
+        == 0.0021
+    )
     for registry in (writer.metrics.registry, producer.registry):
         exposition = generate_latest(registry)
         result = run(promtool, "check", "metrics", stdin=exposition)
@@ -77,7 +76,11 @@ def test_every_dashboard_query_is_valid_promql(promtool, tmp_path):
     dashboard = json.loads((REPO / "config" / "grafana" / "dashboards" / "k2.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     assert any("k2_rollup_bars_written_total" in e for e in exprs) and any("k2_sequence_gaps_closed_total" in e for e in exprs)
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"k2:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"k2:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]}
+        ]
+    }
     path = tmp_path / "dashboard.yml"
     path.write_text(yaml.safe_dump(rules))
     result = run(promtool, "check", "rules", str(path))

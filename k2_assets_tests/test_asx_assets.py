@@ -29,20 +29,27 @@ def metadata(result, asset):
 def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(asx_dir, catalog_props, catalog):
     resources = make_resources(catalog_props, asx_dir=asx_dir)
     for session in SESSIONS:
-        result = dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources)
+        result = dg.materialize(
+            [asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources
+        )
         assert result.success
         meta = metadata(result, "asx_trades")
         assert meta["rows_read"] == meta["rows_written"] + meta["rows_rejected"]
-        assert meta["snapshot_id"] == str(catalog.load_table("market.trades").scan(
-            row_filter=EqualTo("trade_date", session.isoformat())).snapshot().snapshot_id)
+        assert meta["snapshot_id"] == str(
+            catalog.load_table("market.trades").scan(row_filter=EqualTo("trade_date", session.isoformat())).snapshot().snapshot_id
+        )
         evaluations = result.get_asset_check_evaluations()
         assert len(evaluations) == (13 + 2) + (10 + 2) and all(e.passed for e in evaluations)  # + the two ledger checks
         # The ledger: one row per company file per load, whose lines add up to the load's.
-        ledger = catalog.load_table("market.source_files").scan(row_filter=EqualTo("run_id", result.run_id)).to_arrow().to_pylist()
+        ledger = (
+            catalog.load_table("market.source_files").scan(row_filter=EqualTo("run_id", result.run_id)).to_arrow().to_pylist()
+        )
         trades_files = [r for r in ledger if r["source"] == "asx_trades"]
         assert sorted(r["path"] for r in trades_files) == sorted(f"trades/{p.name}" for p in (asx_dir / "trades").glob("*.csv"))
         assert sum(r["lines_read"] for r in trades_files) == meta["rows_read"]
-        assert all(len(r["sha256"]) == 64 and r["size_bytes"] > 0 and not r["changed"] and r["file_error"] is None for r in ledger)
+        assert all(
+            len(r["sha256"]) == 64 and r["size_bytes"] > 0 and not r["changed"] and r["file_error"] is None for r in ledger
+        )
     counts, table = trades_by_symbol_day(catalog)
     assert counts == expected_counts(asx_dir, "trades")
     assert pc.count_distinct(table.column("message_id")).as_py() == table.num_rows
@@ -53,7 +60,9 @@ def test_five_sessions_write_exactly_the_source_rows_and_reruns_change_nothing(a
     # Rerun two partitions: same rows, same ids, nothing left over.
     before_ids = sorted(table.column("message_id").to_pylist())
     for key in ("2014-03-10", "2014-03-13"):
-        assert dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=key, resources=resources).success
+        assert dg.materialize(
+            [asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=key, resources=resources
+        ).success
     counts_after, table_after = trades_by_symbol_day(catalog)
     assert counts_after == counts
     assert sorted(table_after.column("message_id").to_pylist()) == before_ids
@@ -78,7 +87,9 @@ def test_rejected_rows_land_in_market_rejected_once_per_partition(asx_dir, tmp_p
     assert "does not fit decimal(18,8)" in meta["rejected_reasons"]
     # The rejected rows leave a hole in BHP's sequence, and the hole is explained by them.
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
-    assert [(g["symbol"], g["first_missing"], g["last_missing"], g["closed_at"]) for g in gaps] == [("BHP", 101, 100 + len(BAD_LINES), None)]
+    assert [(g["symbol"], g["first_missing"], g["last_missing"], g["closed_at"]) for g in gaps] == [
+        ("BHP", 101, 100 + len(BAD_LINES), None)
+    ]
     assert gaps[0]["explained_by"] == f"{len(BAD_LINES)} rejected row(s) in market.rejected"
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["no_unexplained_gaps"].passed and checks["time_monotonic_in_sequence"].passed
@@ -122,7 +133,9 @@ def test_tables_are_partitioned_sorted_and_keep_metadata_small(asx_dir, catalog_
 
 def test_missing_vendor_directory_is_a_clear_error(catalog_props, tmp_path):
     resources = make_resources(catalog_props, asx_dir=tmp_path / "nowhere")
-    result = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources, raise_on_error=False)
+    result = dg.materialize(
+        [asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources, raise_on_error=False
+    )
     assert not result.success
     error = result.get_step_failure_events()[0].step_failure_data.error
     assert error.cause.cls_name == "FileNotFoundError"

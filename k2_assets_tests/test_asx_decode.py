@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import shutil
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pyarrow.compute as pc
@@ -45,7 +45,7 @@ def test_sydney_local_time_becomes_utc_and_session_date_is_sydney_date(asx_dir):
     bhp = batch.rows.filter(pc.equal(batch.rows.column("symbol"), "BHP"))
     first = bhp.slice(0, 1).to_pylist()[0]
     # 03/10/2014,07:57:14.754 in Sydney (AEDT, UTC+11) is the evening before in UTC.
-    assert first["exchange_timestamp"] == datetime(2014, 3, 9, 20, 57, 14, 754000, tzinfo=timezone.utc)
+    assert first["exchange_timestamp"] == datetime(2014, 3, 9, 20, 57, 14, 754000, tzinfo=UTC)
     assert first["trade_date"] == date(2014, 3, 10)
     assert first["price"] == Decimal("36.667") and first["quantity"] == Decimal("20000")
     assert first["trade_conditions"] == ["3"] and first["venue"] == "X"

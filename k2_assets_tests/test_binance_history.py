@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import zipfile
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -38,7 +38,9 @@ def metadata(result):
 
 def test_real_btcusdt_file_writes_16702_contiguous_trades(btcusdt_dir, catalog_props, catalog):
     resources = make_resources(catalog_props, binance_dir=btcusdt_dir)
-    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
+    result = dg.materialize(
+        [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources
+    )
     assert result.success
     meta = metadata(result)
     assert (meta["rows_read"], meta["rows_written"], meta["rows_rejected"]) == (16702, 16702, 0)
@@ -52,10 +54,12 @@ def test_real_btcusdt_file_writes_16702_contiguous_trades(btcusdt_dir, catalog_p
     assert table.filter(pc.equal(table.column("side"), "SELL")).num_rows == sells
     first = table.filter(pc.equal(table.column("source_sequence"), FIRST_ID)).to_pylist()[0]
     assert first["price"] == Decimal("42690.21") and first["message_id"] == f"BINANCE:BTCUSDT:{FIRST_ID}"
-    assert first["exchange_timestamp"] == datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+    assert first["exchange_timestamp"] == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     assert first["currency"] == "USDT" and first["asset_class"] == "CRYPTO" and first["trade_id"] == str(FIRST_ID)
     # A rerun replaces the day: still 16,702.
-    assert dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources).success
+    assert dg.materialize(
+        [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources
+    ).success
     assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 16702
 
 
@@ -68,7 +72,7 @@ def write_variants(btcusdt_dir: Path, out: Path) -> dict[str, int]:
     (out / "BTCUSDT-trades-2024-01-01.csv").write_text(headerless)
     with zipfile.ZipFile(out / "ETHUSDT-trades-2024-01-01.zip", "w") as z:
         z.writestr("ETHUSDT-trades-2024-01-01.csv", "".join(",".join(r) + "\n" for r in rows[5000:8000]))
-    shift_us = int((datetime(2025, 1, 2, tzinfo=timezone.utc) - datetime(2024, 1, 1, tzinfo=timezone.utc)).total_seconds() * 1e6)
+    shift_us = int((datetime(2025, 1, 2, tzinfo=UTC) - datetime(2024, 1, 1, tzinfo=UTC)).total_seconds() * 1e6)
     micro = [[*r[:4], str(int(r[4]) * 1000 + shift_us), r[5], "True"] for r in rows[8000:9000]]
     (out / "BTCUSDT-trades-2025-01-02.csv").write_text("".join(",".join(r) + "\n" for r in micro))
     return {"plain": 5000, "zip": 3000, "micro": 1000}
@@ -89,7 +93,7 @@ def test_headerless_zip_and_microsecond_dumps(btcusdt_dir, tmp_path):
     assert micro.rows.num_rows == 1000 and micro.rejected.num_rows == 0
     first = micro.rows.slice(0, 1).to_pylist()[0]
     rows = real_btc_rows(btcusdt_dir)
-    expected = datetime.fromtimestamp(int(rows[8000][4]) / 1000, tz=timezone.utc).replace(year=2025, month=1, day=2)
+    expected = datetime.fromtimestamp(int(rows[8000][4]) / 1000, tz=UTC).replace(year=2025, month=1, day=2)
     assert first["exchange_timestamp"] == expected
     assert first["trade_date"] == date(2025, 1, 2)
 
@@ -103,7 +107,10 @@ def test_bad_dump_rows_are_rejected_with_reasons(btcusdt_dir, tmp_path, catalog_
     rows = real_btc_rows(btcusdt_dir)[:100]
     bad = {
         3: ([rows[3][0], "abc", *rows[3][2:]], "price 'abc' is not a number"),
-        4: ([rows[4][0], rows[4][1], "0.123456789", *rows[4][3:]], "quantity 0.123456789 does not fit decimal(18,8) without rounding"),
+        4: (
+            [rows[4][0], rows[4][1], "0.123456789", *rows[4][3:]],
+            "quantity 0.123456789 does not fit decimal(18,8) without rounding",
+        ),
         5: ([*rows[5][:5], "maybe"], "is_buyer_maker 'maybe' is not True or False"),
         6: ([*rows[6][:4], "1704153600000", rows[6][5]], "time 1704153600000 is outside the UTC day 2024-01-01"),
         7: (rows[7][:5], "expected 6 comma-separated fields, found 5"),
@@ -114,7 +121,9 @@ def test_bad_dump_rows_are_rejected_with_reasons(btcusdt_dir, tmp_path, catalog_
     history.mkdir()
     (history / "BTCUSDT-trades-2024-01-01.csv").write_text("".join(",".join(r) + "\n" for r in rows))
     result = dg.materialize(
-        [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=make_resources(catalog_props, binance_dir=history)
+        [binance_trades_history, *binance_trades_history_rules],
+        partition_key="2024-01-01",
+        resources=make_resources(catalog_props, binance_dir=history),
     )
     meta = metadata(result)
     assert (meta["rows_read"], meta["rows_written"], meta["rows_rejected"]) == (100, 95, 5)
@@ -125,7 +134,8 @@ def test_bad_dump_rows_are_rejected_with_reasons(btcusdt_dir, tmp_path, catalog_
     assert sorted(r["source_sequence"] for r in rejected) == [int(rows[i][0]) for i in sorted(bad)]
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
     assert [(g["first_missing"], g["last_missing"], g["explained_by"]) for g in gaps] == [
-        (int(rows[3][0]), int(rows[7][0]), "5 rejected row(s) in market.rejected")]
+        (int(rows[3][0]), int(rows[7][0]), "5 rejected row(s) in market.rejected")
+    ]
     assert {c.check_name: c.passed for c in result.get_asset_check_evaluations()}["no_unexplained_gaps"]
 
 
@@ -137,9 +147,11 @@ def test_agg_trades_load_by_utc_day_and_yield_to_raw_trades(shared_data, btcusdt
     history.mkdir()
     by_day: dict[str, list] = {}
     for r in rows:
-        by_day.setdefault(datetime.fromtimestamp(int(r[5]) / 1000, tz=timezone.utc).date().isoformat(), []).append(r)
+        by_day.setdefault(datetime.fromtimestamp(int(r[5]) / 1000, tz=UTC).date().isoformat(), []).append(r)
     for day, day_rows in by_day.items():
-        (history / f"XRPETH-aggTrades-{day}.csv").write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in day_rows))
+        (history / f"XRPETH-aggTrades-{day}.csv").write_text(
+            ",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in day_rows)
+        )
     total = 0
     for day, day_rows in by_day.items():
         batch, notes = binance_history.load_day(history, date.fromisoformat(day), source="binance_trades_history")
@@ -163,18 +175,29 @@ def test_history_never_duplicates_trades_that_arrived_live(btcusdt_dir, catalog_
     batch, _ = binance_history.load_day(btcusdt_dir, date(2024, 1, 1), source="test")
     live = batch.rows.slice(0, 1000)
     n = live.num_rows
-    live = live.set_column(live.schema.get_field_index("kafka_topic"), "kafka_topic", pa.array(["market.crypto.trades.binance"] * n))
+    live = live.set_column(
+        live.schema.get_field_index("kafka_topic"), "kafka_topic", pa.array(["market.crypto.trades.binance"] * n)
+    )
     live = live.set_column(live.schema.get_field_index("kafka_offset"), "kafka_offset", pa.array(range(n), pa.int64()))
     live = live.set_column(live.schema.get_field_index("source_file"), "source_file", pa.nulls(n, pa.string()))
     # One live row with a timestamp outside the day must be caught by the check, not hidden.
     stray = live.slice(0, 1).to_pylist()[0]
-    stray.update(message_id="BINANCE:BTCUSDT:999", trade_id="999", source_sequence=999,
-                 exchange_timestamp=datetime(2024, 1, 2, 0, 0, 1, tzinfo=timezone.utc))
+    stray.update(
+        message_id="BINANCE:BTCUSDT:999",
+        trade_id="999",
+        source_sequence=999,
+        exchange_timestamp=datetime(2024, 1, 2, 0, 0, 1, tzinfo=UTC),
+    )
     live = pa.concat_tables([live, pa.Table.from_pylist([stray], schema=live.schema)])
     k2_catalog.ensure_table(catalog, "trades").append(live)
 
     resources = make_resources(catalog_props, binance_dir=btcusdt_dir)
-    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources, raise_on_error=False)
+    result = dg.materialize(
+        [binance_trades_history, *binance_trades_history_rules],
+        partition_key="2024-01-01",
+        resources=resources,
+        raise_on_error=False,
+    )
     # The bad live row fails a blocking (ERROR) check: the data is written and described, the run is red.
     assert not result.success
     assert "timestamp_in_session" in result.get_step_failure_events()[0].step_failure_data.error.message
@@ -192,6 +215,8 @@ def test_history_never_duplicates_trades_that_arrived_live(btcusdt_dir, catalog_
     assert in_session.severity == dg.AssetCheckSeverity.ERROR
 
 
-@pytest.mark.parametrize("symbol,currency", [("BTCUSDT", "USDT"), ("XRPETH", "ETH"), ("BNBFDUSD", "FDUSD"), ("ETHBTC", "BTC"), ("USDT", None)])
+@pytest.mark.parametrize(
+    "symbol,currency", [("BTCUSDT", "USDT"), ("XRPETH", "ETH"), ("BNBFDUSD", "FDUSD"), ("ETHBTC", "BTC"), ("USDT", None)]
+)
 def test_quote_currency_from_symbol(symbol, currency):
     assert binance_format.quote_currency(symbol) == currency

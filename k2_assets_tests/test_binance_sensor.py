@@ -15,8 +15,10 @@ from k2_assets_tests.test_live_writer import produce, trade_messages
 
 
 def tick(instance, catalog_props, broker, topic, cursor=None, drain_seconds=20.0):
-    resources = {"iceberg": IcebergResource(**catalog_props),
-                 "kafka": KafkaResource(bootstrap=broker.bootstrap, topic=topic, drain_seconds=drain_seconds)}
+    resources = {
+        "iceberg": IcebergResource(**catalog_props),
+        "kafka": KafkaResource(bootstrap=broker.bootstrap, topic=topic, drain_seconds=drain_seconds),
+    }
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         return binance_trades_sensor(context)
 
@@ -33,7 +35,9 @@ def test_sensor_ticks_write_once_and_report_each_partition(btcusdt_dir, broker, 
         (request,) = result.run_requests
         assert request.job_name == "binance_gap_check_job" and request.tags["dagster/partition"] == "2024-01-01"
         assert request.run_key == f"gaps-2024-01-01-{events_out[-1].metadata['snapshot_id'].value}"
-        assert events_out and all(e.asset_key == dg.AssetKey("binance_trades") and e.partition == "2024-01-01" for e in events_out)
+        assert events_out and all(
+            e.asset_key == dg.AssetKey("binance_trades") and e.partition == "2024-01-01" for e in events_out
+        )
         assert sum(e.metadata["rows_written"].value for e in events_out) == 10000
         assert sum(e.metadata["rows_rejected"].value for e in events_out) == 1
         first = events_out[0].metadata
@@ -56,8 +60,9 @@ def test_sensor_ticks_write_once_and_report_each_partition(btcusdt_dir, broker, 
     assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()
 
 
-def test_a_tick_during_a_catalog_outage_ends_cleanly_and_the_next_resumes(btcusdt_dir, broker, topic, catalog_props, catalog,
-                                                                           monkeypatch):
+def test_a_tick_during_a_catalog_outage_ends_cleanly_and_the_next_resumes(
+    btcusdt_dir, broker, topic, catalog_props, catalog, monkeypatch
+):
     """The catalog is locked for longer than a tick: the tick says so and ends without failing; once the
     catalog is back, the next tick writes everything, once."""
     import sqlite3
@@ -103,8 +108,9 @@ def test_a_tick_during_a_catalog_outage_ends_cleanly_and_the_next_resumes(btcusd
     assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()
 
 
-def test_a_tick_that_meets_an_error_ends_cleanly_and_the_next_materialization_says_so(btcusdt_dir, broker, topic, catalog_props,
-                                                                                      catalog):
+def test_a_tick_that_meets_an_error_ends_cleanly_and_the_next_materialization_says_so(
+    btcusdt_dir, broker, topic, catalog_props, catalog
+):
     """market.trades is dropped under a running writer: that tick reports the error instead of failing, and the
     next one rebuilds the writer from the (new, empty) table's offsets and writes everything into it once."""
     events = btc_trade_events(btcusdt_dir)

@@ -45,8 +45,23 @@ def test_k2_stream_binance_produces_everything_and_flushes_on_sigterm(btcusdt_di
         env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "k2_assets.cli", "stream", "binance", "--symbols", "BTCUSDT",
-                 "--url", server.ws_url, "--bootstrap", broker.bootstrap], stdout=out, stderr=out, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "k2_assets.cli",
+                    "stream",
+                    "binance",
+                    "--symbols",
+                    "BTCUSDT",
+                    "--url",
+                    server.ws_url,
+                    "--bootstrap",
+                    broker.bootstrap,
+                ],
+                stdout=out,
+                stderr=out,
+                env=env,
+            )
             try:
                 wait_until(lambda: server.stats["events"] == 16702, 60, "the feed to send every trade")
                 time.sleep(0.5)
@@ -71,9 +86,18 @@ def test_k2_stream_binance_produces_everything_and_flushes_on_sigterm(btcusdt_di
 
 def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, topic, logged):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
-    with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), drop_every=4000, skip_ids={3345206500, 3345206501, 3345210000}) as server:
-        producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
-                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.5)
+    with run_in_thread(
+        replay_file(btcusdt_dir / BTC_FILE), drop_every=4000, skip_ids={3345206500, 3345206501, 3345210000}
+    ) as server:
+        producer = BinanceProducer(
+            ["BTCUSDT"],
+            broker.bootstrap,
+            base_url=server.ws_url,
+            topic=topic,
+            dead_letter_topic=topic + ".dlq",
+            backoff_initial=0.05,
+            backoff_max=0.5,
+        )
         with ProducerThread(producer):
             wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == 3345223129, 60, "the last trade")
     reconnects = [e for e in logged if e["event"] == "reconnect"]
@@ -92,9 +116,16 @@ def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, top
 def test_connection_is_renewed_before_the_exchange_cuts_it_and_pings_are_answered(broker, topic, logged):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
     with run_in_thread(random_walk(["BTCUSDT"], seed=1), rate=200, ping_interval=0.2, ping_timeout=0.5) as server:
-        producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
-                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.01, backoff_max=0.05,
-                                   max_connection_seconds=1.0)
+        producer = BinanceProducer(
+            ["BTCUSDT"],
+            broker.bootstrap,
+            base_url=server.ws_url,
+            topic=topic,
+            dead_letter_topic=topic + ".dlq",
+            backoff_initial=0.01,
+            backoff_max=0.05,
+            max_connection_seconds=1.0,
+        )
         with ProducerThread(producer):
             time.sleep(3.5)
     renewals = [e for e in logged if e["event"] == "reconnect" and e["reason"] == "renewed before the 24-hour limit"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pandas as pd
@@ -43,7 +43,7 @@ def broken(trades, column, value, row=7):
         ("currency", "XYZ", "known_currency"),
         ("side", "SIDEWAYS", "known_side"),
         ("trade_date", date(2014, 3, 11), "trade_date_is_partition"),
-        ("exchange_timestamp", datetime(2014, 3, 10, 13, 0, tzinfo=timezone.utc), "timestamp_in_session"),
+        ("exchange_timestamp", datetime(2014, 3, 10, 13, 0, tzinfo=UTC), "timestamp_in_session"),
         ("message_id", "ASX:BHP:20140310:1", "message_id_unique"),
     ],
 )
@@ -65,20 +65,25 @@ def test_precision_rules_catch_values_outside_decimal_18_8():
 
 
 def _filler(n):
-    ts = datetime(2014, 3, 9, 23, 30, tzinfo=timezone.utc)
+    ts = datetime(2014, 3, 9, 23, 30, tzinfo=UTC)
     return {
-        "message_id": [f"m{i}" for i in range(n)], "symbol": ["BHP"] * n, "exchange": ["ASX"] * n, "currency": ["AUD"] * n,
-        "side": ["UNKNOWN"] * n, "trade_date": [SESSION] * n, "exchange_timestamp": [ts] * n,
+        "message_id": [f"m{i}" for i in range(n)],
+        "symbol": ["BHP"] * n,
+        "exchange": ["ASX"] * n,
+        "currency": ["AUD"] * n,
+        "side": ["UNKNOWN"] * n,
+        "trade_date": [SESSION] * n,
+        "exchange_timestamp": [ts] * n,
     }
 
 
 def test_session_bounds_follow_the_exchange_time_zone():
     start, end = checks.session_bounds("ASX", SESSION)
-    assert start == datetime(2014, 3, 9, 13, 0, tzinfo=timezone.utc)  # midnight AEDT
-    assert end == datetime(2014, 3, 10, 13, 0, tzinfo=timezone.utc)
+    assert start == datetime(2014, 3, 9, 13, 0, tzinfo=UTC)  # midnight AEDT
+    assert end == datetime(2014, 3, 10, 13, 0, tzinfo=UTC)
     start, end = checks.session_bounds("ASX", date(2014, 6, 10))  # AEST in winter
-    assert start == datetime(2014, 6, 9, 14, 0, tzinfo=timezone.utc)
-    assert checks.session_bounds("BINANCE", SESSION)[0] == datetime(2014, 3, 10, tzinfo=timezone.utc)
+    assert start == datetime(2014, 6, 9, 14, 0, tzinfo=UTC)
+    assert checks.session_bounds("BINANCE", SESSION)[0] == datetime(2014, 3, 10, tzinfo=UTC)
 
 
 def test_a_frame_missing_columns_fails_every_rule():

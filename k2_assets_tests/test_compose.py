@@ -34,8 +34,18 @@ def variables_k2_reads() -> set[str]:
 
 def test_every_service_of_the_stack_is_there_with_a_health_check(compose):
     services = compose["services"]
-    assert {"kafka", "minio", "postgres", "k2-code", "dagster-webserver", "dagster-daemon", "binance-producer", "pushgateway",
-            "prometheus", "grafana"} <= services.keys()
+    assert {
+        "kafka",
+        "minio",
+        "postgres",
+        "k2-code",
+        "dagster-webserver",
+        "dagster-daemon",
+        "binance-producer",
+        "pushgateway",
+        "prometheus",
+        "grafana",
+    } <= services.keys()
     for name, service in services.items():
         assert "healthcheck" in service and service["healthcheck"]["test"], name
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
@@ -81,12 +91,20 @@ def test_files_the_stack_mounts_exist_and_prometheus_scrapes_the_exporters(compo
 def docker_compose(*args: str, **overrides: str) -> subprocess.CompletedProcess:
     found = shutil.which("docker-compose")
     if not found:
-        pytest.fail("docker-compose not found: `bash scripts/get-docker-compose` installs Debian's docker-compose package "
-                    "(`make test` runs it)")
+        pytest.fail(
+            "docker-compose not found: `bash scripts/get-docker-compose` installs Debian's docker-compose package "
+            "(`make test` runs it)"
+        )
     env = {k: v for k, v in os.environ.items() if k not in REQUIRED and not k.startswith(("K2_", "COMPOSE_"))}
     env.update({name: f"dummy-{name.lower()}" for name in REQUIRED}, **overrides)
-    return subprocess.run([found, "--project-directory", str(REPO), "-f", str(COMPOSE), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [found, "--project-directory", str(REPO), "-f", str(COMPOSE), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_docker_compose_resolves_the_file_with_every_service_health_check_and_dependency(compose):
@@ -103,9 +121,13 @@ def test_docker_compose_resolves_the_file_with_every_service_health_check_and_de
     # The anchors and interpolation resolved: secrets from the environment, defaults where unset.
     code = services["k2-code"]["environment"]
     assert code["K2_CATALOG_URI"] == "postgresql+psycopg2://k2:dummy-k2_pg_password@postgres:5432/k2"
-    assert code["K2_PUSHGATEWAY_URL"] == "http://pushgateway:9091" == services["dagster-daemon"]["environment"]["K2_PUSHGATEWAY_URL"]
+    assert (
+        code["K2_PUSHGATEWAY_URL"] == "http://pushgateway:9091" == services["dagster-daemon"]["environment"]["K2_PUSHGATEWAY_URL"]
+    )
     assert services["binance-producer"]["command"][-1] == "9464"
-    ports = [str(port).removesuffix("/tcp") for service in services.values() for port in service.get("ports", [])]  # 1.29: short syntax
+    ports = [
+        str(port).removesuffix("/tcp") for service in services.values() for port in service.get("ports", [])
+    ]  # 1.29: short syntax
     assert all(port.startswith("127.0.0.1:") for port in ports) and {"127.0.0.1:9090:9090", "127.0.0.1:9091:9091"} <= set(ports)
 
 

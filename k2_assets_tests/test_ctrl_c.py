@@ -36,8 +36,9 @@ class Command:
     def __init__(self, args: list[str], tmp_path: Path, name: str, env: dict):
         self.log = tmp_path / f"{name}.log"
         with self.log.open("wb") as out:
-            self.process = subprocess.Popen([str(K2), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, cwd=tmp_path)
+            self.process = subprocess.Popen(
+                [str(K2), *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -95,13 +96,28 @@ def started_commands(name: str, tmp_path: Path, env: dict, request) -> tuple[Com
         return command, "k2 feed: SIGINT: stopping the local Binance feed"
     feed_port = request.getfixturevalue("feed")
     if name == "stream":
-        command = Command(["stream", "binance", "--symbols", "BTCUSDT,ETHUSDT", "--url", f"ws://127.0.0.1:{feed_port}",
-                           "--bootstrap", env["K2_KAFKA_BOOTSTRAP"]], tmp_path, name, env)
+        command = Command(
+            [
+                "stream",
+                "binance",
+                "--symbols",
+                "BTCUSDT,ETHUSDT",
+                "--url",
+                f"ws://127.0.0.1:{feed_port}",
+                "--bootstrap",
+                env["K2_KAFKA_BOOTSTRAP"],
+            ],
+            tmp_path,
+            name,
+            env,
+        )
         command.wait_until(lambda c: '"connected"' in c.output(), "connected to the feed")
         time.sleep(2)  # producing
         return command, "k2 stream binance: SIGINT: stopping the stream of BTCUSDT,ETHUSDT"
     # The writer and `recent` read what a producer puts on the topic.
-    producer = Command(["stream", "binance", "--symbols", "BTCUSDT", "--url", f"ws://127.0.0.1:{feed_port}"], tmp_path, "producer", env)
+    producer = Command(
+        ["stream", "binance", "--symbols", "BTCUSDT", "--url", f"ws://127.0.0.1:{feed_port}"], tmp_path, "producer", env
+    )
     request.addfinalizer(producer.kill)
     producer.wait_until(lambda c: '"connected"' in c.output(), "connected to the feed")
     if name == "writer":

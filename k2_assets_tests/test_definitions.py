@@ -10,7 +10,8 @@ import dagster as dg
 import fastavro
 import pyarrow as pa
 
-from k2_assets.core import catalog as k2_catalog, checks, schemas
+from k2_assets.core import catalog as k2_catalog
+from k2_assets.core import checks, schemas
 from k2_assets.core.settings import Settings
 from k2_assets.defs.asx.schedules import asx_daily_schedule
 from k2_assets.defs.binance.schedules import binance_history_schedule
@@ -23,10 +24,21 @@ def test_defs_load_with_every_asset_and_check():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
-        "asx_trades", "asx_quotes", "binance_trades_history", "binance_trades", "kafka/market_crypto_trades_binance",
-        "ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d"}
+        "asx_trades",
+        "asx_quotes",
+        "binance_trades_history",
+        "binance_trades",
+        "kafka/market_crypto_trades_binance",
+        "ohlcv_1m",
+        "ohlcv_5m",
+        "ohlcv_1h",
+        "ohlcv_1d",
+    }
     assert graph.get(dg.AssetKey("ohlcv_1m")).parent_keys == {
-        dg.AssetKey("asx_trades"), dg.AssetKey("binance_trades_history"), dg.AssetKey("binance_trades")}
+        dg.AssetKey("asx_trades"),
+        dg.AssetKey("binance_trades_history"),
+        dg.AssetKey("binance_trades"),
+    }
     assert graph.get(dg.AssetKey("binance_trades")).parent_keys == {dg.AssetKey(["kafka", "market_crypto_trades_binance"])}
     check_names = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     for rule in checks.TRADE_RULES:

@@ -161,8 +161,9 @@ def test_asx_trades(run, request):
         for name, stats in summary["files"].items():
             if name.startswith("asx/trades/"):
                 kinds.update(stats["bad_rows"])
-        assert all(kinds[k] > 0 for k in ("price_decimals", "price_non_numeric", "volume_nonpositive",
-                                          "missing_column", "bad_time"))
+        assert all(
+            kinds[k] > 0 for k in ("price_decimals", "price_non_numeric", "volume_nonpositive", "missing_column", "bad_time")
+        )
 
 
 def test_asx_volume_and_duplicates(default_run):
@@ -282,8 +283,25 @@ def test_deterministic_per_seed(tmp_path):
 
 
 def test_k2_demo_data_prints_summary(tmp_path, capsys):
-    assert cli_main(["demo-data", "--out", str(tmp_path), "--asx-days", "1", "--binance-rows-per-day", "50",
-                     "--binance-dates", "2025-01-02", "--seed", "1", "--json"]) == 0
+    assert (
+        cli_main(
+            [
+                "demo-data",
+                "--out",
+                str(tmp_path),
+                "--asx-days",
+                "1",
+                "--binance-rows-per-day",
+                "50",
+                "--binance-dates",
+                "2025-01-02",
+                "--seed",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert "binance/BTCUSDT-trades-2025-01-02.csv" in summary["files"]
     assert not list(tmp_path.rglob("*.zip"))

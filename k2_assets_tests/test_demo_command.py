@@ -62,7 +62,9 @@ mutation($params: ExecutionParams!) {
 LIVE_QUERY = """
 query($partition: String!) {
   assetNodes(assetKeys: [{path: ["binance_trades"]}]) {
-    assetMaterializations(partitions: [$partition], limit: 5) { partition metadataEntries { label ... on IntMetadataEntry { intValue } } }
+    assetMaterializations(partitions: [$partition], limit: 5) {
+      partition metadataEntries { label ... on IntMetadataEntry { intValue } }
+    }
   }
 }
 """
@@ -155,7 +157,11 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(K2), "demo", "--port", str(port)],
-            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         wait_for_server(port, process, log, what="k2 demo", timeout=STARTUP_TIMEOUT)

@@ -81,8 +81,14 @@ def test_replay_file_reads_the_real_dump_exactly(csv_rows):
     trades = list(replay_file(DUMP))
     assert len(trades) == COUNT
     assert [t["trade_id"] for t in trades] == list(range(FIRST_ID, LAST_ID + 1))
-    assert trades[0] == {"trade_id": FIRST_ID, "price": "42690.21000000", "qty": "0.00237000", "time_ms": 1704110400000,
-                         "is_buyer_maker": False, "symbol": "BTCUSDT"}
+    assert trades[0] == {
+        "trade_id": FIRST_ID,
+        "price": "42690.21000000",
+        "qty": "0.00237000",
+        "time_ms": 1704110400000,
+        "is_buyer_maker": False,
+        "symbol": "BTCUSDT",
+    }
     for trade, row in zip(trades, csv_rows):
         fields = (str(trade["trade_id"]), trade["price"], trade["qty"], str(trade["time_ms"]), str(trade["is_buyer_maker"]))
         assert fields == tuple(row[:3] + row[4:6])
@@ -154,7 +160,8 @@ def test_combined_stream_replays_every_real_trade_in_order_with_exact_fields(csv
     # Byte-exact with Binance's own encoding (no spaces, this key order, 8dp strings).
     assert frames[0].startswith('{"stream":"btcusdt@trade","data":{"e":"trade","E":')
     assert frames[0].endswith(
-        ',"s":"BTCUSDT","t":3345206428,"p":"42690.21000000","q":"0.00237000","T":1704110400000,"m":false,"M":true}}')
+        ',"s":"BTCUSDT","t":3345206428,"p":"42690.21000000","q":"0.00237000","T":1704110400000,"m":false,"M":true}}'
+    )
 
 
 def test_raw_path_sends_bare_events_and_unknown_streams_send_nothing():
@@ -441,8 +448,15 @@ def test_rest_historical_trades_like_binance(csv_rows):
         status, trades, _ = get(api + f"/historicalTrades?symbol=BTCUSDT&fromId={FIRST_ID}&limit=5")
         assert status == 200 and [t["id"] for t in trades] == list(range(FIRST_ID, FIRST_ID + 5))  # skipped ones included
         row = csv_rows[0]
-        assert trades[0] == {"id": FIRST_ID, "price": row[1], "qty": row[2], "quoteQty": row[3], "time": int(row[4]),
-                             "isBuyerMaker": False, "isBestMatch": True}
+        assert trades[0] == {
+            "id": FIRST_ID,
+            "price": row[1],
+            "qty": row[2],
+            "quoteQty": row[3],
+            "time": int(row[4]),
+            "isBuyerMaker": False,
+            "isBestMatch": True,
+        }
         assert list(trades[0]) == ["id", "price", "qty", "quoteQty", "time", "isBuyerMaker", "isBestMatch"]
         assert all(t["quoteQty"] == r[3] for t, r in zip(trades, csv_rows))
 
@@ -455,7 +469,9 @@ def test_rest_historical_trades_like_binance(csv_rows):
         assert get(api + f"/historicalTrades?symbol=BTCUSDT&fromId={LAST_ID + 1}")[:2] == (200, [])
 
         assert get(api + "/historicalTrades?symbol=BTCUSDT&limit=1001")[:2] == (
-            400, {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is '1 to 1000'."})
+            400,
+            {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is '1 to 1000'."},
+        )
         assert get(api + "/historicalTrades?symbol=BTCUSDT&fromId=abc")[1]["code"] == -1100
         assert get(api + "/historicalTrades?symbol=ETHUSDT&fromId=1")[:2] == (400, {"code": -1121, "msg": "Invalid symbol."})
         assert get(api + "/historicalTrades?fromId=1")[1]["code"] == get(api + "/historicalTrades")[1]["code"] == -1102

@@ -33,7 +33,9 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     write_without(btcusdt_dir, history / "BTCUSDT-trades-2024-01-01.csv", removed)
     resources = make_resources(catalog_props, binance_dir=history)
 
-    result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
+    result = dg.materialize(
+        [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources
+    )
     gaps_check = {e.check_name: e for e in result.get_asset_check_evaluations()}["no_unexplained_gaps"]
     assert not gaps_check.passed and gaps_check.severity == dg.AssetCheckSeverity.WARN
     assert gaps_check.metadata["failed_rows"].value == len(removed)
@@ -52,8 +54,16 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     # The exchange (the local server replaying the full real file) has every trade.
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE)) as exchange:
         repair_resources = {**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)}
-        result = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
-        again = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01", resources=repair_resources)
+        result = dg.materialize(
+            [binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps],
+            partition_key="2024-01-01",
+            resources=repair_resources,
+        )
+        again = dg.materialize(
+            [binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps],
+            partition_key="2024-01-01",
+            resources=repair_resources,
+        )
     assert result.success and again.success
     (event,) = result.asset_materializations_for_node("binance_trades")
     assert event.metadata["rows_written"].value == len(removed)
@@ -63,7 +73,9 @@ def test_removed_ids_are_reported_exactly_then_repaired_and_closed(btcusdt_dir, 
     assert table.num_rows == 16702 == pc.count_distinct(table.column("message_id")).as_py()
     assert sorted(table.column("source_sequence").to_pylist()) == list(range(FIRST, FIRST + 16702))
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
-    assert sorted((g["first_missing"], g["last_missing"], g["closed_how"]) for g in gaps) == [(a, b, "repair") for a, b in expected]
+    assert sorted((g["first_missing"], g["last_missing"], g["closed_how"]) for g in gaps) == [
+        (a, b, "repair") for a, b in expected
+    ]
     assert all(e.passed for e in result.get_asset_check_evaluations())
 
 
@@ -76,8 +88,11 @@ def test_a_gap_the_exchange_cannot_fill_stays_open_with_its_answer(btcusdt_dir, 
     resources = make_resources(catalog_props, binance_dir=history)
     dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
     with run_in_thread(replay_file(exchange_file)) as exchange:
-        result = dg.materialize([binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps], partition_key="2024-01-01",
-                                resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)})
+        result = dg.materialize(
+            [binance_trades, *binance_trades_rules, binance_trades_no_unexplained_gaps],
+            partition_key="2024-01-01",
+            resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)},
+        )
     (event,) = result.asset_materializations_for_node("binance_trades")
     assert event.metadata["rows_written"].value == 1
     open_gaps = [g for g in catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist() if g["closed_at"] is None]

@@ -62,7 +62,9 @@ def test_a_day_of_hostile_binance_dumps_loads_every_good_trade_once(btcusdt_dir,
     real = hostile_binance_day(btcusdt_dir, tmp_path / "history")
     resources = make_resources(catalog_props, binance_dir=tmp_path / "history")
     for _ in range(2):  # a rerun gives the same table, the same rejects, and a ledger row per load
-        result = dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources)
+        result = dg.materialize(
+            [binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources
+        )
         assert result.success
         trades = catalog.load_table("market.trades").scan().to_arrow()
         assert trades.num_rows == real == pc.count_distinct(trades.column("message_id")).as_py()
@@ -82,7 +84,9 @@ def test_a_day_of_hostile_binance_dumps_loads_every_good_trade_once(btcusdt_dir,
         assert all("\n" not in reason for reason in files.values())
 
         checks = checks_of(result)
-        assert not checks["source_files_readable"].passed and checks["source_files_readable"].severity == dg.AssetCheckSeverity.WARN
+        assert (
+            not checks["source_files_readable"].passed and checks["source_files_readable"].severity == dg.AssetCheckSeverity.WARN
+        )
         assert checks["source_files_readable"].metadata["failed_rows"].value == 5
         assert checks["lines_accounted_for"].passed and checks["message_id_unique"].passed
         ledger = ledger_of(catalog, result.run_id)
@@ -114,7 +118,9 @@ def test_hostile_asx_files_lose_no_line_and_lines_on_no_session_are_rejected_by_
     resources = make_resources(catalog_props, asx_dir=data)
     read: dict[str, int] = {}
     for session in SESSIONS:
-        result = dg.materialize([asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources)
+        result = dg.materialize(
+            [asx_trades, asx_quotes, *asx_trades_rules, *asx_quotes_rules], partition_key=session.isoformat(), resources=resources
+        )
         assert result.success
         checks = {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
         assert checks[("asx_trades", "lines_accounted_for")].passed and checks[("asx_quotes", "lines_accounted_for")].passed
@@ -154,7 +160,9 @@ def test_a_vendor_file_whose_bytes_changed_is_flagged_and_reloaded(asx_dir, tmp_
     second = dg.materialize([asx_trades, *asx_trades_rules], partition_key="2014-03-10", resources=resources)
     assert first.success and second.success
     old, new = ledger_of(catalog, first.run_id)["trades/7181.csv"], ledger_of(catalog, second.run_id)["trades/7181.csv"]
-    assert (new["changed"], new["previous_sha256"], new["sha256"]) == (True, old["sha256"], new["sha256"]) and old["sha256"] != new["sha256"]
+    assert (new["changed"], new["previous_sha256"], new["sha256"]) == (True, old["sha256"], new["sha256"]) and old[
+        "sha256"
+    ] != new["sha256"]
     assert not ledger_of(catalog, second.run_id)["trades/7078.csv"]["changed"]
     (event,) = second.asset_materializations_for_node("asx_trades")
     assert event.metadata["changed_files"].value == ["trades/7181.csv"]

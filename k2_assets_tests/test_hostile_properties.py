@@ -18,7 +18,8 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow.compute as pc
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from k2_assets.core import asx, binance_history
 from k2_assets.core.decode import split_lines
@@ -28,8 +29,29 @@ BINANCE_FILE = "BTCUSDT-trades-2024-01-01_1200-1230.derived.csv"
 BINANCE_LINES = 1500  # of the real dump's 16,702, to keep each example quick
 DAY = date(2024, 1, 1)
 
-NASTY = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x00", b'"', b'""', b",", b",,,,,,,,", b"\r", b"\r\r", b"\t", b"\xef\xbb\xbf",
-         b"\\", b"NaN", b"-0", b"1e308", b"9" * 40, b"03/15/2014", b"10/05/2014,02:30:00.000", b"True", b"\x1f"]
+NASTY = [
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\x00",
+    b'"',
+    b'""',
+    b",",
+    b",,,,,,,,",
+    b"\r",
+    b"\r\r",
+    b"\t",
+    b"\xef\xbb\xbf",
+    b"\\",
+    b"NaN",
+    b"-0",
+    b"1e308",
+    b"9" * 40,
+    b"03/15/2014",
+    b"10/05/2014,02:30:00.000",
+    b"True",
+    b"\x1f",
+]
 fragment = st.one_of(st.binary(max_size=40), st.sampled_from(NASTY), st.integers(10_000, 200_000).map(lambda n: b"7" * n))
 hostile_line = st.lists(fragment, min_size=0, max_size=6).map(lambda parts: b"".join(parts).replace(b"\n", b""))
 
@@ -73,8 +95,9 @@ def asx_case(kind: str):
             (data / kind).mkdir()
             (data / kind / f"{ASX_COMPANY}.csv").write_bytes(body)
             # Every line's owner session (what the loader itself decides), then each of those sessions loaded.
-            ledger, decoded = asx._open(data / kind / f"{ASX_COMPANY}.csv", f"{kind}/{ASX_COMPANY}.csv", kind,
-                                        asx.read_companies(data)[ASX_COMPANY])
+            ledger, decoded = asx._open(
+                data / kind / f"{ASX_COMPANY}.csv", f"{kind}/{ASX_COMPANY}.csv", kind, asx.read_companies(data)[ASX_COMPANY]
+            )
             assert ledger.error is None and decoded is not None
             sessions = sorted(set(decoded.session.to_pylist()))
             read, written_lines = 0, set()
@@ -87,10 +110,13 @@ def asx_case(kind: str):
                 assert_rejects_keep_the_bytes(batch.rejected, body)
             assert read == len(split_lines(body))  # each line in exactly one partition
             assert set(intact) <= written_lines, sorted(set(intact) - written_lines)[:5]
+
     return run
 
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @given(data=st.data())

@@ -15,7 +15,8 @@ before = dict(os.environ)
 started = time.perf_counter()
 for name in sys.argv[1:]:
     importlib.import_module(name)
-print(json.dumps({"seconds": time.perf_counter() - started, "dagster": sorted(m for m in sys.modules if m.split(".")[0] == "dagster"),
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "dagster": sorted(m for m in sys.modules if m.split(".")[0] == "dagster"),
                   "environ_changed": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))
 """
 
@@ -26,7 +27,9 @@ def probe(*modules: str) -> dict:
 
 
 def test_the_wire_codec_imports_in_under_0_3_s_without_dagster():
-    seconds = min(probe("k2_assets.core.live_codec")["seconds"] for _ in range(3))  # the best of three: a cold disk cache is not K2
+    seconds = min(
+        probe("k2_assets.core.live_codec")["seconds"] for _ in range(3)
+    )  # the best of three: a cold disk cache is not K2
     found = probe("k2_assets.core.live_codec")
     assert seconds < 0.3, seconds
     assert found["dagster"] == [] and found["environ_changed"] == []

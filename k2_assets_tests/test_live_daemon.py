@@ -55,7 +55,8 @@ query($selector: SensorSelector!) {
 """
 MATERIALIZATIONS = """
 { assetNodes(assetKeys: [{path: ["binance_trades"]}]) {
-    assetMaterializations { partition runId metadataEntries { label ... on IntMetadataEntry { intValue } ... on TextMetadataEntry { text } } } } }
+    assetMaterializations { partition runId
+      metadataEntries { label ... on IntMetadataEntry { intValue } ... on TextMetadataEntry { text } } } } }
 """
 ALL_SENSOR_TICKS = """
 { sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
@@ -63,11 +64,15 @@ ALL_SENSOR_TICKS = """
 """
 OUTAGE_SECONDS = 3 * DRAIN_SECONDS + 2  # longer than a tick waits for the store
 RUNS = """
-query($ids: [String!]) { runsOrError(filter: {runIds: $ids}) { ... on Runs { results { runId status jobName tags { key value } } } } }
+query($ids: [String!]) {
+  runsOrError(filter: {runIds: $ids}) { ... on Runs { results { runId status jobName tags { key value } } } }
+}
 """
 CHECK_EXECUTIONS = """
 query($partition: String) {
-  assetCheckExecutions(assetKey: {path: ["binance_trades"]}, checkName: "no_unexplained_gaps", limit: 500, partition: $partition) {
+  assetCheckExecutions(
+    assetKey: {path: ["binance_trades"]}, checkName: "no_unexplained_gaps", limit: 500, partition: $partition
+  ) {
     runId status evaluation { success partition }
   }
 }
@@ -105,8 +110,11 @@ def iceberg_rows_by_day(env: dict) -> dict[str, int]:
     from k2_assets.core import catalog as k2_catalog
 
     cat = k2_catalog.open_catalog(env["K2_CATALOG_URI"], env["K2_WAREHOUSE"])
-    rows = cat.load_table("market.trades").scan(
-        row_filter=And(EqualTo("exchange", "BINANCE"), NotNull("kafka_topic")), selected_fields=("trade_date",)).to_arrow()
+    rows = (
+        cat.load_table("market.trades")
+        .scan(row_filter=And(EqualTo("exchange", "BINANCE"), NotNull("kafka_topic")), selected_fields=("trade_date",))
+        .to_arrow()
+    )
     counts = defaultdict(int)
     for day in rows.column("trade_date").to_pylist():
         counts[day.isoformat()] += 1
@@ -120,9 +128,15 @@ def storage_env(storage: str, tmp_path: Path, request) -> dict:
     if storage == "postgres":
         server = request.getfixturevalue("postgres")
         dagster_db = server.create_database().rsplit("/", 1)[1]
-        env |= {"K2_CATALOG_URI": server.create_database(), "DAGSTER_HOME": str(tmp_path / "dagster"),
-                "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(server.port), "DAGSTER_PG_USER": server.user,
-                "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": dagster_db}
+        env |= {
+            "K2_CATALOG_URI": server.create_database(),
+            "DAGSTER_HOME": str(tmp_path / "dagster"),
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": str(server.port),
+            "DAGSTER_PG_USER": server.user,
+            "DAGSTER_PG_PASSWORD": "",
+            "DAGSTER_PG_DB": dagster_db,
+        }
         (tmp_path / "dagster").mkdir()
         shutil.copy(REPO / "docker" / "dagster.yaml", tmp_path / "dagster" / "dagster.yaml")  # the production instance
     return env
@@ -135,14 +149,27 @@ def test_the_live_sensor_in_the_running_daemon_never_fails_and_records_every_bat
     port = free_port()
     log = tmp_path / "k2-demo.log"
     with log.open("wb") as out:
-        demo = subprocess.Popen([str(K2), "demo", "--port", str(port)], env=env, cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        demo = subprocess.Popen(
+            [str(K2), "demo", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     everything: dict[int, psutil.Process] = {}
     try:
         wait_for_server(port, demo, log, what="k2 demo", timeout=STARTUP_TIMEOUT)
-        done = wait_for(f"{MIN_TICKS} finished sensor ticks, {MIN_TICKS - 2} of them writing", lambda: ticks(port),
-                        lambda seen: sum(t["status"] == "SUCCESS" for t in seen) >= MIN_TICKS - 2
-                        and sum(t["status"] != "STARTED" for t in seen) >= MIN_TICKS, log, TICKS_TIMEOUT)
+        done = wait_for(
+            f"{MIN_TICKS} finished sensor ticks, {MIN_TICKS - 2} of them writing",
+            lambda: ticks(port),
+            lambda seen: (
+                sum(t["status"] == "SUCCESS" for t in seen) >= MIN_TICKS - 2
+                and sum(t["status"] != "STARTED" for t in seen) >= MIN_TICKS
+            ),
+            log,
+            TICKS_TIMEOUT,
+        )
 
         if storage == "sqlite":
             ride_out_a_catalog_outage(port, env, log)
@@ -152,9 +179,18 @@ def test_the_live_sensor_in_the_running_daemon_never_fails_and_records_every_bat
         producer.send_signal(signal.SIGSTOP)
         paused_at = time.time()
         try:
-            wait_for("a tick with nothing new after the producer paused", lambda: ticks(port),
-                     lambda seen: any(t["status"] == "SKIPPED" and t["timestamp"] > paused_at + DRAIN_SECONDS
-                                      and "no new messages" in (t["skipReason"] or "") for t in seen), log, TICKS_TIMEOUT)
+            wait_for(
+                "a tick with nothing new after the producer paused",
+                lambda: ticks(port),
+                lambda seen: any(
+                    t["status"] == "SKIPPED"
+                    and t["timestamp"] > paused_at + DRAIN_SECONDS
+                    and "no new messages" in (t["skipReason"] or "")
+                    for t in seen
+                ),
+                log,
+                TICKS_TIMEOUT,
+            )
             done = ticks(port)
             finished = [t for t in done if t["status"] != "STARTED"]
             assert len(finished) >= MIN_TICKS
@@ -171,9 +207,13 @@ def test_the_live_sensor_in_the_running_daemon_never_fails_and_records_every_bat
             def runs():
                 return graphql(port, RUNS, {"ids": run_ids})["runsOrError"]["results"]
 
-            finished_runs = wait_for("every gap-check run finished", runs,
-                                     lambda seen: len(seen) == len(run_ids) and all(
-                                         r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in seen), log, TICKS_TIMEOUT)
+            finished_runs = wait_for(
+                "every gap-check run finished",
+                runs,
+                lambda seen: len(seen) == len(run_ids) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in seen),
+                log,
+                TICKS_TIMEOUT,
+            )
             assert {r["status"] for r in finished_runs} == {"SUCCESS"}, finished_runs
             assert {r["jobName"] for r in finished_runs} == {"binance_gap_check_job"}
             executions = graphql(port, CHECK_EXECUTIONS, {"partition": None})["assetCheckExecutions"]
@@ -214,7 +254,8 @@ def test_the_live_sensor_in_the_running_daemon_never_fails_and_records_every_bat
         _, alive = psutil.wait_procs(list(everything.values()), timeout=max(0.1, STOP_LIMIT - (time.monotonic() - started)))
         took = time.monotonic() - started
         assert demo.poll() is not None and not alive, (
-            f"after {took:.1f} s still running: {[p.cmdline() for p in alive if p.is_running()]}\n{log_tail(log)}")
+            f"after {took:.1f} s still running: {[p.cmdline() for p in alive if p.is_running()]}\n{log_tail(log)}"
+        )
         assert took <= STOP_LIMIT
         said = log.read_text(errors="replace")
         assert "k2: asked to stop: stopping the embedded broker, the local Binance feed, the producer, dagster dev" in said
@@ -234,17 +275,30 @@ def ride_out_a_catalog_outage(port: int, env: dict, log: Path) -> None:
     db = sqlite3.connect(env["K2_CATALOG_URI"].removeprefix("sqlite:///"), isolation_level=None, timeout=30)
     try:
         db.execute("BEGIN EXCLUSIVE")
-        wait_for("a tick ended by the catalog outage", lambda: ticks(port),
-                 lambda seen: any(t["status"] == "SKIPPED" and t["timestamp"] > began
-                                  and (t["skipReason"] or "").startswith("tick ended by a store outage") for t in seen),
-                 log, OUTAGE_SECONDS + 60)
+        wait_for(
+            "a tick ended by the catalog outage",
+            lambda: ticks(port),
+            lambda seen: any(
+                t["status"] == "SKIPPED"
+                and t["timestamp"] > began
+                and (t["skipReason"] or "").startswith("tick ended by a store outage")
+                for t in seen
+            ),
+            log,
+            OUTAGE_SECONDS + 60,
+        )
         time.sleep(max(0.0, began + OUTAGE_SECONDS - time.time()))
     finally:
         db.execute("ROLLBACK")
         db.close()
     ended = time.time()
-    wait_for("a tick writing after the outage", lambda: ticks(port),
-             lambda seen: any(t["status"] == "SUCCESS" and t["timestamp"] > ended for t in seen), log, TICKS_TIMEOUT)
+    wait_for(
+        "a tick writing after the outage",
+        lambda: ticks(port),
+        lambda seen: any(t["status"] == "SUCCESS" and t["timestamp"] > ended for t in seen),
+        log,
+        TICKS_TIMEOUT,
+    )
 
 
 SENSOR_TICKS_JS = """

@@ -49,14 +49,26 @@ def wait_until(condition, timeout: float, what: str) -> None:
 def run_pipeline(btcusdt_dir, broker, topic, catalog, **faults):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), ping_interval=5, **faults) as server:
-        producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
-                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.2)
+        producer = BinanceProducer(
+            ["BTCUSDT"],
+            broker.bootstrap,
+            base_url=server.ws_url,
+            topic=topic,
+            dead_letter_topic=topic + ".dlq",
+            backoff_initial=0.05,
+            backoff_max=0.2,
+        )
         with ProducerThread(producer):
             wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == 3345223129, 120, "the last trade")
             wait_until(lambda: producer.stats.received == server.stats["frames"], 10, "every frame sent to arrive")
         stats = dict(server.stats)
-    writer = LiveWriter(k2_catalog.ensure_table(catalog, "trades"), k2_catalog.ensure_table(catalog, "rejected"),
-                        broker.bootstrap, topic=topic, dead_letter_topic=topic + ".dlq")
+    writer = LiveWriter(
+        k2_catalog.ensure_table(catalog, "trades"),
+        k2_catalog.ensure_table(catalog, "rejected"),
+        broker.bootstrap,
+        topic=topic,
+        dead_letter_topic=topic + ".dlq",
+    )
     reports = []
     for _ in range(10):
         batch = writer.drain(10)
@@ -80,7 +92,15 @@ def test_real_trades_replayed_through_the_wire_arrive_exactly_once(btcusdt_dir, 
 
 def test_injected_faults_end_in_trades_or_rejected_with_a_reason(btcusdt_dir, broker, topic, catalog):
     stats, produced, reports = run_pipeline(
-        btcusdt_dir, broker, topic, catalog, drop_every=3000, malformed_ratio=0.002, duplicate_ratio=0.003, out_of_order_ratio=0.003, seed=3
+        btcusdt_dir,
+        broker,
+        topic,
+        catalog,
+        drop_every=3000,
+        malformed_ratio=0.002,
+        duplicate_ratio=0.003,
+        out_of_order_ratio=0.003,
+        seed=3,
     )
     assert stats["drops"] >= 4 and stats["malformed"] > 0 and stats["duplicates"] > 0
     assert produced.reconnects >= stats["drops"]

@@ -53,17 +53,38 @@ class Writers:
     def __init__(self, bootstrap: str, topic: str, props: dict, home: Path):
         self.bootstrap, self.topic, self.home = bootstrap, topic, home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-        self.env.update(K2_HOME=str(home), K2_CATALOG_URI=props["catalog_uri"], K2_WAREHOUSE=props["warehouse"],
-                        K2_KAFKA_SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS), PYTHONPATH=str(REPO))
+        self.env.update(
+            K2_HOME=str(home),
+            K2_CATALOG_URI=props["catalog_uri"],
+            K2_WAREHOUSE=props["warehouse"],
+            K2_KAFKA_SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS),
+            PYTHONPATH=str(REPO),
+        )
         self.processes: dict[int, subprocess.Popen] = {}
         self.started = 0
 
     def start(self, slot: int) -> subprocess.Popen:
         self.started += 1
         with open(self.home / f"writer-{slot}-{self.started}.log", "wb") as log:  # the writer keeps its own descriptor
-            process = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", self.bootstrap,
-                                        "--topic", self.topic, "--seconds", "600", "--max-batch-rows", "700"],
-                                       env=self.env, stdout=log, stderr=log)
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "k2_assets.cli",
+                    "writer",
+                    "--bootstrap",
+                    self.bootstrap,
+                    "--topic",
+                    self.topic,
+                    "--seconds",
+                    "600",
+                    "--max-batch-rows",
+                    "700",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         self.processes[slot] = process
         return process
 
@@ -153,6 +174,7 @@ def test_writers_at_once_killed_and_paused_write_each_trade_once(operations, bro
 
 def hold_catalog_down(props: dict, seconds: float, postgres=None) -> threading.Thread:
     """The catalog unavailable for `seconds`: SQLite locked exclusively; PostgreSQL stopped."""
+
     def hold() -> None:
         if props["catalog_uri"].startswith("sqlite"):
             db = sqlite3.connect(props["catalog_uri"].removeprefix("sqlite:///"), isolation_level=None, timeout=30)
@@ -175,7 +197,11 @@ def test_writers_ride_out_a_catalog_outage_and_a_frozen_broker(btcusdt_dir, any_
     catalog = k2_catalog.open_catalog(any_catalog_props["catalog_uri"], any_catalog_props["warehouse"])
     postgres = request.getfixturevalue("postgres") if any_catalog_props["catalog_uri"].startswith("postgres") else None
     messages = with_bad(trade_messages(btc_trade_events(btcusdt_dir)))
-    thirds = [messages[: len(messages) // 3], messages[len(messages) // 3 : 2 * len(messages) // 3], messages[2 * len(messages) // 3 :]]
+    thirds = [
+        messages[: len(messages) // 3],
+        messages[len(messages) // 3 : 2 * len(messages) // 3],
+        messages[2 * len(messages) // 3 :],
+    ]
     with EmbeddedBroker() as broker:  # its own broker: this test freezes it
         topic = "t.outages"
         ensure_topics(broker.bootstrap, {topic: 3})
@@ -265,8 +291,10 @@ def test_a_gap_across_midnight_is_recorded_once_then_repaired(btcusdt_dir, broke
     removed = {e["t"] for e in events[midnight - 20 : midnight + 30]}
     exchange_file = tmp_path / "exchange" / "BTCUSDT-trades-2024-01-02.csv"
     exchange_file.parent.mkdir()
-    exchange_file.write_text("id,price,qty,quote_qty,time,is_buyer_maker\n" + "".join(
-        f"{e['t']},{e['p']},{e['q']},0,{e['T']},{e['m']}\n" for e in events))
+    exchange_file.write_text(
+        "id,price,qty,quote_qty,time,is_buyer_maker\n"
+        + "".join(f"{e['t']},{e['p']},{e['q']},0,{e['T']},{e['m']}\n" for e in events)
+    )
 
     produce_spread(broker.bootstrap, topic, trade_messages([e for e in events if e["t"] not in removed]))
     writer = writer_for(catalog, broker, topic, gaps=k2_catalog.ensure_table(catalog, "sequence_gaps"), max_batch_rows=3000)
@@ -275,7 +303,8 @@ def test_a_gap_across_midnight_is_recorded_once_then_repaired(btcusdt_dir, broke
     writer.reconcile_gaps()
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
     assert [(g["session_date"], g["first_missing"], g["last_missing"], g["closed_at"]) for g in gaps] == [
-        (date(2024, 1, 2), min(removed), max(removed), None)]
+        (date(2024, 1, 2), min(removed), max(removed), None)
+    ]
     writer.close()
 
     with run_in_thread(replay_file(exchange_file)) as exchange:

@@ -39,8 +39,13 @@ def trade_messages(events: list[dict]) -> list[tuple[bytes, bytes]]:
 
 def writer_for(catalog, broker, topic, **kwargs) -> LiveWriter:
     kwargs.setdefault("session_timeout_ms", SESSION_TIMEOUT_MS)
-    return LiveWriter(k2_catalog.ensure_table(catalog, "trades"), k2_catalog.ensure_table(catalog, "rejected"), broker.bootstrap,
-                      topic=topic, **kwargs)
+    return LiveWriter(
+        k2_catalog.ensure_table(catalog, "trades"),
+        k2_catalog.ensure_table(catalog, "rejected"),
+        broker.bootstrap,
+        topic=topic,
+        **kwargs,
+    )
 
 
 def drain_all(writer: LiveWriter, rounds: int = 5):
@@ -57,9 +62,11 @@ def test_real_trades_once_with_duplicates_and_bad_messages(btcusdt_dir, broker, 
     events = btc_trade_events(btcusdt_dir)
     messages = trade_messages(events)
     messages += trade_messages(events[100:600])  # a replayed stretch: the same trades again
-    bad = [(b"BTCUSDT", b"{not json"),
-           (b"BTCUSDT", live_codec.encode({**live_codec.trade_from_event(events[0], INGEST_US), "price": "1.123456789"})),
-           (b"BTCUSDT", b"[]")]
+    bad = [
+        (b"BTCUSDT", b"{not json"),
+        (b"BTCUSDT", live_codec.encode({**live_codec.trade_from_event(events[0], INGEST_US), "price": "1.123456789"})),
+        (b"BTCUSDT", b"[]"),
+    ]
     messages[5000:5000] = bad
     produce(broker.bootstrap, topic, messages)
 
@@ -162,9 +169,25 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(btcusdt_dir, brok
         produce(broker.bootstrap, topic, chunk)
         out = k2_home / f"writer-{i}.log"
         with open(out, "wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "k2_assets.cli", "writer", "--bootstrap", broker.bootstrap,
-                                        "--topic", topic, "--seconds", "30", "--max-batch-rows", "300"], env=env,
-                                       stdout=log, stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "k2_assets.cli",
+                    "writer",
+                    "--bootstrap",
+                    broker.bootstrap,
+                    "--topic",
+                    topic,
+                    "--seconds",
+                    "30",
+                    "--max-batch-rows",
+                    "300",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.DEVNULL,
+            )
             wait_for(lambda out=out: b'"ready"' in out.read_bytes(), timeout=30)
             if i % 2:  # every other writer dies only once it has committed a batch: mid-stream, not at start-up
                 wait_for(lambda out=out: out.read_bytes().count(b"\n") >= 2, timeout=30)
@@ -198,9 +221,24 @@ def run_writer(broker, topic, k2_home, seconds: float, crash_point: str | None =
     if crash_point:
         env["K2_WRITER_CRASH_POINT"] = crash_point
         command = ["-m", "k2_assets.dev.crashing_writer"]
-    return subprocess.run([sys.executable, *command, "--bootstrap", broker.bootstrap, "--topic", topic,
-                           "--seconds", str(seconds), "--max-batch-rows", "1000"], env=env, capture_output=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            *command,
+            "--bootstrap",
+            broker.bootstrap,
+            "--topic",
+            topic,
+            "--seconds",
+            str(seconds),
+            "--max-batch-rows",
+            "1000",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def assert_exactly(catalog, broker, topic, trades: int, rejected: int, consumed: int) -> None:

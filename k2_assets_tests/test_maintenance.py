@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,7 +14,7 @@ import pytest
 
 from k2_assets.core import maintenance, writer
 from k2_assets.core.offsets import recorded_offsets
-from k2_assets_tests.conftest import offsets_key, btc_trade_events
+from k2_assets_tests.conftest import btc_trade_events, offsets_key
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
 
 
@@ -44,7 +44,7 @@ def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, br
     assert trades.scan(snapshot_id=old_snapshot).to_arrow().num_rows == 8000
 
     time.sleep(0.05)
-    expired = maintenance.expire(trades, retain=timedelta(0), now=datetime.now(timezone.utc))
+    expired = maintenance.expire(trades, retain=timedelta(0), now=datetime.now(UTC))
     trades = catalog.load_table("market.trades")
     assert expired >= 16 and len(trades.metadata.snapshots) <= 2
     assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets_before
@@ -106,7 +106,9 @@ def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_
     time.sleep(0.05)
     assert maintenance.expire(trades, retain=timedelta(0)) > 0
     trades = catalog.load_table("market.trades")
-    assert recorded_offsets(trades, offsets_key(broker, topic)) == offsets  # the writer's snapshot with the highest offsets stayed
+    assert (
+        recorded_offsets(trades, offsets_key(broker, topic)) == offsets
+    )  # the writer's snapshot with the highest offsets stayed
     assert trades.scan().to_arrow().num_rows == 2500
     resumed = writer_for(catalog, broker, topic)
     assert resumed.position == {p: offsets.get(p, 0) for p in resumed.position}
@@ -115,7 +117,8 @@ def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_
 
 
 def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusdt_dir):
-    from k2_assets.core import catalog as k2_catalog, live_codec
+    from k2_assets.core import catalog as k2_catalog
+    from k2_assets.core import live_codec
     from k2_assets_tests.test_live_writer import INGEST_US
 
     events = btc_trade_events(btcusdt_dir)[:600]

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
 import dagster as dg
 
 from k2_assets.core.offsets import recorded_offsets
-from k2_assets.defs.maintenance import table_maintenance_job
+from k2_assets.defs.maintenance.jobs import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
 from k2_assets_tests.conftest import offsets_key
 from k2_assets_tests.test_live_writer import writer_for
 from k2_assets_tests.test_maintenance import written_in_small_batches
-from k2_assets_tests.test_metrics import gateway_text, pushed, pushgateway  # noqa: F401 - pushgateway is a fixture
+from k2_assets_tests.test_metrics import gateway_text, pushed
 
 TEN_DAYS_AGO = time.time() - 10 * 86400
 
@@ -45,8 +45,9 @@ def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()}
 
 
-def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway,
-                                                            monkeypatch):
+def test_maintenance_job_keeps_rows_offsets_and_time_travel(
+    btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway, monkeypatch
+):
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
     trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=8000, batch_rows=500)
     offsets_before = recorded_offsets(trades, offsets_key(broker, topic))
@@ -119,7 +120,7 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(btcusdt_dir, broker,
 
 
 def test_maintenance_refuses_the_open_day_and_a_broken_promise(catalog_props):
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     compact = ["compact_partitions"]
     result = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01", today]}}, compact, raise_on_error=False)
     message = failure(result, "compact_partitions")
@@ -136,10 +137,36 @@ def test_maintenance_refuses_the_open_day_and_a_broken_promise(catalog_props):
 
 
 def test_the_schedule_runs_the_job_daily_after_the_history_load():
-    from k2_assets.defs.maintenance import table_maintenance_schedule
+    from k2_assets.defs.maintenance.schedules import table_maintenance_schedule
 
     assert table_maintenance_schedule.cron_schedule == "30 4 * * *"
     assert table_maintenance_schedule.default_status == dg.DefaultScheduleStatus.RUNNING
-    with dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 2, 4, 30, tzinfo=timezone.utc)) as context:
+    with dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 2, 4, 30, tzinfo=UTC)) as context:
         request = table_maintenance_schedule.evaluate_tick(context).run_requests[0]
     assert request.run_key == "table-maintenance-2024-01-02"
+
+
+def test_k2_maintenance_compacts_from_the_command_line_and_records_the_run(btcusdt_dir, broker, topic, catalog, k2_home):
+    import subprocess
+    import sys
+
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=4000, batch_rows=250)  # 16 small files
+    ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
+    env = {**os.environ, "K2_HOME": str(k2_home), "DAGSTER_HOME": str(k2_home / "dagster")}
+    done = subprocess.run(
+        [sys.executable, "-m", "k2_assets.cli", "maintenance", "--day", "2024-01-01", "--table", "trades"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["compact_partitions: done", "expire_snapshots: done", "remove_orphan_files: done"]
+    trades = catalog.load_table("market.trades")
+    assert trades.current_snapshot().summary["k2.maintenance"] == "compact"
+    assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
+    run_id = done.stderr.split("k2: run ")[1].split()[0]
+    with dg.DagsterInstance.from_config(str(k2_home / "dagster")) as instance:
+        run = instance.get_run_by_id(run_id)
+        assert run.job_name == "table_maintenance_job" and run.status == dg.DagsterRunStatus.SUCCESS

@@ -1,16 +1,14 @@
-"""Prometheus metrics: the live path scraped over HTTP from 127.0.0.1 like Prometheus would, short runs through a real Pushgateway."""
+"""Prometheus metrics: the live path scraped over HTTP from 127.0.0.1 like Prometheus would, short runs through a real
+Pushgateway."""
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
-import time
 import urllib.request
 
 import dagster as dg
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pyiceberg.expressions import EqualTo
@@ -20,8 +18,7 @@ from k2_assets.core.kafka import ensure_topics
 from k2_assets.core.metrics import GapMetrics, LoadMetrics, RepairMetrics, RollupMetrics, push, serve
 from k2_assets.dev.broker import free_port
 from k2_assets.dev.feed_server import replay_file, run_in_thread
-from k2_assets_tests.conftest import REPO, btc_trade_events, make_resources
-from k2_assets_tests.test_alert_rules import promtool  # noqa: F401  (the fixture)
+from k2_assets_tests.conftest import btc_trade_events, make_resources
 from k2_assets_tests.test_live_end_to_end import BTC_FILE, ProducerThread, wait_until
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
 
@@ -33,7 +30,11 @@ def scrape(registry) -> dict[tuple[str, tuple], float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         server.shutdown()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_writer_metrics_count_what_the_batches_did(btcusdt_dir, broker, topic, catalog):
@@ -54,14 +55,23 @@ def test_writer_metrics_count_what_the_batches_did(btcusdt_dir, broker, topic, c
     assert values[("k2_writer_last_commit_timestamp_seconds", ())] > 0
     # Drained to the end: no partition is behind (on Tansu the watermark is approximate; here it is exact at the end).
     assert {k[1]: v for k, v in values.items() if k[0] == "k2_writer_consumer_lag_records"} == {
-        (("partition", str(p)),): 0.0 for p in range(3)}
+        (("partition", str(p)),): 0.0 for p in range(3)
+    }
 
 
 def test_producer_metrics_follow_the_stream(btcusdt_dir, broker, topic):
     ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
     with run_in_thread(replay_file(btcusdt_dir / BTC_FILE), rate=8000, drop_every=6000, malformed_ratio=0.001, seed=5) as server:
-        producer = BinanceProducer(["BTCUSDT"], broker.bootstrap, base_url=server.ws_url, topic=topic,
-                                   dead_letter_topic=topic + ".dlq", backoff_initial=0.05, backoff_max=0.2, statistics_interval_ms=200)
+        producer = BinanceProducer(
+            ["BTCUSDT"],
+            broker.bootstrap,
+            base_url=server.ws_url,
+            topic=topic,
+            dead_letter_topic=topic + ".dlq",
+            backoff_initial=0.05,
+            backoff_max=0.2,
+            statistics_interval_ms=200,
+        )
         with ProducerThread(producer):
             wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == 3345223129, 60, "the last trade")
             wait_until(lambda: producer.stats.received == server.stats["frames"], 10, "every frame")
@@ -73,12 +83,17 @@ def test_producer_metrics_follow_the_stream(btcusdt_dir, broker, topic):
     assert values[("k2_feed_last_trade_id", (("symbol", "BTCUSDT"),))] == 3345223129
     assert values[("k2_feed_last_trade_timestamp_seconds", (("symbol", "BTCUSDT"),))] == 1704112200.0
     # Produce latency from librdkafka's statistics: the broker's answer time, and the wait in the client before it.
-    latency = {dict(k[1])["stage"] + "@" + dict(k[1])["percentile"]: v for k, v in values.items() if k[0] == "k2_feed_produce_latency_seconds"}
+    latency = {
+        dict(k[1])["stage"] + "@" + dict(k[1])["percentile"]: v
+        for k, v in values.items()
+        if k[0] == "k2_feed_produce_latency_seconds"
+    }
     assert 0 < latency["round_trip@p50"] <= latency["round_trip@p99"] < 10
     assert 0 <= latency["queue@p50"] <= latency["queue@p99"] < 10
 
 
 # --- Gaps opened and closed, on the code server's endpoint (the sensor reconciles market.sequence_gaps) ---
+
 
 def sensor_values() -> dict[tuple[str, tuple], float]:
     import importlib
@@ -87,8 +102,8 @@ def sensor_values() -> dict[tuple[str, tuple], float]:
 
 
 def test_the_sensor_counts_gaps_opened_and_closed_by_late_arrival(btcusdt_dir, broker, topic, catalog_props, catalog):
-    from k2_assets_tests.test_binance_sensor import tick
     from k2_assets.defs.binance.sensors import reset_writers
+    from k2_assets_tests.test_binance_sensor import tick
 
     events = btc_trade_events(btcusdt_dir)[:3000]
     late = events[1000:1010]  # ten trade ids held back: one gap
@@ -129,37 +144,16 @@ def test_every_new_family_passes_promtool_as_served(promtool):
     RepairMetrics(registry).written.inc(3)
     values = scrape(registry)
     assert values[("k2_sequence_gaps_closed_total", (("exchange", "ASX"), ("outcome", "other")))] == 1  # outcomes stay bounded
-    assert values[("k2_sequence_gaps_closed_total", (("exchange", "BINANCE"), ("outcome", "repair")))] == 0  # known ones start at 0
+    assert (
+        values[("k2_sequence_gaps_closed_total", (("exchange", "BINANCE"), ("outcome", "repair")))] == 0
+    )  # known ones start at 0
     assert values[("k2_rollup_bars_written_total", (("interval", "5m"),))] == 288
     result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(registry), capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-# --- Short runs push to a real Pushgateway (Debian's prometheus-pushgateway, unpacked by scripts/get-pushgateway) ---
-
-@pytest.fixture
-def pushgateway() -> str:
-    path = REPO / ".tools" / "pushgateway"
-    found = str(path) if path.exists() else shutil.which("pushgateway") or shutil.which("prometheus-pushgateway")
-    if not found:
-        pytest.fail("pushgateway not found: `bash scripts/get-pushgateway` unpacks it from Debian's prometheus-pushgateway package into .tools/")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([found, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"pushgateway did not start: {process.stderr.read().decode() if process.poll() is not None else 'timeout'}")
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
+# --- Short runs push to a real Pushgateway (Debian's prometheus-pushgateway, unpacked by scripts/get-pushgateway;
+# the pushgateway fixture is in conftest.py) ---
 
 
 def gateway_text(url: str) -> str:
@@ -168,8 +162,12 @@ def gateway_text(url: str) -> str:
 
 def pushed(text: str, name: str, **labels) -> float:
     """The one sample of `name` whose labels include `labels`."""
-    (value,) = [s.value for family in text_string_to_metric_families(text) for s in family.samples
-                if s.name == name and labels.items() <= s.labels.items()]
+    (value,) = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
     return value
 
 
@@ -178,7 +176,9 @@ def k2_families(text: str) -> bytes:
     return "".join(line + "\n" for line in text.splitlines() if re.match(r"(# (HELP|TYPE) )?k2_", line)).encode()
 
 
-def test_rollup_and_load_runs_push_what_they_wrote_to_the_pushgateway(pushgateway, promtool, asx_dir, catalog_props, catalog, monkeypatch):
+def test_rollup_and_load_runs_push_what_they_wrote_to_the_pushgateway(
+    pushgateway, promtool, asx_dir, catalog_props, catalog, monkeypatch
+):
     from k2_assets.defs.asx.assets import asx_trades
     from k2_assets_tests.test_rollups import ROLLUPS
 
@@ -190,7 +190,12 @@ def test_rollup_and_load_runs_push_what_they_wrote_to_the_pushgateway(pushgatewa
 
     for interval in ("1m", "5m", "1h", "1d"):
         group = {"job": "k2_rollups", "asset": f"ohlcv_{interval}", "interval": interval}
-        rows = catalog.load_table(f"market.ohlcv_{interval}").scan(row_filter=EqualTo("trade_date", "2014-03-10")).to_arrow().num_rows
+        rows = (
+            catalog.load_table(f"market.ohlcv_{interval}")
+            .scan(row_filter=EqualTo("trade_date", "2014-03-10"))
+            .to_arrow()
+            .num_rows
+        )
         assert rows > 0
         assert pushed(text, "k2_rollup_bars_written_total", **group) == rows, interval
         assert pushed(text, "k2_rollup_filled_bars_written_total", **group) == 0  # ASX: no bar for a minute without trades
@@ -205,7 +210,8 @@ def test_rollup_and_load_runs_push_what_they_wrote_to_the_pushgateway(pushgatewa
     gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow()
     assert pushed(text, "k2_sequence_gaps_opened_total", job="k2_loads", asset="asx_trades", exchange="ASX") == gaps.num_rows
     assert pushed(text, "k2_sequence_gap_ids_opened_total", job="k2_loads", asset="asx_trades", exchange="ASX") == (
-        sum(gaps.column("missing_count").to_pylist()))
+        sum(gaps.column("missing_count").to_pylist())
+    )
 
     families = k2_families(text)
     assert b"k2_rollup_bars_written_total" in families
@@ -217,7 +223,8 @@ def test_a_repair_run_pushes_the_gaps_it_closed(pushgateway, btcusdt_dir, tmp_pa
     from k2_assets.defs.binance.assets import binance_trades, binance_trades_history
     from k2_assets.defs.binance.resources import BinanceRestResource
     from k2_assets.dev.feed_server import replay_file, run_in_thread
-    from k2_assets_tests.test_gap_repair import BTC_FILE as HISTORY_FILE, FIRST, write_without
+    from k2_assets_tests.test_gap_repair import BTC_FILE as HISTORY_FILE
+    from k2_assets_tests.test_gap_repair import FIRST, write_without
 
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
     removed = {FIRST + 100, *range(FIRST + 5000, FIRST + 5050)}  # two gaps, 51 ids
@@ -225,8 +232,11 @@ def test_a_repair_run_pushes_the_gaps_it_closed(pushgateway, btcusdt_dir, tmp_pa
     resources = make_resources(catalog_props, binance_dir=tmp_path / "history")
     assert dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources).success
     with run_in_thread(replay_file(btcusdt_dir / HISTORY_FILE)) as exchange:
-        assert dg.materialize([binance_trades], partition_key="2024-01-01",
-                              resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)}).success
+        assert dg.materialize(
+            [binance_trades],
+            partition_key="2024-01-01",
+            resources={**resources, "binance_rest": BinanceRestResource(base_url=exchange.http_url)},
+        ).success
     text = gateway_text(pushgateway)
     history = {"job": "k2_loads", "asset": "binance_trades_history", "exchange": "BINANCE"}
     assert pushed(text, "k2_sequence_gaps_opened_total", **history) == 2
@@ -275,5 +285,7 @@ def test_an_op_that_is_no_asset_pushes_under_its_op_name(pushgateway, monkeypatc
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
     assert maintenance_like.execute_in_process().success
     text = gateway_text(pushgateway)
-    assert pushed(text, "k2_maintenance_snapshots_expired_total", job="k2_maintenance", op="expire_something", table="trades") == 4
+    assert (
+        pushed(text, "k2_maintenance_snapshots_expired_total", job="k2_maintenance", op="expire_something", table="trades") == 4
+    )
     assert pushed(text, "k2_maintenance_seconds_count", job="k2_maintenance", op="expire_something") == 1

@@ -75,7 +75,10 @@ def bar_rows(symbol: str, day: date, minutes: int, first_price: Decimal, exchang
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     opens = [first_price + Decimal(i) / 100 for i in range(minutes)]
     qty = [Decimal(i % 7 + 1) for i in range(minutes)]
-    dec = lambda values: pa.array(values, pa.decimal128(38, 16))
+
+    def dec(values) -> pa.Array:
+        return pa.array(values, pa.decimal128(38, 16))
+
     columns = {
         "exchange": pa.array([exchange] * minutes),
         "symbol": pa.array([symbol] * minutes),
@@ -111,8 +114,11 @@ def asx_source(asx_dir: Path) -> dict[tuple[date, str], dict]:
     names = ["date", "time", "price", "volume", "qualifiers", "venue", "buyer_id"]
     out: dict[tuple[date, str], dict] = {}
     for path in sorted((asx_dir / "trades").glob("*.csv")):
-        table = pcsv.read_csv(path, read_options=pcsv.ReadOptions(column_names=names),
-                              convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+        table = pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(column_names=names),
+            convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+        )
         groups = defaultdict(list)
         for i, (d, t, p, v) in enumerate(zip(*(table.column(n).to_pylist() for n in ("date", "time", "price", "volume")))):
             session = datetime.strptime(d, "%m/%d/%Y").date()
@@ -121,8 +127,14 @@ def asx_source(asx_dir: Path) -> dict[tuple[date, str], dict]:
         for session, rows in groups.items():
             rows.sort(key=lambda r: (r[0], r[1]))  # exchange time, then vendor order
             out[(session, symbols[path.stem])] = {
-                "trades": len(rows), "volume": sum(r[3] for r in rows), "first_time": rows[0][0], "last_time": rows[-1][0],
-                "open": rows[0][2], "high": max(r[2] for r in rows), "low": min(r[2] for r in rows), "close": rows[-1][2],
+                "trades": len(rows),
+                "volume": sum(r[3] for r in rows),
+                "first_time": rows[0][0],
+                "last_time": rows[-1][0],
+                "open": rows[0][2],
+                "high": max(r[2] for r in rows),
+                "low": min(r[2] for r in rows),
+                "close": rows[-1][2],
                 "rows": rows,
             }
     return out
@@ -141,8 +153,12 @@ def btc_source(btcusdt_dir: Path) -> list[tuple[datetime, int, Decimal, Decimal]
 @pytest.fixture(scope="module")
 def sources():
     data = shared_data_dir()
-    return {"asx_dir": data / "asx_k2", "btc_dir": data / "binance_spot_btcusdt_trades_2024-01-01_1200-1230",
-            "asx": asx_source(data / "asx_k2"), "btc": btc_source(data / "binance_spot_btcusdt_trades_2024-01-01_1200-1230")}
+    return {
+        "asx_dir": data / "asx_k2",
+        "btc_dir": data / "binance_spot_btcusdt_trades_2024-01-01_1200-1230",
+        "asx": asx_source(data / "asx_k2"),
+        "btc": btc_source(data / "binance_spot_btcusdt_trades_2024-01-01_1200-1230"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +178,24 @@ def warehouse(tmp_path_factory, sources):
     return cat
 
 
-@pytest.fixture
-def engine(warehouse):
-    with QueryEngine(warehouse) as e:
+@pytest.fixture(params=["own connection", "DuckDBResource"])
+def engine(warehouse, request):
+    """The engine on its own DuckDB connection (the CLI), and on dagster-duckdb's resource (as Dagster runs it)."""
+    if request.param == "own connection":
+        with QueryEngine(warehouse) as e:
+            yield e
+        return
+    from dagster_duckdb import DuckDBResource
+
+    from k2_assets.core.rollups import DUCKDB_CONFIG
+
+    with (
+        DuckDBResource(database=":memory:", connection_config=DUCKDB_CONFIG).get_connection() as con,
+        QueryEngine(warehouse, connection=con) as e,
+    ):
+        # The one hardened configuration holds on the resource's connection too: no file access.
+        with pytest.raises(duckdb.Error):
+            con.execute("SELECT * FROM read_csv('/etc/hostname')").fetchall()
         yield e
 
 
@@ -322,8 +353,9 @@ def test_as_of_snapshot_id_and_time_return_the_data_before_a_correction(catalog,
             assert old.column("price")[0].as_py() == Decimal("42690.21")
         assert engine.trades("BINANCE", "BTCUSDT", as_of=second.snapshot_id, limit=100_000).num_rows == 15702
         assert engine.trades("BINANCE", "BTCUSDT", as_of=datetime.now(UTC), limit=100_000).num_rows == 15702
-        (old_summary,) = engine.daily_summary("BINANCE", start_date=BTC_DAY, end_date=BTC_DAY,
-                                              as_of=first.snapshot_id).to_pylist()
+        (old_summary,) = engine.daily_summary(
+            "BINANCE", start_date=BTC_DAY, end_date=BTC_DAY, as_of=first.snapshot_id
+        ).to_pylist()
         assert old_summary["trades"] == 16702 and old_summary["volume"] == Decimal("296.54808")
         assert engine.symbols(as_of=first.snapshot_id).column("row_count").to_pylist() == [16702]
 
@@ -379,7 +411,7 @@ def test_unknown_symbol_names_the_symbols_that_exist(engine):
 
 
 def test_an_injection_in_symbol_is_an_unknown_symbol_not_sql(engine):
-    for attempt in (INJECTION, "BHP'; DROP TABLE src; --", "x\" OR \"1\"=\"1", "BHP%", "*"):
+    for attempt in (INJECTION, "BHP'; DROP TABLE src; --", 'x" OR "1"="1', "BHP%", "*"):
         with pytest.raises(UnknownSymbol, match="symbols present: BHP, DVN, MWR, RIO"):
             engine.trades("ASX", attempt)
         with pytest.raises(UnknownSymbol):
@@ -395,22 +427,34 @@ def test_an_injection_in_symbol_is_an_unknown_symbol_not_sql(engine):
 def test_bad_arguments_raise_clear_query_errors(engine):
     cases = [
         (UnknownExchange, "unknown exchange 'NYSE'; K2 exchanges are ASX, BINANCE", lambda: engine.trades("NYSE")),
-        (InvalidTimeRange, "time range is reversed or empty: start 2014-03-12T00:00:00\\+00:00 is not before end 2014-03-11",
-         lambda: engine.trades("ASX", "BHP", "2014-03-12", "2014-03-11")),
+        (
+            InvalidTimeRange,
+            "time range is reversed or empty: start 2014-03-12T00:00:00\\+00:00 is not before end 2014-03-11",
+            lambda: engine.trades("ASX", "BHP", "2014-03-12", "2014-03-11"),
+        ),
         (InvalidTimeRange, "is not before end", lambda: engine.bars("1m", start="2024-01-01T01:00Z", end="2024-01-01T01:00Z")),
-        (InvalidTimeRange, "date range is reversed: start_date 2014-03-11 is after end_date 2014-03-10",
-         lambda: engine.daily_summary(start_date="2014-03-11", end_date="2014-03-10")),
+        (
+            InvalidTimeRange,
+            "date range is reversed: start_date 2014-03-11 is after end_date 2014-03-10",
+            lambda: engine.daily_summary(start_date="2014-03-11", end_date="2014-03-10"),
+        ),
         (InvalidLimit, "limit must be in 1..100,000, not 0", lambda: engine.trades(limit=0)),
         (InvalidLimit, "limit must be in 1..100,000, not 100,001", lambda: engine.trades(limit=100_001)),
         (InvalidLimit, "limit must be an integer", lambda: engine.trades(limit="10")),
         (InvalidLimit, "limit must be an integer", lambda: engine.bars(limit=True)),
         (UnknownInterval, "unknown interval '2m'; allowed intervals are 1m, 5m, 1h, 1d", lambda: engine.bars("2m")),
         (UnknownInterval, "allowed intervals", lambda: engine.bars("1m; DROP TABLE x")),
-        (UnknownColumn, "unknown column\\(s\\) \\['nope'\\] for market.trades; its columns are message_id, ",
-         lambda: engine.trades(columns=["price", "nope"])),
+        (
+            UnknownColumn,
+            "unknown column\\(s\\) \\['nope'\\] for market.trades; its columns are message_id, ",
+            lambda: engine.trades(columns=["price", "nope"]),
+        ),
         (InvalidValue, "start 'soon' is not an ISO 8601 date/time", lambda: engine.trades(start="soon")),
-        (InvalidValue, "start_date must be a date",
-         lambda: engine.daily_summary(start_date=datetime(2014, 3, 10), end_date="2014-03-10")),
+        (
+            InvalidValue,
+            "start_date must be a date",
+            lambda: engine.daily_summary(start_date=datetime(2014, 3, 10), end_date="2014-03-10"),
+        ),
         (InvalidValue, "as_of must be a snapshot id or a time", lambda: engine.trades(as_of=True)),
         (QueryError, "unknown query 'drop'", lambda: engine.pandas("drop")),
     ]
@@ -419,8 +463,13 @@ def test_bad_arguments_raise_clear_query_errors(engine):
             call()
     for kind, _, _ in cases:
         assert issubclass(kind, QueryError) and issubclass(kind, ValueError)
-    bad_settings = ({"timeout_s": 0}, {"memory_limit": "lots"}, {"memory_limit": "1GB'; SET threads=99; --"}, {"threads": 0},
-                    {"refresh_ms": -1})
+    bad_settings = (
+        {"timeout_s": 0},
+        {"memory_limit": "lots"},
+        {"memory_limit": "1GB'; SET threads=99; --"},
+        {"threads": 0},
+        {"refresh_ms": -1},
+    )
     for bad in bad_settings:
         with pytest.raises(InvalidValue):
             QueryEngine(engine.catalog, **bad)
@@ -484,8 +533,15 @@ def test_query_package_does_not_import_dagster():
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     # Libraries' import-time warnings are not the CLI's output: silence them here.
-    return subprocess.run([sys.executable, "-m", "k2_assets.cli", "query", *args], check=False, cwd=REPO,
-                          env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_assets.cli", "query", *args],
+        check=False,
+        cwd=REPO,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir):
@@ -493,8 +549,22 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     first, _ = load_btc(catalog, btcusdt_dir)
     env = {**os.environ, "K2_HOME": str(k2_home)}  # K2_CATALOG_URI / K2_WAREHOUSE default from it
     start, end = sydney_day(date(2014, 3, 11))
-    done = cli("trades", "--symbol", "BHP", "--exchange", "ASX", "--start", start, "--end", end, "--limit", "20",
-               "--format", "csv", env=env)
+    done = cli(
+        "trades",
+        "--symbol",
+        "BHP",
+        "--exchange",
+        "ASX",
+        "--start",
+        start,
+        "--end",
+        end,
+        "--limit",
+        "20",
+        "--format",
+        "csv",
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     with QueryEngine(catalog) as engine:
@@ -504,8 +574,18 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     assert [Decimal(r["price"]) for r in rows] == [e["price"] for e in expected]
     assert rows[0]["exchange_timestamp"] == expected[0]["exchange_timestamp"].isoformat().replace("+00:00", "Z")
 
-    done = cli("summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--format", "json",
-               "--as-of", str(first.snapshot_id), env=env)
+    done = cli(
+        "summary",
+        "--start-date",
+        "2024-01-01",
+        "--end-date",
+        "2024-01-01",
+        "--format",
+        "json",
+        "--as-of",
+        str(first.snapshot_id),
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     (summary,) = json.loads(done.stdout)
     assert (summary["symbol"], summary["trades"], summary["volume"]) == ("BTCUSDT", 16702, "296.54808")
@@ -513,7 +593,7 @@ def test_cli_against_the_k2_home_catalog(k2_home, catalog, asx_dir, btcusdt_dir)
     done = cli("trades", "--symbol", INJECTION, "--exchange", "ASX", env=env)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "k2: error: unknown symbol \"BHP' OR 1=1 --\": market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO"
+        'k2: error: unknown symbol "BHP\' OR 1=1 --": market.trades has no rows of it on ASX; symbols present: BHP, DVN, MWR, RIO'
     ]
 
 
@@ -544,12 +624,16 @@ def test_cli_main_formats_and_one_line_errors(k2_home, catalog, btcusdt_dir, fre
         (["trades", "--start", "2024-01-02", "--end", "2024-01-01"], "k2: error: time range is reversed or empty"),
         (["trades", "--exchange", "NYSE"], "k2: error: unknown exchange 'NYSE'"),
         (["trades", "--as-of", "1234567890123"], "k2: error: snapshot 1234567890123 does not exist in market.trades"),
-        (["summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--symbol", "ETHUSDT"],
-         "k2: error: unknown symbol 'ETHUSDT'"),
+        (
+            ["summary", "--start-date", "2024-01-01", "--end-date", "2024-01-01", "--symbol", "ETHUSDT"],
+            "k2: error: unknown symbol 'ETHUSDT'",
+        ),
         (["trades", "--memory-limit", "lots"], "k2: error: memory_limit 'lots' is not a size"),
         (["trades", "--limit", "abc"], "k2 query trades: error: Invalid value for '--limit': 'abc' is not a valid integer"),
-        (["summary", "--start-date", "2024-13-01", "--end-date", "2024-01-01"],
-         "k2 query summary: error: Invalid value for '--start-date': '2024-13-01' is not a YYYY-MM-DD date"),
+        (
+            ["summary", "--start-date", "2024-13-01", "--end-date", "2024-01-01"],
+            "k2 query summary: error: Invalid value for '--start-date': '2024-13-01' is not a YYYY-MM-DD date",
+        ),
     ]:
         assert k2_main(["query", *args]) == 2, args
         captured = capsys.readouterr()

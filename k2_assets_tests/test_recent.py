@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
-
 import pyarrow.compute as pc
 import pytest
 from pyiceberg.expressions import In
@@ -18,7 +17,7 @@ from k2_assets.core.recent import RecentTrades, recent_trades
 from k2_assets_tests.conftest import btc_trade_events
 from k2_assets_tests.test_live_writer import produce, trade_messages, writer_for
 
-END = datetime(2024, 1, 1, 12, 30, tzinfo=timezone.utc)
+END = datetime(2024, 1, 1, 12, 30, tzinfo=UTC)
 
 
 def test_recent_trades_merge_table_and_kafka_tail(btcusdt_dir, broker, topic, catalog):
@@ -95,8 +94,27 @@ def test_k2_recent_prints_the_merged_trades(btcusdt_dir, broker, topic, catalog,
     minutes = f"{(END.timestamp() * 1000 - events[500]['T']) / 60_000:.4f}"
     expected = [e["t"] for e in events if END.timestamp() * 1000 - float(minutes) * 60_000 <= e["T"]]
     env = {**os.environ, "K2_HOME": str(k2_home), "K2_KAFKA_BOOTSTRAP": broker.bootstrap}
-    done = subprocess.run([sys.executable, "-m", "k2_assets.cli", "recent", "--symbol", "btcusdt", "--minutes", minutes,
-                           "--until", "2024-01-01T12:30:00", "--topic", topic, "--format", "json"], env=env, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "k2_assets.cli",
+            "recent",
+            "--symbol",
+            "btcusdt",
+            "--minutes",
+            minutes,
+            "--until",
+            "2024-01-01T12:30:00",
+            "--topic",
+            topic,
+            "--format",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()
     lines = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert 2400 < len(expected) < 2600

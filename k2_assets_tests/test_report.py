@@ -46,7 +46,9 @@ class _Tables(HTMLParser):
 
 def k2_report(dagster_home, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "k2_assets.cli", "report", "checks", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_assets.cli", "report", "checks", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcusdt_dir, tmp_path, catalog_props):
@@ -57,13 +59,22 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
     resources = make_resources(catalog_props, asx_dir=asx_dir, binance_dir=history)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         for session in SESSIONS:
-            assert dg.materialize([asx_trades, *asx_trades_rules], partition_key=session, resources=resources, instance=instance).success
-        assert dg.materialize([binance_trades_history, *binance_trades_history_rules], partition_key="2024-01-01", resources=resources, instance=instance).success
+            assert dg.materialize(
+                [asx_trades, *asx_trades_rules], partition_key=session, resources=resources, instance=instance
+            ).success
+        assert dg.materialize(
+            [binance_trades_history, *binance_trades_history_rules],
+            partition_key="2024-01-01",
+            resources=resources,
+            instance=instance,
+        ).success
 
     result = k2_report(home, "--start", "2014-03-10", "--end", "2014-03-14", "--format", "csv")
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert len(rows) == 15 * len(SESSIONS)  # every rule (13, and the ledger's 2) on every ASX session; Binance's day is outside the range
+    assert len(rows) == 15 * len(
+        SESSIONS
+    )  # every rule (13, and the ledger's 2) on every ASX session; Binance's day is outside the range
     assert {r["partition"] for r in rows} == set(SESSIONS) and {r["asset"] for r in rows} == {"asx_trades"}
     assert all(r["passed"] == "True" and r["snapshot_id"] and r["run_id"] for r in rows)
     dvn = [r for r in rows if r["check"] == "message_id_unique"]
@@ -91,15 +102,35 @@ def test_report_lists_every_check_result_with_its_snapshot_and_run(asx_dir, btcu
 
     md = k2_report(home, "--start", "2024-01-01", "--end", "2024-01-01", "--format", "md")
     assert "| binance_trades_history | no_unexplained_gaps | WARN | 1 | 0 | 1 | 2024-01-01 |" in md.stdout
-    assert "## Vendor files" in md.stdout and "| 2024-01-01 | binance_trades_history | BTCUSDT-trades-2024-01-01.csv |" in md.stdout
+    assert (
+        "## Vendor files" in md.stdout and "| 2024-01-01 | binance_trades_history | BTCUSDT-trades-2024-01-01.csv |" in md.stdout
+    )
 
-    ledger = subprocess.run([sys.executable, "-m", "k2_assets.cli", "report", "files", "--start", "2014-03-10", "--end", "2014-03-14",
-                             "--format", "csv"], env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    ledger = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "k2_assets.cli",
+            "report",
+            "files",
+            "--start",
+            "2014-03-10",
+            "--end",
+            "2014-03-14",
+            "--format",
+            "csv",
+        ],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ledger.returncode == 0, ledger.stderr
     files_csv = list(csv.DictReader(io.StringIO(ledger.stdout)))
     assert len(files_csv) == 4 * len(SESSIONS)
     assert sum(int(f["lines_read"]) for f in files_csv if f["file"].startswith("trades/")) == sum(
-        len(vendor_rows(p)) for p in (asx_dir / "trades").glob("*.csv"))
+        len(vendor_rows(p)) for p in (asx_dir / "trades").glob("*.csv")
+    )
 
     bad = k2_report(home, "--start", "2014-03-14", "--end", "2014-03-10")
     assert bad.returncode == 2 and "reversed" in bad.stderr

@@ -24,8 +24,16 @@ from k2_assets.defs.rollups.checks import (
 )
 from k2_assets_tests.conftest import make_resources
 
-ROLLUPS = [ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d, ohlcv_1m_matches_raw_trades, ohlcv_5m_matches_raw_trades,
-           ohlcv_1h_matches_raw_trades, ohlcv_1d_matches_raw_trades]
+ROLLUPS = [
+    ohlcv_1m,
+    ohlcv_5m,
+    ohlcv_1h,
+    ohlcv_1d,
+    ohlcv_1m_matches_raw_trades,
+    ohlcv_5m_matches_raw_trades,
+    ohlcv_1h_matches_raw_trades,
+    ohlcv_1d_matches_raw_trades,
+]
 XRP = "freqtrade_binance_xrpeth_aggtrades_vs_1m"
 
 
@@ -58,7 +66,9 @@ def test_one_minute_bars_equal_binance_bars_for_every_minute(shared_data, tmp_pa
     assert len(reference) == 3560 == len(mine)
     for open_ms, o, h, low, c, v in reference:
         bar = mine[int(open_ms)]
-        assert (bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"]) == tuple(map(Decimal, (o, h, low, c, v))), open_ms
+        assert (bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"]) == tuple(map(Decimal, (o, h, low, c, v))), (
+            open_ms
+        )
     traded = [b for b in mine.values() if not b["filled"]]
     assert len(traded) == 2469 and len(mine) - len(traded) == 1091  # the MANIFEST's own count of empty minutes
     assert all(b["volume"] == 0 and b["open"] == b["close"] and b["trade_count"] == 0 for b in mine.values() if b["filled"])
@@ -103,20 +113,46 @@ def test_time_travel_reproduces_the_bars_published_before_a_correction(asx_dir, 
     index = pc.index(bhp.column("source_sequence"), 1).as_py()
     price = bhp.column("price").to_pylist()
     price[index] = Decimal("99.00000000")
-    corrected = bhp.set_column(bhp.schema.get_field_index("price"), bhp.schema.field("price"), pa.array(price, bhp.schema.field("price").type))
+    corrected = bhp.set_column(
+        bhp.schema.get_field_index("price"), bhp.schema.field("price"), pa.array(price, bhp.schema.field("price").type)
+    )
     writer.replace_rows(trades, corrected, And(EqualTo("symbol", "BHP"), EqualTo("trade_date", "2014-03-11")))
     assert dg.materialize(ROLLUPS, partition_key="2014-03-11", resources=resources).success
-    assert not catalog.load_table("market.ohlcv_5m").scan().to_arrow().select(["symbol", "bar_start", "high"]).equals(
-        first_5m.select(["symbol", "bar_start", "high"]))
+    assert (
+        not catalog.load_table("market.ohlcv_5m")
+        .scan()
+        .to_arrow()
+        .select(["symbol", "bar_start", "high"])
+        .equals(first_5m.select(["symbol", "bar_start", "high"]))
+    )
 
     # The time-travel backfill: as of the old snapshot, the bars are exactly those first published.
-    config = {"ops": {name: {"config": {"as_of_snapshot_id": published_from}} for name in ("ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d")}}
+    config = {
+        "ops": {
+            name: {"config": {"as_of_snapshot_id": published_from}} for name in ("ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d")
+        }
+    }
     result = dg.materialize(ROLLUPS, partition_key="2014-03-11", resources=resources, run_config=config)
     assert result.success
     again = catalog.load_table("market.ohlcv_5m").scan().to_arrow()
-    keys = ["exchange", "symbol", "bar_start", "open", "high", "low", "close", "volume", "quote_volume", "trade_count", "source_snapshot_id"]
-    assert again.select(keys).sort_by([("symbol", "ascending"), ("bar_start", "ascending")]).equals(
-        first_5m.select(keys).sort_by([("symbol", "ascending"), ("bar_start", "ascending")]))
+    keys = [
+        "exchange",
+        "symbol",
+        "bar_start",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "quote_volume",
+        "trade_count",
+        "source_snapshot_id",
+    ]
+    assert (
+        again.select(keys)
+        .sort_by([("symbol", "ascending"), ("bar_start", "ascending")])
+        .equals(first_5m.select(keys).sort_by([("symbol", "ascending"), ("bar_start", "ascending")]))
+    )
     (event,) = result.asset_materializations_for_node("ohlcv_1m")
     assert event.metadata["trades_snapshot_id"].value == str(published_from)
     assert IcebergResource(**catalog_props).table("ohlcv_1m").current_snapshot().summary["k2.as_of"] == "True"
@@ -125,13 +161,17 @@ def test_time_travel_reproduces_the_bars_published_before_a_correction(asx_dir, 
 def test_new_trades_cascade_into_bars_by_declarative_automation(asx_dir, catalog_props):
     from k2_assets.defs.binance.assets import binance_trades
 
-    defs = dg.Definitions(assets=[asx_trades, binance_trades_history, binance_trades, *ROLLUPS],
-                          resources=make_resources(catalog_props, asx_dir=asx_dir))
+    defs = dg.Definitions(
+        assets=[asx_trades, binance_trades_history, binance_trades, *ROLLUPS],
+        resources=make_resources(catalog_props, asx_dir=asx_dir),
+    )
     instance = dg.DagsterInstance.ephemeral()
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert result.total_requested == 0  # nothing has changed yet
     cursor = result.cursor
-    assert dg.materialize([asx_trades], partition_key="2014-03-12", instance=instance, resources=make_resources(catalog_props, asx_dir=asx_dir)).success
+    assert dg.materialize(
+        [asx_trades], partition_key="2014-03-12", instance=instance, resources=make_resources(catalog_props, asx_dir=asx_dir)
+    ).success
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
     assert result.get_requested_partitions(dg.AssetKey("ohlcv_1m")) == {"2014-03-12"}
     # The derived bars follow in the same request, in dependency order.

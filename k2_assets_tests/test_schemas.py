@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import fastavro
@@ -31,7 +31,7 @@ def sample(avro_type):
         if logical == "date":
             return date(2024, 1, 1)
         if logical in ("timestamp-micros", "timestamp-millis"):
-            return datetime(2024, 1, 1, 12, tzinfo=timezone.utc)
+            return datetime(2024, 1, 1, 12, tzinfo=UTC)
         if logical == "decimal":
             return Decimal("1.5").quantize(Decimal(1).scaleb(-avro_type["scale"]))
         if kind == "enum":
@@ -43,7 +43,9 @@ def sample(avro_type):
         if kind == "record":
             return {f["name"]: sample(f["type"]) for f in avro_type["fields"]}
         return sample(kind)
-    return {"string": "x", "bytes": b"x", "long": 1, "int": 1, "boolean": True, "double": 1.0, "float": 1.0, "null": None}[avro_type]
+    return {"string": "x", "bytes": b"x", "long": 1, "int": 1, "boolean": True, "double": 1.0, "float": 1.0, "null": None}[
+        avro_type
+    ]
 
 
 def round_trip(writer_schema: dict, reader_schema: dict) -> list[dict]:

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from k2_assets.core.sequence import (
-    DUPLICATE, EVENT_NAMES, FIRST, GAP, IN_ORDER, LATE_ARRIVAL, OUT_OF_ORDER, SESSION_RESET, TOO_OLD, SequenceTracker,
+    DUPLICATE,
+    EVENT_NAMES,
+    FIRST,
+    GAP,
+    IN_ORDER,
+    LATE_ARRIVAL,
+    OUT_OF_ORDER,
+    SESSION_RESET,
+    TOO_OLD,
+    SequenceTracker,
 )
 
 MON, TUE = date(2014, 3, 10), date(2014, 3, 11)

@@ -120,8 +120,8 @@ def punch_hole(path: Path, count: int) -> list[int]:
     """Remove `count` consecutive trade ids from the middle of a Binance dump (no header row)."""
     lines = path.read_text().splitlines(keepends=True)
     middle = len(lines) // 2
-    removed = lines[middle:middle + count]
-    path.write_text("".join(lines[:middle] + lines[middle + count:]))
+    removed = lines[middle : middle + count]
+    path.write_text("".join(lines[:middle] + lines[middle + count :]))
     return [int(line.split(",", 1)[0]) for line in removed]
 
 
@@ -205,8 +205,11 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")  # as `k2 demo` does
     port = free_port()
     # No broker and no exchange in this test: both point at closed loopback ports (never the network).
-    overrides = {"K2_HOME": str(home), "K2_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-                 "K2_BINANCE_REST_URL": f"http://127.0.0.1:{free_port()}"}
+    overrides = {
+        "K2_HOME": str(home),
+        "K2_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "K2_BINANCE_REST_URL": f"http://127.0.0.1:{free_port()}",
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("K2_", "DAGSTER_"))}
     env |= overrides | {"DAGSTER_HOME": str(dagster_home)}
     log = tmp_path / "dagster-dev.log"
@@ -225,7 +228,11 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-c", RESTORE_SIGNALS_AND_EXEC, *dev],
-            env=env, cwd=dagster_home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            cwd=dagster_home,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         # The demo vendor files, written by the real command while the UI starts.
@@ -256,7 +263,8 @@ def check_graph(page, port: int, names: set[str], edges: set[tuple[str, str]], c
     def settled(graph) -> bool:
         cards = graph["cards"]
         return names <= cards.keys() and all(
-            re.search(r"\d+ / \d+ Passed", cards[asset]) for asset in checks if asset != "binance_trades")
+            re.search(r"\d+ / \d+ Passed", cards[asset]) for asset in checks if asset != "binance_trades"
+        )
 
     graph = poll(page, lambda p: p.evaluate(GRAPH_JS), settled)
     cards = graph["cards"]
@@ -310,8 +318,11 @@ def check_standalone_and_freshness_checks(page, port: int, checks: dict[str, lis
         page.goto(f"http://127.0.0.1:{port}/assets/{asset}?view=checks")
         page.get_by_text(f"Checks ({len(checks[asset])})").wait_for()
         rows = page.locator('[class*="checkRow"]')
-        shown = poll(page, lambda p: {t.split()[0] for t in rows.all_inner_texts() if t.strip()},
-                     lambda seen: seen == set(checks[asset]))
+        shown = poll(
+            page,
+            lambda p, rows=rows: {t.split()[0] for t in rows.all_inner_texts() if t.strip()},
+            lambda seen, asset=asset: seen == set(checks[asset]),
+        )
         assert shown == set(checks[asset]) and "freshness_check" in shown, (asset, shown)
 
 
@@ -347,8 +358,14 @@ def rerun_one_check(page, port: int) -> None:
         page.screenshot(path=IMAGES / "check-rerun.png")
         assert run.status == dg.DagsterRunStatus.SUCCESS and run.tags["dagster/partition"] == day
         events = instance.all_logs(run_id)
-        evaluations = [e.dagster_event.event_specific_data for e in events
-                       if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
+        evaluations = [
+            e.dagster_event.event_specific_data
+            for e in events
+            if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ]
         assert [(e.asset_key.to_user_string(), e.check_name, e.partition, e.passed) for e in evaluations] == [
-            ("binance_trades_history", check, day, True)]
-        assert not [e for e in events if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]
+            ("binance_trades_history", check, day, True)
+        ]
+        assert not [
+            e for e in events if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
+        ]

@@ -6,10 +6,9 @@ import sys
 
 import click
 
-from k2_assets.cli import backfill, broker, check, demo, feed, query, recent, report, stream, writer
+from k2_assets.cli import backfill, broker, catalog, check, demo, feed, maintenance, query, recent, report, stream, writer
 from k2_assets.cli.common import UserError
 from k2_assets.core.settings import describe
-
 
 SETTINGS_HELP = "Settings (environment variables; the options' defaults come from them):\n\n" + describe().replace("\n", "\n\n")
 
@@ -19,8 +18,21 @@ def cli() -> None:
     """K2 market-data lakehouse: Dagster assets over Apache Iceberg."""
 
 
-COMMANDS = (demo.demo, demo.demo_data, backfill.backfill, check.check, query.query, recent.recent, report.report,
-            writer.writer, stream.stream, feed.feed, broker.broker)
+COMMANDS = (
+    demo.demo,
+    demo.demo_data,
+    backfill.backfill,
+    check.check,
+    catalog.catalog,
+    maintenance.maintenance,
+    query.query,
+    recent.recent,
+    report.report,
+    writer.writer,
+    stream.stream,
+    feed.feed,
+    broker.broker,
+)
 for command in COMMANDS:
     cli.add_command(command)
 

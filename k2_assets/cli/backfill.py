@@ -42,5 +42,7 @@ def backfill(assets: tuple[str, ...], start: date, end: date) -> int:
             if not result.success:
                 failed.append(key)
     ok = len(keys) - len(failed)
-    click.echo(f"k2: {ok} of {len(keys)} partitions materialized" + (f"; failed: {', '.join(failed)}" if failed else ""), err=True)
+    click.echo(
+        f"k2: {ok} of {len(keys)} partitions materialized" + (f"; failed: {', '.join(failed)}" if failed else ""), err=True
+    )
     return 1 if failed else 0

@@ -8,8 +8,12 @@ from k2_assets.cli.common import default
 
 
 @click.command("broker")
-@click.option("--port", type=click.IntRange(0, 65535), default=default("broker_port"),
-              help="loopback port to listen on (0: a free one)  [default: K2_BROKER_PORT, else 0]")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=default("broker_port"),
+    help="loopback port to listen on (0: a free one)  [default: K2_BROKER_PORT, else 0]",
+)
 def broker(port: int) -> int:
     """The embedded Kafka-compatible broker.
 
@@ -23,8 +27,9 @@ def broker(port: int) -> int:
     running = EmbeddedBroker(port=port)
     stopping = threading.Event()
     with running:
-        Stopper("k2 broker", f"the embedded broker on {running.bootstrap} (its topics are in memory and go with it)",
-                stopping.set).install()
+        Stopper(
+            "k2 broker", f"the embedded broker on {running.bootstrap} (its topics are in memory and go with it)", stopping.set
+        ).install()
         print(f"k2: embedded Kafka-compatible broker on {running.bootstrap}", flush=True)
         while not stopping.is_set() and running.process.poll() is None:
             stopping.wait(0.2)

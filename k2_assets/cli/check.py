@@ -23,8 +23,12 @@ def list_checks(asset: str | None) -> None:
 @check.command("run")
 @click.argument("asset")
 @click.argument("names", nargs=-1)
-@click.option("--partition", "partitions", multiple=True, help="partition key (a session date); repeat for several; "
-              "none for an unpartitioned check such as freshness_check")
+@click.option(
+    "--partition",
+    "partitions",
+    multiple=True,
+    help="partition key (a session date); repeat for several; none for an unpartitioned check such as freshness_check",
+)
 def run(asset: str, names: tuple[str, ...], partitions: tuple[str, ...]) -> int:
     """Run ASSET's checks NAMES (all of its checks if none are named) on each --partition, at the stored snapshot."""
     from k2_assets.cli.common import run_selection
@@ -33,8 +37,9 @@ def run(asset: str, names: tuple[str, ...], partitions: tuple[str, ...]) -> int:
     unknown = sorted(set(names) - {key.name for key in known})
     if unknown:
         raise UserError(f"{asset} has no check {', '.join(unknown)} (see `k2 check list {asset}`)")
-    keys = sorted((key for key in known if not names or key.name in names),
-                  key=lambda k: names.index(k.name) if k.name in names else k.name)
+    keys = sorted(
+        (key for key in known if not names or key.name in names), key=lambda k: names.index(k.name) if k.name in names else k.name
+    )
     failed = 0
     with dagster_instance() as instance:
         for partition in progress(partitions or (None,), f"{asset}: {len(keys)} checks"):

@@ -79,8 +79,14 @@ def date_range(start: date, end: date) -> None:
 
 def progress(items: Iterable[T], label: str, length: int | None = None) -> Iterator[T]:
     """Items with a progress bar on stderr (a terminal shows the bar; a log gets the label once)."""
-    with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True,
-                           item_show_func=lambda item: None if item is None else str(item)) as bar:
+    with click.progressbar(
+        items,
+        length=length,
+        label=label,
+        file=sys.stderr,
+        show_pos=True,
+        item_show_func=lambda item: None if item is None else str(item),
+    ) as bar:
         yield from bar
 
 

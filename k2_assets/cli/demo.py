@@ -28,7 +28,9 @@ def demo(host: str, port: int, regenerate: bool, symbols: str, rate: float) -> i
 
 
 @click.command("demo-data")
-@click.option("--out", type=click.Path(path_type=Path), help="directory to write asx/ and binance/ into  [default: $K2_HOME/data]")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="directory to write asx/ and binance/ into  [default: $K2_HOME/data]"
+)
 @click.option("--seed", default=7, show_default=True, help="random seed of the generator")
 @click.option("--asx-start", type=DATE, default="2014-03-10", show_default=True, help="first ASX session")
 @click.option("--asx-days", default=5, show_default=True, help="ASX sessions (weekdays) to write")
@@ -36,15 +38,31 @@ def demo(host: str, port: int, regenerate: bool, symbols: str, rate: float) -> i
 @click.option("--binance-rows-per-day", default=20_000, show_default=True, help="Binance trades per symbol and day")
 @click.option("--bad-row-rate", default=0.001, show_default=True, help="share of deliberately bad rows")
 @click.option("--json", "as_json", is_flag=True, help="print the generator's summary (every file, its rows and bad rows) as JSON")
-def demo_data(out: Path | None, seed: int, asx_start: date, asx_days: int, binance_dates: str, binance_rows_per_day: int,
-              bad_row_rate: float, as_json: bool) -> None:
+def demo_data(
+    out: Path | None,
+    seed: int,
+    asx_start: date,
+    asx_days: int,
+    binance_dates: str,
+    binance_rows_per_day: int,
+    bad_row_rate: float,
+    as_json: bool,
+) -> None:
     """Write the demo vendor files (ASX CSVs, Binance dumps) in exactly the vendors' formats."""
     try:
         days = [date.fromisoformat(d.strip()) for d in binance_dates.split(",") if d.strip()]
     except ValueError:
         raise UserError(f"--binance-dates must be comma-separated YYYY-MM-DD dates, not {binance_dates!r}") from None
-    _write_demo_data(out or settings().home / "data", seed=seed, asx_start=asx_start, asx_days=asx_days, binance_dates=days,
-                     binance_rows_per_day=binance_rows_per_day, bad_row_rate=bad_row_rate, as_json=as_json)
+    _write_demo_data(
+        out or settings().home / "data",
+        seed=seed,
+        asx_start=asx_start,
+        asx_days=asx_days,
+        binance_dates=days,
+        binance_rows_per_day=binance_rows_per_day,
+        bad_row_rate=bad_row_rate,
+        as_json=as_json,
+    )
 
 
 def _write_demo_data(out: Path, as_json: bool = False, **options) -> None:
@@ -55,7 +73,10 @@ def _write_demo_data(out: Path, as_json: bool = False, **options) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(f"k2: {summary['total_rows']:,} rows in {len(summary['files'])} files ({summary['total_bad_rows']} deliberately bad rows)")
+        click.echo(
+            f"k2: {summary['total_rows']:,} rows in {len(summary['files'])} files "
+            f"({summary['total_bad_rows']} deliberately bad rows)"
+        )
 
 
 def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols: str, rate: float) -> int:
@@ -63,7 +84,9 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
 
     data_dir = settings.home / "data"
     defaults = (settings.asx_data_dir == data_dir / "asx", settings.binance_history_dir == data_dir / "binance")
-    missing = not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists() or not settings.binance_history_dir.is_dir()
+    missing = (
+        not (settings.asx_data_dir / "reference-data" / "company_info.csv").exists() or not settings.binance_history_dir.is_dir()
+    )
     if regenerate or (missing and any(defaults)):
         _write_demo_data(data_dir, seed=7)
     for path, name in ((settings.asx_data_dir, "K2_ASX_DATA_DIR"), (settings.binance_history_dir, "K2_BINANCE_HISTORY_DIR")):
@@ -81,15 +104,33 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
             processes.start("broker", "the embedded broker", [*k2, "broker", "--port", str(broker_port)])
             _wait_for_port(broker_port, "the embedded Kafka broker")
         feed_port = free_port()
-        processes.start("feed", "the local Binance feed", [*k2, "feed", "--random-walk", symbols, "--port", str(feed_port), "--rate", str(rate)])
+        processes.start(
+            "feed",
+            "the local Binance feed",
+            [*k2, "feed", "--random-walk", symbols, "--port", str(feed_port), "--rate", str(rate)],
+        )
         _wait_for_port(feed_port, "the local Binance feed")
         if os.environ.get("K2_BINANCE_REST_URL", DEFAULTS["K2_BINANCE_REST_URL"]) == DEFAULTS["K2_BINANCE_REST_URL"]:
             os.environ["K2_BINANCE_REST_URL"] = f"http://127.0.0.1:{feed_port}"  # gap repair asks the local exchange
-        processes.start("producer", "the producer", [*k2, "stream", "binance", "--symbols", symbols, "--url", f"ws://127.0.0.1:{feed_port}"])
-        print(f"k2: live trades {symbols} from the local feed on ws://127.0.0.1:{feed_port} into Kafka at "
-              f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}", flush=True)
+        processes.start(
+            "producer", "the producer", [*k2, "stream", "binance", "--symbols", symbols, "--url", f"ws://127.0.0.1:{feed_port}"]
+        )
+        print(
+            f"k2: live trades {symbols} from the local feed on ws://127.0.0.1:{feed_port} into Kafka at "
+            f"{os.environ['K2_KAFKA_BOOTSTRAP']}; logs in {logs}",
+            flush=True,
+        )
         print(f"k2: Dagster UI on http://{host}:{port} (Ctrl-C stops everything)", flush=True)
-        dagster_dev = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host, "-p", str(port)]
+        dagster_dev = [
+            str(Path(sys.executable).with_name("dagster")),
+            "dev",
+            "-w",
+            str(PROJECT_DIR / "workspace.yaml"),
+            "-h",
+            host,
+            "-p",
+            str(port),
+        ]
         processes.start("dagster", "dagster dev (webserver, daemon, code server, runs)", dagster_dev, log=False, cwd=home)
     except KeyboardInterrupt:
         processes.stop("Ctrl-C while starting")
@@ -111,5 +152,3 @@ def _wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not start listening on 127.0.0.1:{port}")
-
-

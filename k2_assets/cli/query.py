@@ -15,10 +15,12 @@ from k2_assets.core.schemas import INTERVALS
 
 def _options(*options):
     """Apply click options in the order listed (decorators apply bottom-up)."""
+
     def apply(command):
         for option in reversed(options):
             command = option(command)
         return command
+
     return apply
 
 
@@ -31,10 +33,17 @@ _ranged = _options(
     click.option("--columns", help="comma-separated column names  [default: the usual columns]"),
 )
 _common = _options(
-    click.option("--as-of", help="a snapshot id, or a time (ISO 8601, UTC unless an offset is given)  [default: the current snapshot]"),
+    click.option(
+        "--as-of", help="a snapshot id, or a time (ISO 8601, UTC unless an offset is given)  [default: the current snapshot]"
+    ),
     click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="output format"),
-    click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
-                 help="seconds a query may run before it is cancelled"),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="seconds a query may run before it is cancelled",
+    ),
     click.option("--memory-limit", default="1GB", show_default=True, help="DuckDB's memory ceiling, e.g. 512MB"),
 )
 
@@ -50,11 +59,26 @@ def query() -> None:
 @_ranged
 @click.option("--limit", type=int, default=1_000, show_default=True, help="most rows to print (1..100,000)")
 @_common
-def trades(exchange: str | None, symbol: str | None, start: str | None, end: str | None, trade_date: date | None,
-           columns: str | None, limit: int, as_of: str | None, fmt: str, timeout: float, memory_limit: str) -> None:
+def trades(
+    exchange: str | None,
+    symbol: str | None,
+    start: str | None,
+    end: str | None,
+    trade_date: date | None,
+    columns: str | None,
+    limit: int,
+    as_of: str | None,
+    fmt: str,
+    timeout: float,
+    memory_limit: str,
+) -> None:
     """Trades with exchange time in [--start, --end), oldest first."""
-    _run(lambda engine: engine.trades(exchange, symbol, start, end, as_of, limit, trade_date=trade_date, columns=columns),
-         fmt, timeout, memory_limit)
+    _run(
+        lambda engine: engine.trades(exchange, symbol, start, end, as_of, limit, trade_date=trade_date, columns=columns),
+        fmt,
+        timeout,
+        memory_limit,
+    )
 
 
 @query.command("bars")
@@ -62,11 +86,27 @@ def trades(exchange: str | None, symbol: str | None, start: str | None, end: str
 @click.option("--interval", default="1m", show_default=True, help=f"bar interval: {', '.join(INTERVALS)}")
 @click.option("--limit", type=int, default=10_000, show_default=True, help="most rows to print (1..100,000)")
 @_common
-def bars(exchange: str | None, symbol: str | None, start: str | None, end: str | None, trade_date: date | None,
-         columns: str | None, interval: str, limit: int, as_of: str | None, fmt: str, timeout: float, memory_limit: str) -> None:
+def bars(
+    exchange: str | None,
+    symbol: str | None,
+    start: str | None,
+    end: str | None,
+    trade_date: date | None,
+    columns: str | None,
+    interval: str,
+    limit: int,
+    as_of: str | None,
+    fmt: str,
+    timeout: float,
+    memory_limit: str,
+) -> None:
     """OHLCV bars with bar_start in [--start, --end), oldest first."""
-    _run(lambda engine: engine.bars(interval, exchange, symbol, start, end, as_of, limit, trade_date=trade_date, columns=columns),
-         fmt, timeout, memory_limit)
+    _run(
+        lambda engine: engine.bars(interval, exchange, symbol, start, end, as_of, limit, trade_date=trade_date, columns=columns),
+        fmt,
+        timeout,
+        memory_limit,
+    )
 
 
 @query.command("symbols")
@@ -84,11 +124,23 @@ def symbols(exchange: str | None, table: str, as_of: str | None, fmt: str, timeo
 @click.option("--start-date", required=True, type=DATE, help="first session date")
 @click.option("--end-date", required=True, type=DATE, help="last session date, inclusive")
 @_common
-def summary(exchange: str | None, symbol: str | None, start_date: date, end_date: date, as_of: str | None, fmt: str,
-            timeout: float, memory_limit: str) -> None:
+def summary(
+    exchange: str | None,
+    symbol: str | None,
+    start_date: date,
+    end_date: date,
+    as_of: str | None,
+    fmt: str,
+    timeout: float,
+    memory_limit: str,
+) -> None:
     """Per session date and symbol: trades, volume, first and last time, open, high, low and close."""
-    _run(lambda engine: engine.daily_summary(exchange, symbol, start_date=start_date, end_date=end_date, as_of=as_of),
-         fmt, timeout, memory_limit)
+    _run(
+        lambda engine: engine.daily_summary(exchange, symbol, start_date=start_date, end_date=end_date, as_of=as_of),
+        fmt,
+        timeout,
+        memory_limit,
+    )
 
 
 def _run(ask: Callable, fmt: str, timeout: float, memory_limit: str) -> None:
@@ -99,8 +151,9 @@ def _run(ask: Callable, fmt: str, timeout: float, memory_limit: str) -> None:
 
     config = settings()
     try:
-        with QueryEngine(catalog.open_catalog(config.catalog_uri, config.warehouse), timeout_s=timeout,
-                         memory_limit=memory_limit, refresh_ms=0) as engine:
+        with QueryEngine(
+            catalog.open_catalog(config.catalog_uri, config.warehouse), timeout_s=timeout, memory_limit=memory_limit, refresh_ms=0
+        ) as engine:
             result = ask(engine)
     except ValueError as exc:  # a QueryError, or a library's complaint about a value the user gave
         raise UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

@@ -22,7 +22,9 @@ COLUMNS = ["exchange_timestamp", "symbol", "source_sequence", "side", "price", "
 @click.option("--topic", default="market.crypto.trades.binance", show_default=True)
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option("--every", default=0.0, help="ask again every SECONDS from one Kafka reader, until Ctrl-C")
-def recent(symbol: str, minutes: float, fmt: str, limit: int, until: datetime | None, topic: str, bootstrap: str, every: float) -> None:
+def recent(
+    symbol: str, minutes: float, fmt: str, limit: int, until: datetime | None, topic: str, bootstrap: str, every: float
+) -> None:
     """A symbol's trades of the last N minutes: market.trades plus the Kafka tail, deduplicated."""
     from k2_assets.core import catalog
     from k2_assets.core.recent import RecentTrades, recent_trades

@@ -19,12 +19,16 @@ def report() -> None:
 
 
 def _range_options(command):
-    for option in reversed((
-        click.option("--start", required=True, type=DATE, help="first partition (session date)"),
-        click.option("--end", required=True, type=DATE, help="last partition (session date), inclusive"),
-        click.option("--format", "fmt", type=FORMATS, default="html", show_default=True),
-        click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="file to write  [default: standard output]"),
-    )):
+    for option in reversed(
+        (
+            click.option("--start", required=True, type=DATE, help="first partition (session date)"),
+            click.option("--end", required=True, type=DATE, help="last partition (session date), inclusive"),
+            click.option("--format", "fmt", type=FORMATS, default="html", show_default=True),
+            click.option(
+                "--out", type=click.Path(dir_okay=False, path_type=Path), help="file to write  [default: standard output]"
+            ),
+        )
+    ):
         command = option(command)
     return command
 
@@ -41,7 +45,9 @@ def checks(start: date, end: date, fmt: str, out: Path | None) -> None:
     with dagster_instance() as instance:
         rows = reports.collect(instance, start, end, track=lambda records: progress(records, "check evaluations"))
     said = f"{len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed)"
-    _write(reports.render(rows, fmt, start, end, files), out, said + (f" and {len(files)} vendor files" if files is not None else ""))
+    _write(
+        reports.render(rows, fmt, start, end, files), out, said + (f" and {len(files)} vendor files" if files is not None else "")
+    )
 
 
 @report.command("files")
@@ -52,7 +58,11 @@ def files(start: date, end: date, fmt: str, out: Path | None) -> None:
 
     date_range(start, end)
     rows = _files(start, end)
-    _write(reports.render_files(rows, fmt, start, end), out, f"{len(rows)} vendor files ({sum(bool(f.file_error) for f in rows)} unreadable)")
+    _write(
+        reports.render_files(rows, fmt, start, end),
+        out,
+        f"{len(rows)} vendor files ({sum(bool(f.file_error) for f in rows)} unreadable)",
+    )
 
 
 def _files(start: date, end: date) -> list:
@@ -60,7 +70,9 @@ def _files(start: date, end: date) -> list:
     from k2_assets.core import catalog
 
     config = settings()
-    return reports.collect_files(catalog.ensure_table(catalog.open_catalog(config.catalog_uri, config.warehouse), "source_files"), start, end)
+    return reports.collect_files(
+        catalog.ensure_table(catalog.open_catalog(config.catalog_uri, config.warehouse), "source_files"), start, end
+    )
 
 
 def _write(text: str, out: Path | None, said: str) -> None:

@@ -16,10 +16,15 @@ def stream() -> None:
 @click.option("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT,BNBUSDT")
 @click.option("--url", default=default("binance_ws_url"), help="stream base URL  [default: K2_BINANCE_WS_URL]")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
-@click.option("--partitions", type=click.IntRange(min=1), default=3, show_default=True,
-              help="partitions of the topic if K2 creates it")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=default("producer_metrics_port"),
-              help="serve Prometheus /metrics on PORT (0: off)  [default: K2_PRODUCER_METRICS_PORT]")
+@click.option(
+    "--partitions", type=click.IntRange(min=1), default=3, show_default=True, help="partitions of the topic if K2 creates it"
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=default("producer_metrics_port"),
+    help="serve Prometheus /metrics on PORT (0: off)  [default: K2_PRODUCER_METRICS_PORT]",
+)
 def binance(symbols: str, url: str, bootstrap: str, partitions: int, metrics_port: int) -> None:
     """Binance's trade stream into Kafka.
 
@@ -46,8 +51,9 @@ def binance(symbols: str, url: str, bootstrap: str, partitions: int, metrics_por
         get_logger(LOGGER).info("metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
 
     async def run() -> None:
-        Stopper("k2 stream binance", f"the stream of {symbols} (flushing what Kafka has not acknowledged)",
-                producer.stop).install(asyncio.get_running_loop())
+        Stopper(
+            "k2 stream binance", f"the stream of {symbols} (flushing what Kafka has not acknowledged)", producer.stop
+        ).install(asyncio.get_running_loop())
         await producer.run()
 
     asyncio.run(run())

@@ -25,24 +25,42 @@ log = logging.getLogger("k2.writer")
 
 @click.command("writer")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
-@click.option("--topic", default="market.crypto.trades.binance", show_default=True,
-              help="the trades topic (its dead letters are TOPIC.dlq)")
-@click.option("--seconds", type=click.FloatRange(min=0), default=float("inf"),
-              help="stop after this long  [default: until stopped]")
-@click.option("--max-batch-rows", type=click.IntRange(min=1), default=250_000, show_default=True,
-              help="messages in one micro-batch at most")
-@click.option("--session-timeout-ms", type=int, default=default("kafka_session_timeout_ms"),
-              help="how long a dead or paused writer keeps its partitions (the broker's minimum or more)  "
-                   "[default: K2_KAFKA_SESSION_TIMEOUT_MS]")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=default("writer_metrics_port"),
-              help="serve Prometheus /metrics on PORT (0: off)  [default: K2_WRITER_METRICS_PORT]")
+@click.option(
+    "--topic", default="market.crypto.trades.binance", show_default=True, help="the trades topic (its dead letters are TOPIC.dlq)"
+)
+@click.option(
+    "--seconds", type=click.FloatRange(min=0), default=float("inf"), help="stop after this long  [default: until stopped]"
+)
+@click.option(
+    "--max-batch-rows", type=click.IntRange(min=1), default=250_000, show_default=True, help="messages in one micro-batch at most"
+)
+@click.option(
+    "--session-timeout-ms",
+    type=int,
+    default=default("kafka_session_timeout_ms"),
+    help="how long a dead or paused writer keeps its partitions (the broker's minimum or more)  "
+    "[default: K2_KAFKA_SESSION_TIMEOUT_MS]",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=default("writer_metrics_port"),
+    help="serve Prometheus /metrics on PORT (0: off)  [default: K2_WRITER_METRICS_PORT]",
+)
 def writer(bootstrap: str, topic: str, seconds: float, max_batch_rows: int, session_timeout_ms: int, metrics_port: int) -> int:
     """Drain the topic into market.trades until interrupted (or --seconds), beside any other writers."""
     return run(bootstrap, topic, seconds, max_batch_rows, session_timeout_ms, metrics_port)
 
 
-def run(bootstrap: str, topic: str, seconds: float, max_batch_rows: int, session_timeout_ms: int, metrics_port: int,
-        stage_hook: StageHook | None = None) -> int:
+def run(
+    bootstrap: str,
+    topic: str,
+    seconds: float,
+    max_batch_rows: int,
+    session_timeout_ms: int,
+    metrics_port: int,
+    stage_hook: StageHook | None = None,
+) -> int:
     """`k2 writer`'s work, with LiveWriter's optional stage_hook; a writer that meets an error is rebuilt from the table."""
     from k2_assets.core import catalog
     from k2_assets.core.live_writer import LiveWriter
@@ -68,15 +86,25 @@ def run(bootstrap: str, topic: str, seconds: float, max_batch_rows: int, session
         if live is not None:
             live.stop()
 
-    Stopper("k2 writer", f"the writer of {topic} (a batch being committed finishes; the next writer resumes after it)",
-            stop).install()
+    Stopper(
+        "k2 writer", f"the writer of {topic} (a batch being committed finishes; the next writer resumes after it)", stop
+    ).install()
 
     while not stopping.is_set() and time.monotonic() < deadline:
         try:
             if live is None:
                 tables = [catalog.ensure_table(cat, name) for name in ("trades", "rejected", "sequence_gaps")]
-                live = LiveWriter(tables[0], tables[1], bootstrap, topic=topic, max_batch_rows=max_batch_rows, metrics=metrics,
-                                  gaps=tables[2], session_timeout_ms=session_timeout_ms, stage_hook=stage_hook)
+                live = LiveWriter(
+                    tables[0],
+                    tables[1],
+                    bootstrap,
+                    topic=topic,
+                    max_batch_rows=max_batch_rows,
+                    metrics=metrics,
+                    gaps=tables[2],
+                    session_timeout_ms=session_timeout_ms,
+                    stage_hook=stage_hook,
+                )
                 _say({"ready": True, "resume_offsets": live.position})
             live.drain(min(5.0, max(0.0, deadline - time.monotonic())), on_batch=_report)
             live.reconcile_gaps(detected_by="k2_writer")
@@ -95,8 +123,15 @@ def run(bootstrap: str, topic: str, seconds: float, max_batch_rows: int, session
 
 
 def _report(batch: BatchReport) -> None:
-    _say({"written": batch.written, "rejected": batch.rejected, "duplicates": batch.duplicates, "snapshot_id": batch.snapshot_id,
-          "offsets": batch.offset_ranges})
+    _say(
+        {
+            "written": batch.written,
+            "rejected": batch.rejected,
+            "duplicates": batch.duplicates,
+            "snapshot_id": batch.snapshot_id,
+            "offsets": batch.offset_ranges,
+        }
+    )
 
 
 def _say(line: dict) -> None:

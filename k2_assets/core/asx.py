@@ -111,7 +111,10 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
         if n:
             columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
             ymd = session_date.strftime("%Y%m%d")
-            constant = lambda value: pa.repeat(pa.scalar(value, pa.string()), n)  # noqa: E731
+
+            def constant(value, n: int = n) -> pa.Array:
+                return pa.repeat(pa.scalar(value, pa.string()), n)
+
             columns.update(
                 exchange=constant(EXCHANGE),
                 symbol=constant(company.symbol),
@@ -147,7 +150,7 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
     return Batch(rows_table, pa.concat_tables(rejects), files)
 
 
-def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[SourceFile, "_Decoded | None"]:
+def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[SourceFile, _Decoded | None]:
     """The file's ledger entry, and its decode unless it cannot be read at all (then the entry says why)."""
     ledger = describe(path, rel)
     if ledger.error is None and ledger.size == 0:

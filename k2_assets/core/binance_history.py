@@ -2,7 +2,8 @@
 
 Files in the history directory (any depth), as Binance publishes them or redistributed:
     SYMBOL-trades-YYYY-MM-DD[suffix].csv|.zip      trade_id,price,qty,quote_qty,time,is_buyer_maker[,is_best_match]
-    SYMBOL-aggTrades-YYYY-MM-DD[suffix].csv|.zip   agg_trade_id,price,quantity,first_trade_id,last_trade_id,time,is_buyer_maker[,is_best_match]
+    SYMBOL-aggTrades-YYYY-MM-DD[suffix].csv|.zip   agg_trade_id,price,quantity,first_trade_id,last_trade_id,time,
+                                                   is_buyer_maker[,is_best_match]
 with or without a header line. Times are epoch milliseconds before 2025-01-01 and microseconds from
 then on (Binance switched the spot dumps); each value is judged on its own magnitude.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 import zipfile
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ EXCHANGE = "BINANCE"
 HEADER_FIRST_COLUMNS = {"id", "trade_id", "agg_trade_id", "a"}  # a first line that starts so is the header
 FIRST_DAY = date(2017, 7, 14)  # Binance's first trading day, the first partition (binance_days)
 KLINES_PATTERN = re.compile(r"^[A-Z0-9]+-\d+[smhdwM]-\d{4}-\d{2}-\d{2}.*\.(csv|zip)$")
-FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$")
+FILE_PATTERN = re.compile(
+    r"^(?P<symbol>[A-Z0-9]+)-(?P<kind>trades|aggTrades)-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(?P<ext>csv|zip)$"
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,9 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
             if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
                 # Both kinds of one symbol-day hold the same volume: the raw trades are loaded, these lines are theirs.
                 ledger.read = ledger.duplicates = len(lines)
-                notes.append(f"{ledger.path}: {len(lines)} lines skipped, raw trades for {dump.symbol} on {day} are loaded instead")
+                notes.append(
+                    f"{ledger.path}: {len(lines)} lines skipped, raw trades for {dump.symbol} on {day} are loaded instead"
+                )
                 continue
             rows, table = _decode(dump, lines, first_row, day, ledger.path, now)
         except Exception as exc:  # noqa: BLE001 - one file that cannot be read must not stop the others
@@ -122,8 +127,14 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         rejected = rows.rejected()
         rejects.append(
             decode.rejected_table(
-                rows, rejected, source=source, partition_date=day, exchange=EXCHANGE, symbol=dump.symbol,
-                source_file=ledger.path, rejected_at=now,
+                rows,
+                rejected,
+                source=source,
+                partition_date=day,
+                exchange=EXCHANGE,
+                symbol=dump.symbol,
+                source_file=ledger.path,
+                rejected_at=now,
                 # A rejected row whose id is readable explains that id's absence from the table.
                 sequences=_rejected_ids(rows, rejected),
             )
@@ -164,7 +175,7 @@ def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
     same = pc.equal(content(pos), content(first)).to_numpy(zero_copy_only=False)
     keep = np.ones(total, dtype=bool)
     keep[pos] = False
-    for f, (_, ledger, rows, table) in enumerate(decoded):
+    for f, (_, ledger, rows, _table) in enumerate(decoded):
         mine = owner[pos] == f
         exact, conflicting = int((mine & same).sum()), mine & ~same
         ledger.written -= int(mine.sum())
@@ -174,12 +185,15 @@ def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
             continue
         at, was = pos[conflicting], first[conflicting]
         lines = column("source_row", at).to_pylist()
-        reasons = [f"trade id {trade_id} appears again with other values (first at {decoded[g][1].path} line {line})"
-                   for trade_id, g, line in zip(column("trade_id", at).to_pylist(), owner[was].tolist(),
-                                                column("source_row", was).to_pylist())]
+        reasons = [
+            f"trade id {trade_id} appears again with other values (first at {decoded[g][1].path} line {line})"
+            for trade_id, g, line in zip(
+                column("trade_id", at).to_pylist(), owner[was].tolist(), column("source_row", was).to_pylist()
+            )
+        ]
         mask = pc.is_in(rows.line_numbers, pa.array(lines, pa.int64()))  # ascending, as `lines` is
         rows.reject(mask, pc.replace_with_mask(pa.nulls(len(rows), pa.string()), mask, pa.array(reasons, pa.string())))
-    return [pa.array(keep[s:s + n]) for s, n in zip(starts, sizes)]
+    return [pa.array(keep[s : s + n]) for s, n in zip(starts, sizes)]
 
 
 def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
@@ -221,7 +235,7 @@ def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel:
     epoch = rows.integer(time_s, "time")
     micros = pc.if_else(pc.greater_equal(epoch, MICROS_FROM), epoch, pc.multiply(epoch, 1000))
     ts = pc.cast(micros, pa.timestamp("us", tz="UTC"))
-    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     outside = pc.or_(pc.less(ts, pa.scalar(start, ts.type)), pc.greater_equal(ts, pa.scalar(start + timedelta(days=1), ts.type)))
     rows.reject(outside, "time ", time_s, f" is outside the UTC day {day}")
     maker = pc.utf8_lower(maker_s)
@@ -234,7 +248,11 @@ def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel:
         first_id = rows.integer(first_s, "first_trade_id")
         last_id = rows.integer(last_s, "last_trade_id")
         vendor_keys += ["record_type", "first_trade_id", "last_trade_id"]
-        vendor_cols += [pa.repeat(pa.scalar("aggTrade"), len(rows)), pc.cast(first_id, pa.string()), pc.cast(last_id, pa.string())]
+        vendor_cols += [
+            pa.repeat(pa.scalar("aggTrade"), len(rows)),
+            pc.cast(first_id, pa.string()),
+            pc.cast(last_id, pa.string()),
+        ]
     if best_s is not None:
         vendor_keys.append("is_best_match")
         vendor_cols.append(best_s)

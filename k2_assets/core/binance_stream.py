@@ -55,11 +55,20 @@ def _event(name: str, **fields) -> None:
 class BinanceProducer:
     """One WebSocket connection at a time into one Kafka producer."""
 
-    def __init__(self, symbols: list[str], bootstrap: str, *, base_url: str = BINANCE_WS_URL,
-                 topic: str = live_codec.TOPIC, dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 max_connection_seconds: float = MAX_CONNECTION_SECONDS, metrics: ProducerMetrics | None = None,
-                 statistics_interval_ms: int = 5000):
+    def __init__(
+        self,
+        symbols: list[str],
+        bootstrap: str,
+        *,
+        base_url: str = BINANCE_WS_URL,
+        topic: str = live_codec.TOPIC,
+        dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        max_connection_seconds: float = MAX_CONNECTION_SECONDS,
+        metrics: ProducerMetrics | None = None,
+        statistics_interval_ms: int = 5000,
+    ):
         if not symbols:
             raise ValueError("at least one symbol is required")
         self.symbols = [s.upper() for s in symbols]
@@ -75,9 +84,17 @@ class BinanceProducer:
         self._published = {"received": 0, "dead_lettered": 0}
         self._published_us = 0
         # producer_config asks for delivery reports of failures only; _delivered gets those.
-        self.producer = Producer(producer_config(bootstrap, **{"error_cb": self._on_error, "on_delivery": self._delivered,
-                                                               "stats_cb": self._on_statistics,
-                                                               "statistics.interval.ms": statistics_interval_ms}))
+        self.producer = Producer(
+            producer_config(
+                bootstrap,
+                **{
+                    "error_cb": self._on_error,
+                    "on_delivery": self._delivered,
+                    "stats_cb": self._on_statistics,
+                    "statistics.interval.ms": statistics_interval_ms,
+                },
+            )
+        )
         self.stop_event = asyncio.Event()
         self._ws = None
 
@@ -103,8 +120,9 @@ class BinanceProducer:
             trade = live_codec.trade_from_event(event, ingest_us)
         except live_codec.InvalidEvent as exc:
             stats.dead_lettered += 1
-            self._produce(self.dead_letter_topic, None, raw_bytes,
-                          [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())])
+            self._produce(
+                self.dead_letter_topic, None, raw_bytes, [("k2-reason", str(exc).encode()), ("k2-source", self.url.encode())]
+            )
             self.publish_metrics()
             return
         symbol, trade_id = trade["symbol"], trade["source_sequence"]
@@ -165,8 +183,13 @@ class BinanceProducer:
             self.stats.reconnects += 1
             self.metrics.reconnects.inc()
             self.publish_metrics()
-            _event("reconnect", reason=reason, attempt=attempt, delay_seconds=round(delay, 3),
-                   last_trade_id=dict(self.stats.last_trade_id))
+            _event(
+                "reconnect",
+                reason=reason,
+                attempt=attempt,
+                delay_seconds=round(delay, 3),
+                last_trade_id=dict(self.stats.last_trade_id),
+            )
             try:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
             except TimeoutError:
@@ -198,5 +221,10 @@ class BinanceProducer:
     def close(self, timeout: float = 5.0) -> None:  # inside the 10 s a Ctrl-C may take; what is left is counted
         remaining = self.producer.flush(timeout)
         self.publish_metrics()
-        _event("stopped", produced=self.stats.produced, dead_lettered=self.stats.dead_lettered,
-               unflushed=remaining, last_trade_id=dict(self.stats.last_trade_id))
+        _event(
+            "stopped",
+            produced=self.stats.produced,
+            dead_lettered=self.stats.dead_lettered,
+            unflushed=remaining,
+            last_trade_id=dict(self.stats.last_trade_id),
+        )

@@ -54,8 +54,12 @@ def open_catalog(uri: str, warehouse: str) -> Catalog:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if warehouse.startswith("file://"):
         Path(urlparse(warehouse).path).mkdir(parents=True, exist_ok=True)
-    properties = {"uri": uri, "warehouse": warehouse}
-    # Object-store credentials come from the environment only.
+    return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+
+
+def object_store_properties() -> dict[str, str]:
+    """The S3 properties of the warehouse: credentials and endpoint come from the environment only."""
+    properties = {}
     for env_name, prop in (
         ("K2_S3_ENDPOINT", "s3.endpoint"),
         ("AWS_ACCESS_KEY_ID", "s3.access-key-id"),
@@ -64,7 +68,7 @@ def open_catalog(uri: str, warehouse: str) -> Catalog:
     ):
         if os.environ.get(env_name):
             properties[prop] = os.environ[env_name]
-    return SqlCatalog("k2", **properties)
+    return properties
 
 
 def table_identifier(name: str) -> str:
@@ -88,7 +92,9 @@ def ensure_table(catalog: Catalog, name: str) -> Table:
             for i, col in enumerate(definition.partition_by)
         )
     )
-    order = SortOrder(*(SortField(source_id=schema.find_field(col).field_id, transform=IdentityTransform()) for col in definition.sort_by))
+    order = SortOrder(
+        *(SortField(source_id=schema.find_field(col).field_id, transform=IdentityTransform()) for col in definition.sort_by)
+    )
     try:
         catalog.create_namespace(NAMESPACE)
     except NamespaceAlreadyExistsError:

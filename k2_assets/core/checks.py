@@ -7,12 +7,11 @@ which is the asset check's name in the UI and in compliance reports.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
-
-import os
 
 import pandas as pd
 
@@ -105,9 +104,7 @@ def schema(kind: str, exchange: str, session_date: date) -> pa.DataFrameSchema:
         "exchange": pa.Column(checks=pa.Check(lambda s: s.isin(list(EXCHANGES)), name="known_exchange")),
         "currency": pa.Column(checks=pa.Check(lambda s: s.isin(list(CURRENCIES)), name="known_currency")),
         "trade_date": pa.Column(checks=pa.Check(lambda s: s == session_date, name="trade_date_is_partition")),
-        "exchange_timestamp": pa.Column(
-            checks=pa.Check(lambda s: (s >= start) & (s < end), name="timestamp_in_session")
-        ),
+        "exchange_timestamp": pa.Column(checks=pa.Check(lambda s: (s >= start) & (s < end), name="timestamp_in_session")),
     }
     if kind == "trades":
         columns = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -67,9 +67,12 @@ class Lines:
     def __len__(self) -> int:
         return len(self.text)
 
-    def slice(self, start: int) -> "Lines":
-        return Lines(self.text.slice(start), None if self.raw is None else self.raw.slice(start),
-                     None if self.undecodable is None else self.undecodable.slice(start))
+    def slice(self, start: int) -> Lines:
+        return Lines(
+            self.text.slice(start),
+            None if self.raw is None else self.raw.slice(start),
+            None if self.undecodable is None else self.undecodable.slice(start),
+        )
 
 
 def read_lines(data: bytes) -> Lines:
@@ -108,8 +111,10 @@ class Batch:
             raise AssertionError(f"lines do not reconcile in {unbalanced}")
         failed = sum(f.error is not None for f in self.files)
         if self.read + failed != self.rows.num_rows + self.rejected.num_rows + self.duplicates:
-            raise AssertionError(f"counts do not reconcile: read {self.read} + {failed} unreadable files != "
-                                 f"{self.rows.num_rows} + {self.rejected.num_rows} + {self.duplicates} duplicates")
+            raise AssertionError(
+                f"counts do not reconcile: read {self.read} + {failed} unreadable files != "
+                f"{self.rows.num_rows} + {self.rejected.num_rows} + {self.duplicates} duplicates"
+            )
 
     @property
     def read(self) -> int:
@@ -138,7 +143,7 @@ class Rows:
         self.fields = [pc.list_element(split, i) for i in range(n_fields)]
 
     @classmethod
-    def parse(cls, data: bytes, n_fields: int) -> "Rows":
+    def parse(cls, data: bytes, n_fields: int) -> Rows:
         """Split a headerless file with Arrow's CSV reader; any odd row sends the whole file down the
         line-by-line path, which gives every row its exact reason and line number."""
         names = [f"f{i}" for i in range(n_fields)]
@@ -160,8 +165,10 @@ class Rows:
             )
         except pa.ArrowInvalid:
             odd.append(None)
-        if odd or table.num_rows != data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1) or (
-            table.num_rows and pc.any(pc.equal(table.column(0), "")).as_py()
+        if (
+            odd
+            or table.num_rows != data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+            or (table.num_rows and pc.any(pc.equal(table.column(0), "")).as_py())
         ):
             return cls(read_lines(data), n_fields)
         rows = object.__new__(cls)
@@ -185,7 +192,7 @@ class Rows:
         self._lines = value
 
     @classmethod
-    def from_reasons(cls, reasons: pa.Array) -> "Rows":
+    def from_reasons(cls, reasons: pa.Array) -> Rows:
         """Rows already parsed elsewhere (e.g. JSON messages): only their reasons are tracked here."""
         rows = object.__new__(cls)
         rows.lines = pa.nulls(len(reasons), pa.string())
@@ -199,7 +206,7 @@ class Rows:
     def __len__(self) -> int:
         return len(self.reasons)
 
-    def take(self, indices: pa.Array) -> "Rows":
+    def take(self, indices: pa.Array) -> Rows:
         """The subset of rows at `indices`, keeping line numbers and reasons."""
         subset = object.__new__(Rows)
         subset._lines = None if self._lines is None else pc.take(self._lines, indices)
@@ -232,8 +239,10 @@ class Rows:
         if len(where) == 0:
             return
         parts = [p if isinstance(p, str) else pc.take(p, where) for p in message]
-        text = pc.binary_join_element_wise(*parts, "") if len(parts) > 1 else (
-            pa.array([parts[0]] * len(where), pa.string()) if isinstance(parts[0], str) else parts[0]
+        text = (
+            pc.binary_join_element_wise(*parts, "")
+            if len(parts) > 1
+            else (pa.array([parts[0]] * len(where), pa.string()) if isinstance(parts[0], str) else parts[0])
         )
         self.reasons = pc.replace_with_mask(self.reasons, fresh, pc.cast(text, pa.string()))
 
@@ -275,13 +284,19 @@ def _decimal_unique(values: pa.StringArray, name: str, positive: bool) -> tuple[
         nonlocal reasons
         reasons = pc.if_else(pc.and_(pc.fill_null(mask, True), pc.is_null(reasons)), reason, reasons)
 
-    first(pc.invert(pc.match_substring_regex(values, NUMBER_PATTERN)), pc.binary_join_element_wise(f"{name} '", values, "' is not a number", ""))
+    first(
+        pc.invert(pc.match_substring_regex(values, NUMBER_PATTERN)),
+        pc.binary_join_element_wise(f"{name} '", values, "' is not a number", ""),
+    )
     first(pc.starts_with(values, "-"), pc.binary_join_element_wise(f"{name} ", values, " is negative", ""))
     fits = pc.match_substring_regex(values, DECIMAL_PATTERN)
     first(pc.invert(fits), pc.binary_join_element_wise(f"{name} ", values, " does not fit decimal(18,8) without rounding", ""))
     parsed = pc.cast(pc.if_else(fits, values, "0"), DECIMAL)
     if positive:
-        first(pc.less_equal(parsed, pa.scalar(0, DECIMAL)), pc.binary_join_element_wise(f"{name} ", values, " must be greater than zero", ""))
+        first(
+            pc.less_equal(parsed, pa.scalar(0, DECIMAL)),
+            pc.binary_join_element_wise(f"{name} ", values, " must be greater than zero", ""),
+        )
     return reasons, parsed
 
 
@@ -344,7 +359,7 @@ def local_to_utc(dates: pa.Array, clock_micros: pa.Array, tz: str) -> pa.Array:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rejected_table(

@@ -10,13 +10,14 @@ from datetime import date, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from pyiceberg.expressions import And, EqualTo, In
 
 from k2_assets.core import schemas, writer
 from k2_assets.core.checks import SAMPLE_SIZE, Outcome, Rule
 
-NO_UNEXPLAINED_GAPS = Rule("no_unexplained_gaps", "every missing sequence number is explained (rejected row, exchange's answer)", blocking=False)
+NO_UNEXPLAINED_GAPS = Rule(
+    "no_unexplained_gaps", "every missing sequence number is explained (rejected row, exchange's answer)", blocking=False
+)
 TIME_MONOTONIC = Rule("time_monotonic_in_sequence", "exchange time never goes backwards in sequence order", blocking=False)
 RULES = (NO_UNEXPLAINED_GAPS, TIME_MONOTONIC)
 MAX_RANGES_SHOWN = 50
@@ -33,7 +34,9 @@ def holes(sequences: np.ndarray, start_at: int | None = None) -> list[tuple[int,
     return [(int(values[i]) + 1, int(values[i + 1]) - 1) for i in at]
 
 
-def partition_holes(trades: pa.Table, resets_each_session: bool, last_before: dict[str, int] | None = None) -> dict[str, list[tuple[int, int]]]:
+def partition_holes(
+    trades: pa.Table, resets_each_session: bool, last_before: dict[str, int] | None = None
+) -> dict[str, list[tuple[int, int]]]:
     """Per symbol, the sequence numbers missing from a partition (ASX numbering starts at 1 each session).
 
     `last_before` holds each symbol's last sequence number of the session before: numbering that runs
@@ -53,8 +56,10 @@ def partition_holes(trades: pa.Table, resets_each_session: bool, last_before: di
 
 def last_before(trades_table, exchange: str, session_date: date) -> dict[str, int]:
     """Each symbol's last sequence number in the session before `session_date`."""
-    prev = trades_table.scan(row_filter=writer.partition_filter(exchange, session_date - timedelta(days=1)),
-                             selected_fields=("symbol", "source_sequence")).to_arrow()
+    prev = trades_table.scan(
+        row_filter=writer.partition_filter(exchange, session_date - timedelta(days=1)),
+        selected_fields=("symbol", "source_sequence"),
+    ).to_arrow()
     if not prev.num_rows:
         return {}
     last = prev.group_by("symbol").aggregate([("source_sequence", "max")])
@@ -80,7 +85,9 @@ def time_disorder(trades: pa.Table) -> Outcome:
     sym = pc.dictionary_encode(ordered.column("symbol")).combine_chunks().indices.to_numpy()
     backwards = np.flatnonzero((np.diff(ts) < 0) & (np.diff(sym) == 0)) + 1
     outcome.failed = len(backwards)
-    sample = ordered.take(pa.array(backwards[:SAMPLE_SIZE])).select(["message_id", "symbol", "source_sequence", "exchange_timestamp"])
+    sample = ordered.take(pa.array(backwards[:SAMPLE_SIZE])).select(
+        ["message_id", "symbol", "source_sequence", "exchange_timestamp"]
+    )
     outcome.sample = [{k: str(v) for k, v in row.items()} for row in sample.to_pylist()]
     return outcome
 
@@ -92,9 +99,18 @@ class GapRange:
     last: int
 
 
-def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
-              detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
-              filled_how: str = "late_arrival", answers: dict[str, list[tuple[int, int, str]]] | None = None) -> pa.Table:
+def reconcile(
+    existing: pa.Table,
+    current: dict[str, list[tuple[int, int]]],
+    *,
+    exchange: str,
+    session_date: date,
+    detected_by: str,
+    now: datetime,
+    explained: dict[str, np.ndarray] | None = None,
+    filled_how: str = "late_arrival",
+    answers: dict[str, list[tuple[int, int, str]]] | None = None,
+) -> pa.Table:
     """The partition's gap rows after comparing what was open with what is missing now.
 
     Closed rows are history and stay. An open row whose range is no longer missing is closed
@@ -115,13 +131,24 @@ def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, 
         else:
             kept.append({**row, "closed_at": now, "closed_how": filled_how})
     for key in sorted(now_missing - set(open_rows), key=lambda k: (k.symbol, k.first)):
-        parent = next((r for k, r in open_rows.items() if k.symbol == key.symbol and k.first <= key.first and key.last <= k.last), None)
-        kept.append({
-            "exchange": exchange, "symbol": key.symbol, "session_date": session_date, "first_missing": key.first,
-            "last_missing": key.last, "missing_count": key.last - key.first + 1,
-            "detected_at": parent["detected_at"] if parent else now, "closed_at": None, "closed_how": None,
-            "explained_by": None, "detected_by": detected_by,
-        })
+        parent = next(
+            (r for k, r in open_rows.items() if k.symbol == key.symbol and k.first <= key.first and key.last <= k.last), None
+        )
+        kept.append(
+            {
+                "exchange": exchange,
+                "symbol": key.symbol,
+                "session_date": session_date,
+                "first_missing": key.first,
+                "last_missing": key.last,
+                "missing_count": key.last - key.first + 1,
+                "detected_at": parent["detected_at"] if parent else now,
+                "closed_at": None,
+                "closed_how": None,
+                "explained_by": None,
+                "detected_by": detected_by,
+            }
+        )
     for row in kept:
         for first, last, answer in (answers or {}).get(row["symbol"], []):
             if row["closed_at"] is None and first <= row["first_missing"] and row["last_missing"] <= last:
@@ -130,7 +157,11 @@ def reconcile(existing: pa.Table, current: dict[str, list[tuple[int, int]]], *, 
             span = np.arange(row["first_missing"], row["last_missing"] + 1)
             if np.isin(span, explained[row["symbol"]]).all():
                 row["explained_by"] = f"{len(span)} rejected row(s) in market.rejected"
-    return pa.Table.from_pylist(kept, schema=schemas.arrow_schema(schemas.SEQUENCE_GAP)) if kept else schemas.arrow_schema(schemas.SEQUENCE_GAP).empty_table()
+    return (
+        pa.Table.from_pylist(kept, schema=schemas.arrow_schema(schemas.SEQUENCE_GAP))
+        if kept
+        else schemas.arrow_schema(schemas.SEQUENCE_GAP).empty_table()
+    )
 
 
 def gap_outcome(gap_rows: pa.Table) -> Outcome:
@@ -142,7 +173,9 @@ def gap_outcome(gap_rows: pa.Table) -> Outcome:
     outcome.failed = int(pc.sum(unexplained.column("missing_count")).as_py() or 0)
     outcome.sample = [
         {"symbol": r["symbol"], "first_missing": r["first_missing"], "last_missing": r["last_missing"]}
-        for r in unexplained.sort_by([("symbol", "ascending"), ("first_missing", "ascending")]).slice(0, MAX_RANGES_SHOWN).to_pylist()
+        for r in unexplained.sort_by([("symbol", "ascending"), ("first_missing", "ascending")])
+        .slice(0, MAX_RANGES_SHOWN)
+        .to_pylist()
     ]
     return outcome
 
@@ -156,12 +189,20 @@ class GapChanges:
 
 def gap_changes(existing: pa.Table, rows: pa.Table) -> GapChanges:
     """What a reconcile changed: rows open now that were not open before, and rows closed since."""
+
     def open_keys(table: pa.Table) -> dict[tuple, int]:
-        return {(r["symbol"], r["first_missing"], r["last_missing"]): r["missing_count"] for r in table.to_pylist() if r["closed_at"] is None}
+        return {
+            (r["symbol"], r["first_missing"], r["last_missing"]): r["missing_count"]
+            for r in table.to_pylist()
+            if r["closed_at"] is None
+        }
 
     def closed_rows(table: pa.Table) -> Counter:
-        return Counter((r["symbol"], r["first_missing"], r["last_missing"], r["closed_at"], r["closed_how"])
-                       for r in table.to_pylist() if r["closed_at"] is not None)
+        return Counter(
+            (r["symbol"], r["first_missing"], r["last_missing"], r["closed_at"], r["closed_how"])
+            for r in table.to_pylist()
+            if r["closed_at"] is not None
+        )
 
     before, after = open_keys(existing), open_keys(rows)
     opened = {key: count for key, count in after.items() if key not in before}
@@ -169,10 +210,20 @@ def gap_changes(existing: pa.Table, rows: pa.Table) -> GapChanges:
     return GapChanges(len(opened), sum(opened.values()), dict(closed))
 
 
-def reconcile_partition(gaps_table, current: dict[str, list[tuple[int, int]]], *, exchange: str, session_date: date,
-                        detected_by: str, now: datetime, explained: dict[str, np.ndarray] | None = None,
-                        filled_how: str = "late_arrival", answers: dict | None = None, metrics=None,
-                        symbols: list[str] | None = None) -> pa.Table:
+def reconcile_partition(
+    gaps_table,
+    current: dict[str, list[tuple[int, int]]],
+    *,
+    exchange: str,
+    session_date: date,
+    detected_by: str,
+    now: datetime,
+    explained: dict[str, np.ndarray] | None = None,
+    filled_how: str = "late_arrival",
+    answers: dict | None = None,
+    metrics=None,
+    symbols: list[str] | None = None,
+) -> pa.Table:
     """Compare what a partition is missing now with its rows in market.sequence_gaps, and commit the result.
 
     `symbols` limits it to the symbols the caller knows (a live writer owns only some of them; the
@@ -182,8 +233,17 @@ def reconcile_partition(gaps_table, current: dict[str, list[tuple[int, int]]], *
     if symbols is not None:
         where = And(where, In("symbol", set(symbols)) if symbols else EqualTo("symbol", "\x00none"))
     existing = gaps_table.scan(row_filter=where).to_arrow()
-    rows = reconcile(existing, current, exchange=exchange, session_date=session_date, detected_by=detected_by, now=now,
-                     explained=explained, filled_how=filled_how, answers=answers)
+    rows = reconcile(
+        existing,
+        current,
+        exchange=exchange,
+        session_date=session_date,
+        detected_by=detected_by,
+        now=now,
+        explained=explained,
+        filled_how=filled_how,
+        answers=answers,
+    )
     if rows.num_rows or existing.num_rows:
         writer.replace_rows(gaps_table, rows, where, properties={"k2.source": detected_by})
     if metrics is not None:

@@ -154,8 +154,15 @@ def holds_offset(bootstrap: str, topic: str, partition: int, offset: int, timeou
 def _read_from(bootstrap: str, topic: str, partition: int, offset: int, timeout: float, **config):
     """Poll one partition from `offset` with a throwaway consumer (no group offsets), yielding each poll's
     result (None when nothing came) until `timeout`; the consumer is closed when the caller stops."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"k2-reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                         "enable.partition.eof": True, **config})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"k2-reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            **config,
+        }
+    )
     try:
         consumer.assign([TopicPartition(topic, partition, offset)])
         deadline = time.monotonic() + timeout

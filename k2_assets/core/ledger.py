@@ -7,18 +7,23 @@ import pyarrow.compute as pc
 
 from k2_assets.core.checks import Outcome, Rule
 
-FILES_READABLE = Rule("source_files_readable", "every vendor file of the partition could be read (else it has one rejected record)",
-                      blocking=False)
-LINES_ACCOUNTED = Rule("lines_accounted_for",
-                       "for every vendor file, lines read = written + rejected + duplicates, in the ledger and in the tables",
-                       blocking=True)
+FILES_READABLE = Rule(
+    "source_files_readable", "every vendor file of the partition could be read (else it has one rejected record)", blocking=False
+)
+LINES_ACCOUNTED = Rule(
+    "lines_accounted_for",
+    "for every vendor file, lines read = written + rejected + duplicates, in the ledger and in the tables",
+    blocking=True,
+)
 RULES = (FILES_READABLE, LINES_ACCOUNTED)
 
 
 def readable_outcome(ledger: pa.Table) -> Outcome:
     """The files of one load (its ledger rows) that could not be read."""
     bad = ledger.filter(pc.is_valid(ledger.column("file_error"))).select(["path", "file_error"]).to_pylist()
-    return Outcome(FILES_READABLE, failed=len(bad), sample=[{"source_file": f["path"], "error": f["file_error"]} for f in bad[:50]])
+    return Outcome(
+        FILES_READABLE, failed=len(bad), sample=[{"source_file": f["path"], "error": f["file_error"]} for f in bad[:50]]
+    )
 
 
 def accounted_outcome(ledger: pa.Table, stored: pa.Table, rejected: pa.Table) -> Outcome:

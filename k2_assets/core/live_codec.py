@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import orjson
@@ -32,10 +32,14 @@ def _contract_headers() -> list[tuple[str, bytes]]:
     import fastavro.schema
 
     contract = schemas.avro_schema(schemas.TRADE)
-    fingerprint = fastavro.schema.fingerprint(fastavro.schema.to_parsing_canonical_form(fastavro.schema.parse_schema(contract)),
-                                              "CRC-64-AVRO")
-    return [("k2-schema", f"{contract['namespace']}.{contract['name']}".encode()),
-            ("k2-schema-fingerprint", fingerprint.encode()), ("content-type", b"application/json")]
+    fingerprint = fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(fastavro.schema.parse_schema(contract)), "CRC-64-AVRO"
+    )
+    return [
+        ("k2-schema", f"{contract['namespace']}.{contract['name']}".encode()),
+        ("k2-schema-fingerprint", fingerprint.encode()),
+        ("content-type", b"application/json"),
+    ]
 
 
 HEADERS = _contract_headers()
@@ -127,7 +131,7 @@ def _accept_symbol(symbol) -> str:
 
 @lru_cache(maxsize=8)
 def _utc_day(days: int) -> str:
-    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=days)).date().isoformat()
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=days)).date().isoformat()
 
 
 def encode(trade: dict) -> bytes:
@@ -158,16 +162,22 @@ def _wire() -> tuple[pa.Schema, tuple[str, ...]]:
     """What the writer reads from each message, derived from schemas/trade_v2.avsc, and the fields it must carry."""
     fields = [f for f in schemas.avro_schema(schemas.TRADE)["fields"] if f["name"] not in NOT_ON_THE_WIRE]
     wire = pa.schema([(f["name"], _wire_type(f["type"])) for f in fields])
-    required = tuple(f["name"] for f in fields if not (isinstance(f["type"], list) and "null" in f["type"])
-                     and not pa.types.is_nested(wire.field(f["name"]).type) and f["name"] != "trade_date")  # the writer derives the day
+    required = tuple(
+        f["name"]
+        for f in fields
+        if not (isinstance(f["type"], list) and "null" in f["type"])
+        and not pa.types.is_nested(wire.field(f["name"]).type)
+        and f["name"] != "trade_date"
+    )  # the writer derives the day
     return wire, required
 
 
 _WIRE, _REQUIRED = _wire()
 
 
-def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str,
-                 now: datetime | None = None) -> tuple[pa.Table, pa.Table]:
+def decode_batch(
+    values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str, now: datetime | None = None
+) -> tuple[pa.Table, pa.Table]:
     """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
     now = now or decode.utc_now()
     wire, reasons = _parse(values)
@@ -177,10 +187,18 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
         rows.reject(pc.is_null(wire.column(name)), f"field {name} is missing")
     price = rows.decimal(pc.fill_null(wire.column("price"), "0"), "price")
     quantity = rows.decimal(pc.fill_null(wire.column("quantity"), "0"), "quantity")
-    rows.reject(pc.invert(pc.is_in(wire.column("side"), pa.array(["BUY", "SELL", "UNKNOWN"]))), "side '", pc.fill_null(wire.column("side"), ""), "' is not BUY, SELL or UNKNOWN")
+    rows.reject(
+        pc.invert(pc.is_in(wire.column("side"), pa.array(["BUY", "SELL", "UNKNOWN"]))),
+        "side '",
+        pc.fill_null(wire.column("side"), ""),
+        "' is not BUY, SELL or UNKNOWN",
+    )
     ts = pc.cast(pc.fill_null(wire.column("exchange_timestamp"), 0), pa.timestamp("us", tz="UTC"))
     day = pc.cast(ts, pa.date32())
-    rows.reject(pc.not_equal(pc.cast(day, pa.string()), pc.fill_null(wire.column("trade_date"), "")), "trade_date does not match exchange_timestamp's UTC date")
+    rows.reject(
+        pc.not_equal(pc.cast(day, pa.string()), pc.fill_null(wire.column("trade_date"), "")),
+        "trade_date does not match exchange_timestamp's UTC date",
+    )
     ok = rows.accepted()
     columns = {name: pc.take(wire.column(name), ok) for name in _WIRE.names}
     columns.update(
@@ -203,7 +221,9 @@ def decode_batch(values: list[bytes], topic: str, partitions: list[int], offsets
         {
             "source": pa.repeat(pa.scalar(source), len(bad)),
             # A message without a usable exchange time belongs to the day it was consumed.
-            "partition_date": pc.take(pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad),
+            "partition_date": pc.take(
+                pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad
+            ),
             "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
             "symbol": pc.take(wire.column("symbol"), bad),
             "source_sequence": pc.take(wire.column("source_sequence"), bad),

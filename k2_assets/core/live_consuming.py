@@ -31,12 +31,22 @@ class Batch:
         if dead:
             messages = [m for m in messages if m.topic() != dead_letter_topic]
         n = len(messages)
-        return cls([m.value() or b"" for m in messages], np.fromiter((m.partition() for m in messages), np.int64, n),
-                   np.fromiter((m.offset() for m in messages), np.int64, n), dead, generations)
+        return cls(
+            [m.value() or b"" for m in messages],
+            np.fromiter((m.partition() for m in messages), np.int64, n),
+            np.fromiter((m.offset() for m in messages), np.int64, n),
+            dead,
+            generations,
+        )
 
     def only(self, keep: np.ndarray) -> Batch:
-        return Batch([v for v, k in zip(self.values, keep.tolist()) if k], self.partitions[keep], self.offsets[keep], self.dead,
-                     self.generations)
+        return Batch(
+            [v for v, k in zip(self.values, keep.tolist()) if k],
+            self.partitions[keep],
+            self.offsets[keep],
+            self.dead,
+            self.generations,
+        )
 
 
 class Consuming:
@@ -45,8 +55,9 @@ class Consuming:
     def _drain_until(self, deadline: float, idle_seconds: float, reports: list, on_batch) -> None:
         batches: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
-        consuming = threading.Thread(target=self._prefetch, args=(deadline, idle_seconds, batches, stop),
-                                     name="k2-writer-consume", daemon=True)
+        consuming = threading.Thread(
+            target=self._prefetch, args=(deadline, idle_seconds, batches, stop), name="k2-writer-consume", daemon=True
+        )
         consuming.start()
         try:
             while True:

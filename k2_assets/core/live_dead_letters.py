@@ -24,8 +24,9 @@ def dead_letter_rows(messages: list) -> pa.Table:
             "kafka_partition": pa.array([m.partition() for m in messages], pa.int32()),
             "kafka_offset": pa.array([m.offset() for m in messages], pa.int64()),
             "raw": pa.array([m.value() or b"" for m in messages], pa.binary()),
-            "reason": pa.array([(h.get("k2-reason") or b"dead-lettered without a reason").decode("utf-8", "replace")
-                                for h in headers]),
+            "reason": pa.array(
+                [(h.get("k2-reason") or b"dead-lettered without a reason").decode("utf-8", "replace") for h in headers]
+            ),
             "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
         },
         n,

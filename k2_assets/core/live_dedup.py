@@ -116,10 +116,13 @@ class SeenIndex:
 
     def _add_snapshot(self, snapshot, io) -> set[Key]:
         """Add the ids of the rows a snapshot appended (its new data files) under keys the index holds."""
-        paths = [entry.data_file.file_path
-                 for manifest in snapshot.manifests(io) if manifest.added_snapshot_id == snapshot.snapshot_id
-                 for entry in manifest.fetch_manifest_entry(io, discard_deleted=True)
-                 if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snapshot.snapshot_id]
+        paths = [
+            entry.data_file.file_path
+            for manifest in snapshot.manifests(io)
+            if manifest.added_snapshot_id == snapshot.snapshot_id
+            for entry in manifest.fetch_manifest_entry(io, discard_deleted=True)
+            if entry.status == ManifestEntryStatus.ADDED and entry.snapshot_id == snapshot.snapshot_id
+        ]
         changed = set()
         for path in paths:
             with io.new_input(path).open() as f:

@@ -28,6 +28,7 @@ class GapReconciling:
             by_day.setdefault(day, []).append(symbol)
         result = {}
         for day, symbols in sorted(by_day.items()):
+
             def reconcile(day=day, symbols=symbols) -> pa.Table:
                 current = {}
                 for symbol in symbols:
@@ -35,11 +36,23 @@ class GapReconciling:
                     found = integrity.holes(self.seen.load(self.trades, day, symbol), None if last is None else last + 1)
                     if found:
                         current[symbol] = found
-                return integrity.reconcile_partition(self.gaps, current, exchange=live_codec.EXCHANGE, session_date=day,
-                                                     detected_by=detected_by, now=now, metrics=self.metrics.gaps, symbols=symbols)
+                return integrity.reconcile_partition(
+                    self.gaps,
+                    current,
+                    exchange=live_codec.EXCHANGE,
+                    session_date=day,
+                    detected_by=detected_by,
+                    now=now,
+                    metrics=self.metrics.gaps,
+                    symbols=symbols,
+                )
 
-            result[day] = self.health.call(lambda: self._reconciled(reconcile), "reconciling market.sequence_gaps",
-                                           deadline=self._give_up_at, stop=self._stop)
+            result[day] = self.health.call(
+                lambda: self._reconciled(reconcile),
+                "reconciling market.sequence_gaps",
+                deadline=self._give_up_at,
+                stop=self._stop,
+            )
             self.touched -= {(day, s) for s in symbols}
         return result
 

@@ -39,20 +39,29 @@ class Ownership:
         others = keys - {self.offsets_key}
         if others and self.offsets_key not in keys:
             self.metrics.incarnation_switches.inc()
-            log.warning("topic %s is a new incarnation (%s); market.trades holds offsets of %s only: reading the new one "
-                        "from its beginning", self.topic, self.incarnation,
-                        ", ".join(sorted(k.rsplit("@", 1)[1] for k in others)))
+            log.warning(
+                "topic %s is a new incarnation (%s); market.trades holds offsets of %s only: reading the new one "
+                "from its beginning",
+                self.topic,
+                self.incarnation,
+                ", ".join(sorted(k.rsplit("@", 1)[1] for k in others)),
+            )
 
     def _positions(self, tps: list[TopicPartition]) -> dict[tuple[str, int], int]:
         """Where each partition resumes: the offsets the tables record, checked against the partition's end."""
+
         def read():
             trades = self.trades.catalog.load_table(self.trades.name())  # own objects: the writing thread uses the others
             rejected = self.rejected.catalog.load_table(self.rejected.name())
-            return (offsets.recorded_offsets(trades, self.offsets_key), offsets.recorded_offsets(rejected, self.rejects_key),
-                    offsets.recorded_offsets(rejected, self.dead_key))
+            return (
+                offsets.recorded_offsets(trades, self.offsets_key),
+                offsets.recorded_offsets(rejected, self.rejects_key),
+                offsets.recorded_offsets(rejected, self.dead_key),
+            )
 
-        trade_offsets, marks, dead = self.health.call(read, "reading the recorded offsets", deadline=self._give_up_at,
-                                                      stop=self._stop)
+        trade_offsets, marks, dead = self.health.call(
+            read, "reading the recorded offsets", deadline=self._give_up_at, stop=self._stop
+        )
         self.rejects_written.update({p: o for p, o in marks.items()})
         found = {}
         for tp in tps:
@@ -62,7 +71,8 @@ class Ownership:
                 raise OffsetBeyondEnd(
                     f"partition {tp.partition} of {tp.topic} ({self.incarnation}) ends before offset {recorded}, which the "
                     "table records: the topic was truncated under the same id; nothing is read from it until an operator "
-                    "decides (docs/live-path.md, 'Offsets beyond the end')")
+                    "decides (docs/live-path.md, 'Offsets beyond the end')"
+                )
             found[(tp.topic, tp.partition)] = recorded
         return found
 
@@ -79,8 +89,11 @@ class Ownership:
                     self.position[tp.partition] = self.committed[tp.partition] = found[key]
                 else:
                     self.dead_letter_position[tp.partition] = found[key]
-            self._pending = [m for m in self._pending
-                             if self._owned.get((m.topic(), m.partition())) and (m.topic(), m.partition()) not in found]
+            self._pending = [
+                m
+                for m in self._pending
+                if self._owned.get((m.topic(), m.partition())) and (m.topic(), m.partition()) not in found
+            ]
 
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         try:
@@ -115,8 +128,9 @@ class Ownership:
         deadline = time.monotonic() + timeout
         while not self._joined.is_set():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no partition assignment from consumer group {self.group_id} on {self.bootstrap} "
-                                   f"within {timeout:.0f} s")
+                raise TimeoutError(
+                    f"no partition assignment from consumer group {self.group_id} on {self.bootstrap} within {timeout:.0f} s"
+                )
             got = self._good(self.consumer.consume(min(1000, self.max_batch_rows), timeout=0.1))  # may run _on_assign
             with self._lock:
                 self._pending.extend(got)

@@ -20,8 +20,9 @@ def offsets_value(offsets: dict[int, int]) -> str:
     return json.dumps({str(p): o for p, o in offsets.items()})
 
 
-def trades_properties(offsets_key: str, next_offsets: dict[int, int], day_symbols: Iterable,
-                      tracker_state: str) -> dict[str, str]:
+def trades_properties(
+    offsets_key: str, next_offsets: dict[int, int], day_symbols: Iterable, tracker_state: str
+) -> dict[str, str]:
     """A market.trades commit's: where each partition resumes, the source, the (day, symbol)s written, the tracker's state."""
     properties = {offsets_key: offsets_value(next_offsets), "k2.source": SOURCE, KEYS_KEY: keys_property(set(day_symbols))}
     if len(tracker_state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead

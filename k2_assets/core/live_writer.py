@@ -60,12 +60,25 @@ STAGES = ("after_rejects_commit", "after_trades_commit")  # stage_hook's stages:
 class LiveWriter(Ownership, Consuming, GapReconciling):
     """Drains a Kafka topic into market.trades in micro-batches (see the module docstring)."""
 
-    def __init__(self, trades: Table, rejected: Table, bootstrap: str, *, topic: str = live_codec.TOPIC,
-                 group_id: str | None = None, max_batch_rows: int = 250_000,
-                 max_batch_seconds: float = 2.0, dead_letter_topic: str | None = None, metrics: WriterMetrics | None = None,
-                 gaps: Table | None = None, join_timeout: float = 60.0, stall_after: float = 60.0,
-                 session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS, give_up_after: float | None = None,
-                 stage_hook: StageHook | None = None):
+    def __init__(
+        self,
+        trades: Table,
+        rejected: Table,
+        bootstrap: str,
+        *,
+        topic: str = live_codec.TOPIC,
+        group_id: str | None = None,
+        max_batch_rows: int = 250_000,
+        max_batch_seconds: float = 2.0,
+        dead_letter_topic: str | None = None,
+        metrics: WriterMetrics | None = None,
+        gaps: Table | None = None,
+        join_timeout: float = 60.0,
+        stall_after: float = 60.0,
+        session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+        give_up_after: float | None = None,
+        stage_hook: StageHook | None = None,
+    ):
         self.trades, self.rejected, self.gaps = FencedTable.of(trades), FencedTable.of(rejected), gaps
         self.bootstrap, self.topic = bootstrap, topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
@@ -100,8 +113,9 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self.stage_hook = stage_hook  # called with each of STAGES as the writer passes it (crash tests kill it there)
         self._start_from_table()
         self.consumer = Consumer(consumer_config(bootstrap, self.group_id, session_timeout_ms))
-        self.consumer.subscribe([topic, self.dead_letter_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        self.consumer.subscribe(
+            [topic, self.dead_letter_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
         self.join(join_timeout)
 
     def stop(self) -> None:
@@ -115,8 +129,9 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self._commit_group_offsets(wait=True)
         self.consumer.close()
 
-    def drain(self, seconds: float, idle_seconds: float = 0.5, on_batch=None,
-              give_up_after: float | None = None) -> list[BatchReport]:
+    def drain(
+        self, seconds: float, idle_seconds: float = 0.5, on_batch=None, give_up_after: float | None = None
+    ) -> list[BatchReport]:
         """Write micro-batches for up to `seconds`, stopping early once the topic is idle.
 
         A thread consumes the next micro-batch while this one is decoded and committed: Arrow's
@@ -166,8 +181,13 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
             first = int(batch.offsets[fresh].min()) if fresh.any() else position[p]
             if first > position[p]:  # the broker no longer holds them (retention): say so, they cannot be read
                 self.metrics.offsets_skipped_by_broker.inc(first - position[p])
-                log.error("offsets %d..%d of partition %d of %s are gone from the broker; K2 never read them",
-                          position[p], first - 1, p, self.topic)
+                log.error(
+                    "offsets %d..%d of partition %d of %s are gone from the broker; K2 never read them",
+                    position[p],
+                    first - 1,
+                    p,
+                    self.topic,
+                )
         if not keep.all():
             batch = batch.only(keep)
         batch.dead = [m for m in batch.dead if (m.topic(), m.partition()) in valid]
@@ -228,13 +248,16 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
 
     def _commit_rejects(self, rejected: pa.Table, dead_rows: pa.Table, next_offsets: dict[int, int], dead: list) -> None:
         with self._lock:
-            expected = {self.rejects_key: {p: self.rejects_written.get(p, 0) for p in next_offsets},
-                        self.dead_key: {m.partition(): self.dead_letter_position.get(m.partition(), 0) for m in dead}}
+            expected = {
+                self.rejects_key: {p: self.rejects_written.get(p, 0) for p in next_offsets},
+                self.dead_key: {m.partition(): self.dead_letter_position.get(m.partition(), 0) for m in dead},
+            }
         marks = {**expected[self.rejects_key], **next_offsets}
         dead_marks = {**expected[self.dead_key], **{m.partition(): m.offset() + 1 for m in dead}}
         properties = rejects_properties(self.rejects_key, marks, self.dead_key, dead_marks)
-        self._commit(self.rejected, pa.concat_tables([rejected, dead_rows]), properties, self._marks_fence(expected),
-                     "market.rejected")
+        self._commit(
+            self.rejected, pa.concat_tables([rejected, dead_rows]), properties, self._marks_fence(expected), "market.rejected"
+        )
         with self._lock:
             self.rejects_written.update(marks)
             self.dead_letter_position.update(dead_marks)
@@ -248,13 +271,16 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         def fence(metadata, parent) -> None:
             moved = self._moved(self.offsets_key, starts, metadata, parent)
             if moved:
-                raise Fenced(f"{self.topic} offsets {moved} were committed by another writer (this batch started at "
-                             f"{ {p: starts[p] for p in moved} })")
+                raise Fenced(
+                    f"{self.topic} offsets {moved} were committed by another writer (this batch started at "
+                    f"{ {p: starts[p] for p in moved} })"
+                )
             changed = self.seen.follow(metadata, parent, self.trades.io)
             if batch_ids and changed == "*":
                 raise Fenced("market.trades was rewritten under this batch; deduplicating again")
             if any(key in changed and SeenIndex.contains(self.seen.ids[key], ids).any() for key, ids in batch_ids.items()):
                 raise Fenced("another commit wrote trades of this batch first; deduplicating again")
+
         return fence
 
     def _marks_fence(self, expected: dict[str, dict[int, int]]):
@@ -263,6 +289,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
                 moved = self._moved(key, marks, metadata, parent)
                 if moved:
                     raise Fenced(f"reject marks {moved} of {key} were moved by another writer")
+
         return fence
 
     def _commit(self, table: FencedTable, rows: pa.Table, properties: dict[str, str], fence, what: str) -> int | None:

@@ -33,6 +33,9 @@ def configure_json(stream=None) -> None:
 def get_logger(name: str):
     """A structlog logger: JSON lines once `configure_json` ran (a command), else through `logging` (a library, Dagster)."""
     if not _configured:
-        return structlog.wrap_logger(logging.getLogger(name), processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
-                                     wrapper_class=structlog.stdlib.BoundLogger)
+        return structlog.wrap_logger(
+            logging.getLogger(name),
+            processors=[structlog.processors.KeyValueRenderer(key_order=["event"])],
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
     return structlog.get_logger(name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
@@ -36,8 +36,8 @@ SYDNEY = ZoneInfo("Australia/Sydney")
 
 def last_closed_day(now: datetime | None = None) -> date:
     """The newest day no writer appends to: before today's UTC day and before the current ASX (Sydney) session."""
-    now = now or datetime.now(timezone.utc)
-    return min(now.astimezone(timezone.utc).date(), now.astimezone(SYDNEY).date()) - timedelta(days=1)
+    now = now or datetime.now(UTC)
+    return min(now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()) - timedelta(days=1)
 
 
 def require_closed(day: date, now: datetime | None = None) -> None:
@@ -112,7 +112,7 @@ def expire(table: Table, retain: timedelta, now: datetime | None = None) -> int:
     """Expire snapshots older than `retain` (the time-travel window promised to users), keeping the
     current lineage down to every snapshot that holds the highest recorded Kafka offset of a partition
     (and the tracker state). Returns how many snapshots were expired."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     table.refresh()
     cutoff_ms = int((now - retain).timestamp() * 1000)
     holders = {snapshot.snapshot_id for snapshot in _holders(table)}
@@ -168,7 +168,7 @@ def _filesystem(table: Table) -> pafs.FileSystem:
 def find_orphan_files(table: Table, older_than: timedelta = ORPHAN_GRACE, now: datetime | None = None) -> list[OrphanFile]:
     """Files under the table's data and metadata directories that no snapshot, manifest or metadata file
     references, and that are older than `older_than` (younger ones may belong to a write in flight)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     location = table.location().rstrip("/")
     root = _key(location)
     provider = table.location_provider()
@@ -188,7 +188,7 @@ def find_orphan_files(table: Table, older_than: timedelta = ORPHAN_GRACE, now: d
     referenced = referenced_files(table)  # after listing: a file committed meanwhile is seen as referenced
     cutoff = now - older_than
     return [
-        OrphanFile(location + info.path[len(root):], info.size, info.mtime)
+        OrphanFile(location + info.path[len(root) :], info.size, info.mtime)
         for info in listed
         if info.path not in referenced and info.mtime is not None and info.mtime < cutoff
     ]

@@ -35,14 +35,19 @@ class ProducerMetrics:
         # From librdkafka's statistics (a window of a few seconds), since a delivery report per message
         # would cost more than the message: stage = queue (in the client), in_flight (sent, unanswered),
         # round_trip (the broker's answer time); the larger of the brokers'.
-        self.produce_latency = Gauge("k2_feed_produce_latency_seconds", "Produce latency by stage, from librdkafka's statistics",
-                                     ["stage", "percentile"], registry=r)
+        self.produce_latency = Gauge(
+            "k2_feed_produce_latency_seconds",
+            "Produce latency by stage, from librdkafka's statistics",
+            ["stage", "percentile"],
+            registry=r,
+        )
         self.dead_letters = Counter("k2_feed_dead_letters", "Frames sent to the dead-letter topic", registry=r)
         self.produce_errors = Counter("k2_feed_produce_errors", "Kafka deliveries that failed", registry=r)
         self.reconnects = Counter("k2_feed_reconnects", "WebSocket reconnects", registry=r)
-        self.last_trade_time = Gauge("k2_feed_last_trade_timestamp_seconds", "Exchange time of the last trade seen", ["symbol"], registry=r)
+        self.last_trade_time = Gauge(
+            "k2_feed_last_trade_timestamp_seconds", "Exchange time of the last trade seen", ["symbol"], registry=r
+        )
         self.last_trade_id = Gauge("k2_feed_last_trade_id", "Last trade id seen (the value, not a label)", ["symbol"], registry=r)
-
 
     def record_statistics(self, stats: dict) -> None:
         """Set the produce latency gauges from one librdkafka statistics document; a stage with no
@@ -65,27 +70,54 @@ class WriterMetrics:
         self.rejected = Counter("k2_writer_records_rejected", "Records written to market.rejected", registry=r)
         self.duplicates = Counter("k2_writer_duplicates_skipped", "Trades already in the table, not written again", registry=r)
         self.sequence_events = Counter("k2_sequence_events", "Sequence tracker events", ["event"], registry=r)
-        self.batch_seconds = Histogram("k2_writer_batch_seconds", "Decode-to-commit time of a micro-batch", registry=r,
-                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.commit_seconds = Histogram("k2_writer_iceberg_commit_seconds", "Iceberg commit latency", registry=r,
-                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+        self.batch_seconds = Histogram(
+            "k2_writer_batch_seconds",
+            "Decode-to-commit time of a micro-batch",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )
+        self.commit_seconds = Histogram(
+            "k2_writer_iceberg_commit_seconds",
+            "Iceberg commit latency",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+        )
         self.commit_failures = Counter("k2_writer_iceberg_commit_failures", "Iceberg commits that raised", registry=r)
-        self.lag = Gauge("k2_writer_consumer_lag_records", "Records behind the end of the partition (from the table's offsets)",
-                         ["partition"], registry=r)
+        self.lag = Gauge(
+            "k2_writer_consumer_lag_records",
+            "Records behind the end of the partition (from the table's offsets)",
+            ["partition"],
+            registry=r,
+        )
         self.freshness = Gauge("k2_writer_freshness_seconds", "Exchange event time to commit, p95 of the last batch", registry=r)
         self.last_commit_time = Gauge("k2_writer_last_commit_timestamp_seconds", "When the last batch was committed", registry=r)
-        self.store_state = Gauge("k2_writer_store_state", "1 for the writer's catalog/object-store state: healthy, degraded "
-                                 "(retrying), stalled (retrying for over a minute)", ["state"], registry=r)
-        self.fenced = Counter("k2_writer_batches_fenced", "Batches discarded because another writer committed their offsets first",
-                              registry=r)
-        self.partitions_owned = Gauge("k2_writer_partitions_owned", "Kafka partitions this writer owns in its consumer group",
-                                      registry=r)
-        self.incarnation_switches = Counter("k2_writer_topic_incarnation_switches", "Starts on a topic incarnation the table had "
-                                            "no offsets for (a re-created topic, a restarted in-memory broker)", registry=r)
-        self.offsets_beyond_end = Counter("k2_writer_offsets_beyond_end", "Recorded offsets a partition no longer reaches "
-                                          "(the writer refuses the partition)", registry=r)
-        self.offsets_skipped_by_broker = Counter("k2_writer_offsets_skipped_by_broker", "Offsets the broker no longer held when "
-                                                 "the writer reached them (retention)", registry=r)
+        self.store_state = Gauge(
+            "k2_writer_store_state",
+            "1 for the writer's catalog/object-store state: healthy, degraded (retrying), stalled (retrying for over a minute)",
+            ["state"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "k2_writer_batches_fenced", "Batches discarded because another writer committed their offsets first", registry=r
+        )
+        self.partitions_owned = Gauge(
+            "k2_writer_partitions_owned", "Kafka partitions this writer owns in its consumer group", registry=r
+        )
+        self.incarnation_switches = Counter(
+            "k2_writer_topic_incarnation_switches",
+            "Starts on a topic incarnation the table had no offsets for (a re-created topic, a restarted in-memory broker)",
+            registry=r,
+        )
+        self.offsets_beyond_end = Counter(
+            "k2_writer_offsets_beyond_end",
+            "Recorded offsets a partition no longer reaches (the writer refuses the partition)",
+            registry=r,
+        )
+        self.offsets_skipped_by_broker = Counter(
+            "k2_writer_offsets_skipped_by_broker",
+            "Offsets the broker no longer held when the writer reached them (retention)",
+            registry=r,
+        )
         for name in EVENT_NAMES:
             self.sequence_events.labels(name)
         self.gaps = GapMetrics(r)  # the sensor reconciles market.sequence_gaps after each tick
@@ -100,12 +132,24 @@ class GapMetrics:
         exchanges = tuple(EXCHANGES) if exchanges is None else exchanges
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.opened = Counter("k2_sequence_gaps_opened", "Gap rows opened in market.sequence_gaps (ranges of missing sequence numbers)",
-                              ["exchange"], registry=r)
-        self.closed = Counter("k2_sequence_gaps_closed", "Gap rows closed in market.sequence_gaps, by how they closed",
-                              ["exchange", "outcome"], registry=r)
-        self.missing = Counter("k2_sequence_gap_ids_opened", "Sequence numbers missing in the gaps opened (the size is the value)",
-                               ["exchange"], registry=r)
+        self.opened = Counter(
+            "k2_sequence_gaps_opened",
+            "Gap rows opened in market.sequence_gaps (ranges of missing sequence numbers)",
+            ["exchange"],
+            registry=r,
+        )
+        self.closed = Counter(
+            "k2_sequence_gaps_closed",
+            "Gap rows closed in market.sequence_gaps, by how they closed",
+            ["exchange", "outcome"],
+            registry=r,
+        )
+        self.missing = Counter(
+            "k2_sequence_gap_ids_opened",
+            "Sequence numbers missing in the gaps opened (the size is the value)",
+            ["exchange"],
+            registry=r,
+        )
         for exchange in exchanges:
             self.opened.labels(exchange)
             self.missing.labels(exchange)
@@ -126,15 +170,39 @@ class RollupMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.bars_written = Counter("k2_rollup_bars_written", "Bars written to market.ohlcv_<interval>", ["interval"], registry=r)
-        self.filled_bars = Counter("k2_rollup_filled_bars_written", "Of those, bars of minutes without trades (filled at the previous close)",
-                                   ["interval"], registry=r)
-        self.seconds = Histogram("k2_rollup_seconds", "Time to compute, write and check one partition of bars", ["interval"], registry=r,
-                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self.filled_bars = Counter(
+            "k2_rollup_filled_bars_written",
+            "Of those, bars of minutes without trades (filled at the previous close)",
+            ["interval"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "k2_rollup_seconds",
+            "Time to compute, write and check one partition of bars",
+            ["interval"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
 
     def record(self, interval: str, bars: int, filled: int, seconds: float) -> None:
         self.bars_written.labels(interval).inc(bars)
         self.filled_bars.labels(interval).inc(filled)
         self.seconds.labels(interval).observe(seconds)
+
+
+class BackupMetrics:
+    """The catalog backup: when the last good one was taken, and its size (pushed under job k2_backup)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.last_success = Gauge(
+            "k2_catalog_backup_last_success_timestamp_seconds", "When the last good catalog backup finished", registry=r
+        )
+        self.bytes = Gauge("k2_catalog_backup_bytes", "Size of the last good catalog backup", registry=r)
+        self.tables = Gauge(
+            "k2_catalog_backup_tables", "Tables whose metadata location the last good backup recorded", registry=r
+        )
 
 
 class LoadMetrics:
@@ -146,8 +214,13 @@ class LoadMetrics:
         self.read = Counter("k2_load_rows_read", "Rows read from the source files", ["table"], registry=r)
         self.written = Counter("k2_load_rows_written", "Rows written (not already present)", ["table"], registry=r)
         self.rejected = Counter("k2_load_rows_rejected", "Rows written to market.rejected", ["table"], registry=r)
-        self.seconds = Histogram("k2_load_seconds", "Time to write and check one partition", ["table"], registry=r,
-                                 buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.seconds = Histogram(
+            "k2_load_seconds",
+            "Time to write and check one partition",
+            ["table"],
+            registry=r,
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
 
 
 class RepairMetrics:
@@ -159,7 +232,9 @@ class RepairMetrics:
         self.requested = Counter("k2_repair_ids_requested", "Trade ids asked of the exchange", registry=r)
         self.written = Counter("k2_repair_trades_written", "Trades fetched from the exchange and written", registry=r)
         self.already_present = Counter("k2_repair_trades_already_present", "Fetched trades the table already held", registry=r)
-        self.unavailable = Counter("k2_repair_ranges_unavailable", "Gap ranges the exchange could not (entirely) fill", registry=r)
+        self.unavailable = Counter(
+            "k2_repair_ranges_unavailable", "Gap ranges the exchange could not (entirely) fill", registry=r
+        )
 
 
 class MaintenanceMetrics:
@@ -168,17 +243,32 @@ class MaintenanceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.compacted = Counter("k2_maintenance_partitions_compacted", "Partitions rewritten into fewer files", ["table"], registry=r)
-        self.files_removed = Counter("k2_maintenance_data_files_replaced", "Data files replaced by compaction (before minus after)",
-                                     ["table"], registry=r)
+        self.compacted = Counter(
+            "k2_maintenance_partitions_compacted", "Partitions rewritten into fewer files", ["table"], registry=r
+        )
+        self.files_removed = Counter(
+            "k2_maintenance_data_files_replaced", "Data files replaced by compaction (before minus after)", ["table"], registry=r
+        )
         self.expired = Counter("k2_maintenance_snapshots_expired", "Snapshots expired", ["table"], registry=r)
         self.orphans = Counter("k2_maintenance_orphan_files_removed", "Unreferenced files deleted", ["table"], registry=r)
-        self.seconds = Histogram("k2_maintenance_seconds", "Time one maintenance op took", ["op"], registry=r,
-                                 buckets=(1, 5, 10, 30, 60, 300, 600, 1800, 3600))
+        self.seconds = Histogram(
+            "k2_maintenance_seconds",
+            "Time one maintenance op took",
+            ["op"],
+            registry=r,
+            buckets=(1, 5, 10, 30, 60, 300, 600, 1800, 3600),
+        )
 
 
-def push(registry: CollectorRegistry, job: str, grouping_key: Mapping[str, str], *, url: str | None = None,
-         timeout: float = 5.0, logger=None) -> bool:
+def push(
+    registry: CollectorRegistry,
+    job: str,
+    grouping_key: Mapping[str, str],
+    *,
+    url: str | None = None,
+    timeout: float = 5.0,
+    logger=None,
+) -> bool:
     """Push a short run's metrics to the Pushgateway at K2_PUSHGATEWAY_URL (no-op when unset).
 
     pushadd: the metrics of this registry replace those of the same name in the group (job plus

@@ -123,8 +123,10 @@ class FencedTable(Table):
 
     def _do_commit(self, updates, requirements) -> None:
         if self.fence is not None:
-            parent = next((r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId) and r.ref == "main"),
-                          self.metadata.current_snapshot_id)
+            parent = next(
+                (r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId) and r.ref == "main"),
+                self.metadata.current_snapshot_id,
+            )
             self.fence(self.metadata, parent)
         super()._do_commit(updates, requirements)
 

@@ -25,8 +25,14 @@ from k2_assets.core.text import one_line
 log = logging.getLogger("k2.writer")
 T = TypeVar("T")
 
-TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
-             CommitStateUnknownException, OSError, TimeoutError)
+TRANSIENT = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    CommitStateUnknownException,
+    OSError,
+    TimeoutError,
+)
 STATES = ("healthy", "degraded", "stalled")
 
 
@@ -53,8 +59,13 @@ class StoreHealth:
             now = time.monotonic()
             return (deadline is not None and now >= deadline) or (stop is not None and stop.is_set())
 
-        retrying = Retrying(retry=retry_if_exception_type(TRANSIENT), wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=1.0),
-                            stop=give_up, before_sleep=lambda state: self._failed(what, state), reraise=True)
+        retrying = Retrying(
+            retry=retry_if_exception_type(TRANSIENT),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=1.0),
+            stop=give_up,
+            before_sleep=lambda state: self._failed(what, state),
+            reraise=True,
+        )
         try:
             result = retrying(step)
         except TRANSIENT as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +31,9 @@ from k2_assets.core.offsets import OFFSETS_KEY, key, lineage, recorded_offsets
 MAX_MINUTES = 24 * 60
 
 
-def recent_trades(trades: Table, bootstrap: str, symbol: str, minutes: float, *, topic: str = live_codec.TOPIC,
-                  now: datetime | None = None) -> pa.Table:
+def recent_trades(
+    trades: Table, bootstrap: str, symbol: str, minutes: float, *, topic: str = live_codec.TOPIC, now: datetime | None = None
+) -> pa.Table:
     """Trades of `symbol` with exchange time in [now - minutes, now], oldest first."""
     _validate(symbol, minutes)
     recent = RecentTrades(trades, bootstrap, topic=topic, keep_minutes=MAX_MINUTES, max_tail_rows=2**62)
@@ -48,8 +49,16 @@ class RecentTrades:
     The tail keeps `keep_minutes` of exchange time behind the newest trade; a query reaching further
     back is answered the one-shot way."""
 
-    def __init__(self, trades: Table, bootstrap: str, *, topic: str = live_codec.TOPIC, keep_minutes: float = 15,
-                 max_tail_rows: int = 1_000_000, catch_up_seconds: float = 5.0):
+    def __init__(
+        self,
+        trades: Table,
+        bootstrap: str,
+        *,
+        topic: str = live_codec.TOPIC,
+        keep_minutes: float = 15,
+        max_tail_rows: int = 1_000_000,
+        catch_up_seconds: float = 5.0,
+    ):
         self.trades, self.bootstrap, self.topic = trades, bootstrap, topic
         self.keep_us = int(keep_minutes * 60e6)
         self.max_tail_rows = max_tail_rows
@@ -76,7 +85,7 @@ class RecentTrades:
     def query(self, symbol: str, minutes: float, *, now: datetime | None = None) -> pa.Table:
         """Trades of `symbol` with exchange time in [now - minutes, now], oldest first."""
         symbol = _validate(symbol, minutes)
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         start = now - timedelta(minutes=minutes)
         # The table first, then the tail: a row the writer committed was fetched before its commit,
         # so reading the tail afterwards (at least to the committed offsets) cannot miss it.
@@ -156,8 +165,13 @@ class RecentTrades:
     def _append(self, messages: list) -> None:
         if not messages:
             return
-        rows, _ = live_codec.decode_batch([m.value() or b"" for m in messages], self.topic, [m.partition() for m in messages],
-                                          [m.offset() for m in messages], source="recent_trades")
+        rows, _ = live_codec.decode_batch(
+            [m.value() or b"" for m in messages],
+            self.topic,
+            [m.partition() for m in messages],
+            [m.offset() for m in messages],
+            source="recent_trades",
+        )
         self.tail = rows if self.tail is None else pa.concat_tables([self.tail, rows])
         times = self.tail.column("exchange_timestamp")
         newest = pc.max(times).cast(pa.int64()).as_py()

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,35 +66,62 @@ def fetch_range(base_url: str, symbol: str, first: int, last: int, api_key: str 
         next_id = max(t["id"] for t in wanted) + 1
     have = {t["id"] for t in found}
     missing = [i for i in range(first, last + 1) if i not in have]
-    return found, (f"exchange has no trades with ids {missing[:10]}{'...' if len(missing) > 10 else ''} of {symbol}" if missing else None)
+    return found, (
+        f"exchange has no trades with ids {missing[:10]}{'...' if len(missing) > 10 else ''} of {symbol}" if missing else None
+    )
 
 
 def rows_from_rest(trades: list[dict], symbol: str, now: datetime) -> pa.Table:
     """Binance REST trades -> v2 rows, through the same codec as the live stream."""
     ingest_us = int(now.timestamp() * 1_000_000)
     values = [
-        live_codec.encode(live_codec.trade_from_event(
-            {"e": "trade", "E": t["time"], "s": symbol, "t": t["id"], "p": t["price"], "q": t["qty"], "T": t["time"],
-             "m": t["isBuyerMaker"], "M": t.get("isBestMatch", True)}, ingest_us))
+        live_codec.encode(
+            live_codec.trade_from_event(
+                {
+                    "e": "trade",
+                    "E": t["time"],
+                    "s": symbol,
+                    "t": t["id"],
+                    "p": t["price"],
+                    "q": t["qty"],
+                    "T": t["time"],
+                    "m": t["isBuyerMaker"],
+                    "M": t.get("isBestMatch", True),
+                },
+                ingest_us,
+            )
+        )
         for t in trades
     ]
     rows, rejected = live_codec.decode_batch(values, "", [0] * len(values), [0] * len(values), source="repair", now=now)
     if rejected.num_rows:
         raise ExchangeError(f"exchange returned trades K2 cannot accept: {rejected.column('reason').to_pylist()[:3]}")
     n = rows.num_rows
-    for name, value in (("kafka_topic", pa.nulls(n, pa.string())), ("kafka_partition", pa.nulls(n, pa.int32())),
-                        ("kafka_offset", pa.nulls(n, pa.int64())), ("source_file", pa.repeat(pa.scalar(REST_SOURCE), n))):
+    for name, value in (
+        ("kafka_topic", pa.nulls(n, pa.string())),
+        ("kafka_partition", pa.nulls(n, pa.int32())),
+        ("kafka_offset", pa.nulls(n, pa.int64())),
+        ("source_file", pa.repeat(pa.scalar(REST_SOURCE), n)),
+    ):
         rows = rows.set_column(rows.schema.get_field_index(name), rows.schema.field(name), value)
     return rows
 
 
-def repair_partition(trades: Table, gaps: Table, base_url: str, day: date, *, api_key: str | None = None,
-                     now: datetime | None = None) -> RepairReport:
+def repair_partition(
+    trades: Table, gaps: Table, base_url: str, day: date, *, api_key: str | None = None, now: datetime | None = None
+) -> RepairReport:
     """Fill every open gap of BINANCE trades on `day` from the exchange; one Iceberg commit for all rows."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     report = RepairReport()
-    open_gaps = gaps.scan(row_filter=And(And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat())),
-                                         IsNull("closed_at"))).to_arrow().to_pylist()
+    open_gaps = (
+        gaps.scan(
+            row_filter=And(
+                And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat())), IsNull("closed_at")
+            )
+        )
+        .to_arrow()
+        .to_pylist()
+    )
     fetched = []
     for gap in open_gaps:
         symbol, first, last = gap["symbol"], gap["first_missing"], gap["last_missing"]
@@ -119,8 +146,14 @@ def repair_partition(trades: Table, gaps: Table, base_url: str, day: date, *, ap
         rows = rows.filter(fresh)
         if rows.num_rows:
             keys = {key for key, _ in groups(rows)}
-            trades.append(rows.sort_by(writer.SORT_KEYS), snapshot_properties={
-                "k2.source": "binance_gap_repair", "k2.partition": day.isoformat(), KEYS_KEY: keys_property(keys)})
+            trades.append(
+                rows.sort_by(writer.SORT_KEYS),
+                snapshot_properties={
+                    "k2.source": "binance_gap_repair",
+                    "k2.partition": day.isoformat(),
+                    KEYS_KEY: keys_property(keys),
+                },
+            )
             report.written = rows.num_rows
     report.snapshot_id = trades.current_snapshot().snapshot_id if trades.current_snapshot() else None
     return report
@@ -131,4 +164,3 @@ def explanations(report: RepairReport) -> dict[str, list[tuple[int, int, str]]]:
     for (symbol, first, last), answer in report.unavailable.items():
         by_symbol.setdefault(symbol, []).append((first, last, answer))
     return by_symbol
-

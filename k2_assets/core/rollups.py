@@ -27,7 +27,6 @@ BUCKETS = {"1m": "1 minute", "5m": "5 minutes", "1h": "1 hour"}
 BUCKET_MICROS = {"1m": 60_000_000, "5m": 300_000_000, "1h": 3_600_000_000}
 
 
-
 # K2's one hardened DuckDB configuration: the rollups', also given to Dagster's DuckDBResource and (with its
 # own memory limit) to the query engine. In memory, two threads on this machine kind, a memory ceiling; the
 # data comes as registered Arrow tables, so SQL reads no file or URL, sees no Python variable, and loads
@@ -55,7 +54,10 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
         raise ValueError(f"interval must be one of {sorted(BUCKETS)}")
     width = BUCKET_MICROS[interval]
     con = session(con)
-    con.register("trades", trades.select(["exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity", "side"]))
+    con.register(
+        "trades",
+        trades.select(["exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity", "side"]),
+    )
     # The bucket as an integer and the (time, sequence) order as one HUGEINT key: both far cheaper to
     # group and compare than time_bucket() on timestamptz or a struct.
     return con.sql(f"""
@@ -79,8 +81,15 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
     """).to_arrow_table()
 
 
-def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], Decimal], complete_days: set[tuple[str, str]],
-                    snapshot_id: int, now: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+def one_minute_bars(
+    trades: pa.Table,
+    *,
+    previous_close: dict[tuple[str, str], Decimal],
+    complete_days: set[tuple[str, str]],
+    snapshot_id: int,
+    now: datetime | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> pa.Table:
     """1m bars of a trades partition, empty minutes filled where the exchange does so.
 
     previous_close: (exchange, symbol) -> close before this partition, so a day can open with filled
@@ -95,15 +104,26 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
             continue
         start, end = session_bounds(exchange, day)
         seed = previous_close.get((exchange, symbol))
-        fills.append((exchange, symbol, day, start if seed is not None else None,
-                      end - timedelta(minutes=1) if (exchange, symbol) in complete_days else None, seed))
-    grid = pa.table({
-        "exchange": pa.array([f[0] for f in fills], pa.string()), "symbol": pa.array([f[1] for f in fills], pa.string()),
-        "trade_date": pa.array([f[2] for f in fills], pa.date32()),
-        "grid_start": pa.array([f[3] for f in fills], pa.timestamp("us", tz="UTC")),
-        "grid_end": pa.array([f[4] for f in fills], pa.timestamp("us", tz="UTC")),
-        "seed_close": pa.array([f[5] for f in fills], pa.decimal128(18, 8)),
-    })
+        fills.append(
+            (
+                exchange,
+                symbol,
+                day,
+                start if seed is not None else None,
+                end - timedelta(minutes=1) if (exchange, symbol) in complete_days else None,
+                seed,
+            )
+        )
+    grid = pa.table(
+        {
+            "exchange": pa.array([f[0] for f in fills], pa.string()),
+            "symbol": pa.array([f[1] for f in fills], pa.string()),
+            "trade_date": pa.array([f[2] for f in fills], pa.date32()),
+            "grid_start": pa.array([f[3] for f in fills], pa.timestamp("us", tz="UTC")),
+            "grid_end": pa.array([f[4] for f in fills], pa.timestamp("us", tz="UTC")),
+            "seed_close": pa.array([f[5] for f in fills], pa.decimal128(18, 8)),
+        }
+    )
     con.register("grid", grid)
     bars = con.sql("""
         WITH spans AS (
@@ -113,11 +133,13 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
             GROUP BY g.exchange, g.symbol, g.trade_date, g.seed_close, g.grid_start, g.grid_end
         ),
         minutes AS (
-            SELECT exchange, symbol, trade_date, seed_close, unnest(generate_series(first_minute, last_minute, INTERVAL 1 minute)) AS bar_start
+            SELECT exchange, symbol, trade_date, seed_close,
+                   unnest(generate_series(first_minute, last_minute, INTERVAL 1 minute)) AS bar_start
             FROM spans
         ),
         joined AS (
-            SELECT m.exchange, m.symbol, m.trade_date, m.bar_start, m.seed_close, r.* EXCLUDE (exchange, symbol, trade_date, bar_start)
+            SELECT m.exchange, m.symbol, m.trade_date, m.bar_start, m.seed_close,
+                   r.* EXCLUDE (exchange, symbol, trade_date, bar_start)
             FROM minutes m LEFT JOIN raw r USING (exchange, symbol, trade_date, bar_start)
         ),
         carried AS (
@@ -143,8 +165,9 @@ def one_minute_bars(trades: pa.Table, *, previous_close: dict[tuple[str, str], D
     return _finish(bars, "1m", snapshot_id, now, con)
 
 
-def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None = None,
-           con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+def derive(
+    bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None = None, con: duckdb.DuckDBPyConnection | None = None
+) -> pa.Table:
     """Coarser bars from 1m bars: 5m and 1h by UTC bucket, 1d by session (trade_date)."""
     now = now or datetime.now(UTC)
     con = session(con)
@@ -179,9 +202,13 @@ def derive(bars: pa.Table, interval: str, snapshot_id: int, now: datetime | None
 def _finish(bars: pa.Table, interval: str, snapshot_id: int, now: datetime, con: duckdb.DuckDBPyConnection) -> pa.Table:
     """Add VWAP, interval and lineage columns and conform to the ohlcv_v1 contract."""
     con.register("b", bars)
-    vwap = con.sql("""
+    vwap = (
+        con.sql("""
         SELECT CASE WHEN volume > 0 THEN round(quote_volume::DOUBLE / volume::DOUBLE, 8)::DECIMAL(18,8) END AS vwap FROM b
-    """).to_arrow_table().column("vwap")
+    """)
+        .to_arrow_table()
+        .column("vwap")
+    )
     n = bars.num_rows
     columns = {name: bars.column(name) for name in bars.column_names}
     columns.update(

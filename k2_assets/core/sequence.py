@@ -25,7 +25,7 @@ import bisect
 import json
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -50,8 +50,14 @@ class Gap:
 
     def as_row(self) -> dict:
         return {
-            "exchange": self.exchange, "symbol": self.symbol, "session": self.session, "first": self.first, "last": self.last,
-            "detected_at": self.detected_at, "closed_at": self.closed_at, "closed_how": self.closed_how,
+            "exchange": self.exchange,
+            "symbol": self.symbol,
+            "session": self.session,
+            "first": self.first,
+            "last": self.last,
+            "detected_at": self.detected_at,
+            "closed_at": self.closed_at,
+            "closed_how": self.closed_how,
         }
 
 
@@ -78,8 +84,7 @@ class CheckResult:
 class SequenceTracker:
     """Tracks many streams of one exchange. Thread-safe; state can be saved and restored."""
 
-    def __init__(self, exchange: str, *, resets_each_session: bool, max_lookback: int = 10_000_000,
-                 max_open_gaps: int = 10_000):
+    def __init__(self, exchange: str, *, resets_each_session: bool, max_lookback: int = 10_000_000, max_open_gaps: int = 10_000):
         self.exchange = exchange
         self.resets_each_session = resets_each_session
         self.max_lookback = max_lookback
@@ -91,7 +96,7 @@ class SequenceTracker:
 
     def check(self, symbols, sequences, sessions=None, *, now: datetime | None = None) -> CheckResult:
         """Judge a batch of records (parallel arrays, arrival order)."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         seq = np.asarray(sequences, dtype=np.int64)
         n = len(seq)
         if self.resets_each_session and sessions is None:
@@ -206,7 +211,7 @@ class SequenceTracker:
 
     def close(self, symbol: str, first: int, last: int, how: str, now: datetime | None = None) -> list[Gap]:
         """Close [first, last] of a symbol's open gaps (repaired, or accepted as lost)."""
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         closed = []
         with self._lock:
             stream = self._streams.get(symbol)
@@ -234,8 +239,13 @@ class SequenceTracker:
             return {
                 "exchange": self.exchange,
                 "streams": {
-                    name: {"session": st.session, "high": st.high, "low": st.low, "gaps": st.gaps,
-                           "detected": [d.isoformat() for d in st.detected]}
+                    name: {
+                        "session": st.session,
+                        "high": st.high,
+                        "low": st.low,
+                        "gaps": st.gaps,
+                        "detected": [d.isoformat() for d in st.detected],
+                    }
                     for name, st in self._streams.items()
                 },
             }
@@ -245,8 +255,13 @@ class SequenceTracker:
             raise ValueError(f"state is for {state.get('exchange')}, not {self.exchange}")
         with self._lock:
             self._streams = {
-                name: _Stream(v["session"], v["high"], v["low"], [list(g) for g in v["gaps"]],
-                              [datetime.fromisoformat(d) for d in v["detected"]])
+                name: _Stream(
+                    v["session"],
+                    v["high"],
+                    v["low"],
+                    [list(g) for g in v["gaps"]],
+                    [datetime.fromisoformat(d) for d in v["detected"]],
+                )
                 for name, v in state["streams"].items()
             }
 

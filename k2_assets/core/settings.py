@@ -32,6 +32,7 @@ class Settings:
     metrics_host: str = _setting("K2_METRICS_HOST", "127.0.0.1", "address the /metrics endpoints bind to")
     writer_metrics_port: int = _setting("K2_WRITER_METRICS_PORT", "0", "the writer's /metrics port (0: none)")
     producer_metrics_port: int = _setting("K2_PRODUCER_METRICS_PORT", "0", "the producer's /metrics port (0: none)")
+    backup_dir: Path = _setting("K2_BACKUP_DIR", "{K2_HOME}/backups", "where the nightly catalog backups go")
     pushgateway_url: str = _setting("K2_PUSHGATEWAY_URL", "", "Prometheus Pushgateway for run metrics (empty: none)")
 
     @classmethod
@@ -63,4 +64,6 @@ def apply_defaults(env: dict[str, str] | os._Environ = os.environ) -> None:
 
 def describe() -> str:
     """Every setting with its variable and default (for `k2 --help`)."""
-    return "\n".join(f"{f.metadata['env']} (default {f.metadata['default'] or 'empty'}): {f.metadata['help']}" for f in fields(Settings))
+    return "\n".join(
+        f"{f.metadata['env']} (default {f.metadata['default'] or 'empty'}): {f.metadata['help']}" for f in fields(Settings)
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,7 +45,7 @@ def describe(path: Path, rel: str) -> SourceFile:
         digest = _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     except OSError as exc:
         return SourceFile(rel, error=one_line(exc))
-    return SourceFile(rel, stat.st_size, digest, datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc))
+    return SourceFile(rel, stat.st_size, digest, datetime.fromtimestamp(stat.st_mtime, tz=UTC))
 
 
 @lru_cache(maxsize=4096)
@@ -58,8 +58,15 @@ def _sha256(path: Path, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> 
     return digest.hexdigest()
 
 
-def file_rejects(files: list[SourceFile], *, source: str, partition_date: date, exchange: str, now: datetime,
-                 symbols: dict[str, str | None] | None = None) -> pa.Table:
+def file_rejects(
+    files: list[SourceFile],
+    *,
+    source: str,
+    partition_date: date,
+    exchange: str,
+    now: datetime,
+    symbols: dict[str, str | None] | None = None,
+) -> pa.Table:
     """One market.rejected record per file that could not be read: no line number, the reason, empty raw bytes."""
     bad = [f for f in files if f.error is not None]
     n = len(bad)
@@ -80,8 +87,16 @@ def file_rejects(files: list[SourceFile], *, source: str, partition_date: date, 
     return schemas.build_table(schemas.REJECTED, columns, n)
 
 
-def ledger_rows(files: list[SourceFile], *, source: str, partition_date: date, run_id: str, snapshot_id: int | None,
-                previous: dict[str, str], now: datetime) -> pa.Table:
+def ledger_rows(
+    files: list[SourceFile],
+    *,
+    source: str,
+    partition_date: date,
+    run_id: str,
+    snapshot_id: int | None,
+    previous: dict[str, str],
+    now: datetime,
+) -> pa.Table:
     """The market.source_files rows of one load; `previous` maps path -> sha256 at the source's last earlier load."""
     n = len(files)
     prior = [previous.get(f.path) for f in files]

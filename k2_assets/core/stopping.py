@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -28,7 +28,7 @@ class Stopper:
         print(f"{self.command}: {name}: stopping {self.what}; {name} again forces it", file=sys.stderr, flush=True)
         self._stop()
 
-    def install(self, loop=None) -> "Stopper":
+    def install(self, loop=None) -> Stopper:
         """Handle SIGINT and SIGTERM in this thread, or in an asyncio loop."""
         for signum in SIGNALS:
             if loop is not None:

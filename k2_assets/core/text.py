@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence]) -> str:
     """A markdown table; a `|` or a newline inside a cell is replaced, so the table keeps its shape."""
+
     def cell(value) -> str:
         return "" if value is None else str(value).replace("|", "/").replace("\n", " ")
 

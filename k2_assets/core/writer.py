@@ -31,8 +31,14 @@ def partition_filter(exchange: str, trade_date, symbols: list[str] | None = None
     return expr
 
 
-def replace_rows(table: Table, rows: pa.Table, where: BooleanExpression, *, keep: BooleanExpression | None = None,
-                 properties: dict[str, str] | None = None) -> WriteResult:
+def replace_rows(
+    table: Table,
+    rows: pa.Table,
+    where: BooleanExpression,
+    *,
+    keep: BooleanExpression | None = None,
+    properties: dict[str, str] | None = None,
+) -> WriteResult:
     """Delete what `where` matches and insert `rows`, atomically; reruns give the same table.
 
     `keep` selects rows that stay in the partition (e.g. live rows from Kafka): a new row whose

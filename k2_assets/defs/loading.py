@@ -19,16 +19,32 @@ from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import LOADS, publish
 
 
-def reconcile_gaps(iceberg: IcebergResource, stored: pa.Table, *, exchange: str, session_date: date, detected_by: str,
-                   explained: dict | None = None, filled_how: str = "late_arrival", answers: dict | None = None,
-                   gap_metrics: GapMetrics | None = None) -> pa.Table:
+def reconcile_gaps(
+    iceberg: IcebergResource,
+    stored: pa.Table,
+    *,
+    exchange: str,
+    session_date: date,
+    detected_by: str,
+    explained: dict | None = None,
+    filled_how: str = "late_arrival",
+    answers: dict | None = None,
+    gap_metrics: GapMetrics | None = None,
+) -> pa.Table:
     """Bring market.sequence_gaps up to date with a stored trades partition (counted in gap_metrics); the day's gap rows."""
     resets = exchange == "ASX"  # ASX numbers each session from 1; Binance trade ids run on across days
     last_before = None if resets else integrity.last_before(iceberg.table("trades"), exchange, session_date)
     return integrity.reconcile_partition(
-        iceberg.table("sequence_gaps"), integrity.partition_holes(stored, resets, last_before),
-        exchange=exchange, session_date=session_date, detected_by=detected_by, now=datetime.now(UTC),
-        explained=explained, filled_how=filled_how, answers=answers, metrics=gap_metrics,
+        iceberg.table("sequence_gaps"),
+        integrity.partition_holes(stored, resets, last_before),
+        exchange=exchange,
+        session_date=session_date,
+        detected_by=detected_by,
+        now=datetime.now(UTC),
+        explained=explained,
+        filled_how=filled_how,
+        answers=answers,
+        metrics=gap_metrics,
     )
 
 
@@ -63,12 +79,23 @@ def write_partition(
         moved = result.skipped_by_file.get(file.path, 0)
         file.written, file.duplicates = file.written - moved, file.duplicates + moved
     ledger_rows = record_files(context, iceberg, batch, source=source, session_date=session_date, snapshot_id=result.snapshot_id)
-    stored = iceberg.table(kind).scan(
-        row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id
-    ).to_arrow() if result.snapshot_id is not None else batch.rows.schema.empty_table()
+    stored = (
+        iceberg.table(kind)
+        .scan(row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id)
+        .to_arrow()
+        if result.snapshot_id is not None
+        else batch.rows.schema.empty_table()
+    )
     if kind == "trades":
-        reconcile_gaps(iceberg, stored, exchange=exchange, session_date=session_date, detected_by=source,
-                       explained=integrity.rejected_sequences(batch.rejected), gap_metrics=gap_metrics)
+        reconcile_gaps(
+            iceberg,
+            stored,
+            exchange=exchange,
+            session_date=session_date,
+            detected_by=source,
+            explained=integrity.rejected_sequences(batch.rejected),
+            gap_metrics=gap_metrics,
+        )
     metadata = {
         "dagster/row_count": stored.num_rows,
         "rows_read": batch.read,
@@ -81,7 +108,9 @@ def write_partition(
         "rows_duplicate_skipped": batch.duplicates + result.skipped_existing,
         "files": dg.MetadataValue.md(files_table(batch.files)),
         "unreadable_files": dg.MetadataValue.json({f.path: f.error for f in batch.files if f.error is not None}),
-        "changed_files": dg.MetadataValue.json(sorted(ledger_rows.filter(ledger_rows.column("changed")).column("path").to_pylist())),
+        "changed_files": dg.MetadataValue.json(
+            sorted(ledger_rows.filter(ledger_rows.column("changed")).column("path").to_pylist())
+        ),
         **summary(batch.rows),
         **(extra_metadata or {}),
     }
@@ -96,16 +125,31 @@ def write_partition(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, batch: Batch, *, source: str, session_date: date,
-                 snapshot_id: int | None) -> pa.Table:
+def record_files(
+    context: dg.AssetExecutionContext,
+    iceberg: IcebergResource,
+    batch: Batch,
+    *,
+    source: str,
+    session_date: date,
+    snapshot_id: int | None,
+) -> pa.Table:
     """The load's rows in market.source_files, flagging files whose bytes changed since their last load."""
     table = iceberg.table("source_files")
     run_id = context.run.run_id
-    earlier = table.scan(row_filter=And(EqualTo("source", source), NotEqualTo("run_id", run_id)),
-                         selected_fields=("path", "sha256", "loaded_at")).to_arrow()
+    earlier = table.scan(
+        row_filter=And(EqualTo("source", source), NotEqualTo("run_id", run_id)), selected_fields=("path", "sha256", "loaded_at")
+    ).to_arrow()
     previous = {row["path"]: row["sha256"] for row in earlier.sort_by("loaded_at").to_pylist()}  # the latest wins
-    rows = source_files.ledger_rows(batch.files, source=source, partition_date=session_date, run_id=run_id,
-                                    snapshot_id=snapshot_id, previous=previous, now=datetime.now(UTC))
+    rows = source_files.ledger_rows(
+        batch.files,
+        source=source,
+        partition_date=session_date,
+        run_id=run_id,
+        snapshot_id=snapshot_id,
+        previous=previous,
+        now=datetime.now(UTC),
+    )
     # Appended: a run loads its partition once (K2 sets no step retries; a re-execution is a new run).
     if rows.num_rows:
         table.append(rows, snapshot_properties={"k2.source": source, "k2.run_id": run_id})
@@ -119,21 +163,29 @@ def record_files(context: dg.AssetExecutionContext, iceberg: IcebergResource, ba
 
 def files_table(files: list[source_files.SourceFile]) -> str:
     """Per vendor file: what became of its lines (markdown, shown in the UI)."""
-    return markdown_table(("file", "read", "written", "rejected", "duplicates", "error"),
-                          ((f.path, f.read, f.written, f.rejected, f.duplicates, f.error) for f in files))
+    return markdown_table(
+        ("file", "read", "written", "rejected", "duplicates", "error"),
+        ((f.path, f.read, f.written, f.rejected, f.duplicates, f.error) for f in files),
+    )
 
 
 def summary(rows: pa.Table) -> dict:
     """Symbols, per-symbol counts and the time range of what was written."""
     if rows.num_rows == 0:
         return {"symbols": dg.MetadataValue.json([])}
-    per_symbol = rows.group_by("symbol").aggregate(
-        [("symbol", "count"), ("exchange_timestamp", "min"), ("exchange_timestamp", "max")]
-    ).sort_by("symbol")
+    per_symbol = (
+        rows.group_by("symbol")
+        .aggregate([("symbol", "count"), ("exchange_timestamp", "min"), ("exchange_timestamp", "max")])
+        .sort_by("symbol")
+    )
     columns = ("symbol", "symbol_count", "exchange_timestamp_min", "exchange_timestamp_max")
-    table = markdown_table(("symbol", "rows", "first (UTC)", "last (UTC)"), (
-        (s, n, f"{first:%Y-%m-%d %H:%M:%S.%f}", f"{last:%Y-%m-%d %H:%M:%S.%f}")
-        for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in columns))))
+    table = markdown_table(
+        ("symbol", "rows", "first (UTC)", "last (UTC)"),
+        (
+            (s, n, f"{first:%Y-%m-%d %H:%M:%S.%f}", f"{last:%Y-%m-%d %H:%M:%S.%f}")
+            for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in columns))
+        ),
+    )
     ts = rows.column("exchange_timestamp")
     return {
         "symbols": dg.MetadataValue.json(per_symbol.column("symbol").to_pylist()),
@@ -141,4 +193,3 @@ def summary(rows: pa.Table) -> dict:
         "first_timestamp": pc.min(ts).as_py().isoformat(),
         "last_timestamp": pc.max(ts).as_py().isoformat(),
     }
-

@@ -5,7 +5,6 @@ from the UI or `k2 check run`, on any partition. A materialization selects its a
 them to the run); blocking rules block what is downstream.
 """
 
-
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +42,9 @@ class Materialization:
 
 
 def latest_materialization(instance: dg.DagsterInstance, asset: dg.AssetKey, partition: str) -> Materialization:
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[partition]), limit=1).records
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[partition]), limit=1
+    ).records
     if not records:
         return Materialization(None, None, None)
     metadata = records[0].asset_materialization.metadata
@@ -56,8 +57,15 @@ def latest_materialization(instance: dg.DagsterInstance, asset: dg.AssetKey, par
     return Materialization(snapshot("snapshot_id"), snapshot("rejected_snapshot_id"), records[0].run_id)
 
 
-def rule_checks(asset: str, kind: str, exchange: str, partitions_def: dg.PartitionsDefinition, *, files: bool = False,
-                without: tuple[str, ...] = ()) -> list[dg.AssetChecksDefinition]:
+def rule_checks(
+    asset: str,
+    kind: str,
+    exchange: str,
+    partitions_def: dg.PartitionsDefinition,
+    *,
+    files: bool = False,
+    without: tuple[str, ...] = (),
+) -> list[dg.AssetChecksDefinition]:
     """One asset check per rule of `kind` on `asset` (its partitions are `exchange`'s session dates in market.<kind>).
 
     Each check is an op of its own, so one can run alone (a job's op selection in the UI, `k2 check run`); the
@@ -75,12 +83,16 @@ def rule_checks(asset: str, kind: str, exchange: str, partitions_def: dg.Partiti
             # A catalog outage delays the checks instead of failing their run.
             stored, snapshot, outcomes = StoreHealth(logger=context.log).call(
                 lambda: evaluate(iceberg, kind, exchange, day, asset, done, [rule.name for rule in every]),
-                f"reading the {context.partition_key} partition of market.{kind}", deadline=time.monotonic() + OUTAGE_WAIT_SECONDS)
+                f"reading the {context.partition_key} partition of market.{kind}",
+                deadline=time.monotonic() + OUTAGE_WAIT_SECONDS,
+            )
             _evaluations[cache_key] = _Evaluation(stored.num_rows, snapshot, done.run_id, outcomes)
         return _evaluations[cache_key]
 
     def check_for(rule: checks.Rule) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=key, name=rule.name, description=rule.description, blocking=rule.blocking, partitions_def=partitions_def)
+        @dg.asset_check(
+            asset=key, name=rule.name, description=rule.description, blocking=rule.blocking, partitions_def=partitions_def
+        )
         def _check(context: dg.AssetCheckExecutionContext, iceberg: IcebergResource) -> dg.AssetCheckResult:
             evaluation = evaluated(context, iceberg)
             outcome = evaluation.outcomes[rule.name]
@@ -112,32 +124,53 @@ class _Evaluation:
 _evaluations: dict[tuple[str, str, str], _Evaluation] = {}
 
 
-def evaluate(iceberg: IcebergResource, kind: str, exchange: str, day: date, source: str, done: Materialization,
-             selected: list[str]) -> tuple[pa.Table, int | None, dict[str, checks.Outcome]]:
+def evaluate(
+    iceberg: IcebergResource, kind: str, exchange: str, day: date, source: str, done: Materialization, selected: list[str]
+) -> tuple[pa.Table, int | None, dict[str, checks.Outcome]]:
     """The selected rules on the partition as stored at `done`'s snapshot (the current one if it recorded none)."""
     table = iceberg.table(kind)
     snapshot = done.snapshot_id or table.metadata.current_snapshot_id
-    stored = table.scan(row_filter=partition_filter(exchange, day), snapshot_id=snapshot).to_arrow() \
-        if snapshot is not None else table.schema().as_arrow().empty_table()
-    outcomes = checks.validate(checks.to_frame(stored), kind, exchange, day) if stored.num_rows else \
-        {rule.name: checks.Outcome(rule) for rule in checks.rules(kind)}
+    stored = (
+        table.scan(row_filter=partition_filter(exchange, day), snapshot_id=snapshot).to_arrow()
+        if snapshot is not None
+        else table.schema().as_arrow().empty_table()
+    )
+    outcomes = (
+        checks.validate(checks.to_frame(stored), kind, exchange, day)
+        if stored.num_rows
+        else {rule.name: checks.Outcome(rule) for rule in checks.rules(kind)}
+    )
     wanted = set(selected)
     if integrity.NO_UNEXPLAINED_GAPS.name in wanted:
         gaps = iceberg.table("sequence_gaps")
         rows = gaps.scan(row_filter=And(EqualTo("exchange", exchange), EqualTo("session_date", day.isoformat()))).to_arrow()
         outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(rows)
     if integrity.TIME_MONOTONIC.name in wanted:
-        outcomes[integrity.TIME_MONOTONIC.name] = integrity.time_disorder(stored) if stored.num_rows else \
-            checks.Outcome(integrity.TIME_MONOTONIC)
+        outcomes[integrity.TIME_MONOTONIC.name] = (
+            integrity.time_disorder(stored) if stored.num_rows else checks.Outcome(integrity.TIME_MONOTONIC)
+        )
     if wanted & {rule.name for rule in ledger.RULES}:
-        files = iceberg.table("source_files").scan(row_filter=And(EqualTo("source", source), EqualTo("partition_date", day.isoformat()),
-                                                                  EqualTo("run_id", done.run_id or ""))).to_arrow()
-        rejected = iceberg.table("rejected").scan(
-            row_filter=And(EqualTo("source", source), EqualTo("partition_date", day.isoformat())),
-            snapshot_id=done.rejected_snapshot_id).to_arrow()
+        files = (
+            iceberg.table("source_files")
+            .scan(
+                row_filter=And(
+                    EqualTo("source", source), EqualTo("partition_date", day.isoformat()), EqualTo("run_id", done.run_id or "")
+                )
+            )
+            .to_arrow()
+        )
+        rejected = (
+            iceberg.table("rejected")
+            .scan(
+                row_filter=And(EqualTo("source", source), EqualTo("partition_date", day.isoformat())),
+                snapshot_id=done.rejected_snapshot_id,
+            )
+            .to_arrow()
+        )
         outcomes[ledger.FILES_READABLE.name] = ledger.readable_outcome(files)
-        outcomes[ledger.LINES_ACCOUNTED.name] = ledger.accounted_outcome(files, stored, rejected) if done.run_id else \
-            _never_loaded()
+        outcomes[ledger.LINES_ACCOUNTED.name] = (
+            ledger.accounted_outcome(files, stored, rejected) if done.run_id else _never_loaded()
+        )
     return stored, snapshot, outcomes
 
 
@@ -145,4 +178,3 @@ def _never_loaded() -> checks.Outcome:
     outcome = checks.Outcome(ledger.LINES_ACCOUNTED, failed=1)
     outcome.sample = [{"problems": ["the partition has no materialization, so no load to account for"]}]
     return outcome
-

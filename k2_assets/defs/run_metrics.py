@@ -19,7 +19,8 @@ LOADS = "k2_loads"  # asx_trades, asx_quotes, binance_trades_history
 ROLLUPS = "k2_rollups"  # ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d
 GAP_REPAIR = "k2_gap_repair"  # binance_trades (the repair run of a day)
 MAINTENANCE = "k2_maintenance"  # table maintenance ops
-JOBS = (LOADS, ROLLUPS, GAP_REPAIR, MAINTENANCE)
+BACKUP = "k2_backup"  # the catalog backup op (and `k2 catalog backup`)
+JOBS = (LOADS, ROLLUPS, GAP_REPAIR, MAINTENANCE, BACKUP)
 
 
 def grouping_key(context: dg.OpExecutionContext | dg.AssetExecutionContext) -> dict[str, str]:

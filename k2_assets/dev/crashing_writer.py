@@ -1,6 +1,6 @@
 """`k2 writer` that SIGKILLs itself at the stage K2_WRITER_CRASH_POINT names, for the tests that prove recovery from there.
 
-    K2_WRITER_CRASH_POINT=after_trades_commit python -m k2_assets.dev.crashing_writer [k2 writer options]
+K2_WRITER_CRASH_POINT=after_trades_commit python -m k2_assets.dev.crashing_writer [k2 writer options]
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def main() -> None:
         if stage == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    command = click.Command("crashing_writer", params=writer.params, callback=functools.partial(run, stage_hook=crash),
-                            help=f"`k2 writer`, SIGKILLed at {point}.")
+    command = click.Command(
+        "crashing_writer",
+        params=writer.params,
+        callback=functools.partial(run, stage_hook=crash),
+        help=f"`k2 writer`, SIGKILLed at {point}.",
+    )
     command.main(prog_name="python -m k2_assets.dev.crashing_writer")
 
 

@@ -218,8 +218,9 @@ def _asx_company(rng: np.random.Generator, co: Company, days: list[date], bad_ro
         dup = (kinds == CONT) & (rng.random(n) < 0.015)
         reps += dup + (dup & (rng.random(n) < 0.2))
     t_idx = np.repeat(np.flatnonzero(is_trade), reps[is_trade])
-    trades, bad = _asx_trade_lines(rng, days, day[t_idx], times[t_idx], price[t_idx], volume[t_idx],
-                                   qualifier[t_idx], venue[t_idx], bad_row_rate)
+    trades, bad = _asx_trade_lines(
+        rng, days, day[t_idx], times[t_idx], price[t_idx], volume[t_idx], qualifier[t_idx], venue[t_idx], bad_row_rate
+    )
     duplicates = sum(a == b for a, b in itertools.pairwise(trades))
 
     q = ~is_trade
@@ -235,8 +236,9 @@ def _asx_company(rng: np.random.Generator, co: Company, days: list[date], bad_ro
     dates = _dates(days, day[q])
     quotes = [
         f"{d},{t},{b},{a},{bv},{av}"
-        for d, t, b, a, bv, av in zip(dates, _clock(times[q]), _strings(bid_q, asx_price), _strings(ask_q, asx_price),
-                                      bid_vol.tolist(), ask_vol.tolist())
+        for d, t, b, a, bv, av in zip(
+            dates, _clock(times[q]), _strings(bid_q, asx_price), _strings(ask_q, asx_price), bid_vol.tolist(), ask_vol.tolist()
+        )
     ]
     return trades, bad, duplicates, quotes
 
@@ -273,8 +275,7 @@ def _asx_trade_lines(rng, days, day, times, price, volume, qualifier, venue, bad
         else:
             clock[i] = "25:61:00.000"
     lines = [
-        f"{d},{t},{p},{v},{q},{ven},"
-        for d, t, p, v, q, ven in zip(dates, clock, prices, volumes, qualifier.tolist(), venues)
+        f"{d},{t},{p},{v},{q},{ven}," for d, t, p, v, q, ven in zip(dates, clock, prices, volumes, qualifier.tolist(), venues)
     ]
     for i in missing:
         lines[i] = lines[i][:-1]  # drop the (empty) BuyerID column
@@ -353,8 +354,9 @@ def _apply_binance_bad(bad, prices, qtys, makers) -> dict:
     return counts
 
 
-def _binance_trades(rng, sym: BinanceSymbol, day: date, first_id: int, log_price: float, n: int,
-                    bad_row_rate: float, legacy_header: bool):
+def _binance_trades(
+    rng, sym: BinanceSymbol, day: date, first_id: int, log_price: float, n: int, bad_row_rate: float, legacy_header: bool
+):
     times, leader = _binance_times(rng, day, n)
     log_prices = log_price + np.cumsum(rng.normal(0, sym.daily_vol / np.sqrt(n), n))
     maker = (rng.random(n) < 0.5)[leader]
@@ -389,9 +391,10 @@ def _binance_agg_trades(rng, day: date, n: int, bad_row_rate: float):
     makers = ["True" if m else "False" for m in maker.tolist()]
     counts = _apply_binance_bad(_binance_bad(rng, n, bad_row_rate), prices, qtys, makers)
     lines = [
-        f"{i},{p},{q},{f},{l},{t},{m},True"
-        for i, p, q, f, l, t, m in zip(range(AGG_FIRST_ID, AGG_FIRST_ID + n), prices, qtys, first.tolist(),
-                                        last.tolist(), times.tolist(), makers)
+        f"{i},{p},{q},{first_id},{last_id},{t},{m},True"
+        for i, p, q, first_id, last_id, t, m in zip(
+            range(AGG_FIRST_ID, AGG_FIRST_ID + n), prices, qtys, first.tolist(), last.tolist(), times.tolist(), makers
+        )
     ]
     return lines, counts
 
@@ -420,8 +423,7 @@ def _generate_binance(rng, out: Path, dates: Sequence[date], rows_per_day: int, 
         lines, bad = _binance_agg_trades(rng, dates[0], max(rows_per_day // 10, 1), bad_row_rate)
         path = out / f"{AGG_SYMBOL}-aggTrades-{dates[0]:%Y-%m-%d}.csv"
         _write(path, lines, "\n")
-        files[path] = {"rows": len(lines), "bad_rows": bad, "first_id": AGG_FIRST_ID,
-                       "last_id": AGG_FIRST_ID + len(lines) - 1}
+        files[path] = {"rows": len(lines), "bad_rows": bad, "first_id": AGG_FIRST_ID, "last_id": AGG_FIRST_ID + len(lines) - 1}
     return files
 
 

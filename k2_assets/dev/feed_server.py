@@ -110,8 +110,12 @@ def _eight_dp(text: str) -> str:
     return f"{whole}.{frac[:8]:0<8}"
 
 
-def random_walk(symbols: Iterable[str] | str, start_prices: dict[str, str | float] | None = None, seed: int = 0,
-                start_time_ms: int | None = None) -> Iterator[dict]:
+def random_walk(
+    symbols: Iterable[str] | str,
+    start_prices: dict[str, str | float] | None = None,
+    seed: int = 0,
+    start_time_ms: int | None = None,
+) -> Iterator[dict]:
     """Endless trades for `symbols`: a random walk on a 0.01 tick, contiguous ids per symbol, in time order."""
     if isinstance(symbols, str):
         symbols = symbols.split(",")
@@ -163,15 +167,24 @@ Row = tuple[int, str, dict, int]
 def _event_tail(trade: dict) -> bytes:
     """A trade event after its "E" field: the part that does not change between sends."""
     # Formatted rather than dumped (a third of the cost); symbols and decimals need no escaping.
-    return (f',"s":"{trade["symbol"]}","t":{trade["trade_id"]},"p":"{trade["price"]}","q":"{trade["qty"]}",'
-            f'"T":{trade["time_ms"]},"m":{"true" if trade["is_buyer_maker"] else "false"},"M":true}}').encode()
+    return (
+        f',"s":"{trade["symbol"]}","t":{trade["trade_id"]},"p":"{trade["price"]}","q":"{trade["qty"]}",'
+        f'"T":{trade["time_ms"]},"m":{"true" if trade["is_buyer_maker"] else "false"},"M":true}}'
+    ).encode()
 
 
 def _rest_trade(trade: dict) -> dict:
     """A trade as /api/v3/historicalTrades prints it."""
     quote = (Decimal(trade["price"]) * Decimal(trade["qty"])).quantize(Decimal("0.00000001"), ROUND_HALF_UP)
-    return {"id": trade["trade_id"], "price": trade["price"], "qty": trade["qty"], "quoteQty": f"{quote:f}",
-            "time": trade["time_ms"], "isBuyerMaker": bool(trade["is_buyer_maker"]), "isBestMatch": True}
+    return {
+        "id": trade["trade_id"],
+        "price": trade["price"],
+        "qty": trade["qty"],
+        "quoteQty": f"{quote:f}",
+        "time": trade["time_ms"],
+        "isBuyerMaker": bool(trade["is_buyer_maker"]),
+        "isBestMatch": True,
+    }
 
 
 class _Market:
@@ -304,13 +317,28 @@ class FeedServer:
     are kept for replays and REST.
     """
 
-    def __init__(self, source: Iterable[dict], *, host: str = "127.0.0.1", port: int = 0,
-                 rate: float | None = None, speedup: float | None = None, shared_cursor: bool = True,
-                 ping_interval: float | None = 20.0, ping_timeout: float | None = 60.0,
-                 drop_every: int | None = None, max_connection_seconds: float | None = None,
-                 skip_ids: Iterable[int] = (), skip_ids_ratio: float = 0.0, duplicate_ratio: float = 0.0,
-                 out_of_order_ratio: float = 0.0, malformed_ratio: float = 0.0, seed: int = 0,
-                 symbols: Iterable[str] | None = None, history_limit: int = 200_000):
+    def __init__(
+        self,
+        source: Iterable[dict],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rate: float | None = None,
+        speedup: float | None = None,
+        shared_cursor: bool = True,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 60.0,
+        drop_every: int | None = None,
+        max_connection_seconds: float | None = None,
+        skip_ids: Iterable[int] = (),
+        skip_ids_ratio: float = 0.0,
+        duplicate_ratio: float = 0.0,
+        out_of_order_ratio: float = 0.0,
+        malformed_ratio: float = 0.0,
+        seed: int = 0,
+        symbols: Iterable[str] | None = None,
+        history_limit: int = 200_000,
+    ):
         if rate is not None and speedup is not None:
             raise ValueError("pace by rate or by speedup, not both")
         if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
@@ -332,8 +360,21 @@ class FeedServer:
         self._server: Server | None = None
         self._connections = 0
         self.stats: dict[str, int] = dict.fromkeys(
-            ("connections", "frames", "events", "duplicates", "skipped", "malformed", "out_of_order",
-             "drops", "expired", "control_messages", "rest_requests"), 0)
+            (
+                "connections",
+                "frames",
+                "events",
+                "duplicates",
+                "skipped",
+                "malformed",
+                "out_of_order",
+                "drops",
+                "expired",
+                "control_messages",
+                "rest_requests",
+            ),
+            0,
+        )
 
     # lifecycle
 
@@ -358,10 +399,15 @@ class FeedServer:
     async def start(self) -> Self:
         self._market.pull()  # learn the symbols before the first REST call
         self._server = await serve(
-            self._handle, self.host, self.port, process_request=self._process_request,
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._process_request,
             compression=None,  # Binance negotiates none, and frames are written pre-encoded (see _write)
-            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-            write_limit=2**20)  # a deep send buffer lets the next batch be built while the client reads
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            write_limit=2**20,
+        )  # a deep send buffer lets the next batch be built while the client reads
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -403,8 +449,15 @@ class FeedServer:
             reader.cancel()
             peer = ws.remote_address[:2] if ws.remote_address else ("?", 0)
             reason = conn.reason or f"closed, code {ws.close_code} {ws.close_reason or ''}".rstrip()
-            log.info("connection %d from %s:%s %s: sent %d frames, now at position %d; %s", conn.number, *peer,
-                     ws.request.path, conn.sent, conn.pos, reason)
+            log.info(
+                "connection %d from %s:%s %s: sent %d frames, now at position %d; %s",
+                conn.number,
+                *peer,
+                ws.request.path,
+                conn.sent,
+                conn.pos,
+                reason,
+            )
 
     async def _read(self, conn: _Connection) -> None:
         """Answer Binance's live control messages (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, ...)."""
@@ -435,8 +488,12 @@ class FeedServer:
             return {"result": None, "id": request_id}
         if method == "GET_PROPERTY" and params == ["combined"]:
             return {"result": conn.combined, "id": request_id}
-        return {"code": 2, "msg": f"Invalid request: unknown variant {method!r}, expected one of SUBSCRIBE, "
-                "UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY", "id": request_id}
+        return {
+            "code": 2,
+            "msg": f"Invalid request: unknown variant {method!r}, expected one of SUBSCRIBE, "
+            "UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY, GET_PROPERTY",
+            "id": request_id,
+        }
 
     async def _pump(self, conn: _Connection) -> None:
         """Send the market to one connection, paced, with the configured faults, until it closes."""
@@ -552,8 +609,13 @@ class FeedServer:
         parts = []
         for payload in payloads[:-1]:
             n = len(payload)
-            parts.append(struct.pack("!BB", 0x81, n) if n < 126 else
-                         struct.pack("!BBH", 0x81, 126, n) if n < 65536 else struct.pack("!BBQ", 0x81, 127, n))
+            parts.append(
+                struct.pack("!BB", 0x81, n)
+                if n < 126
+                else struct.pack("!BBH", 0x81, 126, n)
+                if n < 65536
+                else struct.pack("!BBQ", 0x81, 127, n)
+            )
             parts.append(payload)
         if parts and ws.state is State.OPEN:
             ws.transport.write(b"".join(parts))
@@ -586,8 +648,13 @@ class FeedServer:
                 if query["symbol"].upper() not in symbols:
                     return 400, {"code": -1121, "msg": "Invalid symbol."}
                 symbols = [query["symbol"].upper()]
-            return 200, {"timezone": "UTC", "serverTime": int(time.time() * 1000), "rateLimits": [], "exchangeFilters": [],
-                         "symbols": [_symbol_info(s) for s in symbols]}
+            return 200, {
+                "timezone": "UTC",
+                "serverTime": int(time.time() * 1000),
+                "rateLimits": [],
+                "exchangeFilters": [],
+                "symbols": [_symbol_info(s) for s in symbols],
+            }
         if path in ("/api/v3/historicalTrades", "/api/v3/trades"):
             return self._trades(query, from_id_allowed=path.endswith("historicalTrades"))
         return 404, {"code": -1000, "msg": f"Unknown endpoint {path}."}
@@ -614,11 +681,21 @@ class FeedServer:
 
 def _symbol_info(symbol: str) -> dict:
     quote = quote_currency(symbol) or symbol[-4:]
-    return {"symbol": symbol, "status": "TRADING", "baseAsset": symbol[: -len(quote)], "baseAssetPrecision": 8,
-            "quoteAsset": quote, "quotePrecision": 8, "quoteAssetPrecision": 8, "orderTypes": ["LIMIT", "MARKET"],
-            "isSpotTradingAllowed": True, "permissions": ["SPOT"],
-            "filters": [{"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000",
-                         "tickSize": "0.01000000"}]}
+    return {
+        "symbol": symbol,
+        "status": "TRADING",
+        "baseAsset": symbol[: -len(quote)],
+        "baseAssetPrecision": 8,
+        "quoteAsset": quote,
+        "quotePrecision": 8,
+        "quoteAssetPrecision": 8,
+        "orderTypes": ["LIMIT", "MARKET"],
+        "isSpotTradingAllowed": True,
+        "permissions": ["SPOT"],
+        "filters": [
+            {"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"}
+        ],
+    }
 
 
 # --- running it ------------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def session_dates(exchange: str | None, start: datetime | None, end: datetime | 
     return lo, hi
 
 
-def row_scope(exchange: str | None, symbol: str | None, start: datetime | None, end: datetime | None,
-              session: date | None) -> Scope:
+def row_scope(
+    exchange: str | None, symbol: str | None, start: datetime | None, end: datetime | None, session: date | None
+) -> Scope:
     """The scope of a row query: its exchange and symbol, and the session dates its time range (and trade_date) allow."""
     lo, hi = session_dates(exchange, start, end)
     if session is not None:
@@ -111,5 +112,10 @@ class ArrowCache:
     def info(self) -> dict:
         """Hits, misses, entries and bytes held."""
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self._bytes,
-                    "max_bytes": self.max_bytes}
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+            }

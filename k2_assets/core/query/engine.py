@@ -65,8 +65,19 @@ class QueryEngine:
     daily_summary) run wholly in DuckDB.
     """
 
-    def __init__(self, catalog: Catalog, *, timeout_s: float = 10.0, memory_limit: str = "1GB", threads: int | None = None,
-                 cache_bytes: int = 512 * 1024 * 1024, refresh_ms: float = 1000.0):
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        timeout_s: float = 10.0,
+        memory_limit: str = "1GB",
+        threads: int | None = None,
+        cache_bytes: int = 512 * 1024 * 1024,
+        refresh_ms: float = 1000.0,
+        connection: duckdb.DuckDBPyConnection | None = None,
+    ):
+        """`connection`: an open DuckDB connection to run on, such as dagster_duckdb's `DuckDBResource.get_connection()`
+        when Dagster runs the engine (it has the same hardened configuration); by default the engine opens its own."""
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise InvalidValue(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
         if not isinstance(memory_limit, str) or not MEMORY_LIMIT.match(memory_limit):
@@ -86,7 +97,13 @@ class QueryEngine:
         self._tables: dict[str, tuple[Table | None, float]] = {}
         self._tables_lock = threading.Lock()
         self._watchdog = Watchdog()
-        self._con = duckdb.connect(":memory:", config={**DUCKDB_CONFIG, "threads": threads, "memory_limit": self.memory_limit})
+        if connection is None:
+            connection = duckdb.connect(
+                ":memory:", config={**DUCKDB_CONFIG, "threads": threads, "memory_limit": self.memory_limit}
+            )
+        self._con = connection
+        self._con.execute(f"SET threads = {threads}")
+        self._con.execute(f"SET memory_limit = '{self.memory_limit}'")  # validated against MEMORY_LIMIT above
         self._con.execute("SET TimeZone = 'UTC'")
         # Locked last: no query can lift the limits or turn file access back on.
         self._con.execute("SET lock_configuration = true")
@@ -120,8 +137,18 @@ class QueryEngine:
 
     # ------------------------------------------------------------ public queries
 
-    def trades(self, exchange: str | None = None, symbol: str | None = None, start=None, end=None, as_of=None,
-               limit: int = DEFAULT_TRADES_LIMIT, *, trade_date=None, columns: Iterable[str] | None = None) -> pa.Table:
+    def trades(
+        self,
+        exchange: str | None = None,
+        symbol: str | None = None,
+        start=None,
+        end=None,
+        as_of=None,
+        limit: int = DEFAULT_TRADES_LIMIT,
+        *,
+        trade_date=None,
+        columns: Iterable[str] | None = None,
+    ) -> pa.Table:
         """Trades with exchange time in [start, end), oldest first (then by exchange, symbol, sequence), at most `limit`.
 
         `trade_date` (optional) restricts to one session date of the exchange (ASX: the Sydney date);
@@ -134,8 +161,19 @@ class QueryEngine:
         scope = row_scope(exchange, symbol, start_t, end_t, session)
         return self._rows("trades", schemas.TRADE, scope, as_of, "exchange_timestamp", start_t, end_t, TRADE_ORDER, limit, cols)
 
-    def bars(self, interval: str = "1m", exchange: str | None = None, symbol: str | None = None, start=None, end=None,
-             as_of=None, limit: int = DEFAULT_BARS_LIMIT, *, trade_date=None, columns: Iterable[str] | None = None) -> pa.Table:
+    def bars(
+        self,
+        interval: str = "1m",
+        exchange: str | None = None,
+        symbol: str | None = None,
+        start=None,
+        end=None,
+        as_of=None,
+        limit: int = DEFAULT_BARS_LIMIT,
+        *,
+        trade_date=None,
+        columns: Iterable[str] | None = None,
+    ) -> pa.Table:
         """OHLCV bars of `interval` (1m, 5m, 1h, 1d) with bar_start in [start, end), oldest first, at most `limit`."""
         if not isinstance(interval, str) or interval not in INTERVALS:
             raise UnknownInterval(f"unknown interval {interval!r}; allowed intervals are {', '.join(INTERVALS)}")
@@ -162,8 +200,9 @@ class QueryEngine:
         data = self._scan(handle, table, TABLES_SCHEMA[table], snapshot_id, Scope(exchange), ("exchange", "symbol", "trade_date"))
         return utc(self._execute(sql, params, data))
 
-    def daily_summary(self, exchange: str | None = None, symbol: str | None = None, *, start_date, end_date,
-                      as_of=None) -> pa.Table:
+    def daily_summary(
+        self, exchange: str | None = None, symbol: str | None = None, *, start_date, end_date, as_of=None
+    ) -> pa.Table:
         """Per session date and symbol: trades, volume, first/last time, open/high/low/close.
 
         Open and close are the prices of the first and last trade by (exchange time, sequence);
@@ -200,8 +239,19 @@ class QueryEngine:
 
     # ------------------------------------------------------------ internals
 
-    def _rows(self, table: str, schema_name: str, scope: Scope, as_of, time_column: str, start: datetime | None,
-              end: datetime | None, order: tuple[str, ...], limit: int, columns: tuple[str, ...]) -> pa.Table:
+    def _rows(
+        self,
+        table: str,
+        schema_name: str,
+        scope: Scope,
+        as_of,
+        time_column: str,
+        start: datetime | None,
+        end: datetime | None,
+        order: tuple[str, ...],
+        limit: int,
+        columns: tuple[str, ...],
+    ) -> pa.Table:
         """A row query, late-materialized.
 
         The Iceberg scan applies exchange, symbol and trade_date exactly (pyiceberg filters rows, not
@@ -252,8 +302,17 @@ class QueryEngine:
             )
         return snapshot.snapshot_id
 
-    def _scan(self, handle: Table | None, name: str, schema_name: str, snapshot_id: int | None, scope: Scope,
-              columns: tuple[str, ...], *, order: tuple[str, ...] = ()) -> pa.Table:
+    def _scan(
+        self,
+        handle: Table | None,
+        name: str,
+        schema_name: str,
+        snapshot_id: int | None,
+        scope: Scope,
+        columns: tuple[str, ...],
+        *,
+        order: tuple[str, ...] = (),
+    ) -> pa.Table:
         """The Arrow data of `scope` at `snapshot_id`, from the cache or an Iceberg scan (then cached).
 
         With `order`, the rows are sorted by it and numbered in ROW_ID.
@@ -274,8 +333,9 @@ class QueryEngine:
             self._cache.put(key, data)
         return data
 
-    def _check_symbol(self, handle, name: str, schema_name: str, snapshot_id: int | None, exchange: str | None,
-                      symbol: str) -> None:
+    def _check_symbol(
+        self, handle, name: str, schema_name: str, snapshot_id: int | None, exchange: str | None, symbol: str
+    ) -> None:
         key = (name, snapshot_id, exchange)
         known = self._symbol_sets.get(key)
         if known is None:
@@ -295,8 +355,9 @@ class QueryEngine:
                 + (f"; symbols present: {shown}" if listed else "; the table holds no symbols there")
             )
 
-    def _execute(self, sql: str, params: dict[str, Any] | None, data: pa.Table | None, *,
-                 timeout_s: float | None = None) -> pa.Table:
+    def _execute(
+        self, sql: str, params: dict[str, Any] | None, data: pa.Table | None, *, timeout_s: float | None = None
+    ) -> pa.Table:
         """Run `sql` (over `data` registered as `src`) on a fresh cursor under the timeout; the result as Arrow.
 
         Internal: `sql` must be built from allowlisted identifiers, every value passed in `params`.

@@ -21,8 +21,9 @@ def where(clauses: list[str]) -> str:
     return (" WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
-def filters(exchange: str | None, symbol: str | None, start: datetime | None, end: datetime | None, time_column: str,
-            session: date | None) -> tuple[list[str], dict[str, Any]]:
+def filters(
+    exchange: str | None, symbol: str | None, start: datetime | None, end: datetime | None, time_column: str, session: date | None
+) -> tuple[list[str], dict[str, Any]]:
     """SQL conditions (constant text) and their parameter values."""
     conditions: list[str] = []
     params: dict[str, Any] = {}

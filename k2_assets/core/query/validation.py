@@ -20,12 +20,37 @@ INTERVALS: dict[str, str] = {interval: f"ohlcv_{interval}" for interval in schem
 
 # Columns returned when the caller does not choose; any column of the table's schema may be chosen.
 TRADE_COLUMNS = (
-    "exchange", "symbol", "exchange_timestamp", "trade_date", "price", "quantity", "side", "currency",
-    "trade_id", "source_sequence", "trade_conditions", "venue", "message_id",
+    "exchange",
+    "symbol",
+    "exchange_timestamp",
+    "trade_date",
+    "price",
+    "quantity",
+    "side",
+    "currency",
+    "trade_id",
+    "source_sequence",
+    "trade_conditions",
+    "venue",
+    "message_id",
 )
 BAR_COLUMNS = (
-    "exchange", "symbol", "interval", "bar_start", "trade_date", "open", "high", "low", "close", "volume",
-    "quote_volume", "vwap", "trade_count", "taker_buy_volume", "taker_buy_quote_volume", "filled",
+    "exchange",
+    "symbol",
+    "interval",
+    "bar_start",
+    "trade_date",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "vwap",
+    "trade_count",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+    "filled",
 )
 # Tables symbols() may list (they have exchange, symbol and trade_date columns).
 SYMBOL_TABLES = ("trades", "quotes", *INTERVALS.values())

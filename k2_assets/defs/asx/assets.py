@@ -14,7 +14,9 @@ from k2_assets.defs.resources import IcebergResource
 REGULAR_HOURS = (time(10, 0), time(16, 12))  # continuous trading plus the closing auction, Sydney time
 
 
-def _load(context: dg.AssetExecutionContext, iceberg: IcebergResource, files: AsxFilesResource, kind: str) -> dg.MaterializeResult:
+def _load(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, files: AsxFilesResource, kind: str
+) -> dg.MaterializeResult:
     session_date = date.fromisoformat(context.partition_key)
     batch = asx.load_session(files.path(), session_date, kind, source=context.asset_key.to_user_string())
     return write_partition(

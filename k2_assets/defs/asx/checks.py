@@ -14,5 +14,5 @@ asx_checks_job = dg.define_asset_job(
     selection=dg.AssetSelection.checks(*asx_trades_rules, *asx_quotes_rules),
     partitions_def=asx_sessions,
     description="Runs ASX rule checks alone on a stored session: pick checks by op selection and the session by the "
-                "dagster/partition tag in the launchpad.",
+    "dagster/partition tag in the launchpad.",
 )

@@ -11,7 +11,9 @@ class AsxFilesResource(dg.ConfigurableResource):
     def path(self) -> Path:
         path = Path(self.data_dir)
         if not (path / "reference-data" / "company_info.csv").is_file():
-            raise FileNotFoundError(f"{path} is not an ASX vendor directory: reference-data/company_info.csv is missing (set K2_ASX_DATA_DIR)")
+            raise FileNotFoundError(
+                f"{path} is not an ASX vendor directory: reference-data/company_info.csv is missing (set K2_ASX_DATA_DIR)"
+            )
         return path
 
 

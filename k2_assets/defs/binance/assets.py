@@ -51,6 +51,7 @@ kafka_topic = dg.AssetSpec(
     kinds={"kafka"},
 )
 
+
 @dg.asset(
     key="binance_trades",
     deps=[kafka_topic],
@@ -58,7 +59,9 @@ kafka_topic = dg.AssetSpec(
     group_name="binance",
     kinds={"iceberg", "kafka"},
 )
-def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, binance_rest: BinanceRestResource) -> dg.MaterializeResult:
+def binance_trades(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, binance_rest: BinanceRestResource
+) -> dg.MaterializeResult:
     """Binance trades arriving live (WebSocket -> Kafka -> sensor micro-batches); a run repairs a day's gaps and checks it."""
     day = date.fromisoformat(context.partition_key)
     trades, gaps = iceberg.table("trades"), iceberg.table("sequence_gaps")
@@ -72,9 +75,19 @@ def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, 
     # ... then ask the exchange for the rest, write it once, and close what it filled.
     report = repair.repair_partition(trades, gaps, binance_rest.base_url, day, api_key=binance_rest.api_key or None)
     stored = trades.scan(row_filter=where).to_arrow()
-    reconcile_gaps(iceberg, stored, exchange=dumps.EXCHANGE, session_date=day, detected_by=source, filled_how="repair",
-                   answers=repair.explanations(report), gap_metrics=gap_metrics)
-    context.log.info(f"repair of {day}: {report.written} trades written, {len(report.unavailable)} ranges the exchange cannot fill")
+    reconcile_gaps(
+        iceberg,
+        stored,
+        exchange=dumps.EXCHANGE,
+        session_date=day,
+        detected_by=source,
+        filled_how="repair",
+        answers=repair.explanations(report),
+        gap_metrics=gap_metrics,
+    )
+    context.log.info(
+        f"repair of {day}: {report.written} trades written, {len(report.unavailable)} ranges the exchange cannot fill"
+    )
     repair_metrics.requested.inc(report.requested)
     repair_metrics.written.inc(report.written)
     repair_metrics.already_present.inc(report.already_present)
@@ -86,9 +99,9 @@ def binance_trades(context: dg.AssetExecutionContext, iceberg: IcebergResource, 
             "rows_written": report.written,  # as the sensor's micro-batches say it: they add up to the partition's rows
             "repair_requested_ids": report.requested,
             "repair_rows_already_present": report.already_present,
-            "repair_unavailable": dg.MetadataValue.json([
-                {"symbol": s, "first": a, "last": b, "answer": answer} for (s, a, b), answer in report.unavailable.items()
-            ]),
+            "repair_unavailable": dg.MetadataValue.json(
+                [{"symbol": s, "first": a, "last": b, "answer": answer} for (s, a, b), answer in report.unavailable.items()]
+            ),
             "snapshot_id": str(report.snapshot_id),
             "table": "market.trades",
             **summary(stored),

@@ -1,4 +1,5 @@
-"""Binance checks: the rule catalogue on each stored day, and the live asset's gap check, which every sensor tick that writes asks for."""
+"""Binance checks: the rule catalogue on each stored day, and the live asset's gap check, which every sensor tick
+that writes asks for."""
 
 import time
 from datetime import date
@@ -16,8 +17,9 @@ BINANCE_TRADES = dg.AssetKey("binance_trades")
 
 binance_trades_history_rules = rule_checks("binance_trades_history", "trades", live_codec.EXCHANGE, binance_days, files=True)
 # The live asset's gap check is a definition of its own (below), so that the sensor can ask for it alone after every tick.
-binance_trades_rules = rule_checks("binance_trades", "trades", live_codec.EXCHANGE, binance_days,
-                                   without=(integrity.NO_UNEXPLAINED_GAPS.name,))
+binance_trades_rules = rule_checks(
+    "binance_trades", "trades", live_codec.EXCHANGE, binance_days, without=(integrity.NO_UNEXPLAINED_GAPS.name,)
+)
 
 
 @dg.asset_check(
@@ -37,7 +39,9 @@ def binance_trades_no_unexplained_gaps(context: dg.AssetCheckExecutionContext, i
         return gaps.scan(row_filter=where).to_arrow(), gaps.metadata.current_snapshot_id
 
     # A catalog outage delays the check instead of failing its run.
-    rows, snapshot = StoreHealth(logger=context.log).call(read, "reading market.sequence_gaps", deadline=time.monotonic() + OUTAGE_WAIT_SECONDS)
+    rows, snapshot = StoreHealth(logger=context.log).call(
+        read, "reading market.sequence_gaps", deadline=time.monotonic() + OUTAGE_WAIT_SECONDS
+    )
     outcome = integrity.gap_outcome(rows)
     return dg.AssetCheckResult(
         passed=outcome.passed,
@@ -55,7 +59,9 @@ binance_gap_check_job = dg.define_asset_job(
     "binance_gap_check_job",
     selection=dg.AssetSelection.checks(binance_trades_no_unexplained_gaps),
     partitions_def=binance_days,
-    description="Evaluates no_unexplained_gaps on one day of binance_trades (the live sensor asks for it after every tick that writes).",
+    description=(
+        "Evaluates no_unexplained_gaps on one day of binance_trades (the live sensor asks for it after every tick that writes)."
+    ),
 )
 
 
@@ -64,5 +70,5 @@ binance_checks_job = dg.define_asset_job(
     selection=dg.AssetSelection.checks(*binance_trades_history_rules, *binance_trades_rules, binance_trades_no_unexplained_gaps),
     partitions_def=binance_days,
     description="Runs Binance rule checks alone on a stored day: pick checks by op selection and the day by the "
-                "dagster/partition tag in the launchpad.",
+    "dagster/partition tag in the launchpad.",
 )

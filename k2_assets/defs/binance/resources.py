@@ -32,12 +32,14 @@ class BinanceRestResource(dg.ConfigurableResource):
     api_key: str = ""  # from K2_BINANCE_API_KEY: the real historicalTrades endpoint wants one
 
 
-defs = dg.Definitions(resources={
-    "binance_history": BinanceHistoryResource(history_dir=dg.EnvVar("K2_BINANCE_HISTORY_DIR")),
-    "kafka": KafkaResource(
-        bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
-        session_timeout_ms=dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS"),
-        drain_seconds=dg.EnvVar.int("K2_SENSOR_DRAIN_SECONDS"),
-    ),
-    "binance_rest": BinanceRestResource(base_url=dg.EnvVar("K2_BINANCE_REST_URL"), api_key=dg.EnvVar("K2_BINANCE_API_KEY")),
-})
+defs = dg.Definitions(
+    resources={
+        "binance_history": BinanceHistoryResource(history_dir=dg.EnvVar("K2_BINANCE_HISTORY_DIR")),
+        "kafka": KafkaResource(
+            bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
+            session_timeout_ms=dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS"),
+            drain_seconds=dg.EnvVar.int("K2_SENSOR_DRAIN_SECONDS"),
+        ),
+        "binance_rest": BinanceRestResource(base_url=dg.EnvVar("K2_BINANCE_REST_URL"), api_key=dg.EnvVar("K2_BINANCE_API_KEY")),
+    }
+)

@@ -12,7 +12,6 @@ binance_history_job = dg.define_asset_job(
 )
 
 
-
 @dg.schedule(job=binance_history_job, cron_schedule="0 3 * * *", execution_timezone="UTC")
 def binance_history_schedule(context: dg.ScheduleEvaluationContext):
     """Load yesterday's dumps at 03:00 UTC, once Binance has published them."""

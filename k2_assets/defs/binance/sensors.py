@@ -36,9 +36,16 @@ def _writer(iceberg: IcebergResource, kafka: KafkaResource) -> LiveWriter:
     key = (iceberg.catalog_uri, iceberg.warehouse, kafka.bootstrap, kafka.topic)
     with _lock:
         if key not in _writers:
-            _writers[key] = LiveWriter(iceberg.table("trades"), iceberg.table("rejected"), kafka.bootstrap, topic=kafka.topic,
-                                       metrics=_metrics, gaps=iceberg.table("sequence_gaps"),
-                                       session_timeout_ms=kafka.session_timeout_ms, give_up_after=kafka.drain_seconds)
+            _writers[key] = LiveWriter(
+                iceberg.table("trades"),
+                iceberg.table("rejected"),
+                kafka.bootstrap,
+                topic=kafka.topic,
+                metrics=_metrics,
+                gaps=iceberg.table("sequence_gaps"),
+                session_timeout_ms=kafka.session_timeout_ms,
+                give_up_after=kafka.drain_seconds,
+            )
             port = int(os.environ.get("K2_WRITER_METRICS_PORT", "0"))
             if port and not _served:  # one /metrics per code-server process; counters outlive writer resets
                 _served.append(serve(_metrics.registry, port))
@@ -69,7 +76,9 @@ def materializations(report: BatchReport) -> list[dg.AssetMaterialization]:
         "table": "market.trades",
     }
     return [
-        dg.AssetMaterialization(asset_key=BINANCE_TRADES, partition=day, metadata={"rows_written": rows, "dagster/row_count": rows, **common})
+        dg.AssetMaterialization(
+            asset_key=BINANCE_TRADES, partition=day, metadata={"rows_written": rows, "dagster/row_count": rows, **common}
+        )
         for day, rows in sorted(report.partitions.items())
     ]
 
@@ -82,8 +91,10 @@ def gap_check_requests(reports: list[BatchReport]) -> list[dg.RunRequest]:
             last[day] = report.snapshot_id
     # The partition goes in as the run's tag: Dagster 1.13 resolves a RunRequest's partition_key through the
     # job's assets, and a check-only job has none, while the tag gives the check its partition all the same.
-    return [dg.RunRequest(job_name=binance_gap_check_job.name, run_key=f"gaps-{day}-{snapshot}", tags={"dagster/partition": day})
-            for day, snapshot in sorted(last.items())]
+    return [
+        dg.RunRequest(job_name=binance_gap_check_job.name, run_key=f"gaps-{day}-{snapshot}", tags={"dagster/partition": day})
+        for day, snapshot in sorted(last.items())
+    ]
 
 
 def read_cursor(cursor: str | None) -> dict:
@@ -97,7 +108,9 @@ def read_cursor(cursor: str | None) -> dict:
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
     jobs=[binance_gap_check_job],
-    description="Drains market.crypto.trades.binance into market.trades in micro-batches, exactly once, and checks the day's gaps.",
+    description=(
+        "Drains market.crypto.trades.binance into market.trades in micro-batches, exactly once, and checks the day's gaps."
+    ),
 )
 def binance_trades_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource, kafka: KafkaResource):
     state = read_cursor(context.cursor)
@@ -151,10 +164,16 @@ binance_trades_repair_job = dg.define_asset_job(
 )
 def binance_gap_repair_sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource):
     def open_gaps():
-        return iceberg.table("sequence_gaps").scan(row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), IsNull("closed_at"))).to_arrow()
+        return (
+            iceberg.table("sequence_gaps")
+            .scan(row_filter=And(EqualTo("exchange", live_codec.EXCHANGE), IsNull("closed_at")))
+            .to_arrow()
+        )
 
     try:
-        gaps = StoreHealth(logger=context.log).call(open_gaps, "reading market.sequence_gaps", deadline=time.monotonic() + REPAIR_WAIT_SECONDS)
+        gaps = StoreHealth(logger=context.log).call(
+            open_gaps, "reading market.sequence_gaps", deadline=time.monotonic() + REPAIR_WAIT_SECONDS
+        )
     except StoreUnavailable as exc:
         return dg.SkipReason(str(exc))  # the next tick looks again
     gaps = gaps.filter(pc.is_null(gaps.column("explained_by")))
@@ -163,7 +182,9 @@ def binance_gap_repair_sensor(context: dg.SensorEvaluationContext, iceberg: Iceb
     requests = []
     for day in sorted(set(gaps.column("session_date").to_pylist())):
         ranges = gaps.filter(pc.equal(gaps.column("session_date"), pa.scalar(day, pa.date32())))
-        key = hashlib.sha1(json.dumps(sorted(zip(*(ranges.column(c).to_pylist() for c in ("symbol", "first_missing", "last_missing"))))).encode()).hexdigest()[:12]
+        key = hashlib.sha1(
+            json.dumps(sorted(zip(*(ranges.column(c).to_pylist() for c in ("symbol", "first_missing", "last_missing"))))).encode()
+        ).hexdigest()[:12]
         # The same open ranges are repaired once; new ranges on the day make a new run.
         requests.append(dg.RunRequest(run_key=f"repair-{day}-{key}", partition_key=day.isoformat()))
     return requests

@@ -59,8 +59,12 @@ def _fill_context(trades: Table, day: date, snapshot_id: int | None, symbols: li
     filled = [(e, s) for e, s in symbols if rollups.FILL_EMPTY_BARS.get(e)]
     if not filled:
         return previous_close, complete
-    before = _scan(trades, EqualTo("trade_date", (day - timedelta(days=1)).isoformat()), snapshot_id,
-                   ("exchange", "symbol", "exchange_timestamp", "source_sequence", "price"))
+    before = _scan(
+        trades,
+        EqualTo("trade_date", (day - timedelta(days=1)).isoformat()),
+        snapshot_id,
+        ("exchange", "symbol", "exchange_timestamp", "source_sequence", "price"),
+    )
     if before.num_rows:
         last = before.sort_by([("exchange_timestamp", "descending"), ("source_sequence", "descending")])
         seen = set()
@@ -74,10 +78,16 @@ def _fill_context(trades: Table, day: date, snapshot_id: int | None, symbols: li
     return previous_close, complete
 
 
-def _write(iceberg: IcebergResource, interval: str, day: date, bars: pa.Table, source_snapshot: int | None, as_of: bool) -> int | None:
+def _write(
+    iceberg: IcebergResource, interval: str, day: date, bars: pa.Table, source_snapshot: int | None, as_of: bool
+) -> int | None:
     table = iceberg.table(f"ohlcv_{interval}")
-    result = writer.replace_rows(table, bars, EqualTo("trade_date", day.isoformat()),
-                                 properties={"k2.source": f"ohlcv_{interval}", "k2.trades_snapshot_id": str(source_snapshot), "k2.as_of": str(as_of)})
+    result = writer.replace_rows(
+        table,
+        bars,
+        EqualTo("trade_date", day.isoformat()),
+        properties={"k2.source": f"ohlcv_{interval}", "k2.trades_snapshot_id": str(source_snapshot), "k2.as_of": str(as_of)},
+    )
     return result.snapshot_id
 
 
@@ -103,16 +113,32 @@ def matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> tuple[b
     else:
         raw = rollups.bars_from_trades(trades, interval, con)
     traded = bars.filter(pc.invert(bars.column("filled")))
-    keys = ["exchange", "symbol", "bar_start", "open", "high", "low", "close", "volume", "quote_volume", "trade_count",
-            "taker_buy_volume", "first_sequence", "last_sequence"]
+    keys = [
+        "exchange",
+        "symbol",
+        "bar_start",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "quote_volume",
+        "trade_count",
+        "taker_buy_volume",
+        "first_sequence",
+        "last_sequence",
+    ]
     mine = traded.select(keys).cast(pa.schema([traded.schema.field(k) for k in keys]))
     theirs = raw.select(keys)
     theirs = pa.table({k: theirs.column(k).cast(mine.schema.field(k).type) for k in keys})
     a = set(map(tuple, zip(*(mine.column(k).to_pylist() for k in keys))))
     b = set(map(tuple, zip(*(theirs.column(k).to_pylist() for k in keys))))
     differing = sorted(a ^ b, key=str)
-    return not differing, {"bars_compared": len(a), "bars_differing": len(differing),
-                           "sample": dg.MetadataValue.json([str(d) for d in differing[:5]])}
+    return not differing, {
+        "bars_compared": len(a),
+        "bars_differing": len(differing),
+        "sample": dg.MetadataValue.json([str(d) for d in differing[:5]]),
+    }
 
 
 def _raw_1m_as_bars(trades: pa.Table, con) -> pa.Table:
@@ -128,18 +154,28 @@ def _publish(context: dg.AssetExecutionContext, interval: str, bars: pa.Table, s
     publish(context, ROLLUPS, metrics.registry)
 
 
-def _rollup_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
-               config: RollupConfig) -> dg.MaterializeResult:
+def _rollup_1m(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
+) -> dg.MaterializeResult:
     started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     trades = iceberg.table("trades")
     snapshot = trades_snapshot(trades, config)
-    rows = _scan(trades, EqualTo("trade_date", day.isoformat()), snapshot) if snapshot else schemas.arrow_schema(schemas.TRADE).empty_table()
+    rows = (
+        _scan(trades, EqualTo("trade_date", day.isoformat()), snapshot)
+        if snapshot
+        else schemas.arrow_schema(schemas.TRADE).empty_table()
+    )
     symbols = list(set(zip(rows.column("exchange").to_pylist(), rows.column("symbol").to_pylist()))) if rows.num_rows else []
     previous_close, complete = _fill_context(trades, day, snapshot, symbols) if snapshot else ({}, set())
     with duckdb.get_connection() as con:
-        bars = rollups.one_minute_bars(rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0,
-                                       con=con) if rows.num_rows else _empty_bars()
+        bars = (
+            rollups.one_minute_bars(
+                rows, previous_close=previous_close, complete_days=complete, snapshot_id=snapshot or 0, con=con
+            )
+            if rows.num_rows
+            else _empty_bars()
+        )
         written = _write(iceberg, "1m", day, bars, snapshot, bool(config.as_of or config.as_of_snapshot_id))
     _publish(context, "1m", bars, started)
     return dg.MaterializeResult(metadata=_metadata(bars, "1m", snapshot, written, config))
@@ -149,8 +185,9 @@ def _empty_bars() -> pa.Table:
     return schemas.arrow_schema(schemas.OHLCV).empty_table()
 
 
-def _rollup_derived(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig,
-                    interval: str) -> dg.MaterializeResult:
+def _rollup_derived(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig, interval: str
+) -> dg.MaterializeResult:
     started = time.monotonic()
     day = date.fromisoformat(context.partition_key)
     minute = _scan(iceberg.table("ohlcv_1m"), EqualTo("trade_date", day.isoformat()), None)
@@ -184,28 +221,32 @@ def _spec(interval: str, upstream) -> dict:
 
 
 @dg.asset(**_spec("1m", ["asx_trades", "binance_trades_history", "binance_trades"]))
-def ohlcv_1m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
-             config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1m(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
+) -> dg.MaterializeResult:
     """1-minute OHLCV bars per exchange and symbol from market.trades (DuckDB), Binance's empty minutes filled."""
     return _rollup_1m(context, iceberg, duckdb, config)
 
 
 @dg.asset(**_spec("5m", ["ohlcv_1m"]))
-def ohlcv_5m(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
-             config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_5m(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
+) -> dg.MaterializeResult:
     """5-minute OHLCV bars derived from the 1-minute bars."""
     return _rollup_derived(context, iceberg, duckdb, config, "5m")
 
 
 @dg.asset(**_spec("1h", ["ohlcv_1m"]))
-def ohlcv_1h(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
-             config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1h(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
+) -> dg.MaterializeResult:
     """1-hour OHLCV bars derived from the 1-minute bars."""
     return _rollup_derived(context, iceberg, duckdb, config, "1h")
 
 
 @dg.asset(**_spec("1d", ["ohlcv_1m"]))
-def ohlcv_1d(context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource,
-             config: RollupConfig) -> dg.MaterializeResult:
+def ohlcv_1d(
+    context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
+) -> dg.MaterializeResult:
     """Daily OHLCV bars per exchange session, derived from the 1-minute bars."""
     return _rollup_derived(context, iceberg, duckdb, config, "1d")

@@ -19,9 +19,9 @@ def candlestick_png(bars: pa.Table, symbol: str, max_bars: int = 240) -> bytes:
     rows = rows.slice(max(0, rows.num_rows - max_bars))
     data = {c: rows.column(c).to_pylist() for c in ("bar_start", "open", "high", "low", "close")}
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=80)
-    for i, (o, h, l, c) in enumerate(zip(data["open"], data["high"], data["low"], data["close"])):
+    for i, (o, h, lo, c) in enumerate(zip(data["open"], data["high"], data["low"], data["close"])):
         color = "#2e7d32" if c >= o else "#c62828"
-        ax.vlines(i, float(l), float(h), color=color, linewidth=0.8)
+        ax.vlines(i, float(lo), float(h), color=color, linewidth=0.8)
         ax.add_patch(plt.Rectangle((i - 0.35, float(min(o, c))), 0.7, max(float(abs(c - o)), 1e-12), color=color))
     ax.set_xlim(-1, max(1, rows.num_rows))
     if rows.num_rows:

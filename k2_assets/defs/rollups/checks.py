@@ -17,8 +17,13 @@ INTERVALS = ("1m", "5m", "1h", "1d")
 def _matches_raw_check(interval: str) -> dg.AssetChecksDefinition:
     asset = dg.AssetKey(f"ohlcv_{interval}")
 
-    @dg.asset_check(asset=asset, name="matches_raw_trades", partitions_def=trade_days, blocking=True,
-                    description="every traded bar equals the bar recomputed from the raw trades")
+    @dg.asset_check(
+        asset=asset,
+        name="matches_raw_trades",
+        partitions_def=trade_days,
+        blocking=True,
+        description="every traded bar equals the bar recomputed from the raw trades",
+    )
     def _check(context: dg.AssetCheckExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource) -> dg.AssetCheckResult:
         where = EqualTo("trade_date", date.fromisoformat(context.partition_key).isoformat())
         done = latest_materialization(context.instance, asset, context.partition_key)
@@ -30,11 +35,13 @@ def _matches_raw_check(interval: str) -> dg.AssetChecksDefinition:
         trades = iceberg.table("trades").scan(row_filter=where, snapshot_id=max(sources) or None).to_arrow()
         with duckdb.get_connection() as con:
             passed, metadata = matches_raw(trades, bars, interval, con)
-        return dg.AssetCheckResult(passed=passed, metadata={**metadata, "snapshot_id": str(done.snapshot_id),
-                                                           "trades_snapshot_id": str(max(sources))})
+        return dg.AssetCheckResult(
+            passed=passed, metadata={**metadata, "snapshot_id": str(done.snapshot_id), "trades_snapshot_id": str(max(sources))}
+        )
 
     return _check
 
 
 ohlcv_1m_matches_raw_trades, ohlcv_5m_matches_raw_trades, ohlcv_1h_matches_raw_trades, ohlcv_1d_matches_raw_trades = (
-    _matches_raw_check(interval) for interval in INTERVALS)
+    _matches_raw_check(interval) for interval in INTERVALS
+)
