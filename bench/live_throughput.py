@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, save
-from k2_assets.core import catalog, live_codec, live_writer
+from k2_assets.core import catalog, live_codec, live_decode, live_writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, producer_config
 from k2_assets.dev.broker import EmbeddedBroker
 from k2_assets.dev.feed_server import replay_file
@@ -341,7 +341,7 @@ class _StageClock:
         stages = ("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids")
         self.seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
-        self._saved_decode = live_codec.decode_batch
+        self._saved_decode = live_decode.decode_batch
         self.idle_collect = 0.0  # a _collect that returned nothing: drain's idle wait at the end, not work
         for attr, stage in (
             ("_write", "write"),
@@ -364,7 +364,7 @@ class _StageClock:
 
         writer._collect = timed_collect
         writer.trades.append = self._wrap(writer.trades.append, "iceberg append")
-        live_codec.decode_batch = self._wrap(live_codec.decode_batch, "decode")  # live_writer calls it through the module
+        live_decode.decode_batch = self._wrap(live_decode.decode_batch, "decode")  # live_writer calls it through the module
 
     def _wrap(self, fn, stage: str):
         def timed_call(*args, **kwargs):
@@ -380,7 +380,7 @@ class _StageClock:
         return timed_call
 
     def restore(self) -> None:
-        live_codec.decode_batch = self._saved_decode
+        live_decode.decode_batch = self._saved_decode
         for attr in ("_collect", "_write", "_fresh_rejects", "_new_rows", "_remember"):
             self.writer.__dict__.pop(attr, None)
         self.writer.trades.__dict__.pop("append", None)

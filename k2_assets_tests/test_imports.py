@@ -16,6 +16,7 @@ started = time.perf_counter()
 for name in sys.argv[1:]:
     importlib.import_module(name)
 print(json.dumps({"seconds": time.perf_counter() - started,
+                  "modules": sorted(m.split(".")[0] for m in sys.modules),
                   "dagster": sorted(m for m in sys.modules if m.split(".")[0] == "dagster"),
                   "environ_changed": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))
 """
@@ -27,11 +28,11 @@ def probe(*modules: str) -> dict:
 
 
 def test_the_wire_codec_imports_in_under_0_3_s_without_dagster():
-    seconds = min(
-        probe("k2_assets.core.live_codec")["seconds"] for _ in range(3)
-    )  # the best of three: a cold disk cache is not K2
-    found = probe("k2_assets.core.live_codec")
-    assert seconds < 0.3, seconds
+    runs = [probe("k2_assets.core.live_codec") for _ in range(3)]
+    seconds = min(run["seconds"] for run in runs)  # the best of three: a cold disk cache is not K2
+    assert seconds < 0.3, [run["seconds"] for run in runs]
+    found = runs[-1]
+    assert "pyarrow" not in found["modules"], "the producer's codec loads no Arrow (decoding is k2_assets.core.live_decode)"
     assert found["dagster"] == [] and found["environ_changed"] == []
 
 

@@ -118,12 +118,12 @@ def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_
 
 def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusdt_dir):
     from k2_assets.core import catalog as k2_catalog
-    from k2_assets.core import live_codec
+    from k2_assets.core import live_codec, live_decode
     from k2_assets_tests.test_live_writer import INGEST_US
 
     events = btc_trade_events(btcusdt_dir)[:600]
     values = [live_codec.encode(live_codec.trade_from_event(e, INGEST_US)) for e in events]
-    rows, _ = live_codec.decode_batch(values, "t", [0] * 600, list(range(600)), source="test")
+    rows, _ = live_decode.decode_batch(values, "t", [0] * 600, list(range(600)), source="test")
     trades = k2_catalog.ensure_table(catalog, "trades")
     for start in range(0, 600, 200):
         trades.append(rows.slice(start, 200))

@@ -116,6 +116,6 @@ def test_k2_recent_prints_the_merged_trades(btcusdt_dir, broker, topic, catalog,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr.decode()
-    lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+    lines = orjson.loads(done.stdout)  # one JSON array, as every `k2` command's --format json prints
     assert 2400 < len(expected) < 2600
     assert [row["source_sequence"] for row in lines] == expected

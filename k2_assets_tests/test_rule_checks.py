@@ -21,7 +21,13 @@ PRICE_POSITIVE = dg.AssetCheckKey(dg.AssetKey("asx_trades"), "price_positive")
 
 
 def test_one_check_runs_alone_on_the_snapshot_its_partition_was_materialized_at(asx_dir, catalog_props, catalog, monkeypatch):
-    monkeypatch.setenv("K2_ASX_DATA_DIR", str(asx_dir))
+    # run_selection runs the code location's own job, whose resources read the settings from the environment.
+    for name, value in {
+        "K2_ASX_DATA_DIR": str(asx_dir),
+        "K2_CATALOG_URI": catalog_props["catalog_uri"],
+        "K2_WAREHOUSE": catalog_props["warehouse"],
+    }.items():
+        monkeypatch.setenv(name, value)
     with dg.DagsterInstance.ephemeral() as instance:
         loaded = dg.materialize(
             [asx_trades, *asx_trades_rules],

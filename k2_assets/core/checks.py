@@ -37,31 +37,59 @@ class Rule:
     blocking: bool = True  # severity ERROR; otherwise WARN
 
 
-TRADE_RULES = (
-    Rule("price_positive", "price > 0"),
-    Rule("quantity_positive", "quantity > 0"),
-    Rule("price_precision", "price fits decimal(18,8)"),
-    Rule("quantity_precision", "quantity fits decimal(18,8)"),
-    Rule("symbol_format", "symbol matches the exchange's symbol format"),
-    Rule("known_exchange", "exchange is one K2 knows"),
-    Rule("known_currency", "currency is one K2 knows"),
-    Rule("known_side", "side is BUY, SELL or UNKNOWN"),
-    Rule("trade_date_is_partition", "trade_date equals the partition's session date"),
-    Rule("timestamp_in_session", "exchange_timestamp falls inside the partition's session day (exchange time zone)"),
-    Rule("message_id_unique", "no message_id appears twice in the partition"),
+def _positive(s: pd.Series) -> pd.Series:
+    return s > 0
+
+
+# Each rule once: its name (the asset check's), what it says, the column it reads and its test. `bounds` is the
+# partition: (session date, [start, end) in UTC, the exchange's symbol pattern).
+COMMON_RULES = (
+    (
+        Rule("symbol_format", "symbol matches the exchange's symbol format"),
+        "symbol",
+        lambda bounds: lambda s: _text(s).str.fullmatch(bounds[2]),
+    ),
+    (Rule("known_exchange", "exchange is one K2 knows"), "exchange", lambda bounds: lambda s: s.isin(list(EXCHANGES))),
+    (Rule("known_currency", "currency is one K2 knows"), "currency", lambda bounds: lambda s: s.isin(list(CURRENCIES))),
+    (
+        Rule("trade_date_is_partition", "trade_date equals the partition's session date"),
+        "trade_date",
+        lambda bounds: lambda s: s == bounds[0],
+    ),
+    (
+        Rule("timestamp_in_session", "exchange_timestamp falls inside the partition's session day (exchange time zone)"),
+        "exchange_timestamp",
+        lambda bounds: lambda s: (s >= bounds[1][0]) & (s < bounds[1][1]),
+    ),
+    (
+        Rule("message_id_unique", "no message_id appears twice in the partition"),
+        "message_id",
+        lambda bounds: lambda s: ~s.duplicated(keep=False),
+    ),
 )
-QUOTE_RULES = (
-    Rule("bid_price_positive", "bid price > 0 where a bid is present"),
-    Rule("ask_price_positive", "ask price > 0 where an ask is present"),
-    Rule("bid_quantity_positive", "bid size > 0 where a bid is present"),
-    Rule("ask_quantity_positive", "ask size > 0 where an ask is present"),
-    Rule("symbol_format", "symbol matches the exchange's symbol format"),
-    Rule("known_exchange", "exchange is one K2 knows"),
-    Rule("known_currency", "currency is one K2 knows"),
-    Rule("trade_date_is_partition", "trade_date equals the partition's session date"),
-    Rule("timestamp_in_session", "exchange_timestamp falls inside the partition's session day (exchange time zone)"),
-    Rule("message_id_unique", "no message_id appears twice in the partition"),
+TRADE_ROW_RULES = (
+    (Rule("price_positive", "price > 0"), "price", lambda bounds: _positive),
+    (Rule("quantity_positive", "quantity > 0"), "quantity", lambda bounds: _positive),
+    (Rule("price_precision", "price fits decimal(18,8)"), "price", lambda bounds: _fits_decimal_18_8),
+    (Rule("quantity_precision", "quantity fits decimal(18,8)"), "quantity", lambda bounds: _fits_decimal_18_8),
+    (Rule("known_side", "side is BUY, SELL or UNKNOWN"), "side", lambda bounds: lambda s: s.isin(["BUY", "SELL", "UNKNOWN"])),
+    *COMMON_RULES,
 )
+# Quote sides may be absent (a one-sided book): a missing bid or ask is not a failure.
+QUOTE_ROW_RULES = (
+    *(
+        (
+            Rule(f"{side}_{what}_positive", f"{side} {label} > 0 where {article} {side} is present"),
+            f"{side}_{what}",
+            lambda bounds: _positive,
+        )
+        for side, article in (("bid", "a"), ("ask", "an"))
+        for what, label in (("price", "price"), ("quantity", "size"))
+    ),
+    *COMMON_RULES,
+)
+TRADE_RULES = tuple(rule for rule, _, _ in TRADE_ROW_RULES)
+QUOTE_RULES = tuple(rule for rule, _, _ in QUOTE_ROW_RULES)
 
 
 def rules(kind: str) -> tuple[Rule, ...]:
@@ -95,42 +123,13 @@ def _fits_decimal_18_8(s: pd.Series) -> pd.Series:
 
 
 def schema(kind: str, exchange: str, session_date: date) -> pa.DataFrameSchema:
-    """The pandera schema for one partition (the session bounds depend on it)."""
-    start, end = session_bounds(exchange, session_date)
-    symbol_pattern = SYMBOL_PATTERNS.get(exchange, r"^[A-Z0-9]{2,20}$")
-    common = {
-        "message_id": pa.Column(checks=pa.Check(lambda s: ~s.duplicated(keep=False), name="message_id_unique")),
-        "symbol": pa.Column(checks=pa.Check(lambda s: _text(s).str.fullmatch(symbol_pattern), name="symbol_format")),
-        "exchange": pa.Column(checks=pa.Check(lambda s: s.isin(list(EXCHANGES)), name="known_exchange")),
-        "currency": pa.Column(checks=pa.Check(lambda s: s.isin(list(CURRENCIES)), name="known_currency")),
-        "trade_date": pa.Column(checks=pa.Check(lambda s: s == session_date, name="trade_date_is_partition")),
-        "exchange_timestamp": pa.Column(checks=pa.Check(lambda s: (s >= start) & (s < end), name="timestamp_in_session")),
-    }
-    if kind == "trades":
-        columns = {
-            **common,
-            "price": pa.Column(
-                checks=[
-                    pa.Check(lambda s: s > 0, name="price_positive"),
-                    pa.Check(_fits_decimal_18_8, name="price_precision"),
-                ]
-            ),
-            "quantity": pa.Column(
-                checks=[
-                    pa.Check(lambda s: s > 0, name="quantity_positive"),
-                    pa.Check(_fits_decimal_18_8, name="quantity_precision"),
-                ]
-            ),
-            "side": pa.Column(checks=pa.Check(lambda s: s.isin(["BUY", "SELL", "UNKNOWN"]), name="known_side")),
-        }
-    else:
-        columns = {
-            **common,
-            **{
-                col: pa.Column(nullable=True, checks=pa.Check(lambda s: s > 0, name=f"{col}_positive", ignore_na=True))
-                for col in ("bid_price", "ask_price", "bid_quantity", "ask_quantity")
-            },
-        }
+    """The pandera schema for one partition (the session bounds depend on it), built from the rule table."""
+    bounds = (session_date, session_bounds(exchange, session_date), SYMBOL_PATTERNS.get(exchange, r"^[A-Z0-9]{2,20}$"))
+    checks: dict[str, list[pa.Check]] = {}
+    for rule, column, test in TRADE_ROW_RULES if kind == "trades" else QUOTE_ROW_RULES:
+        checks.setdefault(column, []).append(pa.Check(test(bounds), name=rule.name))
+    nullable = {f"{side}_{what}" for side in ("bid", "ask") for what in ("price", "quantity")} if kind == "quotes" else set()
+    columns = {column: pa.Column(nullable=column in nullable, checks=found) for column, found in checks.items()}
     return pa.DataFrameSchema(columns, name=f"{exchange.lower()}_{kind}", strict=False, coerce=False)
 
 

@@ -20,7 +20,7 @@ from k2_assets.core.source_files import SourceFile
 
 DECIMAL = pa.decimal128(18, 8)
 # decimal(18,8): at most 10 integer digits and 8 fractional ones; more fractional digits only if zeros.
-DECIMAL_PATTERN = r"^\d{1,10}(\.\d{0,8}0*)?$"
+DECIMAL_PATTERN = schemas.DECIMAL_PATTERN
 NUMBER_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 INTEGER_PATTERN = r"^\d{1,18}$"
 

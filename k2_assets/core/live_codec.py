@@ -9,17 +9,13 @@ whole micro-batch at once with Arrow's C++ JSON reader; per-record Avro decoding
 
 from __future__ import annotations
 
-import io
 import re
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pjson
 
-from k2_assets.core import decode, schemas
+from k2_assets.core import schemas
 
 EXCHANGE = "BINANCE"
 TOPIC = "market.crypto.trades.binance"
@@ -43,7 +39,7 @@ def _contract_headers() -> list[tuple[str, bytes]]:
 
 
 HEADERS = _contract_headers()
-DECIMAL_TEXT = decode.DECIMAL_PATTERN
+DECIMAL_TEXT = schemas.DECIMAL_PATTERN
 
 
 class InvalidEvent(ValueError):
@@ -136,135 +132,3 @@ def _utc_day(days: int) -> str:
 
 def encode(trade: dict) -> bytes:
     return orjson.dumps(trade)
-
-
-VENDOR_KEYS = ("event_time", "is_best_match")  # what Binance's trade stream carries beyond the v2 core
-NOT_ON_THE_WIRE = ("source_file", "source_row", "kafka_topic", "kafka_partition", "kafka_offset")  # files' and Kafka's own
-
-
-def _wire_type(avro_type) -> pa.DataType:
-    """How a v2 field travels in the JSON message: decimals and dates as text, timestamps as epoch µs."""
-    if isinstance(avro_type, list):
-        return _wire_type(next(t for t in avro_type if t != "null"))
-    if isinstance(avro_type, dict):
-        logical, kind = avro_type.get("logicalType"), avro_type["type"]
-        if logical in ("decimal", "date") or kind == "enum":
-            return pa.string()
-        if kind == "array":
-            return pa.list_(_wire_type(avro_type["items"]))
-        if kind == "map":  # Arrow's JSON reader takes an object as a struct of the keys the producer sets
-            return pa.struct([(k, _wire_type(avro_type["values"])) for k in VENDOR_KEYS])
-        return _wire_type(kind)
-    return {"string": pa.string(), "long": pa.int64(), "int": pa.int32(), "boolean": pa.bool_()}[avro_type]
-
-
-def _wire() -> tuple[pa.Schema, tuple[str, ...]]:
-    """What the writer reads from each message, derived from schemas/trade_v2.avsc, and the fields it must carry."""
-    fields = [f for f in schemas.avro_schema(schemas.TRADE)["fields"] if f["name"] not in NOT_ON_THE_WIRE]
-    wire = pa.schema([(f["name"], _wire_type(f["type"])) for f in fields])
-    required = tuple(
-        f["name"]
-        for f in fields
-        if not (isinstance(f["type"], list) and "null" in f["type"])
-        and not pa.types.is_nested(wire.field(f["name"]).type)
-        and f["name"] != "trade_date"
-    )  # the writer derives the day
-    return wire, required
-
-
-_WIRE, _REQUIRED = _wire()
-
-
-def decode_batch(
-    values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str, now: datetime | None = None
-) -> tuple[pa.Table, pa.Table]:
-    """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
-    now = now or decode.utc_now()
-    wire, reasons = _parse(values)
-    partition_column, offset_column = pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64())
-    rows = decode.Rows.from_reasons(reasons)
-    for name in _REQUIRED:
-        rows.reject(pc.is_null(wire.column(name)), f"field {name} is missing")
-    price = rows.decimal(pc.fill_null(wire.column("price"), "0"), "price")
-    quantity = rows.decimal(pc.fill_null(wire.column("quantity"), "0"), "quantity")
-    rows.reject(
-        pc.invert(pc.is_in(wire.column("side"), pa.array(["BUY", "SELL", "UNKNOWN"]))),
-        "side '",
-        pc.fill_null(wire.column("side"), ""),
-        "' is not BUY, SELL or UNKNOWN",
-    )
-    ts = pc.cast(pc.fill_null(wire.column("exchange_timestamp"), 0), pa.timestamp("us", tz="UTC"))
-    day = pc.cast(ts, pa.date32())
-    rows.reject(
-        pc.not_equal(pc.cast(day, pa.string()), pc.fill_null(wire.column("trade_date"), "")),
-        "trade_date does not match exchange_timestamp's UTC date",
-    )
-    ok = rows.accepted()
-    columns = {name: pc.take(wire.column(name), ok) for name in _WIRE.names}
-    columns.update(
-        price=pc.take(price, ok),
-        quantity=pc.take(quantity, ok),
-        exchange_timestamp=pc.take(ts, ok),
-        trade_date=pc.take(day, ok),
-        ingest_timestamp=pc.cast(columns["ingest_timestamp"], pa.timestamp("us", tz="UTC")),
-        trade_conditions=pc.fill_null(columns["trade_conditions"], pa.scalar([], pa.list_(pa.string()))),
-        kafka_topic=pa.repeat(pa.scalar(topic), len(ok)),
-        kafka_partition=pc.take(partition_column, ok),
-        kafka_offset=pc.take(offset_column, ok),
-    )
-    vendor = columns["vendor_data"]
-    columns["vendor_data"] = decode.string_map(list(VENDOR_KEYS), [pc.struct_field(vendor, k) for k in VENDOR_KEYS], len(ok))
-    trades = schemas.build_table(schemas.TRADE, columns, len(ok))
-    bad = rows.rejected()
-    rejected = schemas.build_table(
-        schemas.REJECTED,
-        {
-            "source": pa.repeat(pa.scalar(source), len(bad)),
-            # A message without a usable exchange time belongs to the day it was consumed.
-            "partition_date": pc.take(
-                pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad
-            ),
-            "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
-            "symbol": pc.take(wire.column("symbol"), bad),
-            "source_sequence": pc.take(wire.column("source_sequence"), bad),
-            "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),
-            "kafka_partition": pc.take(partition_column, bad),
-            "kafka_offset": pc.take(offset_column, bad),
-            "raw": pa.array([values[i] for i in bad.to_pylist()], pa.binary()),
-            "reason": pc.take(rows.reasons, bad),
-            "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(bad)),
-        },
-        len(bad),
-    )
-    return trades, rejected
-
-
-def _parse(values: list[bytes]) -> tuple[pa.Table, pa.Array]:
-    """Parse all values with Arrow's JSON reader; a value that is not one v2 JSON object gets a reason.
-
-    A batch with bad messages is split in halves until each bad one stands alone, so a few bad
-    messages cost a few extra parses, not one per message."""
-    if not values:
-        return _WIRE.empty_table(), pa.array([], pa.string())
-    try:
-        # A value holding a newline would parse as several rows: _read's row count catches it.
-        return _read(values), pa.nulls(len(values), pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        if len(values) == 1:
-            return pa.Table.from_pylist([{}], schema=_WIRE), pa.array([f"not a v2 trade JSON object: {exc}"], pa.string())
-    half = len(values) // 2
-    first, first_reasons = _parse(values[:half])
-    second, second_reasons = _parse(values[half:])
-    return pa.concat_tables([first, second]), pa.concat_arrays([first_reasons, second_reasons])
-
-
-def _read(values: list[bytes]) -> pa.Table:
-    data = b"\n".join(values)
-    table = pjson.read_json(
-        io.BytesIO(data),
-        read_options=pjson.ReadOptions(block_size=4 << 20),  # several blocks parse on several cores
-        parse_options=pjson.ParseOptions(explicit_schema=_WIRE, unexpected_field_behavior="ignore"),
-    )
-    if table.num_rows != len(values):
-        raise pa.ArrowInvalid(f"{len(values)} messages parsed as {table.num_rows} rows")
-    return table.combine_chunks()

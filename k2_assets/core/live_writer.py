@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec, offsets, writer
+from k2_assets.core import live_codec, live_decode, offsets, writer
 from k2_assets.core.kafka import DEFAULT_SESSION_TIMEOUT_MS, consumer_config, ensure_topics, topic_incarnation
 from k2_assets.core.live_consuming import Batch, Consuming
 from k2_assets.core.live_dead_letters import dead_letter_rows
@@ -198,7 +198,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         if batch is None:
             return None
         values, part, off, dead = batch.values, batch.partitions, batch.offsets, batch.dead
-        rows, rejected = live_codec.decode_batch(values, self.topic, part, off, source=SOURCE)
+        rows, rejected = live_decode.decode_batch(values, self.topic, part, off, source=SOURCE)
         ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
         next_offsets = {p: last + 1 for p, (_, last) in ranges.items()}
         with self._lock:

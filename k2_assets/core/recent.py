@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec
+from k2_assets.core import live_codec, live_decode
 from k2_assets.core.kafka import consumer_config, partition_count, topic_incarnation
 from k2_assets.core.offsets import OFFSETS_KEY, key, lineage, recorded_offsets
 
@@ -165,7 +165,7 @@ class RecentTrades:
     def _append(self, messages: list) -> None:
         if not messages:
             return
-        rows, _ = live_codec.decode_batch(
+        rows, _ = live_decode.decode_batch(
             [m.value() or b"" for m in messages],
             self.topic,
             [m.partition() for m in messages],

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec, writer
+from k2_assets.core import live_codec, live_decode, writer
 from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
@@ -93,7 +93,7 @@ def rows_from_rest(trades: list[dict], symbol: str, now: datetime) -> pa.Table:
         )
         for t in trades
     ]
-    rows, rejected = live_codec.decode_batch(values, "", [0] * len(values), [0] * len(values), source="repair", now=now)
+    rows, rejected = live_decode.decode_batch(values, "", [0] * len(values), [0] * len(values), source="repair", now=now)
     if rejected.num_rows:
         raise ExchangeError(f"exchange returned trades K2 cannot accept: {rejected.column('reason').to_pylist()[:3]}")
     n = rows.num_rows

@@ -7,9 +7,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyiceberg.schema import Schema
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
@@ -21,6 +20,8 @@ SEQUENCE_GAP = "sequence_gap_v1"
 SOURCE_FILE = "source_file_v1"
 OHLCV = "ohlcv_v1"
 INTERVALS = ("1m", "5m", "1h", "1d")
+# A decimal(18,8) as text: at most 10 integer digits and 8 significant decimals.
+DECIMAL_PATTERN = r"^\d{1,10}(\.\d{0,8}0*)?$"
 
 
 @cache
@@ -39,6 +40,7 @@ def iceberg_schema(name: str) -> Schema:
 @cache
 def arrow_schema(name: str) -> pa.Schema:
     """Arrow schema matching the Iceberg table (field ids, nullability), with plain string/binary types."""
+    import pyarrow as pa
     from pyiceberg.io.pyarrow import schema_to_pyarrow
 
     schema = schema_to_pyarrow(iceberg_schema(name))
@@ -46,6 +48,8 @@ def arrow_schema(name: str) -> pa.Schema:
 
 
 def _plain(field: pa.Field) -> pa.Field:
+    import pyarrow as pa
+
     large = {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}
     t = field.type
     if t in large:
@@ -59,6 +63,8 @@ def _plain(field: pa.Field) -> pa.Field:
 
 
 def build_table(name: str, columns: dict[str, pa.Array], n: int) -> pa.Table:
+    import pyarrow as pa
+
     """A table of schema `name` from named columns; optional columns not given are null."""
     schema = arrow_schema(name)
     arrays = []

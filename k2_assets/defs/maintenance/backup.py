@@ -1,4 +1,4 @@
-"""The nightly catalog backup (docs/runbooks/disaster-recovery.md): a consistent copy while writers run, and its age as a metric."""
+"""The nightly catalog backup (docs/runbooks/disaster-recovery.md): a consistent copy while writers run, and its age."""
 
 import time
 from pathlib import Path
