@@ -179,3 +179,54 @@ def test_backup_and_restore_of_a_postgresql_catalog(asx_dir, postgres, k2_home, 
     restored = k2_pg("catalog", "restore", str(tmp_path / "pg"))
     assert restored.returncode == 0, restored.stderr
     assert lake_state(k2_catalog.open_catalog(uri, warehouse)) == before
+
+
+@pytest.fixture
+def s3_warehouse(monkeypatch):
+    """An S3 warehouse: moto's S3-compatible server on a loopback port (no object store runs on this machine)."""
+    from moto.server import ThreadedMotoServer
+
+    from k2_assets.dev.broker import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for name, value in {
+        "K2_S3_ENDPOINT": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "k2",
+        "AWS_SECRET_ACCESS_KEY": "k2-secret",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}",
+        scheme="http",
+        access_key="k2",
+        secret_key="k2-secret",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir("k2-warehouse")
+    yield "s3://k2-warehouse/lake"
+    server.stop()
+
+
+def test_rebuild_finds_the_tables_in_an_s3_warehouse(asx_dir, s3_warehouse, k2_home, tmp_path):
+    uri = f"sqlite:///{k2_home}/catalog.db"
+    props = {"catalog_uri": uri, "warehouse": s3_warehouse}
+    assert dg.materialize([asx_trades], partition_key="2014-03-10", resources=make_resources(props, asx_dir=asx_dir)).success
+    before = lake_state(k2_catalog.open_catalog(uri, s3_warehouse))
+    assert before["trades"][0] > 0 and all(
+        loc.startswith("s3://")
+        for loc in (k2_catalog.open_catalog(uri, s3_warehouse).load_table("market.trades").metadata_location,)
+    )
+    (k2_home / "catalog.db").unlink()
+    env = {**os.environ, "K2_HOME": str(k2_home), "K2_WAREHOUSE": s3_warehouse}
+    run = [sys.executable, "-m", "k2_assets.cli", "catalog", "rebuild"]
+    planned = subprocess.run([*run, "--dry-run"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert planned.returncode == 0, planned.stderr
+    assert all(" would register s3://k2-warehouse/lake/market/" in line for line in planned.stdout.splitlines())
+    rebuilt = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert lake_state(k2_catalog.open_catalog(uri, s3_warehouse)) == before
