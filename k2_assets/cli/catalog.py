@@ -41,9 +41,11 @@ def status() -> None:
     recovery = _recovery()
     config = settings()
     states = _one_line(lambda: recovery.table_states(_open()))
-    for name in sorted(set(states) | {n for n in _tables() if recovery.metadata_files(config.warehouse, n)}):
+    for name in _tables():
         newest = _one_line(lambda n=name: recovery.newest_metadata(config.warehouse, n))
         state = states.get(name)
+        if state is None and newest is None:
+            continue
         pointer = state.metadata_location.rsplit("/", 1)[-1] if state else "(not in the catalog)"
         click.echo(f"market.{name}: catalog {pointer}; newest in the warehouse {newest.rsplit('/', 1)[-1] if newest else '-'}")
 
@@ -52,16 +54,12 @@ def status() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="directory to write the backup to")
 def backup(out: Path) -> None:
     """Copy the catalog consistently while writers run (SQLite's backup API, or pg_dump) with every table's metadata location."""
-    import time
-
     from k2_assets.core.metrics import BackupMetrics, push
 
     config = settings()
     manifest = _one_line(lambda: _recovery().backup(config.catalog_uri, config.warehouse, out))
     metrics = BackupMetrics()
-    metrics.last_success.set(time.time())
-    metrics.bytes.set(manifest["bytes"])
-    metrics.tables.set(len(manifest["tables"]))
+    metrics.record(manifest)
     push(metrics.registry, "k2_backup", {"op": "backup_catalog"})  # the same series as the nightly job's
     click.echo(
         f"k2: {manifest['kind']} catalog backed up to {out} ({manifest['bytes']:,} bytes, {len(manifest['tables'])} tables)",

@@ -10,7 +10,7 @@ from datetime import date, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import And, EqualTo, In
+from pyiceberg.expressions import And, BooleanExpression, EqualTo, In
 
 from k2_assets.core import schemas, writer
 from k2_assets.core.checks import SAMPLE_SIZE, Outcome, Rule
@@ -210,6 +210,11 @@ def gap_changes(existing: pa.Table, rows: pa.Table) -> GapChanges:
     return GapChanges(len(opened), sum(opened.values()), dict(closed))
 
 
+def gaps_of_day(exchange: str, session_date: date) -> BooleanExpression:
+    """The rows of market.sequence_gaps that belong to one exchange session (partition)."""
+    return And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
+
+
 def reconcile_partition(
     gaps_table,
     current: dict[str, list[tuple[int, int]]],
@@ -229,7 +234,7 @@ def reconcile_partition(
     `symbols` limits it to the symbols the caller knows (a live writer owns only some of them; the
     rows of the others stay as they are). metrics (a core.metrics.GapMetrics) counts the gaps opened
     and closed, once the commit is done."""
-    where = And(EqualTo("exchange", exchange), EqualTo("session_date", session_date.isoformat()))
+    where = gaps_of_day(exchange, session_date)
     if symbols is not None:
         where = And(where, In("symbol", set(symbols)) if symbols else EqualTo("symbol", "\x00none"))
     existing = gaps_table.scan(row_filter=where).to_arrow()

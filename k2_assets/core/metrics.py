@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway, start_http_server
@@ -203,6 +204,12 @@ class BackupMetrics:
         self.tables = Gauge(
             "k2_catalog_backup_tables", "Tables whose metadata location the last good backup recorded", registry=r
         )
+
+    def record(self, manifest: dict) -> None:
+        """A good backup (its k2-backup.json manifest), finished now."""
+        self.last_success.set(time.time())
+        self.bytes.set(manifest["bytes"])
+        self.tables.set(len(manifest["tables"]))
 
 
 class LoadMetrics:

@@ -15,6 +15,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from glob import glob
@@ -181,7 +182,7 @@ def readable(catalog_uri: str) -> bool:
     if path is None or not path.exists():
         return True
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
             return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     except sqlite3.DatabaseError:
         return False
@@ -217,6 +218,20 @@ def _pg_tool(name: str) -> str:
     return found
 
 
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """sqlite3's online backup API: a consistent copy even while writers commit (both connections closed after)."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def _pg(tool: str, *args: str) -> None:
+    """Run one of PostgreSQL's client tools; its last line of error as a RecoveryError if it fails."""
+    done = subprocess.run([_pg_tool(tool), *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()
+        raise RecoveryError(f"{tool} failed: {said[-1] if said else f'exit code {done.returncode}'}")
+
+
 def _pg_url(uri: str) -> str:
     """libpq's URL for a SQLAlchemy URI (postgresql+psycopg2://... -> postgresql://...)."""
     return re.sub(r"^postgresql\+\w+://", "postgresql://", uri)
@@ -225,38 +240,28 @@ def _pg_url(uri: str) -> str:
 def backup(catalog_uri: str, warehouse: str, out: Path, now: datetime | None = None) -> dict:
     """A consistent copy of the catalog database in `out`, with the metadata location of every table (while writers run)."""
     out.mkdir(parents=True, exist_ok=True)
-    states = None
     if catalog_uri.startswith("sqlite:///"):
+        kind = "sqlite"
         source = _sqlite_path(catalog_uri)
         if not source.exists():
             raise RecoveryError(f"no catalog at {source}: nothing to back up")
         target = out / SQLITE_COPY
         target.unlink(missing_ok=True)
-        # sqlite3's online backup API: a consistent copy even while writers commit.
-        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-            src.backup(dst)
+        _sqlite_copy(source, target)
         copy = target
         # The pointers as the copy holds them, not as the live catalog holds them by now.
         states = table_states(k2_catalog.open_catalog(f"sqlite:///{copy}", warehouse))
     elif catalog_uri.startswith("postgresql"):
+        kind = "postgresql"
         copy = out / PG_DUMP
         # Read before the dump: the dump holds these pointers or newer ones, so a restore's rollback check errs safe.
         states = table_states(k2_catalog.open_catalog(catalog_uri, warehouse))
-        done = subprocess.run(
-            [_pg_tool("pg_dump"), "--format=custom", f"--file={copy}", _pg_url(catalog_uri)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RecoveryError(
-                f"pg_dump failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-            )
+        _pg("pg_dump", "--format=custom", f"--file={copy}", _pg_url(catalog_uri))
     else:
         raise RecoveryError(f"K2 backs up SQLite and PostgreSQL catalogs, not {catalog_uri.split(':', 1)[0]}")
     manifest = {
         "created_at": (now or datetime.now(UTC)).isoformat(),
-        "kind": "sqlite" if copy.suffix == ".db" else "postgresql",
+        "kind": kind,
         "file": copy.name,
         "bytes": copy.stat().st_size,
         "warehouse": warehouse,
@@ -333,22 +338,12 @@ def restore(catalog_uri: str, warehouse: str, backup_dir: Path, force: bool = Fa
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.with_name(target.name + ".restoring")
         staged.unlink(missing_ok=True)
-        with sqlite3.connect(copy) as src, sqlite3.connect(staged) as dst:
-            src.backup(dst)
+        _sqlite_copy(copy, staged)
         for suffix in ("-wal", "-shm", "-journal"):  # a corrupt catalog's leftovers must not replay over the copy
             Path(f"{target}{suffix}").unlink(missing_ok=True)
         os.replace(staged, target)
     else:
         if not catalog_uri.startswith("postgresql"):
             raise RecoveryError("this backup is of a PostgreSQL catalog; K2_CATALOG_URI names another kind")
-        done = subprocess.run(
-            [_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", f"--dbname={_pg_url(catalog_uri)}", str(copy)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RecoveryError(
-                f"pg_restore failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-            )
+        _pg("pg_restore", "--clean", "--if-exists", "--no-owner", f"--dbname={_pg_url(catalog_uri)}", str(copy))
     return manifest, rolled

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import And, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec, live_decode, writer
+from k2_assets.core import integrity, live_codec, live_decode, writer
 from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
@@ -114,13 +114,7 @@ def repair_partition(
     now = now or datetime.now(UTC)
     report = RepairReport()
     open_gaps = (
-        gaps.scan(
-            row_filter=And(
-                And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat())), IsNull("closed_at")
-            )
-        )
-        .to_arrow()
-        .to_pylist()
+        gaps.scan(row_filter=And(integrity.gaps_of_day(live_codec.EXCHANGE, day), IsNull("closed_at"))).to_arrow().to_pylist()
     )
     fetched = []
     for gap in open_gaps:

@@ -143,7 +143,7 @@ def evaluate(
     wanted = set(selected)
     if integrity.NO_UNEXPLAINED_GAPS.name in wanted:
         gaps = iceberg.table("sequence_gaps")
-        rows = gaps.scan(row_filter=And(EqualTo("exchange", exchange), EqualTo("session_date", day.isoformat()))).to_arrow()
+        rows = gaps.scan(row_filter=integrity.gaps_of_day(exchange, day)).to_arrow()
         outcomes[integrity.NO_UNEXPLAINED_GAPS.name] = integrity.gap_outcome(rows)
     if integrity.TIME_MONOTONIC.name in wanted:
         outcomes[integrity.TIME_MONOTONIC.name] = (

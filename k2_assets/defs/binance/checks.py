@@ -5,7 +5,6 @@ import time
 from datetime import date
 
 import dagster as dg
-from pyiceberg.expressions import And, EqualTo
 
 from k2_assets.core import integrity, live_codec
 from k2_assets.core.outage import StoreHealth
@@ -35,8 +34,7 @@ def binance_trades_no_unexplained_gaps(context: dg.AssetCheckExecutionContext, i
 
     def read():
         gaps = iceberg.table("sequence_gaps")
-        where = And(EqualTo("exchange", live_codec.EXCHANGE), EqualTo("session_date", day.isoformat()))
-        return gaps.scan(row_filter=where).to_arrow(), gaps.metadata.current_snapshot_id
+        return gaps.scan(row_filter=integrity.gaps_of_day(live_codec.EXCHANGE, day)).to_arrow(), gaps.metadata.current_snapshot_id
 
     # A catalog outage delays the check instead of failing its run.
     rows, snapshot = StoreHealth(logger=context.log).call(

@@ -1,6 +1,5 @@
 """The nightly catalog backup (docs/runbooks/disaster-recovery.md): a consistent copy while writers run, and its age."""
 
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -29,9 +28,7 @@ def backup_catalog(
     """Copy the Iceberg catalog and record every table's metadata location; push the backup's time for the age alert."""
     out, manifest = recovery.backup_rotating(iceberg.catalog_uri, iceberg.warehouse, Path(catalog_backup.directory), config.keep)
     metrics = BackupMetrics()
-    metrics.last_success.set(time.time())
-    metrics.bytes.set(manifest["bytes"])
-    metrics.tables.set(len(manifest["tables"]))
+    metrics.record(manifest)
     publish(context, BACKUP, metrics.registry)
     context.log.info(f"catalog backed up to {out}")
     return dg.Output(
