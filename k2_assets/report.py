@@ -1,6 +1,7 @@
 """Compliance report of asset check results, read from Dagster's event log, and of the vendor-file ledger.
 
-The html and md check reports end with the ledger (market.source_files): per partition and vendor file
+The html and md check reports show, per day and market, K2's 1m bars against the exchange's own
+(report_exchange), and end with the ledger (market.source_files): per partition and vendor file
 of its latest load, what became of every line. csv holds one kind of row, so the ledger is its own report.
 
 The range selects by partition (the exchange session date); an evaluation of an unpartitioned
@@ -21,6 +22,7 @@ from datetime import UTC, date, datetime
 import dagster as dg
 from dagster import DagsterEventType, EventRecordsFilter
 
+from k2_assets import report_exchange
 from k2_assets.core.text import markdown_table
 
 FILE_FIELDS = (
@@ -285,7 +287,9 @@ def files_html(files: list[FileRow]) -> str:
     )
 
 
-def to_html(rows: list[CheckRow], start: date, end: date, files: list[FileRow] | None = None) -> str:
+def to_html(
+    rows: list[CheckRow], start: date, end: date, files: list[FileRow] | None = None, exchange: list | None = None
+) -> str:
     """One self-contained page: summary first, then every evaluation (failures first)."""
     e = html.escape
     failed = sum(not r.passed for r in rows)
@@ -330,6 +334,7 @@ td.n{{text-align:right}} tr.bad td{{background:#fdecea}} tr.ok td{{background:#f
 <table>{summary_head}{summary_rows}</table>
 <h2>Details</h2>
 <table>{detail_head}{detail_rows}</table>
+{report_exchange.to_html(exchange) if exchange else ""}
 {files_html(files) if files is not None else ""}
 </body></html>
 """
@@ -344,14 +349,21 @@ def _sample_html(sample: str) -> str:
     return "<details><summary>sample</summary><pre>" + html.escape(json.dumps(json.loads(sample), indent=1)) + "</pre></details>"
 
 
-def render(rows: list[CheckRow], fmt: str, start: date, end: date, files: list[FileRow] | None = None) -> str:
-    """The check report; html and md end with the ledger's `files`."""
+def render(
+    rows: list[CheckRow], fmt: str, start: date, end: date, files: list[FileRow] | None = None, exchange: list | None = None
+) -> str:
+    """The check report; html and md add, per day and market, the reconciliation against the exchange's bars
+    (`exchange`, report_exchange.DayMarket) and end with the ledger's `files`."""
     if fmt == "csv":
         return to_csv(rows)
     if fmt == "md":
-        return to_markdown(rows, start, end) + ("\n" + files_markdown(files) if files is not None else "")
+        return (
+            to_markdown(rows, start, end)
+            + ("\n" + report_exchange.markdown(exchange) if exchange else "")
+            + ("\n" + files_markdown(files) if files is not None else "")
+        )
     if fmt == "html":
-        return to_html(rows, start, end, files)
+        return to_html(rows, start, end, files, exchange)
     raise ValueError(f"format must be html, csv or md, not {fmt!r}")
 
 

@@ -3,11 +3,13 @@ tools (promtool, a real Pushgateway)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,19 @@ def make_resources(catalog_props: dict, asx_dir: Path | None = None, binance_dir
         "binance_history": BinanceHistoryResource(history_dir=str(binance_dir or "/nonexistent")),
         "binance_rest": BinanceRestResource(base_url="http://127.0.0.1:9"),  # tests that repair pass their own exchange
     }
+
+
+def split_by_day(source: Path, out: Path, time_column: int = 5, name: str = "XRPETH-aggTrades") -> list[str]:
+    """A multi-day CSV with a header (freqtrade's XRP/ETH files) as one `NAME-YYYY-MM-DD.csv` per UTC day, values unchanged."""
+    with open(source, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    by_day: dict[str, list] = {}
+    for r in rows:
+        by_day.setdefault(datetime.fromtimestamp(int(r[time_column]) / 1000, tz=UTC).date().isoformat(), []).append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    for day, day_rows in by_day.items():
+        (out / f"{name}-{day}.csv").write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in day_rows))
+    return sorted(by_day)
 
 
 def vendor_rows(path: Path) -> list[list[str]]:

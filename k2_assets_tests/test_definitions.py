@@ -28,6 +28,7 @@ def test_defs_load_with_every_asset_and_check():
         "asx_quotes",
         "binance_trades_history",
         "binance_trades",
+        "binance_klines",
         "kafka/market_crypto_trades_binance",
         "ohlcv_1m",
         "ohlcv_5m",
@@ -45,6 +46,10 @@ def test_defs_load_with_every_asset_and_check():
         assert ("asx_trades", rule.name) in check_names and ("binance_trades_history", rule.name) in check_names
     for rule in checks.QUOTE_RULES:
         assert ("asx_quotes", rule.name) in check_names
+    assert ("ohlcv_1m", "matches_exchange_bars") in check_names
+    # the exchange's bars feed the check that proves K2's bars against them: lineage in the UI
+    exchange_check = graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey("ohlcv_1m"), "matches_exchange_bars"))
+    assert dg.AssetKey("binance_klines") in {d.asset_key for d in exchange_check.additional_deps}
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description  # the one-line docstring shown in the UI
 

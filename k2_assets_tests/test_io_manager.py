@@ -313,6 +313,7 @@ def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
         "asx_trades": ("trades", "ASX", False),
         "asx_quotes": ("quotes", "ASX", False),
         "binance_trades_history": ("trades", "BINANCE", True),
+        "binance_klines": ("exchange_bars", None, False),
         "binance_trades": ("trades", "BINANCE", False),
         **{f"ohlcv_{i}": (f"ohlcv_{i}", None, False) for i in ("1m", "5m", "1h", "1d")},
     }

@@ -22,7 +22,7 @@ from k2_assets.defs.rollups.checks import (
     ohlcv_1m_matches_raw_trades,
     ohlcv_5m_matches_raw_trades,
 )
-from k2_assets_tests.conftest import make_resources
+from k2_assets_tests.conftest import make_resources, split_by_day
 
 ROLLUPS = [
     ohlcv_1m,
@@ -35,18 +35,6 @@ ROLLUPS = [
     ohlcv_1d_matches_raw_trades,
 ]
 XRP = "freqtrade_binance_xrpeth_aggtrades_vs_1m"
-
-
-def split_by_day(source, out) -> list[str]:
-    with open(source, newline="") as f:
-        header, *rows = list(csv.reader(f))
-    by_day: dict[str, list] = {}
-    for r in rows:
-        by_day.setdefault(datetime.fromtimestamp(int(r[5]) / 1000, tz=UTC).date().isoformat(), []).append(r)
-    out.mkdir(parents=True)
-    for day, day_rows in by_day.items():
-        (out / f"XRPETH-aggTrades-{day}.csv").write_text(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in day_rows))
-    return sorted(by_day)
 
 
 def test_one_minute_bars_equal_binance_bars_for_every_minute(shared_data, tmp_path, catalog_props, catalog):
@@ -75,7 +63,12 @@ def test_one_minute_bars_equal_binance_bars_for_every_minute(shared_data, tmp_pa
 
     daily = catalog.load_table("market.ohlcv_1d").scan().to_arrow().sort_by("bar_start").to_pylist()
     assert [d["trade_date"].isoformat() for d in daily] == days
-    assert sum(d["trade_count"] for d in daily) == 12477
+    # The exchange counts underlying trades: 12,477 aggTrades span 14,672 trade ids (the MANIFEST's count).
+    assert sum(d["trade_count"] for d in daily) == sum(d["trade_count_all"] for d in daily) == 14672
+    trades = catalog.load_table("market.trades").scan(selected_fields=("vendor_data",)).to_arrow().column("vendor_data")
+    assert trades.length() == 12477
+    spans = [int(v["last_trade_id"]) - int(v["first_trade_id"]) + 1 for v in map(dict, trades.to_pylist())]
+    assert sum(spans) == 14672
     assert daily[0]["open"] == Decimal(reference[0][1]) and daily[-1]["close"] == Decimal(reference[-1][4])
 
 
@@ -88,11 +81,24 @@ def test_asx_bars_follow_the_vendor_convention_and_derive_consistently(asx_dir, 
     minute = catalog.load_table("market.ohlcv_1m").scan().to_arrow()
     assert pc.sum(minute.column("filled")).as_py() == 0  # no bar for a minute without trades
     trades = catalog.load_table("market.trades").scan().to_arrow()
-    assert pc.sum(minute.column("trade_count")).as_py() == trades.num_rows
-    assert pc.sum(minute.column("volume")).as_py() == pc.sum(trades.column("quantity")).as_py()
-    # Open is decided by (time, sequence): BHP's first bar opens at the first trade of the session.
+    forming = trades.filter(trades.column("price_forming"))
+    assert pc.sum(minute.column("trade_count_all")).as_py() == trades.num_rows > pc.sum(minute.column("trade_count")).as_py()
+    assert pc.sum(minute.column("trade_count")).as_py() == forming.num_rows
+    assert pc.sum(minute.column("volume")).as_py() == pc.sum(forming.column("quantity")).as_py()
+    assert pc.sum(minute.column("volume_all")).as_py() == pc.sum(trades.column("quantity")).as_py()
+    # BHP's session starts with an off-market report: its minute keeps the trade and forms no price.
     bhp = minute.filter(pc.equal(minute.column("symbol"), "BHP")).sort_by("bar_start").to_pylist()
-    assert bhp[0]["open"] == Decimal("36.667") and bhp[0]["first_sequence"] == 1
+    assert bhp[0]["first_sequence"] == 1 and bhp[0]["open"] is None and bhp[0]["trade_count_all"] > bhp[0]["trade_count"] == 0
+    # Open is decided by (time, sequence): the first priced bar opens at the session's first price-forming trade.
+    first = forming.filter(pc.equal(forming.column("symbol"), "BHP")).sort_by(
+        [("exchange_timestamp", "ascending"), ("source_sequence", "ascending")]
+    )
+    priced = [b for b in bhp if b["open"] is not None]
+    assert (
+        priced[0]["open"] == first.column("price")[0].as_py()
+        and priced[0]["first_sequence"] <= first.column("source_sequence")[0].as_py()
+    )
+    bhp = priced
     (day,) = [d for d in catalog.load_table("market.ohlcv_1d").scan().to_arrow().to_pylist() if d["symbol"] == "BHP"]
     assert day["bar_start"] == datetime(2014, 3, 9, 13, tzinfo=UTC)  # the Sydney session day
     assert day["high"] == max(b["high"] for b in bhp) and day["close"] == bhp[-1]["close"]
@@ -107,10 +113,11 @@ def test_time_travel_reproduces_the_bars_published_before_a_correction(asx_dir, 
     first_5m = catalog.load_table("market.ohlcv_5m").scan().to_arrow()
     published_from = catalog.load_table("market.trades").current_snapshot().snapshot_id
 
-    # A correction: BHP's first trade of the session was really at 99.00.
+    # A correction: BHP's first price-forming trade of the session was really at 99.00.
     trades = catalog.load_table("market.trades")
     bhp = trades.scan(row_filter=And(EqualTo("symbol", "BHP"), EqualTo("trade_date", "2014-03-11"))).to_arrow()
-    index = pc.index(bhp.column("source_sequence"), 1).as_py()
+    first = pc.min(bhp.filter(bhp.column("price_forming")).column("source_sequence")).as_py()
+    index = pc.index(bhp.column("source_sequence"), first).as_py()
     price = bhp.column("price").to_pylist()
     price[index] = Decimal("99.00000000")
     corrected = bhp.set_column(

@@ -110,8 +110,9 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
             [*k2, "feed", "--random-walk", symbols, "--port", str(feed_port), "--rate", str(rate)],
         )
         _wait_for_port(feed_port, "the local Binance feed")
-        if os.environ.get("K2_BINANCE_REST_URL", DEFAULTS["K2_BINANCE_REST_URL"]) == DEFAULTS["K2_BINANCE_REST_URL"]:
-            os.environ["K2_BINANCE_REST_URL"] = f"http://127.0.0.1:{feed_port}"  # gap repair asks the local exchange
+        for name in ("K2_BINANCE_REST_URL", "K2_BINANCE_UM_REST_URL"):  # gap repair and klines ask the local exchange
+            if os.environ.get(name, DEFAULTS[name]) == DEFAULTS[name]:
+                os.environ[name] = f"http://127.0.0.1:{feed_port}"
         processes.start(
             "producer", "the producer", [*k2, "stream", "binance", "--symbols", symbols, "--url", f"ws://127.0.0.1:{feed_port}"]
         )

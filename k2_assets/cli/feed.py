@@ -27,6 +27,20 @@ POSITIVE = click.FloatRange(0.0, min_open=True)
     help="serve endless random-walk trades of these comma-separated symbols, e.g. BTCUSDT,ETHUSDT (this or --replay)",
 )
 @click.option("--symbol", help="symbol of a --replay file whose name does not start with it  [default: from the file name]")
+@click.option(
+    "--market",
+    type=click.Choice(["spot", "um"]),
+    default="spot",
+    show_default=True,
+    help="spot (stream.binance.com's formats, REST /api/v3) or um: USD-M futures (fstream's, REST /fapi/v1)",
+)
+@click.option(
+    "--non-market-ratio",
+    type=RATIO,
+    default=0.0,
+    show_default=True,
+    help="with --market um: share of trades that are INSURANCE_FUND (2% off the market) or ADL trades",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), default=9443, show_default=True, help="port to listen on (0: a free one)")
 @click.option("--rate", type=POSITIVE, help="messages per second per connection  [default: none: paced by --speedup]")
@@ -56,6 +70,8 @@ def feed(
     replay: tuple[Path, ...],
     random_walk_symbols: str | None,
     symbol: str | None,
+    market: str,
+    non_market_ratio: float,
     host: str,
     port: int,
     rate: float | None,
@@ -75,8 +91,8 @@ def feed(
 ) -> None:
     """A local Binance-format feed server.
 
-    Serves trades in Binance's spot wire format (WebSocket and REST) until Ctrl-C or SIGTERM, with the faults
-    a real feed has on request.
+    Serves trades in the wire format (WebSocket and REST, klines included) of Binance's spot market or, with
+    --market um, of its USD-M futures, until Ctrl-C or SIGTERM, with the faults a real feed has on request.
     """
     import asyncio
     import gc
@@ -121,6 +137,8 @@ def feed(
             malformed_ratio=malformed_ratio,
             seed=seed,
             symbols=symbols,
+            market=market,
+            non_market_ratio=non_market_ratio,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -136,9 +154,11 @@ def feed(
             asyncio.get_running_loop()
         )
         log.info(
-            "serving %s (streams: /ws/<symbol>@trade, /stream?streams=...; REST: %s/api/v3/...) symbols %s",
+            "serving %s (%s streams: /ws/<symbol>@trade, /stream?streams=...; REST: %s%s/...) symbols %s",
             server.ws_url,
+            market,
             server.http_url,
+            server.market.rest_prefix,
             ",".join(sorted(server.symbols)),
         )
         await stopping.wait()

@@ -25,7 +25,7 @@ def _options(*options):
 
 
 _ranged = _options(
-    click.option("--exchange", help="ASX or BINANCE  [default: every exchange]"),
+    click.option("--exchange", help="ASX, BINANCE or BINANCE_UM  [default: every exchange]"),
     click.option("--symbol", help="e.g. BHP or BTCUSDT  [default: every symbol]"),
     click.option("--start", help="ISO 8601 time, inclusive (UTC unless an offset is given)  [default: open]"),
     click.option("--end", help="ISO 8601 time, exclusive (UTC unless an offset is given)  [default: open]"),
@@ -110,7 +110,7 @@ def bars(
 
 
 @query.command("symbols")
-@click.option("--exchange", help="ASX or BINANCE  [default: every exchange]")
+@click.option("--exchange", help="ASX, BINANCE or BINANCE_UM  [default: every exchange]")
 @click.option("--table", default="trades", show_default=True, help="table to list: trades, quotes or ohlcv_<interval>")
 @_common
 def symbols(exchange: str | None, table: str, as_of: str | None, fmt: str, timeout: float, memory_limit: str) -> None:
@@ -119,7 +119,7 @@ def symbols(exchange: str | None, table: str, as_of: str | None, fmt: str, timeo
 
 
 @query.command("summary")
-@click.option("--exchange", help="ASX or BINANCE  [default: every exchange]")
+@click.option("--exchange", help="ASX, BINANCE or BINANCE_UM  [default: every exchange]")
 @click.option("--symbol", help="e.g. BHP or BTCUSDT  [default: every symbol]")
 @click.option("--start-date", required=True, type=DATE, help="first session date")
 @click.option("--end-date", required=True, type=DATE, help="last session date, inclusive")

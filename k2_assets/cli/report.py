@@ -40,13 +40,16 @@ def checks(start: date, end: date, fmt: str, out: Path | None) -> None:
     from k2_assets import report as reports
 
     date_range(start, end)
-    # The csv check report holds check rows only: the ledger is read where it is shown.
+    # The csv check report holds check rows only: the ledger and the reconciliation are read where they are shown.
     files = _files(start, end) if fmt != "csv" else None
+    exchange = _reconciled(start, end) if fmt != "csv" else None
     with dagster_instance() as instance:
         rows = reports.collect(instance, start, end, track=lambda records: progress(records, "check evaluations"))
     said = f"{len(rows)} check evaluations ({sum(not r.passed for r in rows)} failed)"
     _write(
-        reports.render(rows, fmt, start, end, files), out, said + (f" and {len(files)} vendor files" if files is not None else "")
+        reports.render(rows, fmt, start, end, files, exchange),
+        out,
+        said + (f" and {len(files)} vendor files" if files is not None else ""),
     )
 
 
@@ -65,14 +68,24 @@ def files(start: date, end: date, fmt: str, out: Path | None) -> None:
     )
 
 
+def _catalog():
+    from k2_assets.core import catalog
+
+    config = settings()
+    return catalog.open_catalog(config.catalog_uri, config.warehouse)
+
+
 def _files(start: date, end: date) -> list:
     from k2_assets import report as reports
     from k2_assets.core import catalog
 
-    config = settings()
-    return reports.collect_files(
-        catalog.ensure_table(catalog.open_catalog(config.catalog_uri, config.warehouse), "source_files"), start, end
-    )
+    return reports.collect_files(catalog.ensure_table(_catalog(), "source_files"), start, end)
+
+
+def _reconciled(start: date, end: date) -> list:
+    from k2_assets import report_exchange
+
+    return report_exchange.collect(_catalog(), start, end, track=lambda days: progress(days, "days reconciled"))
 
 
 def _write(text: str, out: Path | None, said: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from k2_assets.cli.common import UserError, default
+from k2_assets.cli.common import UserError, default, settings
 
 
 @click.group("stream", no_args_is_help=False)
@@ -14,7 +14,14 @@ def stream() -> None:
 
 @stream.command("binance")
 @click.option("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT,BNBUSDT")
-@click.option("--url", default=default("binance_ws_url"), help="stream base URL  [default: K2_BINANCE_WS_URL]")
+@click.option(
+    "--market",
+    type=click.Choice(["spot", "um"]),
+    default="spot",
+    show_default=True,
+    help="spot, or um: USD-M futures (exchange BINANCE_UM, topic market.crypto.trades.binance_um)",
+)
+@click.option("--url", help="stream base URL  [default: K2_BINANCE_WS_URL, with --market um K2_BINANCE_UM_WS_URL]")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option(
     "--partitions", type=click.IntRange(min=1), default=3, show_default=True, help="partitions of the topic if K2 creates it"
@@ -25,15 +32,15 @@ def stream() -> None:
     default=default("producer_metrics_port"),
     help="serve Prometheus /metrics on PORT (0: off)  [default: K2_PRODUCER_METRICS_PORT]",
 )
-def binance(symbols: str, url: str, bootstrap: str, partitions: int, metrics_port: int) -> None:
-    """Binance's trade stream into Kafka.
+def binance(symbols: str, market: str, url: str | None, bootstrap: str, partitions: int, metrics_port: int) -> None:
+    """Binance's trade stream (spot or USD-M futures) into Kafka.
 
     Trades keyed by symbol, dead letters for what cannot be decoded, until Ctrl-C or SIGTERM (flushing first).
     """
     import asyncio
     import sys
 
-    from k2_assets.core import live_codec
+    from k2_assets.core.binance_format import MARKETS
     from k2_assets.core.binance_stream import LOGGER, BinanceProducer
     from k2_assets.core.kafka import ensure_topics
     from k2_assets.core.logs import configure_json, get_logger
@@ -43,9 +50,12 @@ def binance(symbols: str, url: str, bootstrap: str, partitions: int, metrics_por
     names = [s.strip() for s in symbols.split(",") if s.strip()]
     if not names:
         raise UserError("--symbols needs at least one symbol, e.g. BTCUSDT")
+    chosen = MARKETS[market]
+    config = settings()
+    url = url or (config.binance_um_ws_url if market == "um" else config.binance_ws_url)
     configure_json(sys.stderr)
-    ensure_topics(bootstrap, {live_codec.TOPIC: partitions, live_codec.DEAD_LETTER_TOPIC: 1})
-    producer = BinanceProducer(names, bootstrap, base_url=url)
+    ensure_topics(bootstrap, {chosen.topic: partitions, chosen.dead_letter_topic: 1})
+    producer = BinanceProducer(names, bootstrap, market=chosen, base_url=url)
     if metrics_port:
         serve(producer.metrics.registry, metrics_port)
         get_logger(LOGGER).info("metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")

@@ -26,7 +26,16 @@ log = logging.getLogger("k2.writer")
 @click.command("writer")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option(
-    "--topic", default="market.crypto.trades.binance", show_default=True, help="the trades topic (its dead letters are TOPIC.dlq)"
+    "--market",
+    type=click.Choice(["spot", "um"]),
+    default="spot",
+    show_default=True,
+    help="the Binance market whose trades the topic carries: spot (exchange BINANCE) or um (USD-M futures, BINANCE_UM)",
+)
+@click.option(
+    "--topic",
+    help="the trades topic (its dead letters are TOPIC.dlq)  "
+    "[default: market.crypto.trades.binance, with --market um market.crypto.trades.binance_um]",
 )
 @click.option(
     "--seconds", type=click.FloatRange(min=0), default=float("inf"), help="stop after this long  [default: until stopped]"
@@ -47,22 +56,32 @@ log = logging.getLogger("k2.writer")
     default=default("writer_metrics_port"),
     help="serve Prometheus /metrics on PORT (0: off)  [default: K2_WRITER_METRICS_PORT]",
 )
-def writer(bootstrap: str, topic: str, seconds: float, max_batch_rows: int, session_timeout_ms: int, metrics_port: int) -> int:
+def writer(
+    bootstrap: str,
+    market: str,
+    topic: str | None,
+    seconds: float,
+    max_batch_rows: int,
+    session_timeout_ms: int,
+    metrics_port: int,
+) -> int:
     """Drain the topic into market.trades until interrupted (or --seconds), beside any other writers."""
-    return run(bootstrap, topic, seconds, max_batch_rows, session_timeout_ms, metrics_port)
+    return run(bootstrap, topic, seconds, max_batch_rows, session_timeout_ms, metrics_port, market=market)
 
 
 def run(
     bootstrap: str,
-    topic: str,
+    topic: str | None,
     seconds: float,
     max_batch_rows: int,
     session_timeout_ms: int,
     metrics_port: int,
     stage_hook: StageHook | None = None,
+    market: str = "spot",
 ) -> int:
     """`k2 writer`'s work, with LiveWriter's optional stage_hook; a writer that meets an error is rebuilt from the table."""
     from k2_assets.core import catalog
+    from k2_assets.core.binance_format import MARKETS
     from k2_assets.core.live_writer import LiveWriter
     from k2_assets.core.metrics import WriterMetrics, serve
     from k2_assets.core.stopping import Stopper
@@ -77,6 +96,8 @@ def run(
             serve(metrics.registry, metrics_port)
         except OSError as exc:
             raise UserError(f"cannot serve /metrics on port {metrics_port}: {exc.strerror or exc}") from None
+    chosen = MARKETS[market]
+    topic = topic or chosen.topic
     deadline = time.monotonic() + seconds
     stopping = threading.Event()
     live: LiveWriter | None = None
@@ -98,6 +119,7 @@ def run(
                     tables[0],
                     tables[1],
                     bootstrap,
+                    market=chosen,
                     topic=topic,
                     max_batch_rows=max_batch_rows,
                     metrics=metrics,

@@ -18,6 +18,8 @@ Decisions (docs/asx.md explains them with the evidence):
 - A quote side printed as price 0 with size 0 is an empty side (null), not a zero price.
 - A line dated on no session (a weekend, before the first session) is rejected by the session that owns
   it, the one of the line before it in the file (see _owner_sessions), so no line is ever in no partition.
+- Every trade gets a trade_class (OFF_MARKET, or the session phase of an on-market trade) and
+  price_forming: only the auctions and continuous trading form prices (see classify).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, time
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +48,33 @@ TRADE_FIELDS = ("date", "time", "price", "volume", "qualifiers", "venue", "buyer
 QUOTE_FIELDS = ("date", "time", "bid", "ask", "bid_volume", "ask_volume")
 FIRST_SESSION = date(2014, 1, 1)  # the first session partition (asx_sessions: every weekday from here)
 WEEKDAYS = pa.array(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
+
+# Off-market trades (crossings, late reports): in the sample, venue X always and only carries these
+# qualifiers, at every hour from 07:05 to 17:33, at prices away from the book's.
+OFF_MARKET = "OFF_MARKET"
+OFF_MARKET_VENUE = "X"
+OFF_MARKET_QUALIFIERS = ("1", "3", "9")
+# Session phases of on-market trades, by Sydney time; each runs until the next one starts.
+# The opening auctions are staggered by symbol group (A-B 10:00:00 ... S-Z 10:09:00), each at a random
+# moment within 15 s either side: the sample's first on-market trades are at 09:59:48 (BHP) and 10:06:41 (RIO).
+OPENING_STARTS = time(9, 59, 45)
+CONTINUOUS_STARTS = time(10, 9, 15)
+# Continuous trading ends at 16:00:00; the sample has matches stamped up to 16:00:00.144: 1 s of tolerance.
+PRE_CLOSE_STARTS = time(16, 0, 1)
+# The closing single price auction runs at 16:10:00 plus a random 0-60 s; again 1 s of tolerance.
+CLOSING_AUCTION_STARTS = time(16, 10)
+AFTER_CLOSE_STARTS = time(16, 11, 1)
+PHASES = (  # (trade_class, starts, price-forming)
+    ("PRE_OPEN", time(0), False),
+    ("OPENING", OPENING_STARTS, True),
+    ("CONTINUOUS", CONTINUOUS_STARTS, True),
+    ("PRE_CLOSE", PRE_CLOSE_STARTS, False),
+    ("CLOSING_AUCTION", CLOSING_AUCTION_STARTS, True),
+    ("AFTER_CLOSE", AFTER_CLOSE_STARTS, False),
+)
+TRADE_CLASSES = pa.array([name for name, _, _ in PHASES] + [OFF_MARKET])
+PRICE_FORMING = pa.array([forming for _, _, forming in PHASES] + [False])
+PHASE_STARTS_MICROS = np.array([((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 for _, t, _ in PHASES])
 
 
 @dataclass(frozen=True)
@@ -190,12 +219,16 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
     columns = {"exchange_timestamp": decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)}
     if kind == "trades":
         _, _, price_s, volume_s, qualifiers, venue, buyer = rows.fields
+        conditions = decode.by_unique(qualifiers, _conditions)
+        trade_class, price_forming = classify(clock, conditions, venue)
         columns.update(
             price=rows.decimal(price_s, "price"),
             quantity=rows.decimal(volume_s, "volume"),
-            trade_conditions=decode.by_unique(qualifiers, _conditions),
+            trade_conditions=conditions,
             venue=pc.if_else(pc.equal(venue, ""), pa.scalar(None, pa.string()), venue),
             vendor_data=decode.by_unique(buyer, lambda values: _trade_vendor_data(company, values)),
+            trade_class=trade_class,
+            price_forming=price_forming,
         )
     else:
         _, _, bid_s, ask_s, bid_vol_s, ask_vol_s = rows.fields
@@ -263,3 +296,15 @@ def _conditions(qualifiers: pa.StringArray) -> pa.Array:
     """Qualifier text -> list of codes (space separated; empty -> [])."""
     qualifiers = pc.utf8_trim_whitespace(qualifiers)
     return pc.if_else(pc.equal(qualifiers, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(qualifiers, " "))
+
+
+def classify(clock_micros: pa.Array, conditions: pa.ListArray, venue: pa.StringArray) -> tuple[pa.Array, pa.Array]:
+    """trade_class and price_forming of each trade, from its Sydney time of day (microseconds since
+    midnight), its qualifier codes and its venue: OFF_MARKET if the venue or a qualifier says so, else
+    the session phase it was matched in."""
+    phase = np.searchsorted(PHASE_STARTS_MICROS, pc.fill_null(clock_micros, 0).to_numpy(), side="right") - 1
+    off_market = pc.fill_null(pc.equal(venue, OFF_MARKET_VENUE), False).to_numpy(zero_copy_only=False)
+    hit = pc.is_in(pc.list_flatten(conditions), value_set=pa.array(OFF_MARKET_QUALIFIERS))
+    off_market[pc.filter(pc.list_parent_indices(conditions), hit).to_numpy()] = True
+    index = pa.array(np.where(off_market, len(PHASES), phase))
+    return pc.take(TRADE_CLASSES, index), pc.take(PRICE_FORMING, index)

@@ -1,4 +1,4 @@
-"""Binance public trade dumps (data.binance.vision) -> v2 trades for one UTC date.
+"""Binance public trade dumps (data.binance.vision) -> v2 trades of one market for one UTC date.
 
 Files in the history directory (any depth), as Binance publishes them or redistributed:
     SYMBOL-trades-YYYY-MM-DD[suffix].csv|.zip      trade_id,price,qty,quote_qty,time,is_buyer_maker[,is_best_match]
@@ -6,6 +6,11 @@ Files in the history directory (any depth), as Binance publishes them or redistr
                                                    is_buyer_maker[,is_best_match]
 with or without a header line. Times are epoch milliseconds before 2025-01-01 and microseconds from
 then on (Binance switched the spot dumps); each value is judged on its own magnitude.
+
+A dump under a futures/um/ folder is USD-M futures (exchange BINANCE_UM), any other spot (BINANCE); a load
+takes one market's files. Futures dumps have a header line and no is_best_match, and Binance publishes no
+trade class (X) in them: a header column named X or type is read as the class, otherwise every trade is
+MARKET (docs/binance-futures.md).
 
 source_sequence is the exchange's trade id (contiguous per symbol) or, for aggTrades, the aggregate
 id (also contiguous). When both kinds exist for a symbol and day, the raw trades win and the
@@ -25,13 +30,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2_assets.core import decode, schemas
-from k2_assets.core.binance_format import MICROS_FROM, quote_currency
+from k2_assets.core.binance_format import (
+    MICROS_FROM,
+    PRICE_FORMING_CLASS,
+    SPOT,
+    TRADE_CLASSES,
+    Market,
+    market_of_dump,
+    quote_currency,
+)
 from k2_assets.core.decode import Batch, Rows
 from k2_assets.core.source_files import describe, file_rejects
 from k2_assets.core.text import one_line
 
-EXCHANGE = "BINANCE"
+EXCHANGE = SPOT.exchange
 HEADER_FIRST_COLUMNS = {"id", "trade_id", "agg_trade_id", "a"}  # a first line that starts so is the header
+CLASS_COLUMNS = ("x", "type")  # a header column of these names holds the trade class (futures' X)
 FIRST_DAY = date(2017, 7, 14)  # Binance's first trading day, the first partition (binance_days)
 KLINES_PATTERN = re.compile(r"^[A-Z0-9]+-\d+[smhdwM]-\d{4}-\d{2}-\d{2}.*\.(csv|zip)$")
 FILE_PATTERN = re.compile(
@@ -55,13 +69,16 @@ class Found:
     unrecognised: dict[Path, str]  # path -> why
 
 
-def find_files(history_dir: Path, day: date | None = None) -> Found:
+def find_files(history_dir: Path, day: date | None = None, market: Market = SPOT) -> Found:
+    """The dumps of `market` (of `day`, or of every day), and the files in its part of the folder that are none."""
     dumps, unrecognised = [], {}
     for path in sorted(history_dir.rglob("*")):
         if not path.name.lower().endswith((".csv", ".zip")) or (path.is_dir() and not FILE_PATTERN.match(path.name)):
             continue  # a broken link, or a folder named like a dump, is kept: a file that cannot be read
         if KLINES_PATTERN.match(path.name):
             continue  # bars, not trades: another loader's files
+        if market_of_dump(path.relative_to(history_dir).as_posix()) is not market:
+            continue
         match = FILE_PATTERN.match(path.name)
         try:
             file_day = date.fromisoformat(match["date"]) if match else None
@@ -86,14 +103,16 @@ def read_dump(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None = None) -> tuple[Batch, list[str]]:
-    """Decode every dump for `day`; returns the batch and notes on files skipped or not read.
+def load_day(
+    history_dir: Path, day: date, *, source: str, market: Market = SPOT, now: datetime | None = None
+) -> tuple[Batch, list[str]]:
+    """Decode every dump of `market` for `day`; returns the batch and notes on files skipped or not read.
 
     A file that cannot be read (empty, a corrupt zip, a name no partition owns) gives one rejected record
     and the others load. A trade id met twice in the day is written once: an exact repeat is skipped and
     counted, a repeat with other values is rejected with its reason."""
     now = now or decode.utc_now()
-    found = find_files(history_dir, day)
+    found = find_files(history_dir, day, market)
     raw_symbols = {f.symbol for f in found.dumps if f.kind == "trades"}
     decoded, files, notes = [], [], []
     for path, why in found.unrecognised.items():
@@ -106,7 +125,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
         if ledger.error is not None:
             continue
         try:
-            lines, first_row = _data_lines(read_dump(dump.path))
+            lines, first_row, header = _data_lines(read_dump(dump.path))
             if dump.kind == "aggTrades" and dump.symbol in raw_symbols:
                 # Both kinds of one symbol-day hold the same volume: the raw trades are loaded, these lines are theirs.
                 ledger.read = ledger.duplicates = len(lines)
@@ -114,7 +133,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
                     f"{ledger.path}: {len(lines)} lines skipped, raw trades for {dump.symbol} on {day} are loaded instead"
                 )
                 continue
-            rows, table = _decode(dump, lines, first_row, day, ledger.path, now)
+            rows, table = _decode(dump, lines, first_row, header, day, ledger.path, now, market)
         except Exception as exc:  # noqa: BLE001 - one file that cannot be read must not stop the others
             ledger.error = one_line(exc)
             continue
@@ -131,7 +150,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
                 rejected,
                 source=source,
                 partition_date=day,
-                exchange=EXCHANGE,
+                exchange=market.exchange,
                 symbol=dump.symbol,
                 source_file=ledger.path,
                 rejected_at=now,
@@ -140,7 +159,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
             )
         )
     symbols = {d.path.relative_to(history_dir).as_posix(): d.symbol for d in found.dumps}
-    rejects.append(file_rejects(files, source=source, partition_date=day, exchange=EXCHANGE, now=now, symbols=symbols))
+    rejects.append(file_rejects(files, source=source, partition_date=day, exchange=market.exchange, now=now, symbols=symbols))
     schema = schemas.arrow_schema(schemas.TRADE)
     return Batch(pa.concat_tables(tables) if tables else schema.empty_table(), pa.concat_tables(rejects), files), notes
 
@@ -196,15 +215,17 @@ def _deduplicate(decoded: list) -> list[pa.BooleanArray | None]:
     return [pa.array(keep[s : s + n]) for s, n in zip(starts, sizes)]
 
 
-def _data_lines(data: bytes) -> tuple[decode.Lines, int]:
-    """The dump's lines without its header, and the line number of the first one; an empty dump is an error."""
+def _data_lines(data: bytes) -> tuple[decode.Lines, int, list[str] | None]:
+    """The dump's lines without its header, the line number of the first one, and the header's column names
+    (lower case; None without a header). An empty dump is an error."""
     lines = decode.read_lines(data)
-    first_row = 1
-    if len(lines) and lines.text[0].as_py().lstrip("\ufeff").split(",")[0].strip().lower() in HEADER_FIRST_COLUMNS:
-        lines, first_row = lines.slice(1), 2
+    first_row, header = 1, None
+    names = [n.strip().lower() for n in lines.text[0].as_py().lstrip("\ufeff").split(",")] if len(lines) else []
+    if names and names[0] in HEADER_FIRST_COLUMNS:
+        lines, first_row, header = lines.slice(1), 2, names
     if len(lines) == 0:
         raise ValueError("the file is empty" if first_row == 1 else "the file has a header and no rows")
-    return lines, first_row
+    return lines, first_row, header
 
 
 def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
@@ -214,20 +235,34 @@ def _rejected_ids(rows: Rows, rejected: pa.Array) -> pa.Array:
     return pc.cast(pc.cast(pc.struct_field(pc.extract_regex(lines, r"^(?P<id>\d{1,18}),"), [0]), pa.string()), pa.int64())
 
 
-def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel: str, now: datetime) -> tuple[Rows, pa.Table]:
+def _decode(
+    dump: DumpFile,
+    lines: decode.Lines,
+    first_row: int,
+    header: list[str] | None,
+    day: date,
+    rel: str,
+    now: datetime,
+    market: Market,
+) -> tuple[Rows, pa.Table]:
     agg = dump.kind == "aggTrades"
     base = 8 if agg else 7
-    # The optional is_best_match column: a file has it on every line or on none; the lines decide by majority,
-    # so one odd line cannot make every other line wrong.
-    widths = pc.list_value_length(pc.split_pattern(lines.text, ","))
-    with_best = pc.sum(pc.equal(widths, base)).as_py() or 0
-    n_fields = base if with_best > (pc.sum(pc.equal(widths, base - 1)).as_py() or 0) else base - 1
-    rows = Rows(lines, n_fields, first_row=first_row)
-    if agg:
-        id_s, price_s, qty_s, first_s, last_s, time_s, maker_s = rows.fields[:7]
+    class_at = next((i for i, name in enumerate(header or ()) if name in CLASS_COLUMNS), None)
+    if class_at is not None:
+        n_fields = len(header)
     else:
-        id_s, price_s, qty_s, _quote_qty, time_s, maker_s = rows.fields[:6]
-    best_s = rows.fields[n_fields - 1] if n_fields == base else None
+        # The optional is_best_match column: a file has it on every line or on none; the lines decide by majority,
+        # so one odd line cannot make every other line wrong.
+        widths = pc.list_value_length(pc.split_pattern(lines.text, ","))
+        with_best = pc.sum(pc.equal(widths, base)).as_py() or 0
+        n_fields = base if with_best > (pc.sum(pc.equal(widths, base - 1)).as_py() or 0) else base - 1
+    rows = Rows(lines, n_fields, first_row=first_row)
+    fields = [f for i, f in enumerate(rows.fields) if i != class_at]
+    if agg:
+        id_s, price_s, qty_s, first_s, last_s, time_s, maker_s = fields[:7]
+    else:
+        id_s, price_s, qty_s, _quote_qty, time_s, maker_s = fields[:6]
+    best_s = fields[base - 1] if len(fields) >= base else None
 
     trade_id = rows.integer(id_s, "agg_trade_id" if agg else "trade_id")
     price = rows.decimal(price_s, "price")
@@ -243,6 +278,16 @@ def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel:
     currency = quote_currency(dump.symbol)
     if currency is None:
         rows.reject(pa.repeat(True, len(rows)), f"no known quote currency at the end of symbol {dump.symbol}")
+    if class_at is None:
+        trade_class = pa.repeat(pa.scalar(PRICE_FORMING_CLASS), len(rows))
+    else:
+        trade_class = pc.utf8_trim_whitespace(rows.fields[class_at])
+        rows.reject(
+            pc.invert(pc.is_in(trade_class, pa.array(TRADE_CLASSES))),
+            "trade class '",
+            trade_class,
+            f"' is not one of {', '.join(TRADE_CLASSES)}",
+        )
     vendor_keys, vendor_cols = [], []
     if agg:
         first_id = rows.integer(first_s, "first_trade_id")
@@ -260,11 +305,12 @@ def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel:
     ok = rows.accepted()
     n = len(ok)
     ids = pc.take(trade_id, ok)
-    prefix = f"{EXCHANGE}:{dump.symbol}:" + ("agg:" if agg else "")
+    classes = pc.take(trade_class, ok)
+    prefix = f"{market.exchange}:{dump.symbol}:" + ("agg:" if agg else "")
     columns = {
         "message_id": pc.binary_join_element_wise(prefix, pc.cast(ids, pa.string()), ""),
         "trade_id": pc.cast(ids, pa.string()),
-        "exchange": pa.repeat(pa.scalar(EXCHANGE), n),
+        "exchange": pa.repeat(pa.scalar(market.exchange), n),
         "symbol": pa.repeat(pa.scalar(dump.symbol), n),
         "asset_class": pa.repeat(pa.scalar("CRYPTO"), n),
         "currency": pa.repeat(pa.scalar(currency or ""), n),
@@ -283,5 +329,7 @@ def _decode(dump: DumpFile, lines: decode.Lines, first_row: int, day: date, rel:
         else pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.string())),
         "source_file": pa.repeat(pa.scalar(rel), n),
         "source_row": pc.take(rows.line_numbers, ok),
+        "trade_class": classes,
+        "price_forming": pc.equal(classes, PRICE_FORMING_CLASS),
     }
     return rows, schemas.build_table(schemas.TRADE, columns, n)

@@ -1,10 +1,10 @@
 """Binance trade stream -> Kafka: the long-running producer.
 
-Connects to Binance's combined stream (`/stream?streams=btcusdt@trade/...`), turns every trade
-event into a v2 trade (k2_assets.core.live_codec) and produces it, keyed by symbol, with an
-idempotent acks=all producer. Anything that cannot become a trade goes to the dead-letter topic
-with its raw bytes and the reason. Reconnects back off exponentially with full jitter, the
-connection is renewed before Binance's 24-hour cut, and every reconnect is logged with the last
+Connects to the combined stream (`/stream?streams=btcusdt@trade/...`) of one Binance market (spot, or
+USD-M futures), turns every trade event into a v2 trade (k2_assets.core.live_codec) and produces it,
+keyed by symbol, with an idempotent acks=all producer. Anything that cannot become a trade goes to the
+dead-letter topic with its raw bytes and the reason. Reconnects back off exponentially with full jitter,
+the connection is renewed before Binance's 24-hour cut, and every reconnect is logged with the last
 trade id seen per symbol, so a gap across the outage is visible (and repairable by trade id).
 """
 
@@ -21,12 +21,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from k2_assets.core import live_codec
+from k2_assets.core.binance_format import SPOT, Market
 from k2_assets.core.kafka import producer_config
 from k2_assets.core.logs import get_logger
 from k2_assets.core.metrics import ProducerMetrics
 
 LOGGER = "k2.stream"
-BINANCE_WS_URL = "wss://stream.binance.com:9443"
 MAX_CONNECTION_SECONDS = 23.5 * 3600  # Binance closes every connection at 24 hours
 METRICS_EVERY_US = 250_000
 
@@ -53,16 +53,18 @@ def _event(name: str, **fields) -> None:
 
 
 class BinanceProducer:
-    """One WebSocket connection at a time into one Kafka producer."""
+    """One WebSocket connection at a time into one Kafka producer, for one market (spot or USD-M futures):
+    the market gives the defaults of the base URL and topics, and the exchange code of its trades."""
 
     def __init__(
         self,
         symbols: list[str],
         bootstrap: str,
         *,
-        base_url: str = BINANCE_WS_URL,
-        topic: str = live_codec.TOPIC,
-        dead_letter_topic: str = live_codec.DEAD_LETTER_TOPIC,
+        market: Market = SPOT,
+        base_url: str | None = None,
+        topic: str | None = None,
+        dead_letter_topic: str | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         max_connection_seconds: float = MAX_CONNECTION_SECONDS,
@@ -72,8 +74,9 @@ class BinanceProducer:
         if not symbols:
             raise ValueError("at least one symbol is required")
         self.symbols = [s.upper() for s in symbols]
-        self.url = stream_url(base_url, self.symbols)
-        self.topic, self.dead_letter_topic = topic, dead_letter_topic
+        self.market = market
+        self.url = stream_url(base_url or market.ws_url, self.symbols)
+        self.topic, self.dead_letter_topic = topic or market.topic, dead_letter_topic or market.dead_letter_topic
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.max_connection_seconds = max_connection_seconds
         self.stats = StreamStats()
@@ -117,7 +120,7 @@ class BinanceProducer:
         raw_bytes = raw.encode() if isinstance(raw, str) else raw
         try:
             (event,) = live_codec.events_in_frame(raw_bytes)
-            trade = live_codec.trade_from_event(event, ingest_us)
+            trade = live_codec.trade_from_event(event, ingest_us, self.market)
         except live_codec.InvalidEvent as exc:
             stats.dead_lettered += 1
             self._produce(

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.table import Table
 from pyiceberg.table.sorting import SortField, SortOrder
@@ -44,6 +44,7 @@ TABLES: dict[str, TableDef] = {
     "rejected": TableDef(schemas.REJECTED, ("source", "partition_date"), ("source_file", "source_row")),
     "sequence_gaps": TableDef(schemas.SEQUENCE_GAP, ("exchange", "session_date"), ("symbol", "first_missing")),
     "source_files": TableDef(schemas.SOURCE_FILE, ("source", "partition_date"), ("path",)),
+    "exchange_bars": TableDef(schemas.EXCHANGE_BAR, ("exchange", "trade_date"), ("symbol", "bar_start")),
     **{f"ohlcv_{i}": TableDef(schemas.OHLCV, ("exchange", "trade_date"), ("symbol", "bar_start")) for i in schemas.INTERVALS},
 }
 
@@ -81,7 +82,7 @@ def ensure_table(catalog: Catalog, name: str) -> Table:
     """Load `market.<name>`, creating the namespace and table on first use (safe when writers race)."""
     identifier = table_identifier(name)
     try:
-        return catalog.load_table(identifier)
+        return evolve(catalog.load_table(identifier), name)
     except NoSuchTableError:
         pass
     definition = TABLES[name]
@@ -103,3 +104,26 @@ def ensure_table(catalog: Catalog, name: str) -> Table:
         return catalog.create_table(identifier, schema=schema, partition_spec=spec, sort_order=order, properties=TABLE_PROPERTIES)
     except TableAlreadyExistsError:
         return catalog.load_table(identifier)
+
+
+def evolve(table: Table, name: str) -> Table:
+    """Bring a table made from an older contract up to schemas/: add the optional columns the contract gained,
+    and make optional what it made optional. Only these compatible changes; a writer racing to do the same
+    is retried by pyiceberg or already done."""
+    contract = schemas.iceberg_schema(TABLES[name].schema)
+    current = {f.name: f for f in table.schema().fields}
+    missing = [f for f in contract.fields if f.name not in current]
+    loosened = [f.name for f in contract.fields if f.name in current and f.optional and current[f.name].required]
+    if not missing and not loosened:
+        return table
+    try:
+        with table.update_schema() as update:
+            for f in missing:
+                update.add_column(f.name, f.field_type, doc=f.doc)
+            for column in loosened:
+                update.make_column_optional(column)
+    except CommitFailedException:
+        table = table.refresh()
+        if any(f.name not in {c.name for c in table.schema().fields} for f in missing):
+            raise
+    return table

@@ -24,9 +24,9 @@ import pyarrow as arrow  # noqa: E402
 for _name in set(os.environ) - set(_environ):
     del os.environ[_name]
 
-EXCHANGES = {"ASX": "Australia/Sydney", "BINANCE": "UTC"}
+EXCHANGES = {"ASX": "Australia/Sydney", "BINANCE": "UTC", "BINANCE_UM": "UTC"}
 CURRENCIES = {"AUD", "USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "GBP", "TRY", "BRL", "JPY"}
-SYMBOL_PATTERNS = {"ASX": r"^[A-Z0-9]{3,6}$", "BINANCE": r"^[A-Z0-9]{5,20}$"}
+SYMBOL_PATTERNS = {"ASX": r"^[A-Z0-9]{3,6}$", "BINANCE": r"^[A-Z0-9]{5,20}$", "BINANCE_UM": r"^[A-Z0-9]{5,20}$"}
 SAMPLE_SIZE = 5
 
 

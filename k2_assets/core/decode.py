@@ -233,7 +233,8 @@ class Rows:
 
     def reject(self, mask: pa.BooleanArray, *message: pa.Array | str) -> None:
         """Record a reason for rows in `mask` that have none yet; the message parts (text or
-        per-row arrays) are joined only for those rows."""
+        per-row arrays) are joined only for those rows. Arrays may be chunked (columns of a parsed table)."""
+        mask, message = _contiguous(mask), [p if isinstance(p, str) else _contiguous(p) for p in message]
         fresh = pc.and_(pc.fill_null(mask, True), pc.is_null(self.reasons))
         where = pc.indices_nonzero(fresh)
         if len(where) == 0:
@@ -256,6 +257,10 @@ class Rows:
         good = pc.match_substring_regex(values, INTEGER_PATTERN)
         self.reject(pc.invert(good), f"{name} '", values, "' is not a whole number")
         return pc.cast(pc.if_else(good, values, "0"), pa.int64())
+
+
+def _contiguous(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def pick(column: pa.Array, indices: pa.Array) -> pa.Array:

@@ -16,10 +16,11 @@ from functools import lru_cache
 import orjson
 
 from k2_assets.core import schemas
+from k2_assets.core.binance_format import PRICE_FORMING_CLASS, SPOT, TRADE_CLASSES, Market, quote_currency
 
-EXCHANGE = "BINANCE"
-TOPIC = "market.crypto.trades.binance"
-DEAD_LETTER_TOPIC = "market.crypto.trades.binance.dlq"
+EXCHANGE = SPOT.exchange
+TOPIC = SPOT.topic
+DEAD_LETTER_TOPIC = SPOT.dead_letter_topic
 
 
 def _contract_headers() -> list[tuple[str, bytes]]:
@@ -59,9 +60,10 @@ def events_in_frame(raw: bytes | str) -> list[dict]:
     return [message]
 
 
-def trade_from_event(event: dict, ingest_us: int) -> dict:
-    """A Binance `trade` event -> a v2 trade (dict of trade_v2.avsc fields).
+def trade_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> dict:
+    """A Binance `trade` event of `market` -> a v2 trade (dict of trade_v2.avsc fields).
 
+    A futures event says how the trade came about (X); only MARKET trades form prices. Spot trades are all MARKET.
     On the producer's hot path (one call per frame): exact type tests instead of isinstance (which
     also lets bool through as int), one regex per decimal, and a cache of symbols already accepted."""
     get = event.get
@@ -82,15 +84,21 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
         raise InvalidEvent(f"trade time {trade_time!r} is not epoch milliseconds")
     if type(maker) is not bool:
         raise InvalidEvent(f"buyer-is-maker flag {maker!r} is not a boolean")
+    trade_class = PRICE_FORMING_CLASS
+    if market.classified:
+        trade_class = get("X")
+        if type(trade_class) is not str or trade_class not in TRADE_CLASSES:
+            raise InvalidEvent(f"trade class X {trade_class!r} is not one of {', '.join(TRADE_CLASSES)}")
     event_time = get("E")
     vendor = {"event_time": str(event_time)} if type(event_time) is int else {}
     if "M" in event:
         best = event["M"]
         vendor["is_best_match"] = "True" if best is True else str(best)
+    exchange = market.exchange
     return {
-        "message_id": f"{EXCHANGE}:{symbol}:{trade_id}",
+        "message_id": f"{exchange}:{symbol}:{trade_id}",
         "trade_id": str(trade_id),
-        "exchange": EXCHANGE,
+        "exchange": exchange,
         "symbol": symbol,
         "asset_class": "CRYPTO",
         "currency": currency,
@@ -105,6 +113,8 @@ def trade_from_event(event: dict, ingest_us: int) -> dict:
         "trade_conditions": [],
         "venue": None,
         "vendor_data": vendor,
+        "trade_class": trade_class,
+        "price_forming": trade_class == PRICE_FORMING_CLASS,
     }
 
 
@@ -115,8 +125,6 @@ _ACCEPTED_SYMBOLS: dict[str, str] = {}  # symbol -> quote currency, once validat
 def _accept_symbol(symbol) -> str:
     if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
         raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
-    from k2_assets.core.binance_format import quote_currency
-
     currency = quote_currency(symbol)
     if currency is None:
         raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")

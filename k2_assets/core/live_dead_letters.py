@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from k2_assets.core import live_codec, schemas
+from k2_assets.core import schemas
 
 
-def dead_letter_rows(messages: list) -> pa.Table:
-    """Dead-letter messages -> market.rejected rows, with the producer's reason."""
+def dead_letter_rows(messages: list, exchange: str) -> pa.Table:
+    """Dead-letter messages of `exchange`'s producer -> market.rejected rows, with the producer's reason."""
     now = datetime.now(UTC)
     n = len(messages)
     headers = [dict(m.headers() or []) for m in messages]
@@ -19,7 +19,7 @@ def dead_letter_rows(messages: list) -> pa.Table:
         {
             "source": pa.repeat(pa.scalar("binance_stream"), n),
             "partition_date": pa.repeat(pa.scalar(now.date(), pa.date32()), n),
-            "exchange": pa.repeat(pa.scalar(live_codec.EXCHANGE), n),
+            "exchange": pa.repeat(pa.scalar(exchange), n),
             "kafka_topic": pa.array([m.topic() for m in messages], pa.string()),
             "kafka_partition": pa.array([m.partition() for m in messages], pa.int32()),
             "kafka_offset": pa.array([m.offset() for m in messages], pa.int64()),

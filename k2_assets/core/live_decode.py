@@ -54,15 +54,31 @@ _WIRE, _REQUIRED = _wire()
 
 
 def decode_batch(
-    values: list[bytes], topic: str, partitions: list[int], offsets: list[int], *, source: str, now: datetime | None = None
+    values: list[bytes],
+    topic: str,
+    partitions: list[int],
+    offsets: list[int],
+    *,
+    source: str,
+    exchange: str = EXCHANGE,
+    now: datetime | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one."""
+    """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one.
+
+    A topic carries the trades of one exchange (Binance spot or USD-M futures): a trade of another is rejected,
+    since the writer's dedup index and sequence tracking are those of the topic's exchange."""
     now = now or decode.utc_now()
     wire, reasons = _parse(values)
     partition_column, offset_column = pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64())
     rows = decode.Rows.from_reasons(reasons)
     for name in _REQUIRED:
         rows.reject(pc.is_null(wire.column(name)), f"field {name} is missing")
+    rows.reject(
+        pc.not_equal(pc.fill_null(wire.column("exchange"), exchange), exchange),
+        "exchange '",
+        pc.fill_null(wire.column("exchange"), ""),
+        f"' is not {exchange}, the exchange of topic {topic}",
+    )
     price = rows.decimal(pc.fill_null(wire.column("price"), "0"), "price")
     quantity = rows.decimal(pc.fill_null(wire.column("quantity"), "0"), "quantity")
     rows.reject(
@@ -102,7 +118,7 @@ def decode_batch(
             "partition_date": pc.take(
                 pc.if_else(pc.is_valid(wire.column("exchange_timestamp")), day, pa.scalar(now.date(), pa.date32())), bad
             ),
-            "exchange": pa.repeat(pa.scalar(EXCHANGE), len(bad)),
+            "exchange": pc.take(pc.fill_null(wire.column("exchange"), exchange), bad),
             "symbol": pc.take(wire.column("symbol"), bad),
             "source_sequence": pc.take(wire.column("source_sequence"), bad),
             "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),

@@ -115,7 +115,8 @@ class SeenIndex:
         return changed
 
     def _add_snapshot(self, snapshot, io) -> set[Key]:
-        """Add the ids of the rows a snapshot appended (its new data files) under keys the index holds."""
+        """Add the ids of the rows a snapshot appended (its new data files) under keys the index holds.
+        Only this exchange's rows: a commit of another market's writer names the same (day, symbol) keys."""
         paths = [
             entry.data_file.file_path
             for manifest in snapshot.manifests(io)
@@ -126,7 +127,8 @@ class SeenIndex:
         changed = set()
         for path in paths:
             with io.new_input(path).open() as f:
-                rows = pq.read_table(f, columns=["trade_date", "symbol", "source_sequence"])
+                rows = pq.read_table(f, columns=["exchange", "trade_date", "symbol", "source_sequence"])
+            rows = rows.filter(pc.equal(rows.column("exchange"), self.exchange))
             if not rows.num_rows:
                 continue
             ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)

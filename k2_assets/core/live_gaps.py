@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 import pyarrow as pa
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 
-from k2_assets.core import integrity, live_codec
+from k2_assets.core import integrity
 from k2_assets.core.live_properties import SOURCE
 
 
@@ -39,7 +39,7 @@ class GapReconciling:
                 return integrity.reconcile_partition(
                     self.gaps,
                     current,
-                    exchange=live_codec.EXCHANGE,
+                    exchange=self.exchange,
                     session_date=day,
                     detected_by=detected_by,
                     now=now,

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from k2_assets.core import offsets
 from k2_assets.core.kafka import holds_offset
-from k2_assets.core.offsets import OFFSETS_KEY, TRACKER_KEY
+from k2_assets.core.offsets import OFFSETS_KEY
 
 log = logging.getLogger("k2.writer")
 
@@ -30,7 +30,8 @@ class Ownership:
         def read():
             self.trades.refresh()
             self.rejected.refresh()
-            return offsets.latest_property(self.trades, TRACKER_KEY), offsets.keys_for_topic(self.trades, OFFSETS_KEY, self.topic)
+            state = offsets.latest_property(self.trades, self.tracker_key)
+            return state, offsets.keys_for_topic(self.trades, OFFSETS_KEY, self.topic)
 
         state, keys = self.health.call(read, "reading market.trades", deadline=self._give_up_at, stop=self._stop)
         if state:

@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterable
 
 from k2_assets.core.live_dedup import KEYS_KEY, keys_property
-from k2_assets.core.offsets import TRACKER_KEY
 
 SOURCE = "binance_trades"
 MAX_TRACKER_STATE = 64 * 1024
@@ -21,12 +20,12 @@ def offsets_value(offsets: dict[int, int]) -> str:
 
 
 def trades_properties(
-    offsets_key: str, next_offsets: dict[int, int], day_symbols: Iterable, tracker_state: str
+    offsets_key: str, next_offsets: dict[int, int], day_symbols: Iterable, tracker_key: str, tracker_state: str
 ) -> dict[str, str]:
     """A market.trades commit's: where each partition resumes, the source, the (day, symbol)s written, the tracker's state."""
     properties = {offsets_key: offsets_value(next_offsets), "k2.source": SOURCE, KEYS_KEY: keys_property(set(day_symbols))}
     if len(tracker_state) <= MAX_TRACKER_STATE:  # kept with the offsets it belongs to; a large state is rebuilt instead
-        properties[TRACKER_KEY] = tracker_state
+        properties[tracker_key] = tracker_state
     return properties
 
 

@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer
 from pyiceberg.table import Table
 
-from k2_assets.core import live_codec, live_decode, offsets, writer
+from k2_assets.core import live_decode, offsets, writer
+from k2_assets.core.binance_format import SPOT, Market
 from k2_assets.core.kafka import DEFAULT_SESSION_TIMEOUT_MS, consumer_config, ensure_topics, topic_incarnation
 from k2_assets.core.live_consuming import Batch, Consuming
 from k2_assets.core.live_dead_letters import dead_letter_rows
@@ -66,7 +67,8 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         rejected: Table,
         bootstrap: str,
         *,
-        topic: str = live_codec.TOPIC,
+        market: Market = SPOT,
+        topic: str | None = None,
         group_id: str | None = None,
         max_batch_rows: int = 250_000,
         max_batch_seconds: float = 2.0,
@@ -80,6 +82,9 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         stage_hook: StageHook | None = None,
     ):
         self.trades, self.rejected, self.gaps = FencedTable.of(trades), FencedTable.of(rejected), gaps
+        # One writer drains one market's topic: its trades, dedup index and sequences are those of its exchange.
+        self.exchange = market.exchange
+        topic = topic or market.topic
         self.bootstrap, self.topic = bootstrap, topic
         # The producer's dead letters (frames that never became trades) end in market.rejected too.
         self.dead_letter_topic = dead_letter_topic if dead_letter_topic is not None else topic + ".dlq"
@@ -94,8 +99,9 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self.rejects_key = offsets.key(REJECTED_KEY, topic, self.incarnation)
         self.dead_key = offsets.key(REJECTED_KEY, self.dead_letter_topic, topic_incarnation(bootstrap, self.dead_letter_topic))
         self._recorded = {key: OffsetIndex(key) for key in (self.offsets_key, self.rejects_key, self.dead_key)}
-        self.seen = SeenIndex(live_codec.EXCHANGE)
-        self.tracker = SequenceTracker(live_codec.EXCHANGE, resets_each_session=False)
+        self.seen = SeenIndex(self.exchange)
+        self.tracker = SequenceTracker(self.exchange, resets_each_session=False)
+        self.tracker_key = offsets.tracker_key(self.exchange)
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, int], int] = {}  # (topic, partition) -> assignment generation
         self._generation = 0
@@ -198,7 +204,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         if batch is None:
             return None
         values, part, off, dead = batch.values, batch.partitions, batch.offsets, batch.dead
-        rows, rejected = live_decode.decode_batch(values, self.topic, part, off, source=SOURCE)
+        rows, rejected = live_decode.decode_batch(values, self.topic, part, off, source=SOURCE, exchange=self.exchange)
         ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
         next_offsets = {p: last + 1 for p, (_, last) in ranges.items()}
         with self._lock:
@@ -208,7 +214,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
             raise Fenced(f"partitions {moved} of {self.topic} moved to another writer")
 
         rejected = self._fresh_rejects(rejected)
-        dead_rows = dead_letter_rows(dead)
+        dead_rows = dead_letter_rows(dead, self.exchange)
         if rejected.num_rows or dead_rows.num_rows:
             self._commit_rejects(rejected, dead_rows, next_offsets, dead)
             self._reached("after_rejects_commit")
@@ -219,7 +225,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         rows = rows.sort_by(writer.SORT_KEYS) if rows.num_rows else rows
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64) if rows.num_rows else None
         batch_ids = {key: ids[index] for key, index in groups(rows)} if rows.num_rows else {}
-        properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker.dumps())
+        properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker_key, self.tracker.dumps())
         snapshot_id = None
         if rows.num_rows or any(next_offsets[p] > starts[p] for p in next_offsets):
             # Also a batch of duplicates only records its offsets: the next batch's fence starts from them.

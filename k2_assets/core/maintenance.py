@@ -56,12 +56,17 @@ def carried_properties(table: Table) -> dict[str, str]:
         key
         for snapshot in table.metadata.snapshots
         for key in (snapshot.summary.additional_properties if snapshot.summary else {})
+        if key.startswith((*CARRIED_PREFIXES, TRACKER_KEY))
+    }
+    carried = {
+        key: json.dumps({str(p): o for p, o in sorted(recorded_offsets(table, key).items())})
+        for key in keys
         if key.startswith(CARRIED_PREFIXES)
     }
-    carried = {key: json.dumps({str(p): o for p, o in sorted(recorded_offsets(table, key).items())}) for key in keys}
-    tracker = latest_property(table, TRACKER_KEY)
-    if tracker:
-        carried[TRACKER_KEY] = tracker
+    for key in keys - carried.keys():  # each exchange's tracker state (offsets.tracker_key), the newest
+        tracker = latest_property(table, key)
+        if tracker:
+            carried[key] = tracker
     return carried
 
 
@@ -93,9 +98,9 @@ def compact(table: Table, where: BooleanExpression) -> CompactionResult:
 def _holders(table: Table) -> list[Snapshot]:
     """Snapshots expiry must keep so the lineage reads the same bookkeeping after it: for every recorded
     offset (each key and Kafka partition) the newest snapshot holding its highest value, and the newest
-    snapshot holding the tracker state."""
+    snapshot holding each exchange's tracker state."""
     best: dict[tuple[str, int], tuple[int, Snapshot]] = {}
-    tracker = None
+    trackers: dict[str, Snapshot] = {}
     for snapshot, properties in lineage(table):  # newest first
         for key, value in properties.items():
             if key.startswith(CARRIED_PREFIXES):
@@ -103,9 +108,9 @@ def _holders(table: Table) -> list[Snapshot]:
                     slot = (key, int(partition))
                     if slot not in best or offset > best[slot][0]:
                         best[slot] = (offset, snapshot)
-            elif key == TRACKER_KEY and tracker is None and value:
-                tracker = snapshot
-    return [snapshot for _, snapshot in best.values()] + ([tracker] if tracker is not None else [])
+            elif key.startswith(TRACKER_KEY) and value:
+                trackers.setdefault(key, snapshot)
+    return [snapshot for _, snapshot in best.values()] + list(trackers.values())
 
 
 def expire(table: Table, retain: timedelta, now: datetime | None = None) -> int:

@@ -36,6 +36,12 @@ def key(prefix: str, topic: str, incarnation: str) -> str:
     return f"{prefix}{topic}{INCARNATION_SEPARATOR}{incarnation}"
 
 
+def tracker_key(exchange: str) -> str:
+    """The snapshot-property key of one exchange's sequence-tracker state. Binance spot keeps the key K2 used
+    before it took a second market, so existing tables resume with their state."""
+    return TRACKER_KEY if exchange == "BINANCE" else f"{TRACKER_KEY}.{exchange}"
+
+
 def lineage(table: Table | TableMetadata, snapshot_id: int | None = None) -> Iterator[tuple[object, dict]]:
     """The snapshots of the current branch (or ending at `snapshot_id`), newest first, with their summary properties."""
     metadata = table.metadata if isinstance(table, Table) else table

@@ -8,10 +8,6 @@ arrives late after all is never stored twice.
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -21,14 +17,11 @@ from pyiceberg.expressions import And, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
 from k2_assets.core import integrity, live_codec, live_decode, writer
+from k2_assets.core.binance_rest import ExchangeError, get_json
 from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
 REST_SOURCE = "rest:/api/v3/historicalTrades"
-
-
-class ExchangeError(RuntimeError):
-    """The exchange refused or failed a request; the message is its answer."""
 
 
 @dataclass
@@ -40,18 +33,8 @@ class RepairReport:
     snapshot_id: int | None = None
 
 
-def fetch(base_url: str, symbol: str, from_id: int, limit: int, api_key: str | None = None, timeout: float = 10.0) -> list[dict]:
-    query = urllib.parse.urlencode({"symbol": symbol, "fromId": from_id, "limit": limit})
-    request = urllib.request.Request(f"{base_url.rstrip('/')}/api/v3/historicalTrades?{query}")
-    if api_key:
-        request.add_header("X-MBX-APIKEY", api_key)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise ExchangeError(f"HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:300]}") from None
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise ExchangeError(f"no answer from {base_url}: {exc}") from None
+def fetch(base_url: str, symbol: str, from_id: int, limit: int, api_key: str | None = None) -> list[dict]:
+    return get_json(base_url, "/api/v3/historicalTrades", {"symbol": symbol, "fromId": from_id, "limit": limit}, api_key)
 
 
 def fetch_range(base_url: str, symbol: str, first: int, last: int, api_key: str | None = None) -> tuple[list[dict], str | None]:

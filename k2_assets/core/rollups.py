@@ -7,6 +7,10 @@
 - Minutes without trades follow the exchange's convention (FILL_EMPTY_BARS): Binance publishes them
   as zero-volume bars at the previous close; the ASX vendor publishes no bar for a minute without
   trades, so neither does K2.
+- Only price-forming trades (trades.price_forming; Binance futures: X = MARKET; ASX: on-market trades of
+  the auctions and continuous trading) make prices, volume and trade_count, as the exchanges' own bars;
+  volume_all and trade_count_all count every trade. A Binance minute with no price-forming trade is a
+  filled bar; an ASX minute with off-market trades only has a bar with null prices.
 - 5m and 1h bars derive from 1m bars, 1d bars from 1m bars of the session; each equals what
   recomputing it from the raw trades gives (the tests prove both).
 """
@@ -18,11 +22,12 @@ from decimal import Decimal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from k2_assets.core import schemas
 from k2_assets.core.checks import session_bounds
 
-FILL_EMPTY_BARS = {"BINANCE": True, "ASX": False}
+FILL_EMPTY_BARS = {"BINANCE": True, "BINANCE_UM": True, "ASX": False}
 BUCKETS = {"1m": "1 minute", "5m": "5 minutes", "1h": "1 hour"}
 BUCKET_MICROS = {"1m": 60_000_000, "5m": 300_000_000, "1h": 3_600_000_000}
 
@@ -49,15 +54,16 @@ def session(con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConn
 
 
 def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """Bars of every traded bucket, straight from raw trades (also the proof for derived bars)."""
+    """Bars of every traded bucket, straight from raw trades (also the proof for derived bars).
+
+    Open, high, low, close, volume, quote and taker-buy volumes and trade_count come from price-forming trades
+    only (the exchange's own rule); volume_all and trade_count_all count every trade. A bucket with no
+    price-forming trade has null prices and zero volume. An aggregate trade counts its underlying trades."""
     if interval not in BUCKETS:
         raise ValueError(f"interval must be one of {sorted(BUCKETS)}")
     width = BUCKET_MICROS[interval]
     con = session(con)
-    con.register(
-        "trades",
-        trades.select(["exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity", "side"]),
-    )
+    con.register("trades", _rollup_input(trades))
     # The bucket as an integer and the (time, sequence) order as one HUGEINT key: both far cheaper to
     # group and compare than time_bucket() on timestamptz or a struct.
     return con.sql(f"""
@@ -65,20 +71,42 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
             SELECT exchange, symbol, trade_date, epoch_us(exchange_timestamp) // {width} AS bucket,
                    (epoch_us(exchange_timestamp)::HUGEINT << 63) + source_sequence AS trade_order,
                    price, quantity, price::DECIMAL(38,8) * quantity::DECIMAL(38,8) AS notional, side = 'BUY' AS taker_buy,
-                   source_sequence
+                   source_sequence, forming, units
             FROM trades
         )
         SELECT exchange, symbol, trade_date, make_timestamptz(bucket * {width}) AS bar_start,
-               arg_min(price, trade_order) AS open, max(price) AS high, min(price) AS low, arg_max(price, trade_order) AS close,
-               count(*)::BIGINT AS trade_count,
-               sum(quantity)::DECIMAL(28,8) AS volume,
-               sum(notional)::DECIMAL(38,16) AS quote_volume,
-               coalesce(sum(quantity) FILTER (WHERE taker_buy), 0)::DECIMAL(28,8) AS taker_buy_volume,
-               coalesce(sum(notional) FILTER (WHERE taker_buy), 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
+               arg_min(price, trade_order) FILTER (WHERE forming) AS open,
+               max(price) FILTER (WHERE forming) AS high, min(price) FILTER (WHERE forming) AS low,
+               arg_max(price, trade_order) FILTER (WHERE forming) AS close,
+               coalesce(sum(units) FILTER (WHERE forming), 0)::BIGINT AS trade_count,
+               coalesce(sum(quantity) FILTER (WHERE forming), 0)::DECIMAL(28,8) AS volume,
+               coalesce(sum(notional) FILTER (WHERE forming), 0)::DECIMAL(38,16) AS quote_volume,
+               coalesce(sum(quantity) FILTER (WHERE forming AND taker_buy), 0)::DECIMAL(28,8) AS taker_buy_volume,
+               coalesce(sum(notional) FILTER (WHERE forming AND taker_buy), 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
                min(source_sequence) AS first_sequence,
-               max(source_sequence) AS last_sequence
+               max(source_sequence) AS last_sequence,
+               sum(quantity)::DECIMAL(28,8) AS volume_all,
+               sum(units)::BIGINT AS trade_count_all
         FROM keyed GROUP BY exchange, symbol, trade_date, bucket ORDER BY exchange, symbol, bar_start
     """).to_arrow_table()
+
+
+def _rollup_input(trades: pa.Table) -> pa.Table:
+    """The columns a rollup reads, with `forming` (price_forming; null, from before K2 classified trades,
+    reads as true) and `units` (underlying trades: last_trade_id - first_trade_id + 1 for an aggTrade, else 1)."""
+    n = trades.num_rows
+    names = trades.column_names
+    forming = pc.fill_null(trades.column("price_forming"), True) if "price_forming" in names else pa.repeat(True, n)
+    units = pa.repeat(pa.scalar(1, pa.int64()), n)
+    if "vendor_data" in names and n:
+        vendor = trades.column("vendor_data")
+        first = pc.map_lookup(vendor, "first_trade_id", "first")
+        if first.null_count < n:
+            last = pc.map_lookup(vendor, "last_trade_id", "first")
+            span = pc.add(pc.subtract(pc.cast(last, pa.int64()), pc.cast(first, pa.int64())), 1)
+            units = pc.fill_null(span, 1)
+    columns = ["exchange", "symbol", "trade_date", "exchange_timestamp", "source_sequence", "price", "quantity", "side"]
+    return trades.select(columns).append_column("forming", forming).append_column("units", units)
 
 
 def one_minute_bars(
@@ -154,11 +182,13 @@ def one_minute_bars(
                coalesce(quote_volume, 0)::DECIMAL(38,16) AS quote_volume,
                coalesce(taker_buy_volume, 0)::DECIMAL(28,8) AS taker_buy_volume,
                coalesce(taker_buy_quote_volume, 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
-               first_sequence, last_sequence, trade_count IS NULL AS filled
+               first_sequence, last_sequence, open IS NULL AS filled,
+               coalesce(volume_all, 0)::DECIMAL(28,8) AS volume_all, coalesce(trade_count_all, 0)::BIGINT AS trade_count_all
         FROM carried
         UNION ALL
         SELECT exchange, symbol, trade_date, bar_start, open, high, low, close, trade_count, volume, quote_volume,
-               taker_buy_volume, taker_buy_quote_volume, first_sequence, last_sequence, false AS filled
+               taker_buy_volume, taker_buy_quote_volume, first_sequence, last_sequence, false AS filled,
+               volume_all, trade_count_all
         FROM raw WHERE (exchange, symbol, trade_date) NOT IN (SELECT (exchange, symbol, trade_date) FROM grid)
         ORDER BY exchange, symbol, bar_start
     """).to_arrow_table()
@@ -180,15 +210,18 @@ def derive(
         raise ValueError(f"interval must be one of {schemas.INTERVALS}")
     out = con.sql(f"""
         SELECT exchange, symbol, trade_date, {bucket} AS bucket,
-               -- Filled (tradeless) minutes only shape a bar that has no trades at all.
-               coalesce(arg_min(open, bar_start) FILTER (WHERE NOT filled), arg_min(open, bar_start)) AS open,
-               coalesce(max(high) FILTER (WHERE NOT filled), max(high)) AS high,
-               coalesce(min(low) FILTER (WHERE NOT filled), min(low)) AS low,
-               coalesce(arg_max(close, bar_start) FILTER (WHERE NOT filled), arg_max(close, bar_start)) AS close,
+               -- Minutes without a price-forming trade (filled at the previous close) only shape a bar that has none.
+               coalesce(arg_min(open, bar_start) FILTER (WHERE trade_count > 0),
+                        arg_min(open, bar_start) FILTER (WHERE open IS NOT NULL)) AS open,
+               coalesce(max(high) FILTER (WHERE trade_count > 0), max(high)) AS high,
+               coalesce(min(low) FILTER (WHERE trade_count > 0), min(low)) AS low,
+               coalesce(arg_max(close, bar_start) FILTER (WHERE trade_count > 0),
+                        arg_max(close, bar_start) FILTER (WHERE open IS NOT NULL)) AS close,
                sum(trade_count)::BIGINT AS trade_count, sum(volume)::DECIMAL(28,8) AS volume,
                sum(quote_volume)::DECIMAL(38,16) AS quote_volume, sum(taker_buy_volume)::DECIMAL(28,8) AS taker_buy_volume,
                sum(taker_buy_quote_volume)::DECIMAL(38,16) AS taker_buy_quote_volume,
-               min(first_sequence) AS first_sequence, max(last_sequence) AS last_sequence, bool_and(filled) AS filled
+               min(first_sequence) AS first_sequence, max(last_sequence) AS last_sequence, bool_and(filled) AS filled,
+               sum(volume_all)::DECIMAL(28,8) AS volume_all, sum(trade_count_all)::BIGINT AS trade_count_all
         FROM m GROUP BY ALL ORDER BY exchange, symbol, bucket
     """).to_arrow_table()
     if interval == "1d":

@@ -19,6 +19,7 @@ REJECTED = "rejected_v1"
 SEQUENCE_GAP = "sequence_gap_v1"
 SOURCE_FILE = "source_file_v1"
 OHLCV = "ohlcv_v1"
+EXCHANGE_BAR = "exchange_bar_v1"
 INTERVALS = ("1m", "5m", "1h", "1d")
 # A decimal(18,8) as text: at most 10 integer digits and 8 significant decimals.
 DECIMAL_PATTERN = r"^\d{1,10}(\.\d{0,8}0*)?$"

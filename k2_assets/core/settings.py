@@ -26,7 +26,15 @@ class Settings:
     kafka_session_timeout_ms: int = _setting("K2_KAFKA_SESSION_TIMEOUT_MS", "6000", "the writer's consumer-group session timeout")
     sensor_drain_seconds: int = _setting("K2_SENSOR_DRAIN_SECONDS", "20", "how long one sensor tick drains Kafka (whole seconds)")
     binance_ws_url: str = _setting("K2_BINANCE_WS_URL", "wss://stream.binance.com:9443", "Binance's WebSocket stream base URL")
-    binance_rest_url: str = _setting("K2_BINANCE_REST_URL", "https://api.binance.com", "Binance's REST base URL (gap repair)")
+    binance_um_ws_url: str = _setting(
+        "K2_BINANCE_UM_WS_URL", "wss://fstream.binance.com", "Binance USD-M futures' WebSocket stream base URL"
+    )
+    binance_rest_url: str = _setting(
+        "K2_BINANCE_REST_URL", "https://api.binance.com", "Binance's REST base URL (gap repair, klines)"
+    )
+    binance_um_rest_url: str = _setting(
+        "K2_BINANCE_UM_REST_URL", "https://fapi.binance.com", "Binance USD-M futures' REST base URL (klines)"
+    )
     binance_api_key: str = _setting("K2_BINANCE_API_KEY", "", "Binance API key for historicalTrades (secret: environment only)")
     broker_port: int = _setting("K2_BROKER_PORT", "0", "the embedded broker's port (0: a free one)")
     metrics_host: str = _setting("K2_METRICS_HOST", "127.0.0.1", "address the /metrics endpoints bind to")

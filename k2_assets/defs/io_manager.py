@@ -71,6 +71,8 @@ ASSET_TABLES: dict[str, AssetTable] = {
     # ... while binance_trades (live micro-batches plus repairs) is every BINANCE row of the day,
     # history rows included: that is what its checks and its dagster/row_count describe.
     "binance_trades": AssetTable("trades", BINANCE),
+    # The exchange's own bars: every Binance market of the day.
+    "binance_klines": AssetTable("exchange_bars"),
     # Rollups: one table per interval, every exchange of the trade_date.
     **{f"ohlcv_{i}": AssetTable(f"ohlcv_{i}") for i in schemas.INTERVALS},
 }

@@ -58,11 +58,13 @@ def write_partition(
     session_date: date,
     where: BooleanExpression,
     keep: BooleanExpression | None = None,
+    stored_where: BooleanExpression | None = None,
     extra_metadata: dict | None = None,
 ) -> dg.MaterializeResult:
     """Replace the partition's rows and its rejects, record its files and gaps, report it all (and push its metrics).
 
-    The rules run as the asset's own checks (`defs.rule_checks`), on the snapshots this reports."""
+    The rules run as the asset's own checks (`defs.rule_checks`), on the snapshots this reports. `stored_where` is
+    the partition as it stands after the write (default: the exchange's session)."""
     started = time.monotonic()
     registry = CollectorRegistry()
     load, gap_metrics = LoadMetrics(registry), GapMetrics(registry, exchanges=(exchange,)) if kind == "trades" else None
@@ -81,7 +83,7 @@ def write_partition(
     ledger_rows = record_files(context, iceberg, batch, source=source, session_date=session_date, snapshot_id=result.snapshot_id)
     stored = (
         iceberg.table(kind)
-        .scan(row_filter=writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id)
+        .scan(row_filter=stored_where or writer.partition_filter(exchange, session_date), snapshot_id=result.snapshot_id)
         .to_arrow()
         if result.snapshot_id is not None
         else batch.rows.schema.empty_table()
@@ -173,12 +175,9 @@ def summary(rows: pa.Table) -> dict:
     """Symbols, per-symbol counts and the time range of what was written."""
     if rows.num_rows == 0:
         return {"symbols": dg.MetadataValue.json([])}
-    per_symbol = (
-        rows.group_by("symbol")
-        .aggregate([("symbol", "count"), ("exchange_timestamp", "min"), ("exchange_timestamp", "max")])
-        .sort_by("symbol")
-    )
-    columns = ("symbol", "symbol_count", "exchange_timestamp_min", "exchange_timestamp_max")
+    time = "exchange_timestamp" if "exchange_timestamp" in rows.column_names else "bar_start"
+    per_symbol = rows.group_by("symbol").aggregate([("symbol", "count"), (time, "min"), (time, "max")]).sort_by("symbol")
+    columns = ("symbol", "symbol_count", f"{time}_min", f"{time}_max")
     table = markdown_table(
         ("symbol", "rows", "first (UTC)", "last (UTC)"),
         (
@@ -186,7 +185,7 @@ def summary(rows: pa.Table) -> dict:
             for s, n, first, last in zip(*(per_symbol.column(c).to_pylist() for c in columns))
         ),
     )
-    ts = rows.column("exchange_timestamp")
+    ts = rows.column(time)
     return {
         "symbols": dg.MetadataValue.json(per_symbol.column("symbol").to_pylist()),
         "per_symbol": dg.MetadataValue.md(table),

@@ -32,8 +32,10 @@ LATE_END = 17 * HOUR + 30 * MINUTE
 # Event kinds of the ASX simulation.
 PRE, OPEN_AUCTION, CONT, CLOSE_AUCTION, LATE, QUOTE, PRE_QUOTE = range(7)
 
-QUALIFIER_OTHER = np.array([2, 25, 27, 5, 8, 26, 9, 1])
-LATE_QUALIFIERS = np.array([26, 9, 1, 2])
+# As in the real files: qualifiers 3 and 9 are crossings reported during continuous trading (1 is
+# only seen in the 07:05 pre-open), and venue X is printed on exactly the off-market qualifiers 1, 3, 9.
+QUALIFIER_OTHER = np.array([2, 25, 27, 5, 8, 26, 9, 3])
+OFF_MARKET_QUALIFIERS = np.array([1, 3, 9])
 
 
 @dataclass(frozen=True)
@@ -207,10 +209,9 @@ def _asx_company(rng: np.random.Generator, co: Company, days: list[date], bad_ro
     volume = np.maximum(np.rint(notional / (price / 1000)), 1).astype(np.int64)
 
     qualifier = np.where(rng.random(n) < 0.93, 0, rng.choice(QUALIFIER_OTHER, n))
-    qualifier[kinds == PRE] = 3
-    late = kinds == LATE
-    qualifier[late] = rng.choice(LATE_QUALIFIERS, int(late.sum()))
-    venue = rng.random(n) < 0.004
+    # the real files trade before the open and after the close only off-market (qualifier 3, venue X)
+    qualifier[(kinds == PRE) | (kinds == LATE)] = 3
+    venue = np.isin(qualifier, OFF_MARKET_QUALIFIERS)
 
     # heavy names print multiple fills of one order as identical rows
     reps = np.ones(n, dtype=np.int64)
@@ -314,9 +315,9 @@ def _generate_asx(rng, out: Path, start: date, n_days: int, bad_row_rate: float)
 # --- Binance ----------------------------------------------------------------------------------
 
 
-def _binance_times(rng, day: date, n: int) -> np.ndarray:
-    """Non-decreasing epoch times inside the UTC day; ms before 2025, us from 2025 on."""
-    per_day = 86_400_000 if day < BINANCE_US_FROM else 86_400_000_000
+def _binance_times(rng, day: date, n: int, micros: bool) -> np.ndarray:
+    """Non-decreasing epoch times inside the UTC day, in ms or us."""
+    per_day = 86_400_000_000 if micros else 86_400_000
     t = np.sort(rng.integers(0, per_day, n))
     # a taker order sweeping several makers prints several trades at one timestamp
     leader = np.maximum.accumulate(np.where(rng.random(n) < 0.35, 0, np.arange(n)))
@@ -354,15 +355,22 @@ def _apply_binance_bad(bad, prices, qtys, makers) -> dict:
     return counts
 
 
-def _binance_trades(
-    rng, sym: BinanceSymbol, day: date, first_id: int, log_price: float, n: int, bad_row_rate: float, legacy_header: bool
-):
-    times, leader = _binance_times(rng, day, n)
+def _walk(rng, sym: BinanceSymbol, day: date, log_price: float, n: int, micros: bool):
+    """A day of one symbol's trades: times, prices in cents, quantities in lots (1e-qty_decimals), buyer-is-maker
+    flags, and the last log price (the next day starts there)."""
+    times, leader = _binance_times(rng, day, n, micros)
     log_prices = log_price + np.cumsum(rng.normal(0, sym.daily_vol / np.sqrt(n), n))
     maker = (rng.random(n) < 0.5)[leader]
     cents = _sweep(np.rint(np.exp(log_prices) * 100).astype(np.int64), leader, maker)
     qty = np.maximum(np.rint(rng.lognormal(np.log(sym.median_qty * 10**sym.qty_decimals), 1.4, n)), 1).astype(np.int64)
     qty = np.minimum(qty, 50 * 10**sym.qty_decimals)
+    return times, cents, qty, maker, float(log_prices[-1])
+
+
+def _binance_trades(
+    rng, sym: BinanceSymbol, day: date, first_id: int, log_price: float, n: int, bad_row_rate: float, legacy_header: bool
+):
+    times, cents, qty, maker, last_log_price = _walk(rng, sym, day, log_price, n, day >= BINANCE_US_FROM)
     # exact price * qty in units of 1e-8: cents (1e-2) * lots (1e-qty_decimals)
     quote_units = cents * qty * 10 ** (8 - 2 - sym.qty_decimals)
 
@@ -374,11 +382,11 @@ def _binance_trades(
     rows = zip(range(first_id, first_id + n), prices, qtys, quotes, times.tolist(), makers)
     best_match = "" if legacy_header else ",True"  # the redistributed 6-column files drop is_best_match
     lines = [f"{i},{p},{q},{qq},{t},{m}{best_match}" for i, p, q, qq, t, m in rows]
-    return lines, counts, float(log_prices[-1])
+    return lines, counts, last_log_price
 
 
 def _binance_agg_trades(rng, day: date, n: int, bad_row_rate: float):
-    times, leader = _binance_times(rng, day, n)
+    times, leader = _binance_times(rng, day, n, day >= BINANCE_US_FROM)
     maker = (rng.random(n) < 0.5)[leader]
     units = np.rint(0.0014e8 * np.exp(np.cumsum(rng.normal(0, 0.03 / np.sqrt(n), n)))).astype(np.int64)
     units = _sweep(units, leader, maker)
@@ -439,6 +447,63 @@ def _write_zip(csv_path: Path, lines: list[str], header: str | None) -> Path:
         zf.writestr(info, body)
     csv_path.unlink(missing_ok=True)
     return zip_path
+
+
+FUTURES_HEADER = "id,price,qty,quote_qty,time,is_buyer_maker"
+
+
+def write_futures_trades(
+    out_dir: Path,
+    day: date,
+    *,
+    symbols: Sequence[str] = ("BTCUSDT",),
+    rows: int = 2_000,
+    seed: int = 7,
+    non_market_ratio: float = 0.01,
+    class_column: bool = True,
+) -> dict[Path, dict]:
+    """USD-M futures trade dumps of `day`, as data.binance.vision publishes them: a zip per symbol under
+    out_dir/futures/um/daily/trades/SYMBOL/, a header line, times in ms, true/false, decimals unpadded.
+
+    About `non_market_ratio` of the trades are INSURANCE_FUND trades (priced 2% off the market, as a liquidation's
+    bankruptcy price is) or ADL trades. Binance's own dumps say nothing of the class: with `class_column` the
+    file has an X column, which K2 reads; without it the file is exactly Binance's and every trade reads as
+    MARKET. Ids start at the demo's spot ids, so spot and futures share trade ids as the real markets can.
+    Returns, per file written, {"rows", "first_id", "last_id", "classes": {class: trades}}."""
+    by_name = {s.symbol: s for s in BINANCE_SYMBOLS}
+    rng = np.random.default_rng(seed)
+    files = {}
+    for symbol in symbols:
+        sym = by_name[symbol]
+        times, cents, qty, maker, _ = _walk(rng, sym, day, float(np.log(sym.price)), rows, micros=False)
+        price_units = cents * 1_000_000  # 1e-8
+        classes = np.full(rows, "MARKET", dtype=object)
+        chosen = rng.random(rows) < non_market_ratio
+        insurance = chosen & (rng.random(rows) < 0.5)
+        classes[chosen] = "ADL"
+        classes[insurance] = "INSURANCE_FUND"
+        off = np.where(rng.random(rows) < 0.5, 980_000, 1_020_000)  # x 0.98 or x 1.02, in 1e-8 per cent
+        price_units = np.where(insurance, cents * off, price_units)
+        lots = 10**sym.qty_decimals
+        quote_units = (price_units * qty + lots // 2) // lots  # rounded half up to 1e-8
+        prices = [p.rstrip("0").removesuffix(".") if i else p[:-6] for p, i in zip(_decimal(price_units, 8), insurance)]
+        quotes = [q.rstrip("0").removesuffix(".") for q in _decimal(quote_units, 8)]
+        fields = zip(range(sym.first_id, sym.first_id + rows), prices, _decimal(qty, sym.qty_decimals, sym.qty_decimals))
+        lines = [
+            f"{i},{p},{q},{qq},{t},{'true' if m else 'false'}" + (f",{x}" if class_column else "")
+            for (i, p, q), qq, t, m, x in zip(fields, quotes, times.tolist(), maker.tolist(), classes.tolist())
+        ]
+        name = f"{symbol}-trades-{day:%Y-%m-%d}.csv"
+        header = FUTURES_HEADER + (",X" if class_column else "")
+        path = _write_zip(out_dir / "futures" / "um" / "daily" / "trades" / symbol / name, lines, header)
+        counts = dict(zip(*np.unique(classes.astype(str), return_counts=True)))
+        files[path] = {
+            "rows": rows,
+            "first_id": sym.first_id,
+            "last_id": sym.first_id + rows - 1,
+            "classes": {str(k): int(v) for k, v in counts.items()},
+        }
+    return files
 
 
 def generate_demo_data(

@@ -1,15 +1,19 @@
-"""A local stand-in for Binance's spot market-data endpoints, for demos and tests without internet.
+"""A local stand-in for Binance's market-data endpoints, spot or USD-M futures, for demos and tests without internet.
 
-It speaks the wire format of wss://stream.binance.com:9443 (raw `/ws/<stream>` and combined
-`/stream?streams=a/b` paths, `<symbol>@trade` events, SUBSCRIBE control messages, ping frames) and
-answers the REST calls a gap-filling client makes (`/api/v3/historicalTrades`, `/ping`,
-`/exchangeInfo`) on the same port, so K2's production client runs unchanged against it.
+It speaks the wire format of wss://stream.binance.com:9443, or with market="um" of wss://fstream.binance.com
+(raw `/ws/<stream>` and combined `/stream?streams=a/b` paths, `<symbol>@trade` events, SUBSCRIBE control
+messages, ping frames), and answers on the same port the REST calls a gap-filling or reconciling client
+makes (`/api/v3/historicalTrades`, `/klines`, `/ping`, `/exchangeInfo`; under `/fapi/v1/` for futures),
+so K2's production client runs unchanged against it, only its base URL changed.
 
 Trades come from a source: a data.binance.vision dump (`replay_file`) or an endless random walk
 (`random_walk`). On request the server injects the faults a real feed has: disconnects, id gaps,
-duplicates, swapped neighbours and garbled frames, each decided per trade from a seed.
+duplicates, swapped neighbours and garbled frames, each decided per trade from a seed. A futures
+feed also mixes in trades that are not MARKET trades (`non_market_ratio`): INSURANCE_FUND trades,
+priced 2% off the market as a liquidation's bankruptcy price is, and ADL trades.
 
     k2 feed --replay BTCUSDT-trades-2024-01-01.zip --port 9443 --speedup 10
+    k2 feed --market um --random-walk BTCUSDT --rate 200 --non-market-ratio 0.01
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from k2_assets.core.binance_format import MICROS_FROM, quote_currency
+from k2_assets.core.binance_format import MARKETS, MICROS_FROM, PRICE_FORMING_CLASS, SPOT, quote_currency
+from k2_assets.dev.feed_klines import INTERVALS, Klines
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +60,17 @@ IDLE = 0.05  # poll period while there is nothing to send
 
 # Per-trade faults, decided once when the trade enters the server.
 NONE, SKIP, DUPLICATE, SWAP, MALFORMED = range(5)
+INSURANCE_FUND_OFFSETS = (Decimal("0.98"), Decimal("1.02"))  # a liquidation's bankruptcy price, off the market
+EIGHT_DP = Decimal("0.00000001")
+INVALID_SYMBOL = 400, {"code": -1121, "msg": "Invalid symbol."}
 
 
 # --- trade sources -----------------------------------------------------------------------------
 
 
 def replay_file(path: str | Path, symbol: str | None = None) -> Iterator[dict]:
-    """Trades of a data.binance.vision `SYMBOL-trades-*.csv|.zip` dump, in file order."""
+    """Trades of a data.binance.vision `SYMBOL-trades-*.csv|.zip` dump, in file order; a header column named
+    X or type (a futures dump that has one) gives each trade its class."""
     path = Path(path)
     if symbol is None:
         match = DUMP_NAME.match(path.name)
@@ -69,21 +78,29 @@ def replay_file(path: str | Path, symbol: str | None = None) -> Iterator[dict]:
             raise ValueError(f"{path.name}: cannot tell the symbol from the name; pass symbol=")
         symbol = match["symbol"]
     symbol = symbol.upper()
+    class_at = None
     with _open_dump(path) as text:
         for row in csv.reader(text):
             if not row or not row[0].isdigit():
-                continue  # the optional header line
-            trade_time = int(row[4])
+                # the optional header line
+                names = [name.strip().lower() for name in row]
+                class_at = next((i for i, name in enumerate(names) if name in ("x", "type")), None)
+                continue
+            fields = [f for i, f in enumerate(row) if i != class_at]
+            trade_time = int(fields[4])
             if trade_time >= MICROS_FROM:
                 trade_time //= 1000
-            yield {
-                "trade_id": int(row[0]),
-                "price": _eight_dp(row[1]),
-                "qty": _eight_dp(row[2]),
+            trade = {
+                "trade_id": int(fields[0]),
+                "price": _eight_dp(fields[1]),
+                "qty": _eight_dp(fields[2]),
                 "time_ms": trade_time,
-                "is_buyer_maker": row[5].strip().lower() == "true",
+                "is_buyer_maker": fields[5].strip().lower() == "true",
                 "symbol": symbol,
             }
+            if class_at is not None:
+                trade["trade_class"] = row[class_at].strip()
+            yield trade
 
 
 @contextlib.contextmanager
@@ -165,7 +182,7 @@ Row = tuple[int, str, dict, int]
 
 
 def _event_tail(trade: dict) -> bytes:
-    """A trade event after its "E" field: the part that does not change between sends."""
+    """A spot trade event after its "E" field: the part that does not change between sends."""
     # Formatted rather than dumped (a third of the cost); symbols and decimals need no escaping.
     return (
         f',"s":"{trade["symbol"]}","t":{trade["trade_id"]},"p":"{trade["price"]}","q":"{trade["qty"]}",'
@@ -173,35 +190,62 @@ def _event_tail(trade: dict) -> bytes:
     ).encode()
 
 
-def _rest_trade(trade: dict) -> dict:
-    """A trade as /api/v3/historicalTrades prints it."""
-    quote = (Decimal(trade["price"]) * Decimal(trade["qty"])).quantize(Decimal("0.00000001"), ROUND_HALF_UP)
-    return {
+def _futures_event_tail(trade: dict) -> bytes:
+    """A futures trade event after its "E" field, in fstream's order: no M, and X, how the trade came about."""
+    return (
+        f',"T":{trade["time_ms"]},"s":"{trade["symbol"]}","t":{trade["trade_id"]},"p":"{trade["price"]}",'
+        f'"q":"{trade["qty"]}","X":"{trade.get("trade_class", PRICE_FORMING_CLASS)}",'
+        f'"m":{"true" if trade["is_buyer_maker"] else "false"}}}'
+    ).encode()
+
+
+def _rest_trade(trade: dict, spot: bool) -> dict:
+    """A trade as /api/v3/historicalTrades (or /fapi/v1/historicalTrades, without isBestMatch) prints it."""
+    quote = (Decimal(trade["price"]) * Decimal(trade["qty"])).quantize(EIGHT_DP, ROUND_HALF_UP)
+    printed = {
         "id": trade["trade_id"],
         "price": trade["price"],
         "qty": trade["qty"],
         "quoteQty": f"{quote:f}",
         "time": trade["time_ms"],
         "isBuyerMaker": bool(trade["is_buyer_maker"]),
-        "isBestMatch": True,
     }
+    return {**printed, "isBestMatch": True} if spot else printed
 
 
 class _Market:
-    """Trades pulled lazily from the source, addressed by position; only the last `history_limit` are kept."""
+    """Trades pulled lazily from the source, addressed by position; only the last `history_limit` are kept.
+
+    The klines hold every trade below the frontier (the market's "now"): they are brought up to it before an
+    answer and before trades are trimmed, so bars outlive the kept history."""
 
     CHUNK = 4096
 
-    def __init__(self, source: Iterable[dict], history_limit: int, skip_ids: set[int], ratios: tuple[float, ...], seed: int):
+    def __init__(
+        self,
+        source: Iterable[dict],
+        history_limit: int,
+        skip_ids: set[int],
+        ratios: tuple[float, ...],
+        seed: int,
+        klines: Klines,
+        non_market_ratio: float = 0.0,
+    ):
         self._source = iter(source)
         self._limit = history_limit
         self._skip_ids = skip_ids
         self._thresholds = [sum(ratios[: i + 1]) for i in range(len(ratios))]  # skip, duplicate, swap, malformed
         self._rng = random.Random(seed)
+        # Its own generator, so the faults a seed gives are the same with or without these trades.
+        self._non_market = non_market_ratio
+        self._class_rng = random.Random(f"trade classes {seed}")
         self.rows: list[Row] = []
         self.base = 0  # position of rows[0]
         self.by_symbol: dict[str, list[Row]] = {}
         self.exhausted = False
+        self.frontier = 0  # the furthest position any connection reached: the market's "now"
+        self.klines = klines
+        self._in_klines = 0  # positions below this are in the klines
 
     @property
     def end(self) -> int:
@@ -214,6 +258,8 @@ class _Market:
         chunk = list(itertools.islice(self._source, self.CHUNK))
         if len(chunk) < self.CHUNK:
             self.exhausted = True
+        if self._non_market:
+            chunk = [self._classified(trade) for trade in chunk]
         faults = [self._fault(trade) for trade in chunk] if self._skip_ids or self._thresholds[-1] else itertools.repeat(NONE)
         rows = [(pos, trade["symbol"], trade, fault) for pos, trade, fault in zip(itertools.count(self.end), chunk, faults)]
         self.rows += rows
@@ -232,7 +278,26 @@ class _Market:
         r = self._rng.random()
         return next((i + 1 for i, t in enumerate(self._thresholds) if r < t), NONE)
 
+    def _classified(self, trade: dict) -> dict:
+        """The trade, or (at the non-MARKET ratio) an INSURANCE_FUND trade 2% off the market or an ADL trade."""
+        rng = self._class_rng
+        if "trade_class" in trade or rng.random() >= self._non_market:
+            return trade
+        if rng.random() < 0.5:
+            return {**trade, "trade_class": "ADL"}
+        price = (Decimal(trade["price"]) * rng.choice(INSURANCE_FUND_OFFSETS)).quantize(EIGHT_DP)
+        return {**trade, "trade_class": "INSURANCE_FUND", "price": f"{price:f}"}
+
+    def count_served(self) -> None:
+        """Bring the klines up to the frontier."""
+        start, stop = max(self._in_klines, self.base), min(self.frontier, self.end)
+        add = self.klines.add
+        for row in self.rows[start - self.base : stop - self.base]:
+            add(row[2])
+        self._in_klines = max(self._in_klines, stop)
+
     def _trim(self) -> None:
+        self.count_served()
         cut = len(self.rows) - self._limit
         del self.rows[:cut]
         self.base += cut
@@ -303,7 +368,11 @@ class _Connection:
 
 
 class FeedServer:
-    """A Binance spot market-data server serving the trades of `source` (an iterable of trade dicts).
+    """A Binance market-data server serving the trades of `source` (an iterable of trade dicts).
+
+    `market`: "spot" (stream.binance.com's formats, REST under /api/v3) or "um" (USD-M futures: fstream's
+    events, with X and without M, REST under /fapi/v1); `non_market_ratio` (futures) of the trades become
+    INSURANCE_FUND or ADL trades, decided per trade from `seed`, unless the source gives a trade its class.
 
     Pacing: `rate` frames/s per connection, or `speedup` x the trades' own time gaps; neither = as fast
     as the client reads. `shared_cursor`: a new connection starts where the furthest one got to (the
@@ -338,6 +407,8 @@ class FeedServer:
         seed: int = 0,
         symbols: Iterable[str] | None = None,
         history_limit: int = 200_000,
+        market: str = "spot",
+        non_market_ratio: float = 0.0,
     ):
         if rate is not None and speedup is not None:
             raise ValueError("pace by rate or by speedup, not both")
@@ -348,15 +419,21 @@ class FeedServer:
         ratios = (skip_ids_ratio, duplicate_ratio, out_of_order_ratio, malformed_ratio)
         if min(ratios) < 0 or sum(ratios) > 1:
             raise ValueError("fault ratios must be >= 0 and add up to at most 1")
+        if market not in MARKETS:
+            raise ValueError(f"market must be one of {', '.join(MARKETS)}, not {market!r}")
+        self.market = MARKETS[market]
+        if not 0 <= non_market_ratio <= 1 or (non_market_ratio and not self.market.classified):
+            raise ValueError("non_market_ratio is a share (0 to 1) of a futures market's trades; spot trades are all MARKET")
+        self._tail = _futures_event_tail if self.market.classified else _event_tail
         self.host, self.port = host, port
         self.rate, self.speedup = rate, speedup
         self.shared_cursor = shared_cursor
         self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.drop_every, self.max_connection_seconds = drop_every, max_connection_seconds
-        self._market = _Market(source, history_limit, set(skip_ids), ratios, seed)
+        klines = Klines(price_forming_only=self.market.classified)
+        self._market = _Market(source, history_limit, set(skip_ids), ratios, seed, klines, non_market_ratio)
         self._symbols = {s.upper() for s in symbols} if symbols is not None else None
         self._cursor = 0  # where the next connection starts when the cursor is shared
-        self._frontier = 0  # the furthest position any connection reached: the market's "now"
         self._server: Server | None = None
         self._connections = 0
         self.stats: dict[str, int] = dict.fromkeys(
@@ -548,7 +625,7 @@ class FeedServer:
         stats = self.stats
         limit = budget if self.drop_every is None else min(budget, self.drop_every - conn.sent)
         event_ms = b"%d" % int(time.time() * 1000)  # "E": when the event leaves the exchange
-        prefixes, suffix = conn.prefixes, conn.suffix
+        prefixes, suffix, tail = conn.prefixes, conn.suffix, self._tail
         out: list[bytes] = []
         stop = "budget"
         for _ in range(MAX_SCAN):
@@ -569,7 +646,7 @@ class FeedServer:
             if fault == SKIP:
                 stats["skipped"] += 1
                 continue
-            payload = prefix + event_ms + _event_tail(trade) + suffix
+            payload = prefix + event_ms + tail(trade) + suffix
             if fault == MALFORMED:
                 out.append(payload[: len(payload) // 2])  # a truncated frame: the event is lost
                 stats["malformed"] += 1
@@ -578,7 +655,7 @@ class FeedServer:
                 partner = self._row(conn)
                 if partner is not None and partner[3] == NONE and partner[1] in prefixes:
                     conn.pos += 1
-                    out.append(prefixes[partner[1]] + event_ms + _event_tail(partner[2]) + suffix)
+                    out.append(prefixes[partner[1]] + event_ms + tail(partner[2]) + suffix)
                     stats["events"] += 1
                     stats["out_of_order"] += 1
             out.append(payload)
@@ -589,7 +666,7 @@ class FeedServer:
         stats["frames"] += len(out)
         if self.shared_cursor:
             self._cursor = max(self._cursor, conn.pos)
-        self._frontier = max(self._frontier, conn.pos)
+        self._market.frontier = max(self._market.frontier, conn.pos)
         return out, stop
 
     def _row(self, conn: _Connection) -> Row | None:
@@ -599,6 +676,7 @@ class FeedServer:
         while (index := conn.pos - market.base) >= len(market.rows):
             if not market.pull():
                 return None
+            conn.pos = max(conn.pos, market.base)  # a pull trims, and may trim more than history_limit < CHUNK keeps
         return market.rows[index]
 
     @staticmethod
@@ -627,7 +705,7 @@ class FeedServer:
         url = urlsplit(request.path)
         if url.path in ("/ws", "/stream") or url.path.startswith("/ws/"):
             return None  # a WebSocket handshake
-        if not url.path.startswith("/api/"):
+        if not url.path.startswith(self.market.rest_prefix.rsplit("/", 1)[0] + "/"):  # /api/ or /fapi/
             return connection.respond(404, "Not Found\n")
         self.stats["rest_requests"] += 1
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
@@ -638,63 +716,107 @@ class FeedServer:
         return response
 
     def _rest(self, path: str, query: dict[str, str]) -> tuple[int, object]:
-        if path == "/api/v3/ping":
+        prefix = self.market.rest_prefix
+        endpoint = path.removeprefix(prefix) if path.startswith(prefix + "/") else None
+        if endpoint == "/ping":
             return 200, {}
-        if path == "/api/v3/time":
+        if endpoint == "/time":
             return 200, {"serverTime": int(time.time() * 1000)}
-        if path == "/api/v3/exchangeInfo":
+        if endpoint == "/exchangeInfo":
             symbols = sorted(self.symbols)
             if "symbol" in query:
                 if query["symbol"].upper() not in symbols:
-                    return 400, {"code": -1121, "msg": "Invalid symbol."}
+                    return INVALID_SYMBOL
                 symbols = [query["symbol"].upper()]
             return 200, {
                 "timezone": "UTC",
                 "serverTime": int(time.time() * 1000),
                 "rateLimits": [],
                 "exchangeFilters": [],
-                "symbols": [_symbol_info(s) for s in symbols],
+                "symbols": [_symbol_info(s, self.market is SPOT) for s in symbols],
             }
-        if path in ("/api/v3/historicalTrades", "/api/v3/trades"):
-            return self._trades(query, from_id_allowed=path.endswith("historicalTrades"))
+        if endpoint in ("/historicalTrades", "/trades"):
+            return self._trades(query, from_id_allowed=endpoint == "/historicalTrades")
+        if endpoint == "/klines":
+            return self._klines(query)
         return 404, {"code": -1000, "msg": f"Unknown endpoint {path}."}
 
     def _trades(self, query: dict[str, str], from_id_allowed: bool) -> tuple[int, object]:
-        symbol = query.get("symbol", "").upper()
-        if not symbol:
-            return 400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."}
-        for name in ("limit", "fromId"):
-            if name in query and not re.fullmatch(r"[0-9]{1,20}", query[name]):
-                message = f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."
-                return 400, {"code": -1100, "msg": message}
-        limit = int(query.get("limit", 500))
-        if not 1 <= limit <= 1000:
-            return 400, {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is '1 to 1000'."}
+        error = _parameter_error(query, ("limit", "fromId"), 1000)
+        if error is not None:
+            return error
+        symbol, limit = query["symbol"].upper(), int(query.get("limit", 500))
         if symbol not in self.symbols:
-            return 400, {"code": -1121, "msg": "Invalid symbol."}
+            return INVALID_SYMBOL
         if from_id_allowed and "fromId" in query:
             rows = self._market.from_id(symbol, int(query["fromId"]), limit)
         else:
-            rows = self._market.before(symbol, self._frontier, limit)
-        return 200, [_rest_trade(row[2]) for row in rows]
+            rows = self._market.before(symbol, self._market.frontier, limit)
+        spot = self.market is SPOT
+        # Binance's futures trade lists hold market trades only: no INSURANCE_FUND or ADL trade.
+        trades = [row[2] for row in rows if row[2].get("trade_class", PRICE_FORMING_CLASS) == PRICE_FORMING_CLASS]
+        return 200, [_rest_trade(trade, spot) for trade in trades]
+
+    def _klines(self, query: dict[str, str]) -> tuple[int, object]:
+        """The bars of the trades served so far (feed_klines.py), as Binance's klines endpoint answers."""
+        error = _parameter_error(query, ("limit", "startTime", "endTime"), self.market.klines_max_limit, ("interval",))
+        if error is not None:
+            return error
+        if query["interval"] not in INTERVALS:
+            return 400, {"code": -1120, "msg": "Invalid interval."}
+        symbol = query["symbol"].upper()
+        if symbol not in self.symbols:
+            return INVALID_SYMBOL
+        start, end = (int(query[name]) if name in query else None for name in ("startTime", "endTime"))
+        if start is not None and end is not None and start > end:
+            return 400, {"code": -1023, "msg": "Start time is greater than end time."}
+        self._market.count_served()
+        width = INTERVALS[query["interval"]]
+        return 200, self._market.klines.select(symbol, width, start, end, int(query.get("limit", 500)))
 
 
-def _symbol_info(symbol: str) -> dict:
+def _parameter_error(
+    query: dict[str, str], numbers: tuple[str, ...], max_limit: int, required: tuple[str, ...] = ()
+) -> tuple[int, dict] | None:
+    """Binance's answer to a missing symbol (or other mandatory parameter), a number that is not one, or a limit out of range."""
+    for name in ("symbol", *required):
+        if not query.get(name):
+            return 400, {"code": -1102, "msg": f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed."}
+    for name in numbers:
+        if name in query and not re.fullmatch(r"[0-9]{1,20}", query[name]):
+            return 400, {
+                "code": -1100,
+                "msg": f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'.",
+            }
+    if not 1 <= int(query.get("limit", 500)) <= max_limit:
+        return 400, {
+            "code": -1100,
+            "msg": f"Illegal characters found in parameter 'limit'; legal range is '1 to {max_limit}'.",
+        }
+    return None
+
+
+def _symbol_info(symbol: str, spot: bool) -> dict:
     quote = quote_currency(symbol) or symbol[-4:]
-    return {
+    info = {
         "symbol": symbol,
         "status": "TRADING",
         "baseAsset": symbol[: -len(quote)],
-        "baseAssetPrecision": 8,
         "quoteAsset": quote,
+        "filters": [
+            {"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"}
+        ],
+    }
+    if not spot:
+        return {**info, "pair": symbol, "contractType": "PERPETUAL", "pricePrecision": 2, "quantityPrecision": 3}
+    return {
+        **info,
+        "baseAssetPrecision": 8,
         "quotePrecision": 8,
         "quoteAssetPrecision": 8,
         "orderTypes": ["LIMIT", "MARKET"],
         "isSpotTradingAllowed": True,
         "permissions": ["SPOT"],
-        "filters": [
-            {"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"}
-        ],
     }
 
 

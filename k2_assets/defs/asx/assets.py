@@ -1,4 +1,4 @@
-from datetime import date, time
+from datetime import date
 
 import dagster as dg
 import pyarrow as pa
@@ -10,8 +10,6 @@ from k2_assets.defs.asx.resources import AsxFilesResource
 from k2_assets.defs.loading import write_partition
 from k2_assets.defs.partitions import asx_sessions
 from k2_assets.defs.resources import IcebergResource
-
-REGULAR_HOURS = (time(10, 0), time(16, 12))  # continuous trading plus the closing auction, Sydney time
 
 
 def _load(
@@ -28,19 +26,19 @@ def _load(
         session_date=session_date,
         # The asset owns every ASX row of the session: a rerun leaves nothing of an earlier load behind.
         where=partition_filter(asx.EXCHANGE, session_date),
-        extra_metadata={"outside_regular_hours": outside_regular_hours(batch.rows)},
+        extra_metadata=by_class(batch.rows) if kind == "trades" else None,
     )
 
 
-def outside_regular_hours(rows: pa.Table) -> int:
-    """Rows before 10:00 or after 16:12 Sydney time (pre-open crossings, late reports): kept, but counted."""
-    local = pc.local_timestamp(rows.column("exchange_timestamp").cast(pa.timestamp("us", tz=asx.TIMEZONE)))
-    clock = pc.cast(local, pa.time64("us"))
-    inside = pc.and_(
-        pc.greater_equal(clock, pa.scalar(REGULAR_HOURS[0], pa.time64("us"))),
-        pc.less_equal(clock, pa.scalar(REGULAR_HOURS[1], pa.time64("us"))),
-    )
-    return rows.num_rows - pc.sum(inside).as_py() if rows.num_rows else 0
+def by_class(rows: pa.Table) -> dict:
+    """How many trades of the session each class holds (docs/asx.md): off-market trades are kept but form no price."""
+    counts = pc.value_counts(rows.column("trade_class")).to_pylist() if rows.num_rows else []
+    return {
+        "trades_by_class": dg.MetadataValue.json(
+            {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: str(c["values"]))}
+        ),
+        "price_forming_trades": int(pc.sum(rows.column("price_forming")).as_py() or 0) if rows.num_rows else 0,
+    }
 
 
 @dg.asset(

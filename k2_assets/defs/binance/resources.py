@@ -26,9 +26,10 @@ class KafkaResource(dg.ConfigurableResource):
 
 
 class BinanceRestResource(dg.ConfigurableResource):
-    """Binance's REST API (gap repair by trade id); the local feed server serves it in the demo."""
+    """Binance's REST API (gap repair by trade id, klines); the local feed server serves it in the demo."""
 
     base_url: str
+    um_base_url: str = "https://fapi.binance.com"  # USD-M futures (K2_BINANCE_UM_REST_URL)
     api_key: str = ""  # from K2_BINANCE_API_KEY: the real historicalTrades endpoint wants one
 
 
@@ -40,6 +41,10 @@ defs = dg.Definitions(
             session_timeout_ms=dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS"),
             drain_seconds=dg.EnvVar.int("K2_SENSOR_DRAIN_SECONDS"),
         ),
-        "binance_rest": BinanceRestResource(base_url=dg.EnvVar("K2_BINANCE_REST_URL"), api_key=dg.EnvVar("K2_BINANCE_API_KEY")),
+        "binance_rest": BinanceRestResource(
+            base_url=dg.EnvVar("K2_BINANCE_REST_URL"),
+            um_base_url=dg.EnvVar("K2_BINANCE_UM_REST_URL"),
+            api_key=dg.EnvVar("K2_BINANCE_API_KEY"),
+        ),
     }
 )

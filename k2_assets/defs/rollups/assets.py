@@ -14,16 +14,9 @@ from k2_assets.core import rollups, schemas, snapshots, writer
 from k2_assets.core.metrics import RollupMetrics
 from k2_assets.defs.partitions import trade_days
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.rollups.automation import AUTOMATION
 from k2_assets.defs.rollups.chart import markdown_charts
 from k2_assets.defs.run_metrics import ROLLUPS, publish
-
-# Like eager(), but for any partition (a backfill of 2014 cascades too, not only the latest day) and
-# without waiting for every dependency: the three trade sources are alternatives, not all required.
-AUTOMATION = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-).with_label("trades changed")
 
 
 class RollupConfig(dg.Config):
@@ -112,7 +105,12 @@ def matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> tuple[b
         raw = rollups.derive(_raw_1m_as_bars(trades, con), "1d", 0, con=con)
     else:
         raw = rollups.bars_from_trades(trades, interval, con)
-    traded = bars.filter(pc.invert(bars.column("filled")))
+    traded = bars.filter(pc.greater(pc.fill_null(bars.column("trade_count_all"), bars.column("trade_count")), 0))
+    # A minute without a price-forming trade shows the previous close; raw trades give it no price.
+    unpriced = pc.equal(traded.column("trade_count"), 0)
+    for name in ("open", "high", "low", "close"):
+        i = traded.schema.get_field_index(name)
+        traded = traded.set_column(i, name, pc.if_else(unpriced, pa.scalar(None, traded.schema.field(i).type), traded.column(i)))
     keys = [
         "exchange",
         "symbol",
@@ -127,6 +125,8 @@ def matches_raw(trades: pa.Table, bars: pa.Table, interval: str, con) -> tuple[b
         "taker_buy_volume",
         "first_sequence",
         "last_sequence",
+        "volume_all",
+        "trade_count_all",
     ]
     mine = traded.select(keys).cast(pa.schema([traded.schema.field(k) for k in keys]))
     theirs = raw.select(keys)

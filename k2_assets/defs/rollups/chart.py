@@ -15,7 +15,8 @@ def candlestick_png(bars: pa.Table, symbol: str, max_bars: int = 240) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = bars.filter(pc.equal(bars.column("symbol"), symbol)).sort_by("bar_start")
+    # a bar without a price-forming trade has no price to draw
+    rows = bars.filter(pc.and_(pc.equal(bars.column("symbol"), symbol), pc.is_valid(bars.column("open")))).sort_by("bar_start")
     rows = rows.slice(max(0, rows.num_rows - max_bars))
     data = {c: rows.column(c).to_pylist() for c in ("bar_start", "open", "high", "low", "close")}
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=80)
