@@ -23,10 +23,12 @@ from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+import dagster as dg
 import orjson
 import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Producer
+from pyiceberg.expressions import EqualTo
 
 from k2_assets.core import binance_history, checks, live_codec, writer
 from k2_assets.core import catalog as k2_catalog
@@ -35,8 +37,23 @@ from k2_assets.core.binance_stream import BinanceProducer
 from k2_assets.core.kafka import ensure_topics, producer_config
 from k2_assets.core.live_writer import LiveWriter
 from k2_assets.core.offsets import TRACKER_KEY, lineage
+from k2_assets.defs.binance.assets import binance_trades_history, binance_um_trades, binance_um_trades_history
+from k2_assets.defs.binance.checks import (
+    binance_trades_history_rules,
+    binance_um_trades_history_rules,
+    binance_um_trades_no_unexplained_gaps,
+    binance_um_trades_rules,
+)
+from k2_assets.defs.binance.klines import binance_klines
+from k2_assets.defs.binance.resources import BinanceRestResource, KafkaResource
+from k2_assets.defs.binance.sensors import binance_um_gap_repair_sensor, binance_um_trades_sensor, reset_writers
+from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.rollups.assets import ohlcv_1m
+from k2_assets.defs.rollups.checks import ohlcv_1m_matches_raw_trades
+from k2_assets.defs.rollups.exchange_check import matches_exchange_bars
 from k2_assets.dev.demo import write_futures_trades
 from k2_assets.dev.feed_server import random_walk, run_in_thread
+from k2_assets_tests.conftest import make_resources
 from k2_assets_tests.test_binance_stream import count_messages
 from k2_assets_tests.test_feed_server import client, get, recv_n
 from k2_assets_tests.test_live_end_to_end import ProducerThread, wait_until
@@ -85,21 +102,28 @@ def test_trade_events_of_each_market_become_v2_trades_with_their_class():
 def run_feed(source: list[dict], market, bootstrap: str, topic: str, extra_frames: list[bytes] = ()) -> BinanceProducer:
     """One market's local feed through the production producer into `topic`, until every trade has arrived."""
     with run_in_thread(source, market=market.name, ping_interval=5) as server:
-        producer = BinanceProducer(
-            ["BTCUSDT"],
-            bootstrap,
-            market=market,
-            base_url=server.ws_url,
-            topic=topic,
-            dead_letter_topic=topic + ".dlq",
-            backoff_initial=0.05,
-            backoff_max=0.2,
-        )
-        for frame in extra_frames:
-            producer.handle_frame(frame, T0 * 1000)
-        with ProducerThread(producer):
-            wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == source[-1]["trade_id"], 60, "the last trade")
-            wait_until(lambda: producer.stats.received == server.stats["frames"] + len(extra_frames), 10, "every frame")
+        return stream_from(server, source, market, bootstrap, topic, extra_frames)
+
+
+def stream_from(
+    server, source: list[dict], market, bootstrap: str, topic: str, extra_frames: list[bytes] = ()
+) -> BinanceProducer:
+    """The production producer on a running feed's stream into `topic`, until every trade it serves has arrived."""
+    producer = BinanceProducer(
+        ["BTCUSDT"],
+        bootstrap,
+        market=market,
+        base_url=server.ws_url,
+        topic=topic,
+        dead_letter_topic=topic + ".dlq",
+        backoff_initial=0.05,
+        backoff_max=0.2,
+    )
+    for frame in extra_frames:
+        producer.handle_frame(frame, T0 * 1000)
+    with ProducerThread(producer):
+        wait_until(lambda: producer.stats.last_trade_id.get("BTCUSDT") == source[-1]["trade_id"], 60, "the last trade")
+        wait_until(lambda: producer.stats.received == server.stats["frames"] + len(extra_frames), 10, "every frame")
     return producer
 
 
@@ -299,6 +323,72 @@ def test_generated_futures_dumps_load_with_their_classes_beside_spot_of_the_same
     assert all(o.passed for o in outcomes.values()), {n: o.sample for n, o in outcomes.items() if not o.passed}
 
 
+def minute_of(ms: int | str) -> int:
+    return int(ms) - int(ms) % 60_000
+
+
+def bars_by_minute(catalog, exchange: str) -> dict[int, dict]:
+    bars = catalog.load_table("market.ohlcv_1m").scan(row_filter=EqualTo("exchange", exchange)).to_arrow().to_pylist()
+    return {int(b["bar_start"].timestamp() * 1000): b for b in bars}
+
+
+def test_the_futures_history_asset_loads_the_dumps_and_its_bars_are_of_market_trades_beside_spot(
+    tmp_path, catalog_props, catalog
+):
+    history = tmp_path / "binance"
+    (dump,) = write_futures_trades(history, DAY, symbols=("BTCUSDT",), rows=3000, seed=11, non_market_ratio=0.02)
+    rows = dump_rows(dump)
+    # The spot market's dump of the same symbol and day, the same trades: every one a market trade there.
+    spot_dump = history / "spot" / "daily" / "trades" / "BTCUSDT" / "BTCUSDT-trades-2024-01-01.csv"
+    spot_dump.parent.mkdir(parents=True)
+    spot_dump.write_text("".join(f"{r['id']},{r['price']},{r['qty']},{r['quote_qty']},{r['time']},True\n" for r in rows))
+    resources = make_resources(catalog_props, binance_dir=history)
+    loads = [binance_trades_history, binance_um_trades_history, *binance_trades_history_rules, *binance_um_trades_history_rules]
+    result = dg.materialize(loads, partition_key=DAY.isoformat(), resources=resources)
+    assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert {e.asset_key.to_user_string() for e in evaluations} == {"binance_trades_history", "binance_um_trades_history"}
+    assert [(e.asset_key.to_user_string(), e.check_name) for e in evaluations if not e.passed] == []
+    (event,) = result.asset_materializations_for_node("binance_um_trades_history")
+    assert event.metadata["rows_written"].value == event.metadata["dagster/row_count"].value == 3000
+    stored = catalog.load_table("market.trades").scan(row_filter=EqualTo("exchange", "BINANCE_UM")).to_arrow()
+    assert {(r["source_file"], r["trade_class"]) for r in stored.to_pylist()} >= {
+        (dump.relative_to(history).as_posix(), "INSURANCE_FUND")
+    }
+
+    bars = dg.materialize([ohlcv_1m, ohlcv_1m_matches_raw_trades], partition_key=DAY.isoformat(), resources=resources)
+    assert bars.success and all(e.passed for e in bars.get_asset_check_evaluations())
+    futures, spot = bars_by_minute(catalog, "BINANCE_UM"), bars_by_minute(catalog, "BINANCE")
+    market = [r for r in rows if r["X"] == "MARKET"]
+    assert sum(b["trade_count"] for b in futures.values()) == len(market) < len(rows)
+    assert sum(b["trade_count_all"] for b in futures.values()) == len(rows) == sum(b["trade_count"] for b in spot.values())
+    # An insurance-fund trade 2% above the market: it moves neither the futures bar's high nor its volume nor its
+    # count, only volume_all; on spot the same trade is a market trade and makes the high.
+    by_minute = defaultdict(list)
+    for r in rows:
+        by_minute[minute_of(r["time"])].append(r)
+    minute, insured = next(
+        (m, r)
+        for m, trades in sorted(by_minute.items())
+        for r in trades
+        if r["X"] == "INSURANCE_FUND" and Decimal(r["price"]) > max(Decimal(t["price"]) for t in trades if t["X"] == "MARKET")
+    )
+    in_minute = by_minute[minute]
+    forming = [r for r in in_minute if r["X"] == "MARKET"]
+    bar, spot_bar = futures[minute], spot[minute]
+    assert (bar["exchange"], bar["symbol"], spot_bar["exchange"], spot_bar["symbol"]) == (
+        "BINANCE_UM",
+        "BTCUSDT",
+        "BINANCE",
+        "BTCUSDT",
+    )
+    assert bar["high"] == max(Decimal(r["price"]) for r in forming) < Decimal(insured["price"])
+    assert (bar["trade_count"], bar["volume"]) == (len(forming), sum(Decimal(r["qty"]) for r in forming))
+    assert (bar["trade_count_all"], bar["volume_all"]) == (len(in_minute), sum(Decimal(r["qty"]) for r in in_minute))
+    assert spot_bar["high"] == max(Decimal(r["price"]) for r in in_minute) >= Decimal(insured["price"])
+    assert spot_bar["trade_count"] == len(in_minute) > bar["trade_count"]
+
+
 # --- the feed's klines --------------------------------------------------------------------------------
 
 
@@ -393,3 +483,99 @@ def test_klines_are_the_bars_of_the_served_trades(market):
         other = SPOT if futures else UM
         with pytest.raises(urllib.error.HTTPError, match="404"):
             urllib.request.urlopen(f"{server.http_url}{other.rest_prefix}/klines?symbol=BTCUSDT&interval=1m", timeout=5)
+
+
+# --- the Dagster live path ----------------------------------------------------------------------------
+
+
+def tick(sensor, instance, resources: dict, cursor: str | None):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return sensor(context)
+
+
+def test_futures_go_through_the_sensor_repair_and_klines_and_k2_bars_equal_the_exchange_bars(
+    broker, topic, tmp_path, catalog_props, catalog
+):
+    """The futures sensor drains what the real producer took from the local futures feed, a repair run fetches the ids
+    the stream skipped from /fapi/v1/historicalTrades, and the feed's /fapi/v1/klines then equal K2's bars."""
+    source = walk(3000, seed=21)
+    # The stream skips five ids; one of them is an insurance-fund trade, which no futures trade list holds.
+    skipped = [t["trade_id"] for t in source[1503:1508]]
+    for i in range(1503, 1508):
+        source[i] = insurance_fund(source[i]) if i == 1505 else {**source[i], "trade_class": "MARKET"}
+    day = DAY.isoformat()
+    history = tmp_path / "history"
+    history.mkdir()
+    instance = dg.DagsterInstance.ephemeral()
+    live = {
+        "iceberg": IcebergResource(**catalog_props),
+        "kafka": KafkaResource(bootstrap=broker.bootstrap, um_topic=topic, drain_seconds=10),
+    }
+    with run_in_thread(source, market="um", ping_interval=5, skip_ids=skipped, non_market_ratio=0.02, seed=3) as server:
+        stream_from(server, source, UM, broker.bootstrap, topic)
+        events, requests, cursor = [], [], None
+        try:
+            for _ in range(5):
+                result = tick(binance_um_trades_sensor, instance, live, cursor)
+                cursor = result.cursor
+                events += [e for e in result.asset_events or [] if isinstance(e, dg.AssetMaterialization)]
+                requests += result.run_requests or []
+                if sum(e.metadata["rows_written"].value for e in events) >= len(source) - len(skipped):
+                    break
+        finally:
+            reset_writers()
+        assert sum(e.metadata["rows_written"].value for e in events) == len(source) - len(skipped)
+        assert {(e.asset_key, e.partition) for e in events} == {(dg.AssetKey("binance_um_trades"), day)}
+        assert {(r.job_name, r.tags["dagster/partition"]) for r in requests} == {("binance_um_gap_check_job", day)}
+        assert json.loads(cursor)["offsets"]
+        gaps = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
+        assert [(g["exchange"], g["first_missing"], g["last_missing"]) for g in gaps] == [("BINANCE_UM", skipped[0], skipped[-1])]
+
+        # The repair sensor asks for the day; the run fills the market trades and leaves the insurance-fund one explained.
+        with dg.build_sensor_context(instance=instance, resources={"iceberg": live["iceberg"]}) as context:
+            assert [r.partition_key for r in binance_um_gap_repair_sensor(context)] == [day]
+        resources = {
+            **make_resources(catalog_props, binance_dir=history),
+            "binance_rest": BinanceRestResource(base_url="http://127.0.0.1:9", um_base_url=server.http_url),
+        }
+        repaired = dg.materialize(
+            [binance_um_trades, *binance_um_trades_rules, binance_um_trades_no_unexplained_gaps],
+            partition_key=day,
+            resources=resources,
+            instance=instance,
+        )
+        assert repaired.success and all(e.passed for e in repaired.get_asset_check_evaluations())
+        (event,) = repaired.asset_materializations_for_node("binance_um_trades")
+        assert event.metadata["rows_written"].value == 4
+        (unavailable,) = event.metadata["repair_unavailable"].value
+        assert str(skipped[2]) in unavailable["answer"]
+
+        # The exchange's bars of the live day, from the futures REST API.
+        klines = dg.materialize([binance_klines], partition_key=day, resources=resources)
+        assert klines.success
+        metadata = klines.asset_materializations_for_node("binance_klines")[0].metadata
+        assert metadata["bars_from_rest"].value > 0 and metadata["rest_failures"].value == {}
+
+    trades = catalog.load_table("market.trades").scan(row_filter=EqualTo("exchange", "BINANCE_UM")).to_arrow().to_pylist()
+    assert len(trades) == len(source) - 1 and {t["message_id"].split(":")[0] for t in trades} == {"BINANCE_UM"}
+    classes = {t["trade_class"] for t in trades}
+    assert {"MARKET", "INSURANCE_FUND", "ADL"} <= classes
+    repaired_rows = [t for t in trades if t["kafka_topic"] is None]
+    assert sorted(t["source_sequence"] for t in repaired_rows) == [skipped[i] for i in (0, 1, 3, 4)]
+    assert {t["source_file"] for t in repaired_rows} == {"rest:/fapi/v1/historicalTrades"}
+
+    result = dg.materialize([ohlcv_1m, matches_exchange_bars], partition_key=day, resources=resources)
+    exchange_bars = {
+        int(b["bar_start"].timestamp() * 1000): b
+        for b in catalog.load_table("market.exchange_bars")
+        .scan(row_filter=EqualTo("exchange", "BINANCE_UM"))
+        .to_arrow()
+        .to_pylist()
+    }
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata["mismatches"].value
+    assert check.metadata["bars_compared"].value == len(exchange_bars) > 0 and check.metadata["minutes_left_out"].value == 0
+    assert check.metadata["minutes_mismatched"].value == check.metadata["minutes_missing_data"].value == 0
+    # Minutes with non-market trades were compared: an insurance-fund trade there lies above the exchange's high.
+    insured = [t for t in trades if t["trade_class"] == "INSURANCE_FUND"]
+    assert any(t["price"] > exchange_bars[minute_of(int(t["exchange_timestamp"].timestamp() * 1000))]["high"] for t in insured)

@@ -13,8 +13,9 @@ import pyarrow as pa
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import checks, schemas
 from k2_assets.core.settings import Settings
+from k2_assets.defs import rule_checks
 from k2_assets.defs.asx.schedules import asx_daily_schedule
-from k2_assets.defs.binance.schedules import binance_history_schedule
+from k2_assets.defs.binance.schedules import binance_history_job, binance_history_schedule
 from k2_assets.defs.partitions import asx_sessions, binance_days
 
 
@@ -28,22 +29,28 @@ def test_defs_load_with_every_asset_and_check():
         "asx_quotes",
         "binance_trades_history",
         "binance_trades",
+        "binance_um_trades_history",
+        "binance_um_trades",
         "binance_klines",
         "kafka/market_crypto_trades_binance",
+        "kafka/market_crypto_trades_binance_um",
         "ohlcv_1m",
         "ohlcv_5m",
         "ohlcv_1h",
         "ohlcv_1d",
     }
-    assert graph.get(dg.AssetKey("ohlcv_1m")).parent_keys == {
-        dg.AssetKey("asx_trades"),
-        dg.AssetKey("binance_trades_history"),
-        dg.AssetKey("binance_trades"),
-    }
+    binance = {"binance_trades_history", "binance_trades", "binance_um_trades_history", "binance_um_trades"}
+    assert graph.get(dg.AssetKey("ohlcv_1m")).parent_keys == {dg.AssetKey(a) for a in {"asx_trades", *binance}}
+    assert graph.get(dg.AssetKey("binance_klines")).parent_keys == {dg.AssetKey(a) for a in binance}
     assert graph.get(dg.AssetKey("binance_trades")).parent_keys == {dg.AssetKey(["kafka", "market_crypto_trades_binance"])}
+    assert graph.get(dg.AssetKey("binance_um_trades")).parent_keys == {dg.AssetKey(["kafka", "market_crypto_trades_binance_um"])}
     check_names = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    # Each market's assets carry the same checks: the history loads the file rules too, the live asset its gap check.
+    for history, live in (("binance_trades_history", "binance_trades"), ("binance_um_trades_history", "binance_um_trades")):
+        assert {n for a, n in check_names if a == history} == {r.name for r in rule_checks.rules("trades", files=True)}
+        assert {n for a, n in check_names if a == live} == {r.name for r in rule_checks.rules("trades")} | {"freshness_check"}
     for rule in checks.TRADE_RULES:
-        assert ("asx_trades", rule.name) in check_names and ("binance_trades_history", rule.name) in check_names
+        assert ("asx_trades", rule.name) in check_names and ("binance_um_trades_history", rule.name) in check_names
     for rule in checks.QUOTE_RULES:
         assert ("asx_quotes", rule.name) in check_names
     assert ("ohlcv_1m", "matches_exchange_bars") in check_names
@@ -52,6 +59,17 @@ def test_defs_load_with_every_asset_and_check():
     assert dg.AssetKey("binance_klines") in {d.asset_key for d in exchange_check.additional_deps}
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description  # the one-line docstring shown in the UI
+    repository = defs.get_repository_def()
+    sensors = {s.name: s for s in repository.sensor_defs}
+    for market in ("", "_um"):
+        live = sensors[f"binance{market}_trades_sensor"]
+        assert live.default_status == dg.DefaultSensorStatus.RUNNING
+        assert [j.name for j in live.jobs] == [f"binance{market}_gap_check_job"]
+        assert sensors[f"binance{market}_gap_repair_sensor"].job_name == f"binance{market}_trades_repair_job"
+    assert binance_history_job.selection.resolve(graph) == {
+        dg.AssetKey("binance_trades_history"),
+        dg.AssetKey("binance_um_trades_history"),
+    }
 
 
 def test_resources_read_the_environment(monkeypatch, tmp_path):

@@ -304,5 +304,6 @@ def test_k2_demo_data_prints_summary(tmp_path, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert "binance/BTCUSDT-trades-2025-01-02.csv" in summary["files"]
-    assert not list(tmp_path.rglob("*.zip"))
+    assert not [p for p in tmp_path.rglob("*-trades-*.zip") if "futures" not in p.parts]  # one day: no zipped spot dump
+    assert "binance/BTCUSDT-1m-2025-01-02.zip" in summary["files"]  # the exchange's own bars of the day
     assert (tmp_path / "asx/trades").is_dir()

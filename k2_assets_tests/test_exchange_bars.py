@@ -228,3 +228,56 @@ def test_fewer_trades_than_the_exchange_counted_is_missing_data_even_with_contig
     assert [f"{m['bar_start']:%H:%M}" for m in wrong] == ["12:10"]
     count = exchange.filter(pc.equal(exchange.column("bar_start"), wrong[0]["bar_start"])).column("trade_count")[0].as_py()
     assert wrong[0]["reason"] == f"K2 holds {count - 1} trades, the exchange counted {count}"
+
+
+def test_every_demo_day_matches_the_exchange_bars_of_its_generator(tmp_path, catalog_props):
+    """The demo's Binance days (ms and µs dumps, an aggTrades file, deliberately bad rows) against its kline dumps."""
+    from k2_assets.dev import demo
+
+    summary = demo.generate_demo_data(tmp_path / "data", asx_days=1, binance_rows_per_day=3_000)
+    resources = make_resources(catalog_props, binance_dir=tmp_path / "data" / "binance")
+    days = sorted({name.rsplit("-1m-", 1)[1][:10] for name in summary["files"] if "-1m-" in name})
+    assert days == ["2024-01-01", "2024-01-02", "2025-01-02"]
+    for day in days:
+        assert dg.materialize([binance_trades_history, binance_klines], partition_key=day, resources=resources).success
+    for day in days:
+        evaluation = _check(day, resources)
+        assert evaluation.passed, (day, evaluation.metadata["mismatches"].value)
+        assert evaluation.metadata["bars_compared"].value >= 2 * 1400, day
+    # The aggTrades symbol is counted by its underlying trades, as its klines count them.
+    assert "XRPETH" in _check(days[0], resources).metadata["per_symbol"].value
+
+
+def test_a_futures_kline_dump_with_binance_futures_header_loads_as_binance_um(shared_data, tmp_path, catalog_props, catalog):
+    with zipfile.ZipFile(shared_data / KLINES / "BTCUSDT-1m-2020-01-01.zip") as z:
+        lines = z.read(z.namelist()[0]).decode().splitlines()
+    folder = tmp_path / "history" / "data" / "futures" / "um" / "daily" / "klines" / "BTCUSDT" / "1m"
+    folder.mkdir(parents=True)
+    # the header Binance's futures kline dumps carry (taker_buy_volume, not taker_buy_base_volume)
+    header = "open_time,open,high,low,close,volume,close_time,quote_volume,count,taker_buy_volume,taker_buy_quote_volume,ignore"
+    with zipfile.ZipFile(folder / "BTCUSDT-1m-2020-01-01.zip", "w") as z:
+        z.writestr("BTCUSDT-1m-2020-01-01.csv", header + "\n" + "\n".join(lines[:60]) + "\n")
+    resources = make_resources(catalog_props, binance_dir=tmp_path / "history")
+    assert dg.materialize([binance_klines], partition_key="2020-01-01", resources=resources).success
+    bars = _exchange_bars(catalog, "2020-01-01")
+    assert len(bars) == 60 and {b["exchange"] for b in bars} == {"BINANCE_UM"}
+    assert bars[0]["taker_buy_volume"] == Decimal("19.59823000") and bars[0]["trade_count"] == 493
+
+
+def test_a_trade_lost_from_a_dump_is_missing_data_at_its_minute(tmp_path, catalog_props):
+    from k2_assets.dev import demo
+
+    demo.generate_demo_data(tmp_path / "data", asx_days=1, binance_rows_per_day=3_000, bad_row_rate=0)
+    dump = tmp_path / "data" / "binance" / "BTCUSDT-trades-2024-01-01.csv"
+    header, *lines = dump.read_text().splitlines()
+    lost = lines.pop(1500)
+    dump.write_text("\n".join([header, *lines]) + "\n")
+    resources = make_resources(catalog_props, binance_dir=tmp_path / "data" / "binance")
+    assert dg.materialize([binance_trades_history, binance_klines], partition_key="2024-01-01", resources=resources).success
+    evaluation = _check("2024-01-01", resources)
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert evaluation.metadata["minutes_missing_data"].value == 1, evaluation.metadata["mismatches"].value
+    # If the lost trade closed its minute, the tradeless minutes after it repeat a close the exchange never had.
+    assert evaluation.metadata["minutes_mismatched"].value <= 3, evaluation.metadata["mismatches"].value
+    minute = datetime.fromtimestamp(int(lost.split(",")[4]) / 1000, tz=UTC)
+    assert f"| BINANCE | BTCUSDT | {minute:%H:%M} | missing_data |" in evaluation.metadata["mismatches"].value

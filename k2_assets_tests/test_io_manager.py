@@ -307,7 +307,7 @@ def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
     from k2_assets.definitions import defs as code_location
 
     keys = {k.to_user_string() for k in code_location.resolve_asset_graph().get_all_asset_keys()}
-    tables = keys - {"kafka/market_crypto_trades_binance"}
+    tables = keys - {"kafka/market_crypto_trades_binance", "kafka/market_crypto_trades_binance_um"}
     assert tables <= set(ASSET_TABLES)
     assert {a: (t.table, t.exchange, t.batch_only) for a, t in ASSET_TABLES.items()} == {
         "asx_trades": ("trades", "ASX", False),
@@ -315,6 +315,8 @@ def test_every_asset_of_the_code_location_that_holds_rows_is_supported():
         "binance_trades_history": ("trades", "BINANCE", True),
         "binance_klines": ("exchange_bars", None, False),
         "binance_trades": ("trades", "BINANCE", False),
+        "binance_um_trades_history": ("trades", "BINANCE_UM", True),
+        "binance_um_trades": ("trades", "BINANCE_UM", False),
         **{f"ohlcv_{i}": (f"ohlcv_{i}", None, False) for i in ("1m", "5m", "1h", "1d")},
     }
 

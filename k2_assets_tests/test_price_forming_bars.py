@@ -61,5 +61,6 @@ def test_the_band_check_flags_bars_made_from_every_trade(asx_dir):
     every = bhp.set_column(bhp.schema.get_field_index("price_forming"), "price_forming", pa.repeat(True, bhp.num_rows))
     flagged = price_band.outside(rollups.bars_from_trades(every, "1m"), bhp).to_pylist()
     assert {(f["field"], f["price"]) for f in flagged} >= {("open", Decimal("40.00000000")), ("high", Decimal("42.00000000"))}
-    assert all(f["price"] > f["range_high"] * Decimal("1.01") or f["price"] < f["range_low"] * Decimal("0.99") for f in flagged)
+    band = 1 + price_band.BAND
+    assert all(f["price"] > f["range_high"] * band or f["price"] < f["range_low"] * (2 - band) for f in flagged)
     assert {f["bar_start"].hour for f in flagged} <= {20, 21}  # 07:05-08:24 Sydney is 20:05-21:24 UTC the day before

@@ -50,6 +50,8 @@ BINANCE_DAYS = ("2024-01-01", "2024-01-02")  # the last one loaded has the hole:
 HOLE_FILE = "BTCUSDT-trades-2024-01-02.csv"
 HOLE = 40  # trade ids removed from the middle of that file
 FAILED_CHECK = "no_unexplained_gaps"
+EXCHANGE_CHECK = "matches_exchange_bars"
+LIVE_ONLY = {"binance_trades", "binance_um_trades"}
 
 SENSORS = """
 { sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
@@ -145,12 +147,20 @@ def materialize_samples(hole: list[int]) -> None:
         assert all(e.passed for e in checks.values()), [n for n, e in checks.items() if not e.passed]
         for day in BINANCE_DAYS:
             checks = run(["binance_trades_history"], day)
+            if day == BINANCE_DAYS[0]:  # the demo's day of USD-M futures trades
+                futures = run(["binance_um_trades_history"], day)
+                assert futures and all(e.passed for e in futures.values()), [n for n, e in futures.items() if not e.passed]
+            run(["binance_klines"], day)  # the exchange's own bars, from the demo's kline dumps
         gaps = checks["binance_trades_history", FAILED_CHECK]
         assert not gaps.passed and gaps.metadata["failed_rows"].value >= len(hole) == HOLE
         assert [n for n, e in checks.items() if not e.passed] == [("binance_trades_history", FAILED_CHECK)]
-        for day in (ASX_SESSION, BINANCE_DAYS[-1]):
-            checks = run(["ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d"], day)
-            assert len(checks) == 4 + 1 and all(e.passed for e in checks.values()), day  # matches_raw_trades x4, freshness
+        bars = ["ohlcv_1m", "ohlcv_5m", "ohlcv_1h", "ohlcv_1d"]
+        # Bars of an ASX session and of a whole Binance day (spot and futures): every check passing, the exchange's too.
+        for day in (ASX_SESSION, BINANCE_DAYS[0]):
+            checks = run(bars, day)
+            # matches_raw_trades x4, freshness, matches_exchange_bars, within_session_band
+            assert len(checks) == 4 + 3 and all(e.passed for e in checks.values()), day
+        assert checks["ohlcv_1m", EXCHANGE_CHECK].metadata["bars_compared"].value > 2 * 1400
 
 
 def expected_lineage() -> tuple[set[str], set[tuple[str, str]], dict[str, list[str]]]:
@@ -248,6 +258,7 @@ def test_ui_shows_the_asset_graph_and_checks_in_chromium(tmp_path, monkeypatch):
             check_graph(page, port, names, edges, checks)
             check_checks_tab(page, port, checks["binance_trades_history"])
             check_standalone_and_freshness_checks(page, port, checks)
+            check_exchange_bars(page, port)
             rerun_one_check(page, port)
     finally:
         stop(process)
@@ -263,7 +274,7 @@ def check_graph(page, port: int, names: set[str], edges: set[tuple[str, str]], c
     def settled(graph) -> bool:
         cards = graph["cards"]
         return names <= cards.keys() and all(
-            re.search(r"\d+ / \d+ Passed", cards[asset]) for asset in checks if asset != "binance_trades"
+            re.search(r"\d+ / \d+ Passed", cards[asset]) for asset in checks if asset not in LIVE_ONLY
         )
 
     graph = poll(page, lambda p: p.evaluate(GRAPH_JS), settled)
@@ -273,7 +284,7 @@ def check_graph(page, port: int, names: set[str], edges: set[tuple[str, str]], c
     assert drawn == edges, f"arrows drawn {sorted(drawn)} != dependencies {sorted(edges)}"
     # What each card says about its checks (the asset that failed one shows it).
     for asset, asset_checks in checks.items():
-        if asset == "binance_trades":  # live-only: never materialized here
+        if asset in LIVE_ONLY:  # never materialized here
             continue
         n = len(asset_checks)
         passed = n - 1 if asset == "binance_trades_history" else n
@@ -324,6 +335,26 @@ def check_standalone_and_freshness_checks(page, port: int, checks: dict[str, lis
             lambda seen, asset=asset: seen == set(checks[asset]),
         )
         assert shown == set(checks[asset]) and "freshness_check" in shown, (asset, shown)
+
+
+def check_exchange_bars(page, port: int) -> None:
+    """K2's bars proven against the exchange's own: the check's page shows its latest evaluation passed, and what it compared."""
+    page.goto(f"http://127.0.0.1:{port}/assets/ohlcv_1m?view=checks&checkDetail={EXCHANGE_CHECK}")
+    page.get_by_text("Latest execution").wait_for()
+    page.get_by_text("every complete minute the exchange published equals K2's bar", exact=False).first.wait_for()
+    compared = page.get_by_role("row").filter(has=page.get_by_role("cell", name="bars_compared", exact=True))
+    poll(page, lambda p: compared.count(), lambda n: n > 0)
+    assert int(compared.first.inner_text().split()[-1]) > 2 * 1400, compared.first.inner_text()
+    mismatched = page.get_by_role("row").filter(has=page.get_by_role("cell", name="minutes_mismatched", exact=True))
+    assert mismatched.first.inner_text().split()[-1] == "0"
+    rows = page.locator('[class*="checkRow"]')
+    status = poll(
+        page,
+        lambda p: [t for t in rows.all_inner_texts() if t.strip().startswith(EXCHANGE_CHECK)],
+        lambda seen: bool(seen) and seen[0].strip().splitlines()[-1].strip() == "Succeeded",
+    )
+    assert status and status[0].strip().splitlines()[-1].strip() == "Succeeded", status
+    page.screenshot(path=IMAGES / "exchange-bars-check.png")
 
 
 def rerun_one_check(page, port: int) -> None:

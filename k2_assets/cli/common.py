@@ -118,3 +118,8 @@ def run_selection(assets: set, checks: set, partition_key: str | None, instance)
     # A job of checks alone has no partitions definition Dagster can resolve; the partition goes in as the run's tag.
     tags = {"dagster/partition": partition_key} if partition_key else {}
     return job.execute_in_process(run_config=quiet, tags=tags, instance=instance, raise_on_error=False)
+
+
+def market_option(help: str):
+    """`--market spot|um`: the Binance market a command works on (k2_assets.core.binance_format.MARKETS)."""
+    return click.option("--market", type=click.Choice(["spot", "um"]), default="spot", show_default=True, help=help)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from k2_assets.cli.common import UserError
+from k2_assets.cli.common import UserError, market_option
 
 RATIO = click.FloatRange(0.0, 1.0)
 POSITIVE = click.FloatRange(0.0, min_open=True)
@@ -27,13 +27,7 @@ POSITIVE = click.FloatRange(0.0, min_open=True)
     help="serve endless random-walk trades of these comma-separated symbols, e.g. BTCUSDT,ETHUSDT (this or --replay)",
 )
 @click.option("--symbol", help="symbol of a --replay file whose name does not start with it  [default: from the file name]")
-@click.option(
-    "--market",
-    type=click.Choice(["spot", "um"]),
-    default="spot",
-    show_default=True,
-    help="spot (stream.binance.com's formats, REST /api/v3) or um: USD-M futures (fstream's, REST /fapi/v1)",
-)
+@market_option("spot (stream.binance.com's formats, REST /api/v3) or um: USD-M futures (fstream's, REST /fapi/v1)")
 @click.option(
     "--non-market-ratio",
     type=RATIO,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from k2_assets.cli.common import UserError, default, settings
+from k2_assets.cli.common import UserError, default, market_option, settings
 
 
 @click.group("stream", no_args_is_help=False)
@@ -14,13 +14,7 @@ def stream() -> None:
 
 @stream.command("binance")
 @click.option("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT,BNBUSDT")
-@click.option(
-    "--market",
-    type=click.Choice(["spot", "um"]),
-    default="spot",
-    show_default=True,
-    help="spot, or um: USD-M futures (exchange BINANCE_UM, topic market.crypto.trades.binance_um)",
-)
+@market_option("spot, or um: USD-M futures (exchange BINANCE_UM, topic market.crypto.trades.binance_um)")
 @click.option("--url", help="stream base URL  [default: K2_BINANCE_WS_URL, with --market um K2_BINANCE_UM_WS_URL]")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from k2_assets.cli.common import UserError, default, settings
+from k2_assets.cli.common import UserError, default, market_option, settings
 
 if TYPE_CHECKING:
     from k2_assets.core.live_report import BatchReport
@@ -25,13 +25,7 @@ log = logging.getLogger("k2.writer")
 
 @click.command("writer")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
-@click.option(
-    "--market",
-    type=click.Choice(["spot", "um"]),
-    default="spot",
-    show_default=True,
-    help="the Binance market whose trades the topic carries: spot (exchange BINANCE) or um (USD-M futures, BINANCE_UM)",
-)
+@market_option("the Binance market whose trades the topic carries: spot (exchange BINANCE) or um (USD-M futures, BINANCE_UM)")
 @click.option(
     "--topic",
     help="the trades topic (its dead letters are TOPIC.dlq)  "

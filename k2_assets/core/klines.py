@@ -42,6 +42,15 @@ COLUMNS = (
     "ignore",
 )
 REQUIRED = COLUMNS[:6]
+# Other names the same columns go by in Binance's files (the futures dumps' header) and docs.
+ALIASES = {
+    "taker_buy_volume": "taker_buy_base_volume",
+    "taker_buy_base_asset_volume": "taker_buy_base_volume",
+    "taker_buy_quote_asset_volume": "taker_buy_quote_volume",
+    "quote_asset_volume": "quote_volume",
+    "number_of_trades": "count",
+    "trades": "count",
+}
 FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-1m-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(csv|zip)$")
 BY_EXCHANGE = {m.exchange: m for m in MARKETS.values()}
 MINUTE_US = 60_000_000
@@ -127,7 +136,7 @@ def _decode(dump: KlineFile, data: bytes, day: date, now: datetime) -> tuple[Row
     names, first_row = list(COLUMNS), 1
     header = lines.text[0].as_py().lstrip("\ufeff").strip() if len(lines) else ""
     if header.split(",")[0].strip().lower() == "open_time":
-        names = [n.strip().lower() for n in header.split(",")]
+        names = [ALIASES.get(n.strip().lower(), n.strip().lower()) for n in header.split(",")]
         unknown = [n for n in names if n not in COLUMNS]
         if unknown or any(n not in names for n in REQUIRED):
             raise ValueError(f"header {header!r}: K2 reads the kline columns {', '.join(COLUMNS)} (at least open_time..volume)")
@@ -208,25 +217,26 @@ def _minute_end(opened: pa.Array) -> pa.Array:
 def fetch_day(
     base_url: str, exchange: str, symbol: str, day: date, *, now: datetime | None = None, api_key: str | None = None
 ) -> pa.Table:
-    """The exchange's closed 1m bars of `symbol` on `day` from its REST API (paged), as exchange_bars rows."""
-    now = now or decode.utc_now()
-    start_ms = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
-    end_ms = min(start_ms + 86_400_000, int(now.timestamp() * 1000)) - 1
-    rows, cursor = [], start_ms
+    """The exchange's closed 1m bars of `symbol` on `day` from its REST API (paged), as exchange_bars rows.
+
+    Closed by the exchange's own clock (`now`: its server time, asked first), not this machine's."""
     market = BY_EXCHANGE[exchange]
+    if now is None:
+        server_ms = get_json(base_url, f"{market.rest_prefix}/time", {}, api_key)["serverTime"]
+        now = datetime.fromtimestamp(server_ms / 1000, tz=UTC)
+    now_ms = int(now.timestamp() * 1000)
+    start_ms = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
+    end_ms = min(start_ms + 86_400_000, now_ms) - 1
+    rows, cursor = [], start_ms
     path, limit = f"{market.rest_prefix}/klines", market.klines_max_limit
     while cursor <= end_ms:
-        page = get_json(
-            base_url,
-            path,
-            {"symbol": symbol, "interval": INTERVAL, "startTime": cursor, "endTime": end_ms, "limit": limit},
-            api_key,
-        )
-        rows += [k for k in page if k[6] < now.timestamp() * 1000]  # only minutes the exchange has closed
+        params = {"symbol": symbol, "interval": INTERVAL, "startTime": cursor, "endTime": end_ms, "limit": limit}
+        page = get_json(base_url, path, params, api_key)
+        rows += [k for k in page if k[6] < now_ms]  # only minutes the exchange has closed
         if len(page) < limit:
             break
         cursor = page[-1][0] + 60_000
-    return rest_rows(rows, exchange, symbol, day, now, path)
+    return rest_rows(rows, exchange, symbol, day, decode.utc_now(), f"rest:{path}?symbol={symbol}")
 
 
 def rest_rows(klines: list[list], exchange: str, symbol: str, day: date, now: datetime, path: str) -> pa.Table:

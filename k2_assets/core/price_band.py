@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from k2_assets.core import rollups
 
-BAND = Decimal("0.01")  # 1% of the reference price beyond the range
+# 5% beyond the range: wide enough for a penny stock's auction one tick outside the day (0.066 against 0.054-0.065,
+# 1.5%), narrow enough for an off-market print such as BHP's 40.00 against 36.45 (9.7%).
+BAND = Decimal("0.05")
 REFERENCE_CLASSES = ("CONTINUOUS", "MARKET")  # the continuous market of each exchange; null class: a spot trade
 
 
@@ -24,7 +26,7 @@ def outside(bars: pa.Table, trades: pa.Table, band: Decimal = BAND, con: duckdb.
     con = rollups.session(con)
     con.register("band_bars", bars.select(["exchange", "symbol", "bar_start", "open", "high", "low"]))
     con.register("band_trades", trades.select(["exchange", "symbol", "price", "price_forming", "trade_class"]))
-    return con.execute(
+    return con.sql(
         """
         WITH reference AS (
             SELECT exchange, symbol, min(price) AS range_low, max(price) AS range_high
@@ -42,5 +44,5 @@ def outside(bars: pa.Table, trades: pa.Table, band: Decimal = BAND, con: duckdb.
         WHERE price > range_high * (1 + $band) OR price < range_low * (1 - $band)
         ORDER BY exchange, symbol, bar_start, field
         """,
-        {"classes": list(REFERENCE_CLASSES), "band": band},
+        params={"classes": list(REFERENCE_CLASSES), "band": band},
     ).to_arrow_table()

@@ -89,7 +89,8 @@ RULES = (
     (
         "NOT in_k2 AND e_count = 0 AND e_volume = 0",
         "left_out",
-        "'no trades in this minute, and no earlier K2 price that day to fill it with'",
+        "'no trades in this minute, and K2 has no bar for it: K2 fills only between the day''s trades, or to 23:59 "
+        "once the next day is loaded'",
     ),
     (
         "NOT in_k2",

@@ -2,8 +2,9 @@
 
 Binance serves any trade by id (`GET /api/v3/historicalTrades?symbol=&fromId=&limit=`, limit at
 most 1000; the real endpoint wants an API key in `X-MBX-APIKEY`, taken from the environment).
-Repaired rows get the same message_id the live stream would have given them, so a trade that
-arrives late after all is never stored twice.
+USD-M futures serve them under `/fapi/v1/` and list market trades only, so a gap of insurance-fund
+or ADL trades stays open with the exchange's answer. Repaired rows get the same message_id the
+live stream would have given them, so a trade that arrives late after all is never stored twice.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pyiceberg.expressions import And, EqualTo, In, IsNull
 from pyiceberg.table import Table
 
 from k2_assets.core import integrity, live_codec, live_decode, writer
+from k2_assets.core.binance_format import PRICE_FORMING_CLASS, SPOT, Market
 from k2_assets.core.binance_rest import ExchangeError, get_json
 from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
-REST_SOURCE = "rest:/api/v3/historicalTrades"
 
 
 @dataclass
@@ -33,15 +34,21 @@ class RepairReport:
     snapshot_id: int | None = None
 
 
-def fetch(base_url: str, symbol: str, from_id: int, limit: int, api_key: str | None = None) -> list[dict]:
-    return get_json(base_url, "/api/v3/historicalTrades", {"symbol": symbol, "fromId": from_id, "limit": limit}, api_key)
+def rest_path(market: Market) -> str:
+    return f"{market.rest_prefix}/historicalTrades"
 
 
-def fetch_range(base_url: str, symbol: str, first: int, last: int, api_key: str | None = None) -> tuple[list[dict], str | None]:
+def fetch(base_url: str, symbol: str, from_id: int, limit: int, api_key: str | None = None, market: Market = SPOT) -> list[dict]:
+    return get_json(base_url, rest_path(market), {"symbol": symbol, "fromId": from_id, "limit": limit}, api_key)
+
+
+def fetch_range(
+    base_url: str, symbol: str, first: int, last: int, api_key: str | None = None, market: Market = SPOT
+) -> tuple[list[dict], str | None]:
     """Trades with ids in [first, last]; the exchange's answer when some of them cannot be had."""
     found, next_id = [], first
     while next_id <= last:
-        page = fetch(base_url, symbol, next_id, min(PAGE, last - next_id + 1), api_key)
+        page = fetch(base_url, symbol, next_id, min(PAGE, last - next_id + 1), api_key, market)
         wanted = [t for t in page if next_id <= t["id"] <= last]
         if not wanted:
             return found, f"exchange returned no trades for ids {next_id}..{last} of {symbol}"
@@ -54,29 +61,20 @@ def fetch_range(base_url: str, symbol: str, first: int, last: int, api_key: str 
     )
 
 
-def rows_from_rest(trades: list[dict], symbol: str, now: datetime) -> pa.Table:
+def rows_from_rest(trades: list[dict], symbol: str, now: datetime, market: Market = SPOT) -> pa.Table:
     """Binance REST trades -> v2 rows, through the same codec as the live stream."""
     ingest_us = int(now.timestamp() * 1_000_000)
-    values = [
-        live_codec.encode(
-            live_codec.trade_from_event(
-                {
-                    "e": "trade",
-                    "E": t["time"],
-                    "s": symbol,
-                    "t": t["id"],
-                    "p": t["price"],
-                    "q": t["qty"],
-                    "T": t["time"],
-                    "m": t["isBuyerMaker"],
-                    "M": t.get("isBestMatch", True),
-                },
-                ingest_us,
-            )
-        )
-        for t in trades
-    ]
-    rows, rejected = live_decode.decode_batch(values, "", [0] * len(values), [0] * len(values), source="repair", now=now)
+
+    def event(t: dict) -> dict:
+        common = {"e": "trade", "E": t["time"], "s": symbol, "t": t["id"], "p": t["price"], "q": t["qty"], "T": t["time"]}
+        # The futures trade lists hold market trades only, and say so nowhere: X is MARKET.
+        extra = {"X": PRICE_FORMING_CLASS} if market.classified else {"M": t.get("isBestMatch", True)}
+        return {**common, "m": t["isBuyerMaker"], **extra}
+
+    values = [live_codec.encode(live_codec.trade_from_event(event(t), ingest_us, market)) for t in trades]
+    rows, rejected = live_decode.decode_batch(
+        values, "", [0] * len(values), [0] * len(values), source="repair", exchange=market.exchange, now=now
+    )
     if rejected.num_rows:
         raise ExchangeError(f"exchange returned trades K2 cannot accept: {rejected.column('reason').to_pylist()[:3]}")
     n = rows.num_rows
@@ -84,31 +82,36 @@ def rows_from_rest(trades: list[dict], symbol: str, now: datetime) -> pa.Table:
         ("kafka_topic", pa.nulls(n, pa.string())),
         ("kafka_partition", pa.nulls(n, pa.int32())),
         ("kafka_offset", pa.nulls(n, pa.int64())),
-        ("source_file", pa.repeat(pa.scalar(REST_SOURCE), n)),
+        ("source_file", pa.repeat(pa.scalar(f"rest:{rest_path(market)}"), n)),
     ):
         rows = rows.set_column(rows.schema.get_field_index(name), rows.schema.field(name), value)
     return rows
 
 
 def repair_partition(
-    trades: Table, gaps: Table, base_url: str, day: date, *, api_key: str | None = None, now: datetime | None = None
+    trades: Table,
+    gaps: Table,
+    base_url: str,
+    day: date,
+    *,
+    market: Market = SPOT,
+    api_key: str | None = None,
+    now: datetime | None = None,
 ) -> RepairReport:
-    """Fill every open gap of BINANCE trades on `day` from the exchange; one Iceberg commit for all rows."""
+    """Fill every open gap of `market`'s trades on `day` from its REST API; one Iceberg commit for all rows."""
     now = now or datetime.now(UTC)
     report = RepairReport()
-    open_gaps = (
-        gaps.scan(row_filter=And(integrity.gaps_of_day(live_codec.EXCHANGE, day), IsNull("closed_at"))).to_arrow().to_pylist()
-    )
+    open_gaps = gaps.scan(row_filter=And(integrity.gaps_of_day(market.exchange, day), IsNull("closed_at"))).to_arrow().to_pylist()
     fetched = []
     for gap in open_gaps:
         symbol, first, last = gap["symbol"], gap["first_missing"], gap["last_missing"]
         report.requested += last - first + 1
         try:
-            found, answer = fetch_range(base_url, symbol, first, last, api_key)
+            found, answer = fetch_range(base_url, symbol, first, last, api_key, market)
         except ExchangeError as exc:
             found, answer = [], str(exc)
         if found:
-            fetched.append(rows_from_rest(found, symbol, now))
+            fetched.append(rows_from_rest(found, symbol, now, market))
         if answer:
             report.unavailable[(symbol, first, last)] = answer
     if fetched:
@@ -116,7 +119,7 @@ def repair_partition(
         # each repaired trade goes to its own trade_date.
         rows = pa.concat_tables(fetched)
         days = {d.isoformat() for d in rows.column("trade_date").to_pylist()}
-        where = And(EqualTo("exchange", live_codec.EXCHANGE), In("trade_date", days))
+        where = And(EqualTo("exchange", market.exchange), In("trade_date", days))
         existing = trades.scan(row_filter=where, selected_fields=("message_id",)).to_arrow()
         fresh = pc.invert(pc.is_in(rows.column("message_id"), value_set=existing.column("message_id")))
         report.already_present = rows.num_rows - int(pc.sum(fresh).as_py() or 0)

@@ -33,7 +33,7 @@ class Settings:
         "K2_BINANCE_REST_URL", "https://api.binance.com", "Binance's REST base URL (gap repair, klines)"
     )
     binance_um_rest_url: str = _setting(
-        "K2_BINANCE_UM_REST_URL", "https://fapi.binance.com", "Binance USD-M futures' REST base URL (klines)"
+        "K2_BINANCE_UM_REST_URL", "https://fapi.binance.com", "Binance USD-M futures' REST base URL (gap repair, klines)"
     )
     binance_api_key: str = _setting("K2_BINANCE_API_KEY", "", "Binance API key for historicalTrades (secret: environment only)")
     broker_port: int = _setting("K2_BROKER_PORT", "0", "the embedded broker's port (0: a free one)")

@@ -17,7 +17,7 @@ TRADES_MAX_AGE = timedelta(minutes=5)  # the sensor reports a materialization pe
 BARS_MAX_AGE = timedelta(minutes=10)  # the rollups follow their trades within a few automation ticks (30 s apart)
 
 freshness_checks = [
-    *dg.build_last_update_freshness_checks(assets=["binance_trades"], lower_bound_delta=TRADES_MAX_AGE),
+    *dg.build_last_update_freshness_checks(assets=["binance_trades", "binance_um_trades"], lower_bound_delta=TRADES_MAX_AGE),
     *dg.build_last_update_freshness_checks(assets=["ohlcv_1m"], lower_bound_delta=BARS_MAX_AGE),
 ]
 

@@ -36,7 +36,7 @@ from pyiceberg.table import Table
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import schemas, snapshots
 from k2_assets.core.asx import EXCHANGE as ASX
-from k2_assets.core.binance_history import EXCHANGE as BINANCE
+from k2_assets.core.binance_format import SPOT, UM
 
 DATAFRAME_KINDS = ("pandas", "arrow", "polars")
 
@@ -67,10 +67,12 @@ ASSET_TABLES: dict[str, AssetTable] = {
     "asx_trades": AssetTable("trades", ASX),
     "asx_quotes": AssetTable("quotes", ASX),
     # History owns the day's file-sourced rows of market.trades (kafka_topic IS NULL) ...
-    "binance_trades_history": AssetTable("trades", BINANCE, batch_only=True),
+    "binance_trades_history": AssetTable("trades", SPOT.exchange, batch_only=True),
+    "binance_um_trades_history": AssetTable("trades", UM.exchange, batch_only=True),
     # ... while binance_trades (live micro-batches plus repairs) is every BINANCE row of the day,
     # history rows included: that is what its checks and its dagster/row_count describe.
-    "binance_trades": AssetTable("trades", BINANCE),
+    "binance_trades": AssetTable("trades", SPOT.exchange),
+    "binance_um_trades": AssetTable("trades", UM.exchange),
     # The exchange's own bars: every Binance market of the day.
     "binance_klines": AssetTable("exchange_bars"),
     # Rollups: one table per interval, every exchange of the trade_date.
@@ -164,6 +166,8 @@ class IcebergIOManager(dg.ConfigurableIOManager):
       (the rows that came from the history dumps)
     - binance_trades: market.trades where exchange = 'BINANCE', every row of the day (live rows
       from Kafka, repairs and history rows alike)
+    - binance_um_trades_history, binance_um_trades: the same for USD-M futures (exchange = 'BINANCE_UM')
+    - binance_klines: market.exchange_bars, every Binance market
     - ohlcv_1m, ohlcv_5m, ohlcv_1h, ohlcv_1d: market.ohlcv_<interval>, every exchange
 
     A partition key is a trade date: the load reads trade_date = key (a range of keys: trade_date

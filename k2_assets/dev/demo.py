@@ -378,11 +378,41 @@ def _binance_trades(
     qtys = _decimal(qty, sym.qty_decimals)
     quotes = _decimal(quote_units, 8)
     makers = ["True" if m else "False" for m in maker.tolist()]
-    counts = _apply_binance_bad(_binance_bad(rng, n, bad_row_rate), prices, qtys, makers)
+    bad = _binance_bad(rng, n, bad_row_rate)
+    klines = _kline_lines(sym.symbol, day, times, prices, qtys, maker, skip={i for i, _, _ in bad})
+    counts = _apply_binance_bad(bad, prices, qtys, makers)
     rows = zip(range(first_id, first_id + n), prices, qtys, quotes, times.tolist(), makers)
     best_match = "" if legacy_header else ",True"  # the redistributed 6-column files drop is_best_match
     lines = [f"{i},{p},{q},{qq},{t},{m}{best_match}" for i, p, q, qq, t, m in rows]
-    return lines, counts, last_log_price
+    return lines, counts, last_log_price, klines
+
+
+def _kline_lines(symbol, day, times, prices, qtys, maker, *, skip=(), counts=None, classes=None) -> list[str]:
+    """The exchange's own 1m bars of the day's trades, as its kline dump prints them (headerless, 12 columns; µs
+    times from 2025), by the rules the local feed serves them with (feed_klines). The demo's deliberately bad rows
+    (`skip`) stand for lines the vendor file corrupted; the exchange's bars count the trades as they were.
+    `counts`: underlying trades per row (aggTrades); `classes`: futures X, only MARKET makes bars."""
+    from k2_assets.dev.feed_klines import Klines
+
+    micros = day >= BINANCE_US_FROM
+    bars = Klines(price_forming_only=classes is not None)
+    per_minute: dict[int, int] = {}
+    for i, (t, p, q, m) in enumerate(zip(times.tolist(), prices, qtys, maker.tolist())):
+        if i in skip:
+            continue
+        ms = t // 1000 if micros else t
+        bars.add({"symbol": symbol, "time_ms": ms, "price": p, "qty": q, "is_buyer_maker": m,
+                  "trade_class": "MARKET" if classes is None else classes[i]})  # fmt: skip
+        if counts is not None:
+            per_minute[ms - ms % 60_000] = per_minute.get(ms - ms % 60_000, 0) + counts[i]
+    start = (day - date(1970, 1, 1)).days * 86_400_000
+    lines = []
+    for bar in bars.select(symbol, 60_000, start, start + 86_399_999, 1440):
+        if counts is not None:
+            bar[8] = per_minute.get(bar[0], 0)
+        opened, closed = (bar[0] * 1000, bar[6] * 1000 + 999) if micros else (bar[0], bar[6])
+        lines.append(",".join(map(str, [opened, *bar[1:6], closed, *bar[7:]])))
+    return lines
 
 
 def _binance_agg_trades(rng, day: date, n: int, bad_row_rate: float):
@@ -397,14 +427,16 @@ def _binance_agg_trades(rng, day: date, n: int, bad_row_rate: float):
     prices = _decimal(units, 8)
     qtys = [f"{q}.00000000" for q in qty.tolist()]
     makers = ["True" if m else "False" for m in maker.tolist()]
-    counts = _apply_binance_bad(_binance_bad(rng, n, bad_row_rate), prices, qtys, makers)
+    bad = _binance_bad(rng, n, bad_row_rate)
+    klines = _kline_lines(AGG_SYMBOL, day, times, prices, qtys, maker, skip={i for i, _, _ in bad}, counts=fills.tolist())
+    counts = _apply_binance_bad(bad, prices, qtys, makers)
     lines = [
         f"{i},{p},{q},{first_id},{last_id},{t},{m},True"
         for i, p, q, first_id, last_id, t, m in zip(
             range(AGG_FIRST_ID, AGG_FIRST_ID + n), prices, qtys, first.tolist(), last.tolist(), times.tolist(), makers
         )
     ]
-    return lines, counts
+    return lines, counts, klines
 
 
 def _generate_binance(rng, out: Path, dates: Sequence[date], rows_per_day: int, bad_row_rate: float) -> dict:
@@ -415,9 +447,10 @@ def _generate_binance(rng, out: Path, dates: Sequence[date], rows_per_day: int, 
         for sym in BINANCE_SYMBOLS:
             legacy = d_i == 0 and sym.symbol == "BTCUSDT"
             first = next_id[sym.symbol]
-            lines, bad, log_price[sym.symbol] = _binance_trades(
+            lines, bad, log_price[sym.symbol], klines = _binance_trades(
                 rng, sym, day, first, log_price[sym.symbol], rows_per_day, bad_row_rate, legacy
             )
+            files |= _write_klines(out, sym.symbol, day, klines)
             next_id[sym.symbol] = first + len(lines)
             name = f"{sym.symbol}-trades-{day:%Y-%m-%d}.csv"
             header = "id,price,qty,quote_qty,time,is_buyer_maker" if legacy else None
@@ -428,11 +461,23 @@ def _generate_binance(rng, out: Path, dates: Sequence[date], rows_per_day: int, 
                 _write(path, lines, "\n", header)
             files[path] = {"rows": len(lines), "bad_rows": bad, "first_id": first, "last_id": first + len(lines) - 1}
     if dates:
-        lines, bad = _binance_agg_trades(rng, dates[0], max(rows_per_day // 10, 1), bad_row_rate)
+        lines, bad, klines = _binance_agg_trades(rng, dates[0], max(rows_per_day // 10, 1), bad_row_rate)
+        files |= _write_klines(out, AGG_SYMBOL, dates[0], klines)
         path = out / f"{AGG_SYMBOL}-aggTrades-{dates[0]:%Y-%m-%d}.csv"
         _write(path, lines, "\n")
         files[path] = {"rows": len(lines), "bad_rows": bad, "first_id": AGG_FIRST_ID, "last_id": AGG_FIRST_ID + len(lines) - 1}
     return files
+
+
+def read_dump_lines(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(archive.namelist()[0]).decode().splitlines()
+
+
+def _write_klines(folder: Path, symbol: str, day: date, lines: list[str]) -> dict:
+    """The exchange's kline dump of a symbol-day beside its trades: SYMBOL-1m-YYYY-MM-DD.zip."""
+    path = _write_zip(folder / f"{symbol}-1m-{day:%Y-%m-%d}.csv", lines, None)
+    return {path: {"rows": len(lines), "bad_rows": {}, "klines": True}}
 
 
 def _write_zip(csv_path: Path, lines: list[str], header: str | None) -> Path:
@@ -450,6 +495,12 @@ def _write_zip(csv_path: Path, lines: list[str], header: str | None) -> Path:
 
 
 FUTURES_HEADER = "id,price,qty,quote_qty,time,is_buyer_maker"
+FUTURES_DEMO_ROWS = 5_000  # trades of BTCUSDT futures on the demo's first Binance day
+
+
+def futures_klines_dir(out_dir: Path, symbol: str) -> Path:
+    """Where data.binance.vision keeps a futures symbol's 1m kline dumps."""
+    return out_dir / "futures" / "um" / "daily" / "klines" / symbol / "1m"
 
 
 def write_futures_trades(
@@ -469,7 +520,8 @@ def write_futures_trades(
     bankruptcy price is) or ADL trades. Binance's own dumps say nothing of the class: with `class_column` the
     file has an X column, which K2 reads; without it the file is exactly Binance's and every trade reads as
     MARKET. Ids start at the demo's spot ids, so spot and futures share trade ids as the real markets can.
-    Returns, per file written, {"rows", "first_id", "last_id", "classes": {class: trades}}."""
+    Beside them, the exchange's own kline dump of the day (futures/um/daily/klines/SYMBOL/1m/), MARKET trades only.
+    Returns, per trades file written, {"rows", "first_id", "last_id", "classes": {class: trades}}."""
     by_name = {s.symbol: s for s in BINANCE_SYMBOLS}
     rng = np.random.default_rng(seed)
     files = {}
@@ -496,6 +548,9 @@ def write_futures_trades(
         name = f"{symbol}-trades-{day:%Y-%m-%d}.csv"
         header = FUTURES_HEADER + (",X" if class_column else "")
         path = _write_zip(out_dir / "futures" / "um" / "daily" / "trades" / symbol / name, lines, header)
+        qtys = _decimal(qty, sym.qty_decimals, sym.qty_decimals)
+        klines = _kline_lines(symbol, day, times, prices, qtys, maker, classes=classes.tolist())
+        _write_klines(futures_klines_dir(out_dir, symbol), symbol, day, klines)
         counts = dict(zip(*np.unique(classes.astype(str), return_counts=True)))
         files[path] = {
             "rows": rows,
@@ -527,6 +582,12 @@ def generate_demo_data(
     rng = np.random.default_rng(seed)
     files = _generate_asx(rng, out_dir / "asx", asx_start, asx_days, bad_row_rate)
     files |= _generate_binance(rng, out_dir / "binance", list(binance_dates), binance_rows_per_day, bad_row_rate)
+    if binance_dates:  # USD-M futures: one day of BTCUSDT, a few non-MARKET trades among them, and its klines
+        day = sorted(binance_dates)[0]
+        futures = write_futures_trades(out_dir / "binance", day, rows=FUTURES_DEMO_ROWS, seed=seed)
+        files |= {path: {**stats, "bad_rows": {}} for path, stats in futures.items()}
+        klines = futures_klines_dir(out_dir / "binance", "BTCUSDT") / f"BTCUSDT-1m-{day:%Y-%m-%d}.zip"
+        files[klines] = {"rows": len(read_dump_lines(klines)), "bad_rows": {}, "klines": True}
     by_name = {p.relative_to(out_dir).as_posix(): stats for p, stats in files.items()}
     return {
         "out_dir": str(out_dir),

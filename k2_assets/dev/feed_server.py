@@ -715,13 +715,19 @@ class FeedServer:
         response.headers["Content-Type"] = "application/json;charset=UTF-8"
         return response
 
+    def _server_ms(self) -> int:
+        """The exchange's clock: never behind the trades it has served (a random walk's times can run ahead of
+        the wall clock), so a client asking which minutes are closed gets the market's answer."""
+        self._market.count_served()
+        return max(int(time.time() * 1000), (self._market.klines.now_ms or 0) + 1)
+
     def _rest(self, path: str, query: dict[str, str]) -> tuple[int, object]:
         prefix = self.market.rest_prefix
         endpoint = path.removeprefix(prefix) if path.startswith(prefix + "/") else None
         if endpoint == "/ping":
             return 200, {}
         if endpoint == "/time":
-            return 200, {"serverTime": int(time.time() * 1000)}
+            return 200, {"serverTime": self._server_ms()}
         if endpoint == "/exchangeInfo":
             symbols = sorted(self.symbols)
             if "symbol" in query:
@@ -730,7 +736,7 @@ class FeedServer:
                 symbols = [query["symbol"].upper()]
             return 200, {
                 "timezone": "UTC",
-                "serverTime": int(time.time() * 1000),
+                "serverTime": self._server_ms(),
                 "rateLimits": [],
                 "exchangeFilters": [],
                 "symbols": [_symbol_info(s, self.market is SPOT) for s in symbols],

@@ -1,6 +1,6 @@
 """The exchange's own 1m bars, kept to prove K2's bars equal them (`matches_exchange_bars`)."""
 
-from datetime import UTC, date, datetime
+from datetime import date
 
 import dagster as dg
 import pyarrow as pa
@@ -10,6 +10,7 @@ from k2_assets.core import klines
 from k2_assets.core.binance_format import MARKETS
 from k2_assets.core.binance_rest import ExchangeError
 from k2_assets.core.decode import Batch
+from k2_assets.core.source_files import SourceFile
 from k2_assets.defs.binance.resources import BinanceHistoryResource, BinanceRestResource
 from k2_assets.defs.loading import write_partition
 from k2_assets.defs.partitions import binance_days
@@ -23,7 +24,7 @@ EXCHANGES = [m.exchange for m in MARKETS.values()]
     partitions_def=binance_days,
     group_name="binance",
     kinds={"iceberg", "python"},
-    deps=["binance_trades_history", "binance_trades"],
+    deps=["binance_trades_history", "binance_trades", "binance_um_trades_history", "binance_um_trades"],
     automation_condition=AUTOMATION,
 )
 def binance_klines(
@@ -37,7 +38,9 @@ def binance_klines(
     batch = klines.load_day(binance_history.path(), day, source="binance_klines")
     fetched, failed = _fetch_missing(context, iceberg, binance_rest, day, batch)
     if fetched:
-        batch = Batch(pa.concat_tables([batch.rows, *fetched]), batch.rejected, batch.files)
+        # each REST answer is in the ledger like a file: every bar it gave, written
+        answers = [SourceFile(t.column("source_file")[0].as_py(), read=t.num_rows, written=t.num_rows) for t in fetched]
+        batch = Batch(pa.concat_tables([batch.rows, *fetched]), batch.rejected, [*batch.files, *answers])
     where = And(EqualTo("trade_date", day.isoformat()), In("exchange", EXCHANGES))
     return write_partition(
         context,
@@ -64,13 +67,15 @@ def _fetch_missing(
     )
     traded = {(r["exchange"], r["symbol"]) for r in trades.to_arrow().group_by(["exchange", "symbol"]).aggregate([]).to_pylist()}
     dumped = set(zip(batch.rows.column("exchange").to_pylist(), batch.rows.column("symbol").to_pylist()))
-    base = {MARKETS["spot"].exchange: rest.base_url, MARKETS["um"].exchange: rest.um_base_url}
+    markets = {m.exchange: m for m in MARKETS.values()}
     fetched, failed = [], {}
-    now = datetime.now(UTC)
     for exchange, symbol in sorted(traded - dumped):
         try:
-            fetched.append(klines.fetch_day(base[exchange], exchange, symbol, day, now=now, api_key=rest.api_key or None))
+            bars = klines.fetch_day(rest.url(markets[exchange]), exchange, symbol, day, api_key=rest.api_key or None)
         except ExchangeError as exc:
             failed[f"{exchange}:{symbol}"] = str(exc)
             context.log.warning(f"{exchange} {symbol} {day}: the exchange's bars could not be fetched ({exc})")
+            continue
+        if bars.num_rows:
+            fetched.append(bars)
     return fetched, failed

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from k2_assets.core.binance_format import SPOT, UM, Market
+
 
 class BinanceHistoryResource(dg.ConfigurableResource):
     """Directory of Binance's public trade dumps (SYMBOL-trades-YYYY-MM-DD.csv/.zip, SYMBOL-aggTrades-...)."""
@@ -19,10 +21,14 @@ class KafkaResource(dg.ConfigurableResource):
     """The Kafka cluster the live trades arrive on (the embedded broker by default)."""
 
     bootstrap: str
-    topic: str = "market.crypto.trades.binance"
+    topic: str = SPOT.topic
+    um_topic: str = UM.topic  # USD-M futures
     session_timeout_ms: int = 6000  # how long a dead writer keeps its partitions (K2_KAFKA_SESSION_TIMEOUT_MS)
     # How long one sensor tick drains (K2_SENSOR_DRAIN_SECONDS): well inside Dagster's 60 s sensor timeout.
     drain_seconds: int = 20
+
+    def topic_of(self, market: Market) -> str:
+        return {SPOT: self.topic, UM: self.um_topic}[market]
 
 
 class BinanceRestResource(dg.ConfigurableResource):
@@ -31,6 +37,9 @@ class BinanceRestResource(dg.ConfigurableResource):
     base_url: str
     um_base_url: str = "https://fapi.binance.com"  # USD-M futures (K2_BINANCE_UM_REST_URL)
     api_key: str = ""  # from K2_BINANCE_API_KEY: the real historicalTrades endpoint wants one
+
+    def url(self, market: Market) -> str:
+        return {SPOT: self.base_url, UM: self.um_base_url}[market]
 
 
 defs = dg.Definitions(

@@ -6,9 +6,9 @@ from k2_assets.defs.partitions import binance_days
 
 binance_history_job = dg.define_asset_job(
     "binance_history_job",
-    selection=dg.AssetSelection.assets("binance_trades_history"),
+    selection=dg.AssetSelection.assets("binance_trades_history", "binance_um_trades_history"),
     partitions_def=binance_days,
-    description="Load one UTC day of Binance trade dumps.",
+    description="Load one UTC day of Binance trade dumps, spot and USD-M futures.",
 )
 
 

@@ -220,7 +220,9 @@ def _spec(interval: str, upstream) -> dict:
     )
 
 
-@dg.asset(**_spec("1m", ["asx_trades", "binance_trades_history", "binance_trades"]))
+@dg.asset(
+    **_spec("1m", ["asx_trades", "binance_trades_history", "binance_trades", "binance_um_trades_history", "binance_um_trades"])
+)
 def ohlcv_1m(
     context: dg.AssetExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource, config: RollupConfig
 ) -> dg.MaterializeResult:
