@@ -81,8 +81,10 @@ def test_files_the_stack_mounts_exist_and_prometheus_scrapes_the_exporters(compo
     assert (REPO / "Dockerfile").is_file() and (REPO / "docker" / "workspace.yaml").is_file()
     scrape = yaml.safe_load((REPO / "config" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert targets == {"binance-producer:9464", "k2-code:9465", "pushgateway:9091"}
-    assert "--metrics-port" in compose["services"]["binance-producer"]["command"]
+    assert targets == {"binance-producer:9464", "binance-um-producer:9465", "k2-code:9465", "pushgateway:9091"}
+    for producer in ("binance-producer", "binance-um-producer"):
+        assert "--metrics-port" in compose["services"][producer]["command"]
+    assert compose["services"]["binance-um-producer"]["command"][3:5] == ["--market", "um"]
     (gateway,) = [job for job in scrape["scrape_configs"] if job["static_configs"][0]["targets"] == ["pushgateway:9091"]]
     assert gateway["honor_labels"] is True  # the runs' job and asset labels, not the scrape job's
     assert compose["x-k2-env"]["K2_PUSHGATEWAY_URL"] == "${K2_PUSHGATEWAY_URL:-http://pushgateway:9091}"
