@@ -63,7 +63,15 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
         raise ValueError(f"interval must be one of {sorted(BUCKETS)}")
     width = BUCKET_MICROS[interval]
     con = session(con)
-    con.register("trades", _rollup_input(trades))
+    rows = _rollup_input(trades)
+    con.register("trades", rows)
+    # Most days every trade forms a price and counts once (spot trades): then the plain aggregates, without
+    # the filters and the unit sums, which cost a third more on 10M trades.
+    every = rows.num_rows == 0 or pc.all(rows.column("forming")).as_py()
+    single = rows.num_rows == 0 or pc.max(rows.column("units")).as_py() == 1
+    forming = "" if every else " FILTER (WHERE forming)"
+    buying = " FILTER (WHERE taker_buy)" if every else " FILTER (WHERE forming AND taker_buy)"
+    count = "count(*)" if single else "sum(units)"
     # The bucket as an integer and the (time, sequence) order as one HUGEINT key: both far cheaper to
     # group and compare than time_bucket() on timestamptz or a struct.
     return con.sql(f"""
@@ -75,18 +83,18 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
             FROM trades
         )
         SELECT exchange, symbol, trade_date, make_timestamptz(bucket * {width}) AS bar_start,
-               arg_min(price, trade_order) FILTER (WHERE forming) AS open,
-               max(price) FILTER (WHERE forming) AS high, min(price) FILTER (WHERE forming) AS low,
-               arg_max(price, trade_order) FILTER (WHERE forming) AS close,
-               coalesce(sum(units) FILTER (WHERE forming), 0)::BIGINT AS trade_count,
-               coalesce(sum(quantity) FILTER (WHERE forming), 0)::DECIMAL(28,8) AS volume,
-               coalesce(sum(notional) FILTER (WHERE forming), 0)::DECIMAL(38,16) AS quote_volume,
-               coalesce(sum(quantity) FILTER (WHERE forming AND taker_buy), 0)::DECIMAL(28,8) AS taker_buy_volume,
-               coalesce(sum(notional) FILTER (WHERE forming AND taker_buy), 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
+               arg_min(price, trade_order){forming} AS open,
+               max(price){forming} AS high, min(price){forming} AS low,
+               arg_max(price, trade_order){forming} AS close,
+               coalesce({count}{forming}, 0)::BIGINT AS trade_count,
+               coalesce(sum(quantity){forming}, 0)::DECIMAL(28,8) AS volume,
+               coalesce(sum(notional){forming}, 0)::DECIMAL(38,16) AS quote_volume,
+               coalesce(sum(quantity){buying}, 0)::DECIMAL(28,8) AS taker_buy_volume,
+               coalesce(sum(notional){buying}, 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
                min(source_sequence) AS first_sequence,
                max(source_sequence) AS last_sequence,
                sum(quantity)::DECIMAL(28,8) AS volume_all,
-               sum(units)::BIGINT AS trade_count_all
+               {count}::BIGINT AS trade_count_all
         FROM keyed GROUP BY exchange, symbol, trade_date, bucket ORDER BY exchange, symbol, bar_start
     """).to_arrow_table()
 
