@@ -281,3 +281,33 @@ def test_a_trade_lost_from_a_dump_is_missing_data_at_its_minute(tmp_path, catalo
     assert evaluation.metadata["minutes_mismatched"].value <= 3, evaluation.metadata["mismatches"].value
     minute = datetime.fromtimestamp(int(lost.split(",")[4]) / 1000, tz=UTC)
     assert f"| BINANCE | BTCUSDT | {minute:%H:%M} | missing_data |" in evaluation.metadata["mismatches"].value
+
+
+def test_the_check_is_asked_for_again_when_the_exchange_bars_land(tmp_path, catalog_props):
+    """Automation: bars proven before the exchange's bars were loaded (WARN) are proven again once they are."""
+    from k2_assets.definitions import defs
+    from k2_assets.dev import demo
+
+    demo.generate_demo_data(tmp_path / "data", asx_days=1, binance_rows_per_day=1_000, binance_dates=[date(2024, 1, 1)])
+    resources = make_resources(catalog_props, binance_dir=tmp_path / "data" / "binance")
+    instance = dg.DagsterInstance.ephemeral()
+    check = dg.AssetCheckKey(dg.AssetKey("ohlcv_1m"), "matches_exchange_bars")
+
+    def requested(cursor):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        return result, {r.key for r in result.results if r.true_subset.size}
+
+    result, _ = requested(None)
+    assert dg.materialize([binance_trades_history], partition_key="2024-01-01", resources=resources, instance=instance).success
+    result, keys = requested(result.cursor)
+    assert {dg.AssetKey("ohlcv_1m"), dg.AssetKey("binance_klines"), check} <= keys
+    early = _check("2024-01-01", resources, instance)
+    assert not early.passed and early.severity == dg.AssetCheckSeverity.WARN  # nothing to prove the bars against yet
+    assert early.metadata["symbols_without_exchange_bars"].value
+    result, keys = requested(result.cursor)
+    assert check not in keys
+    assert dg.materialize([binance_klines], partition_key="2024-01-01", resources=resources, instance=instance).success
+    result, keys = requested(result.cursor)
+    assert check in keys
+    proven = _check("2024-01-01", resources, instance)
+    assert proven.passed and proven.metadata["bars_compared"].value > 0

@@ -11,6 +11,7 @@ from k2_assets.core.text import markdown_table
 from k2_assets.defs.binance.klines import EXCHANGES
 from k2_assets.defs.partitions import trade_days
 from k2_assets.defs.resources import IcebergResource
+from k2_assets.defs.rollups.automation import AUTOMATION
 from k2_assets.defs.rule_checks import latest_materialization
 
 SHOWN = 50  # minutes listed in the UI; the check's result counts them all
@@ -21,8 +22,8 @@ SHOWN = 50  # minutes listed in the UI; the check's result counts them all
     name="matches_exchange_bars",
     partitions_def=trade_days,
     additional_deps=["binance_klines"],
-    # again whenever K2's bars or the exchange's change, whichever lands last
-    automation_condition=dg.AutomationCondition.eager(),
+    # again whenever K2's bars or the exchange's change, whichever lands last (an ASX day has no exchange bars)
+    automation_condition=AUTOMATION,
     description="every complete minute the exchange published equals K2's bar: OHLC, volume, count, quote and taker-buy volume",
 )
 def matches_exchange_bars(
