@@ -12,10 +12,10 @@ from pyiceberg.expressions import And, GreaterThanOrEqual, In, LessThanOrEqual
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import reconcile
-from k2_assets.core.binance_format import MARKETS
+from k2_assets.core.binance_format import BY_EXCHANGE
 from k2_assets.core.text import markdown_table
 
-EXCHANGES = [m.exchange for m in MARKETS.values()]  # the markets that publish bars K2 can prove its own against
+EXCHANGES = list(BY_EXCHANGE)  # the markets that publish bars K2 can prove its own against
 SUMMARY = ("day", "market", "bars compared", "minutes matching", "mismatched", "missing data", "left out", "no exchange bars")
 MINUTES = ("day", "market", "symbol", "minute (UTC)", "outcome", "why", "K2", "exchange")
 

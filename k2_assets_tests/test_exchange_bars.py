@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 
 from k2_assets.core import binance_history, reconcile, rollups
+from k2_assets.core.klines import COLUMNS
 from k2_assets.defs.binance.assets import binance_trades_history
 from k2_assets.defs.binance.klines import binance_klines
 from k2_assets.defs.rollups.assets import ohlcv_1m
@@ -73,7 +74,7 @@ def test_a_header_microseconds_and_bad_lines_load_the_same_bars_or_are_rejected_
     broken[20] = "not,a,kline"
     history = tmp_path / "history" / "spot"
     history.mkdir(parents=True)
-    (history / "BTCUSDT-1m-2020-01-01.csv").write_text(",".join(binance_history_header()) + "\n" + "\n".join(broken) + "\n")
+    (history / "BTCUSDT-1m-2020-01-01.csv").write_text(",".join(COLUMNS) + "\n" + "\n".join(broken) + "\n")
     result = dg.materialize(
         [binance_klines], partition_key="2020-01-01", resources=make_resources(catalog_props, binance_dir=tmp_path / "history")
     )
@@ -86,12 +87,6 @@ def test_a_header_microseconds_and_bad_lines_load_the_same_bars_or_are_rejected_
     assert reasons == {12: "high is below open", 22: "expected 12 comma-separated fields, found 3"}
     ledger = catalog.load_table("market.source_files").scan().to_arrow().to_pylist()
     assert [(f["lines_read"], f["lines_written"], f["lines_rejected"]) for f in ledger] == [(1440, 1438, 2)]
-
-
-def binance_history_header() -> list[str]:
-    from k2_assets.core.klines import COLUMNS
-
-    return list(COLUMNS)
 
 
 def _load_xrp(shared_data, tmp_path, catalog_props) -> tuple[list[str], dict]:

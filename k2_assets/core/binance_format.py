@@ -37,6 +37,7 @@ UM = Market(
     "um", "BINANCE_UM", "wss://fstream.binance.com", "/fapi/v1", 1500, "futures/um", "market.crypto.trades.binance_um", True
 )
 MARKETS = {m.name: m for m in (SPOT, UM)}
+BY_EXCHANGE = {m.exchange: m for m in MARKETS.values()}  # K2's exchange code -> its Binance market
 
 
 def market_of_dump(rel: str) -> Market:

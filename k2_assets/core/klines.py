@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from k2_assets.core import decode, schemas
-from k2_assets.core.binance_format import MARKETS, MICROS_FROM, SPOT, UM, Market
+from k2_assets.core.binance_format import BY_EXCHANGE, MICROS_FROM, SPOT, market_of_dump
 from k2_assets.core.binance_history import read_dump
 from k2_assets.core.binance_rest import get_json
 from k2_assets.core.decode import Batch, Rows
@@ -52,7 +52,6 @@ ALIASES = {
     "trades": "count",
 }
 FILE_PATTERN = re.compile(r"^(?P<symbol>[A-Z0-9]+)-1m-(?P<date>\d{4}-\d{2}-\d{2})(?P<suffix>[^/]*)\.(csv|zip)$")
-BY_EXCHANGE = {m.exchange: m for m in MARKETS.values()}
 MINUTE_US = 60_000_000
 
 
@@ -71,13 +70,8 @@ def find_files(history_dir: Path, day: date) -> list[KlineFile]:
         match = FILE_PATTERN.match(path.name)
         if match and match["date"] == day.isoformat():
             rel = path.relative_to(history_dir).as_posix()
-            found.append(KlineFile(path, rel, market_of(rel).exchange, match["symbol"]))
+            found.append(KlineFile(path, rel, market_of_dump(rel).exchange, match["symbol"]))
     return found
-
-
-def market_of(rel: str) -> Market:
-    """The market of a dump from its place under the history folder: .../futures/um/... is USD-M futures."""
-    return UM if f"/{UM.dump_path}/" in f"/{rel}" else SPOT
 
 
 def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None = None) -> Batch:
@@ -85,7 +79,8 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
     read is one rejected record and the others load. A bar met twice (a .csv and its .zip) is kept once."""
     now = now or decode.utc_now()
     tables, rejects, files = [], [], []
-    for dump in find_files(history_dir, day):
+    dumps = find_files(history_dir, day)
+    for dump in dumps:
         ledger = describe(dump.path, dump.rel)
         files.append(ledger)
         if ledger.error is not None:
@@ -110,7 +105,7 @@ def load_day(history_dir: Path, day: date, *, source: str, now: datetime | None 
             )
         )
     kept = _once(tables)
-    symbols = {f.rel: f.symbol for f in find_files(history_dir, day)}
+    symbols = {f.rel: f.symbol for f in dumps}
     rejects.append(file_rejects(files, source=source, partition_date=day, exchange=SPOT.exchange, now=now, symbols=symbols))
     bars = pa.concat_tables(kept) if kept else schemas.arrow_schema(schemas.EXCHANGE_BAR).empty_table()
     return Batch(bars, pa.concat_tables(rejects), files)

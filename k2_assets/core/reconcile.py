@@ -24,7 +24,7 @@ import pyarrow as pa
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from k2_assets.core import rollups
+from k2_assets.core import rollups, snapshots
 
 FIELDS = ("open", "high", "low", "close", "volume", "trade_count", "quote_volume", "taker_buy_volume")
 OUTCOMES = ("match", "mismatch", "missing_data", "left_out")
@@ -158,12 +158,9 @@ def reconcile_day(
 ) -> Reconciliation:
     """One day from the tables: K2's 1m bars (at `bars_snapshot_id`, else current), the exchange's, and the capture
     edges from the trades snapshot the bars were computed from."""
-    where = EqualTo("trade_date", day.isoformat())
-    bars = ohlcv_1m.scan(row_filter=where, snapshot_id=bars_snapshot_id).to_arrow()
-    published = exchange_bars.scan(row_filter=where).to_arrow()
-    sources = [s for s in set(bars.column("source_snapshot_id").to_pylist()) if s]
     columns = ("exchange", "symbol", "exchange_timestamp", "source_sequence", "kafka_topic")
-    traded = trades.scan(row_filter=where, snapshot_id=max(sources), selected_fields=columns).to_arrow() if sources else None
+    bars, traded = snapshots.bars_and_their_trades(ohlcv_1m, trades, day, bars_snapshot_id, columns)
+    published = exchange_bars.scan(row_filter=EqualTo("trade_date", day.isoformat())).to_arrow()
     edges = capture_edges(traded, con) if traded is not None and traded.num_rows else _no_edges()
     return reconcile(bars, published, edges, con)
 

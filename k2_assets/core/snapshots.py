@@ -42,3 +42,17 @@ def parse_as_of(value: Any, what: str = "as_of") -> int | datetime:
 def snapshot_at(table, moment: datetime):
     """The snapshot of `table` that was current at `moment`, or None if the table is younger."""
     return table.snapshot_as_of_timestamp(int(moment.timestamp() * 1000))
+
+
+def bars_and_their_trades(bars_table, trades_table, day: date, bars_snapshot_id: int | None, columns=None):
+    """A day's bars (at `bars_snapshot_id`, else current) and the day's trades at the snapshot those bars were
+    computed from (their source_snapshot_id), `columns` only; no trades when the day has no bars from trades."""
+    from pyiceberg.expressions import EqualTo
+
+    where = EqualTo("trade_date", day.isoformat())
+    bars = bars_table.scan(row_filter=where, snapshot_id=bars_snapshot_id).to_arrow()
+    sources = [s for s in set(bars.column("source_snapshot_id").to_pylist()) if s]
+    if not sources:
+        return bars, None
+    scan = trades_table.scan(row_filter=where, snapshot_id=max(sources), **({"selected_fields": columns} if columns else {}))
+    return bars, scan.to_arrow()

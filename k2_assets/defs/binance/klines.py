@@ -7,7 +7,7 @@ import pyarrow as pa
 from pyiceberg.expressions import And, EqualTo, In
 
 from k2_assets.core import klines
-from k2_assets.core.binance_format import MARKETS
+from k2_assets.core.binance_format import BY_EXCHANGE
 from k2_assets.core.binance_rest import ExchangeError
 from k2_assets.core.decode import Batch
 from k2_assets.core.source_files import SourceFile
@@ -17,7 +17,7 @@ from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.rollups.automation import AUTOMATION
 
-EXCHANGES = [m.exchange for m in MARKETS.values()]
+EXCHANGES = list(BY_EXCHANGE)
 
 
 @dg.asset(
@@ -67,11 +67,10 @@ def _fetch_missing(
     )
     traded = {(r["exchange"], r["symbol"]) for r in trades.to_arrow().group_by(["exchange", "symbol"]).aggregate([]).to_pylist()}
     dumped = set(zip(batch.rows.column("exchange").to_pylist(), batch.rows.column("symbol").to_pylist()))
-    markets = {m.exchange: m for m in MARKETS.values()}
     fetched, failed = [], {}
     for exchange, symbol in sorted(traded - dumped):
         try:
-            bars = klines.fetch_day(rest.url(markets[exchange]), exchange, symbol, day, api_key=rest.api_key or None)
+            bars = klines.fetch_day(rest.url(BY_EXCHANGE[exchange]), exchange, symbol, day, api_key=rest.api_key or None)
         except ExchangeError as exc:
             failed[f"{exchange}:{symbol}"] = str(exc)
             context.log.warning(f"{exchange} {symbol} {day}: the exchange's bars could not be fetched ({exc})")

@@ -4,9 +4,8 @@ from datetime import date
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
-from pyiceberg.expressions import EqualTo
 
-from k2_assets.core import price_band
+from k2_assets.core import price_band, snapshots
 from k2_assets.core.text import markdown_table
 from k2_assets.defs.partitions import trade_days
 from k2_assets.defs.resources import IcebergResource
@@ -24,14 +23,13 @@ SHOWN = 50
 def within_session_band(
     context: dg.AssetCheckExecutionContext, iceberg: IcebergResource, duckdb: DuckDBResource
 ) -> dg.AssetCheckResult:
-    where = EqualTo("trade_date", date.fromisoformat(context.partition_key).isoformat())
     done = latest_materialization(context.instance, dg.AssetKey("ohlcv_1m"), context.partition_key)
-    bars = iceberg.table("ohlcv_1m").scan(row_filter=where, snapshot_id=done.snapshot_id).to_arrow()
-    sources = [s for s in set(bars.column("source_snapshot_id").to_pylist()) if s]
-    if not sources:
-        return dg.AssetCheckResult(passed=True, metadata={"bars_checked": 0, "snapshot_id": str(done.snapshot_id)})
     columns = ("exchange", "symbol", "price", "price_forming", "trade_class")
-    trades = iceberg.table("trades").scan(row_filter=where, snapshot_id=max(sources), selected_fields=columns).to_arrow()
+    bars, trades = snapshots.bars_and_their_trades(
+        iceberg.table("ohlcv_1m"), iceberg.table("trades"), date.fromisoformat(context.partition_key), done.snapshot_id, columns
+    )
+    if trades is None:
+        return dg.AssetCheckResult(passed=True, metadata={"bars_checked": 0, "snapshot_id": str(done.snapshot_id)})
     with duckdb.get_connection() as con:
         flagged = price_band.outside(bars, trades, con=con)
     rows = [
