@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 import traceback
 
 import bench
-from bench._common import BenchUnavailable
+from bench._common import RESULTS_DIR, BenchUnavailable, summary_table
 
 
 def discover() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_") and not m.ispkg)
+
+
+def _summary_rows(name: str) -> list[dict]:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()).get("summary", []) if path.exists() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
         selected = [n for n in names if n in args.only]
-    failed = []
+    failed, rows = [], []
     for name in selected:
         module = importlib.import_module(f"bench.{name}")
         if not callable(getattr(module, "run", None)):
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         print(report, flush=True)
+        rows += _summary_rows(name)
+    if rows:
+        print(summary_table(rows), flush=True)
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -55,6 +55,23 @@ class Timing:
         }
 
 
+def row(stage: str, k2: str, raw: str, ratio: float | None, goal: str, met: bool | None) -> dict:
+    """One line of `make bench`'s closing table: K2 beside its raw limit from the same run, the ratio and the verdict."""
+    verdict = "—" if met is None else ("PASS" if met else "MISS")
+    return {"stage": stage, "k2": k2, "raw": raw, "ratio": ratio, "goal": goal, "verdict": verdict}
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The closing table of a `make bench` run (each benchmark's JSON `summary` rows, in run order)."""
+    columns = ("stage", "k2", "raw", "ratio", "goal", "verdict")
+    cells = [{**r, "ratio": "" if r["ratio"] is None else f"{r['ratio']:.2f}x"} for r in rows]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in cells)) for c in columns}
+    header = "  ".join(c.ljust(widths[c]) for c in columns)
+    lines = ["Summary: K2 beside its raw limit, measured in the same run", header, "-" * len(header)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in cells]
+    return "\n".join(lines)
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     value = fn(*args, **kwargs)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 from pyiceberg.expressions import And, EqualTo
 
-from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, save, timed
+from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, row, save, timed
 from k2_assets.core import asx, catalog, checks, writer
 
 NAME = "asx_backfill"
@@ -34,7 +34,7 @@ SESSIONS = [date(2014, 3, 10) + timedelta(days=i) for i in range(5)]
 KINDS = ("trades", "quotes")
 STAGE_REPEAT = 5
 BACKFILL_REPEAT = 3
-TARGET_PARSE_ROWS_PER_S = 1_000_000
+TARGET_RAW_FRACTION = 0.4  # parse + normalize against read_csv as strings, same run
 TARGET_BACKFILL_S = 10.0
 
 
@@ -254,8 +254,8 @@ def render(results: dict) -> str:
         (
             "parse+normalize (10 loads, cold cache)",
             s["parse_normalize"],
-            f">= {TARGET_PARSE_ROWS_PER_S:,} rows/s",
-            verdict(s["parse_normalize"]["rows_per_s_median"] >= TARGET_PARSE_ROWS_PER_S),
+            f">= {TARGET_RAW_FRACTION:g}x the floor",
+            results["verdicts"]["parse_normalize"],
         ),
         ("  raw floor: read_csv as strings", s["raw_read_csv"], "", ""),
         ("validate (10 batches, pandera)", s["validate"], "", ""),
@@ -324,7 +324,7 @@ def run() -> str:
         "kinds": list(KINDS),
         "environment": environment(),
         "targets": {
-            "parse_normalize_rows_per_s": TARGET_PARSE_ROWS_PER_S,
+            "parse_normalize_fraction_of_read_csv": TARGET_RAW_FRACTION,
             "backfill_s": TARGET_BACKFILL_S,
             "judged_on": "median",
         },
@@ -336,7 +336,7 @@ def run() -> str:
             "backfill_dagster": dagster.as_dict(),
         },
         "verdicts": {
-            "parse_normalize": verdict(decode.rate(decode.median) >= TARGET_PARSE_ROWS_PER_S),
+            "parse_normalize": verdict(decode.rate(decode.median) >= TARGET_RAW_FRACTION * floor.rate(floor.median)),
             "backfill_core": verdict(core.median < TARGET_BACKFILL_S),
             "backfill_dagster": verdict(dagster.median < TARGET_BACKFILL_S),
         },
@@ -350,5 +350,23 @@ def run() -> str:
             "dagster_failed_checks": dagster_totals["failed_checks"],
         },
         "backfill_core_steps_median_s": core_totals.get("steps_median_s", {}),
+        "summary": [
+            row(
+                "ASX parse + normalize",
+                f"{decode.rate(decode.median) / 1e6:.2f} M rows/s",
+                f"read_csv as strings: {floor.rate(floor.median) / 1e6:.2f} M/s",
+                decode.rate(decode.median) / floor.rate(floor.median),
+                f">= {TARGET_RAW_FRACTION:g}x",
+                decode.rate(decode.median) >= TARGET_RAW_FRACTION * floor.rate(floor.median),
+            ),
+            row(
+                "ASX backfill, 5 days (core)",
+                f"{core.median:.2f} s",
+                "",
+                None,
+                f"< {TARGET_BACKFILL_S:g} s",
+                core.median < TARGET_BACKFILL_S,
+            ),
+        ],
     }
     return render(save(NAME, results, load_before))

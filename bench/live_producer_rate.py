@@ -34,7 +34,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench._common import REPO, environment, footer, peak_rss_mb, progress, save
+from bench._common import REPO, environment, footer, peak_rss_mb, progress, row, save
 from bench.live_throughput import (
     CpuMeter,
     binance_trades_file,
@@ -56,7 +56,7 @@ N_MESSAGES = int(os.environ.get("K2_BENCH_PRODUCER_MESSAGES", 500_000))
 SYMBOLS = ("BTCUSDT",)
 PARTITIONS = 3
 PROFILE_FRAMES = 50_000
-TARGET_MSGS_PER_S = 100_000
+TARGET_RAW_FRACTION = 0.6  # of the bare websockets client, measured in the same run
 TIME_LIMIT_S = 150.0
 
 
@@ -238,7 +238,7 @@ def render(results: dict) -> str:
         (
             "K2: FeedServer -> BinanceProducer -> Kafka (flushed)",
             "k2",
-            f">= {TARGET_MSGS_PER_S:,}/s",
+            f">= {TARGET_RAW_FRACTION:g}x raw (a)",
             results["verdicts"]["k2_msgs_per_s"],
         ),
         ("  raw (a): bare websockets client, no Kafka", "raw_websocket", "", ""),
@@ -335,12 +335,22 @@ def run() -> str:
         "source": "real BTCUSDT trades (replay_file) cycled with fresh contiguous ids and times; FeedServer unpaced, own process",
         "messages": N_MESSAGES,
         "environment": environment(),
-        "targets": {"k2_msgs_per_s": TARGET_MSGS_PER_S},
-        "verdicts": {"k2_msgs_per_s": verdict(m["k2"]["msgs_per_s"] >= TARGET_MSGS_PER_S)},
+        "targets": {"fraction_of_raw_websocket": TARGET_RAW_FRACTION},
+        "verdicts": {"k2_msgs_per_s": verdict(m["k2"]["msgs_per_s"] >= TARGET_RAW_FRACTION * m["raw_websocket"]["msgs_per_s"])},
         "measurements": m,
         "k2_over_raw_websocket": m["k2"]["msgs_per_s"] / m["raw_websocket"]["msgs_per_s"],
         "k2_over_raw_produce": m["k2"]["msgs_per_s"] / m["raw_produce"]["msgs_per_s"],
         "per_frame_us": per_frame,
+        "summary": [
+            row(
+                "producer, local feed -> Kafka",
+                f"{m['k2']['msgs_per_s']:,.0f} msgs/s",
+                f"bare websockets client: {m['raw_websocket']['msgs_per_s']:,.0f}/s",
+                m["k2"]["msgs_per_s"] / m["raw_websocket"]["msgs_per_s"],
+                f">= {TARGET_RAW_FRACTION:g}x",
+                m["k2"]["msgs_per_s"] >= TARGET_RAW_FRACTION * m["raw_websocket"]["msgs_per_s"],
+            )
+        ],
         "profile_frames": min(PROFILE_FRAMES, N_MESSAGES),
     }
     return render(save(NAME, results, load_before))

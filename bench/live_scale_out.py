@@ -29,7 +29,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from bench._common import REPO, environment, footer, progress, save
+from bench._common import REPO, environment, footer, progress, row, save
 from bench.live_throughput import (
     SYMBOLS,
     broker,
@@ -209,5 +209,16 @@ def run() -> str:
         "environment": environment(),
         "raw": {"seconds": raw_seconds, "trades_per_s": N_MESSAGES / raw_seconds},
         "runs": runs,
+        "summary": [
+            row(
+                f"Kafka -> Iceberg, {run['writers']} `k2 writer` process(es)",
+                f"{run['trades_per_s']:,.0f} trades/s, {run['trades_per_writer_core_s']:,.0f} per writer-core",
+                f"consume + JSON + Parquet: {N_MESSAGES / raw_seconds:,.0f}/s",
+                run["trades_per_s"] * raw_seconds / N_MESSAGES,
+                "measured per core (docs/scaling.md)",
+                None,
+            )
+            for run in runs
+        ],
     }
     return render(save(NAME, results, load_before))

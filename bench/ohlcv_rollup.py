@@ -16,9 +16,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from bench._common import environment, peak_rss_mb, progress, write_results
+from bench._common import environment, peak_rss_mb, progress, row, write_results
 from k2_assets.core import rollups
 
+TARGET_RATIO = 1.3  # against DuckDB's plain GROUP BY on the same Arrow data, same run
 TRADES = 10_000_000
 SYMBOLS = 10
 REPS = 3
@@ -97,6 +98,16 @@ def run() -> str:
         "peak_rss_mb": peak_rss_mb(),
         "loadavg_1m": load,
         "environment": environment(),
+        "summary": [
+            row(
+                f"1m OHLCV, {TRADES / 1e6:g} M trades",
+                f"{best:.2f} s",
+                f"DuckDB GROUP BY: {raw_best:.2f} s",
+                best / raw_best,
+                f"<= {TARGET_RATIO:g}x",
+                best / raw_best <= TARGET_RATIO,
+            )
+        ],
     }
     write_results("ohlcv_rollup", results)
     return "\n".join(
@@ -107,7 +118,7 @@ def run() -> str:
             f"-> {'PASS' if best < 1 else 'MISS'} (< 1 s)",
             f"  raw DuckDB GROUP BY on the same Arrow data:                     best {raw_best:.2f} s, "
             f"median {statistics.median(raw):.2f} s",
-            f"  ratio {best / raw_best:.2f}x -> {'PASS' if best / raw_best <= 2 else 'MISS'} (within 2x)",
+            f"  ratio {best / raw_best:.2f}x -> {results['summary'][0]['verdict']} (within {TARGET_RATIO:g}x)",
             f"  with empty-minute fill, VWAP and the Iceberg contract (one_minute_bars): {full_s:.2f} s",
             f"  peak RSS {peak_rss_mb():,.0f} MB",
         ]

@@ -54,6 +54,7 @@ from k2_assets.defs.rollups.exchange_check import matches_exchange_bars
 from k2_assets.dev.demo import write_futures_trades
 from k2_assets.dev.feed_server import random_walk, run_in_thread
 from k2_assets_tests.conftest import make_resources
+from k2_assets_tests.test_binance_sensor import CYCLE_SECONDS, materialized, ticks_until, written
 from k2_assets_tests.test_binance_stream import count_messages
 from k2_assets_tests.test_feed_server import client, get, recv_n
 from k2_assets_tests.test_live_end_to_end import ProducerThread, wait_until
@@ -488,11 +489,6 @@ def test_klines_are_the_bars_of_the_served_trades(market):
 # --- the Dagster live path ----------------------------------------------------------------------------
 
 
-def tick(sensor, instance, resources: dict, cursor: str | None):
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
-        return sensor(context)
-
-
 def test_futures_go_through_the_sensor_repair_and_klines_and_k2_bars_equal_the_exchange_bars(
     broker, topic, tmp_path, catalog_props, catalog
 ):
@@ -509,21 +505,21 @@ def test_futures_go_through_the_sensor_repair_and_klines_and_k2_bars_equal_the_e
     instance = dg.DagsterInstance.ephemeral()
     live = {
         "iceberg": IcebergResource(**catalog_props),
-        "kafka": KafkaResource(bootstrap=broker.bootstrap, um_topic=topic, drain_seconds=10),
+        "kafka": KafkaResource(bootstrap=broker.bootstrap, um_topic=topic, drain_seconds=CYCLE_SECONDS),
     }
     with run_in_thread(source, market="um", ping_interval=5, skip_ids=skipped, non_market_ratio=0.02, seed=3) as server:
         stream_from(server, source, UM, broker.bootstrap, topic)
-        events, requests, cursor = [], [], None
         try:
-            for _ in range(5):
-                result = tick(binance_um_trades_sensor, instance, live, cursor)
-                cursor = result.cursor
-                events += [e for e in result.asset_events or [] if isinstance(e, dg.AssetMaterialization)]
-                requests += result.run_requests or []
-                if sum(e.metadata["rows_written"].value for e in events) >= len(source) - len(skipped):
-                    break
+            results = ticks_until(
+                binance_um_trades_sensor,
+                instance,
+                live,
+                lambda rs: written(rs) >= len(source) - len(skipped) and any(r.run_requests for r in rs),
+            )
         finally:
             reset_writers()
+        events, cursor = materialized(results), results[-1].cursor
+        requests = [r for result in results for r in result.run_requests or []]
         assert sum(e.metadata["rows_written"].value for e in events) == len(source) - len(skipped)
         assert {(e.asset_key, e.partition) for e in events} == {(dg.AssetKey("binance_um_trades"), day)}
         assert {(r.job_name, r.tags["dagster/partition"]) for r in requests} == {("binance_um_gap_check_job", day)}

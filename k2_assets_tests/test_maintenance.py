@@ -144,3 +144,46 @@ def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusd
     trades.transaction().set_properties({"write.data.path": f"file://{root.parent}/shared"}).commit_transaction()
     with pytest.raises(ValueError, match="outside the table location"):
         maintenance.find_orphan_files(catalog.load_table("market.trades"))
+
+
+def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir, broker, topic, catalog):
+    """A live writer commits small batches to the day while compaction rewrites it again and again: every
+    compaction lands (each attempt a writer's commit beat is made again), no trade is lost or doubled, the
+    writer is never fenced by it, and the day ends in few files."""
+    import threading
+
+    events = btc_trade_events(btcusdt_dir)
+    where = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
+    live = writer_for(catalog, broker, topic, max_batch_rows=300, max_batch_seconds=0.2)
+    stop, reports = threading.Event(), []
+
+    def write() -> None:
+        while not stop.is_set():
+            reports.extend(live.drain(1, idle_seconds=0.3))
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    compactions = []
+    try:
+        for chunk in range(0, 12_000, 1_500):
+            produce(broker.bootstrap, topic, trade_messages(events[chunk : chunk + 1_500]))
+            time.sleep(0.5)
+            compactions.append(maintenance.compact(catalog.load_table("market.trades"), where))
+        deadline = time.monotonic() + 60
+        while sum(r.written for r in reports) < 12_000 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        writing.join(30)
+        committed = {p: o for p, o in live.committed.items() if o}
+        live.close()
+    assert sum(r.written for r in reports) == 12_000
+    assert live.metrics.fenced._value.get() == 0  # a compaction never throws out a writer's batch
+    assert sum(1 for c in compactions if c.snapshot_id is not None) >= 4
+    trades = catalog.load_table("market.trades")
+    table = trades.scan().to_arrow()
+    ids = sorted(table.column("source_sequence").to_pylist())
+    assert table.num_rows == 12_000 == len(set(ids)) and ids == list(range(ids[0], ids[0] + 12_000))
+    final = maintenance.compact(trades, where)
+    assert final.files_after == 1 and final.rows == 12_000
+    assert recorded_offsets(catalog.load_table("market.trades"), offsets_key(broker, topic)) == committed

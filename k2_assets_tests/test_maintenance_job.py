@@ -119,13 +119,8 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(
     resumed.close()
 
 
-def test_maintenance_refuses_the_open_day_and_a_broken_promise(catalog_props):
-    today = datetime.now(UTC).date().isoformat()
+def test_maintenance_refuses_a_broken_promise(catalog_props):
     compact = ["compact_partitions"]
-    result = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01", today]}}, compact, raise_on_error=False)
-    message = failure(result, "compact_partitions")
-    assert f"refusing to compact {today}" in message and "live writer" in message
-
     result = run(catalog_props, {"expire_snapshots": {"retention_days": 1}}, ["expire_snapshots"], raise_on_error=False)
     assert "time-travel window promised to users" in failure(result, "expire_snapshots")
 
@@ -136,14 +131,14 @@ def test_maintenance_refuses_the_open_day_and_a_broken_promise(catalog_props):
     assert "unknown tables ['nope']" in failure(result, "compact_partitions")
 
 
-def test_the_schedule_runs_the_job_daily_after_the_history_load():
+def test_the_schedule_runs_the_job_hourly():
     from k2_assets.defs.maintenance.schedules import table_maintenance_schedule
 
-    assert table_maintenance_schedule.cron_schedule == "30 4 * * *"
+    assert table_maintenance_schedule.cron_schedule == "30 * * * *"
     assert table_maintenance_schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     with dg.build_schedule_context(scheduled_execution_time=datetime(2024, 1, 2, 4, 30, tzinfo=UTC)) as context:
         request = table_maintenance_schedule.evaluate_tick(context).run_requests[0]
-    assert request.run_key == "table-maintenance-2024-01-02"
+    assert request.run_key == "table-maintenance-2024-01-02T04:30"
 
 
 def test_k2_maintenance_compacts_from_the_command_line_and_records_the_run(btcusdt_dir, broker, topic, catalog, k2_home):

@@ -103,7 +103,7 @@ def sensor_values() -> dict[tuple[str, tuple], float]:
 
 def test_the_sensor_counts_gaps_opened_and_closed_by_late_arrival(btcusdt_dir, broker, topic, catalog_props, catalog):
     from k2_assets.defs.binance.sensors import reset_writers
-    from k2_assets_tests.test_binance_sensor import tick
+    from k2_assets_tests.test_binance_sensor import spot_ticks, written
 
     events = btc_trade_events(btcusdt_dir)[:3000]
     late = events[1000:1010]  # ten trade ids held back: one gap
@@ -111,10 +111,14 @@ def test_the_sensor_counts_gaps_opened_and_closed_by_late_arrival(btcusdt_dir, b
     before = sensor_values()  # the sensor's registry lives as long as the process: compare with what it held
     try:
         produce(broker.bootstrap, topic, trade_messages(events[:1000] + events[1010:]))
-        cursor = tick(instance, catalog_props, broker, topic).cursor
+
+        def reconciled(rs):
+            return any(r.run_requests for r in rs)  # the cycle that wrote them reconciled their gaps
+
+        cursor = spot_ticks(catalog_props, broker, topic, instance, lambda rs: written(rs) == 2990 and reconciled(rs))[-1].cursor
         opened = sensor_values()
         produce(broker.bootstrap, topic, trade_messages(late + events[:100]))  # the late ten, then 100 repeats
-        tick(instance, catalog_props, broker, topic, cursor)
+        spot_ticks(catalog_props, broker, topic, instance, lambda rs: written(rs) == 10 and reconciled(rs), cursor)
         closed = sensor_values()
     finally:
         reset_writers()

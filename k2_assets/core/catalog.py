@@ -15,7 +15,9 @@ from pyiceberg.table import Table
 from pyiceberg.table.sorting import SortField, SortOrder
 from pyiceberg.transforms import IdentityTransform
 
-from k2_assets.core import schemas
+from k2_assets.core import iceberg_metadata_cache, schemas
+
+iceberg_metadata_cache.install()
 
 NAMESPACE = "market"
 

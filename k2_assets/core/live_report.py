@@ -52,12 +52,17 @@ def rows_per_day(rows: pa.Table) -> dict[str, int]:
     return {item["values"].isoformat(): item["counts"] for item in counts.to_pylist()}
 
 
-def latency(rows: pa.Table, committed: datetime) -> dict[str, float]:
-    """Seconds from the exchange's event time (Binance E, else the trade time) to the commit."""
-    if not rows.num_rows:
-        return {}
+def lags(rows: pa.Table, committed: datetime) -> np.ndarray:
+    """Per row, seconds from the exchange's event time (Binance E, else the trade time) to the commit."""
     trade_ms = pc.divide(rows.column("exchange_timestamp").cast(pa.int64()), 1000)
     event_ms = pc.cast(pc.map_lookup(rows.column("vendor_data"), "event_time", "first"), pa.int64(), safe=False)
     ms = pc.coalesce(event_ms, trade_ms).to_numpy(zero_copy_only=False).astype(np.float64)
-    lag = committed.timestamp() - ms / 1e3
+    return committed.timestamp() - ms / 1e3
+
+
+def latency(rows: pa.Table, committed: datetime) -> dict[str, float]:
+    """Freshness of a committed batch: p50, p95 and max of its rows' lags."""
+    if not rows.num_rows:
+        return {}
+    lag = lags(rows, committed)
     return {"p50": float(np.percentile(lag, 50)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max())}

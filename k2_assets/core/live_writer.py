@@ -71,7 +71,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         topic: str | None = None,
         group_id: str | None = None,
         max_batch_rows: int = 250_000,
-        max_batch_seconds: float = 2.0,
+        max_batch_seconds: float = 1.0,
         dead_letter_topic: str | None = None,
         metrics: WriterMetrics | None = None,
         gaps: Table | None = None,

@@ -2,9 +2,11 @@
 
 The live writer resumes from the highest Kafka offsets recorded in the table's snapshot lineage.
 So every maintenance commit carries the recorded offsets (and the sequence tracker's state) forward,
-and expiry never removes a snapshot that holds the highest recorded offset of any Kafka partition:
-pyiceberg rebases a compaction over a writer's concurrent commit, so the compaction's restated
-offsets may be older than its parent's, and the parent must survive expiry.
+and expiry never removes a snapshot that holds the highest recorded offset of any Kafka partition,
+so the lineage reads the same bookkeeping whatever a maintenance commit restated.
+
+Compaction replaces exactly the files it read, so it runs on the partitions live writers still append
+to: an interleaved commit makes pyiceberg refuse the attempt, and it is made again on the new state.
 
 Expiry only edits metadata; the files that only expired snapshots reached are deleted by orphan
 removal, which deletes only files older than a grace period (an in-flight write's files are new).
@@ -13,14 +15,16 @@ removal, which deletes only files older than a grace period (an in-flight write'
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
+from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import BooleanExpression
-from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
@@ -30,24 +34,19 @@ from k2_assets.core.offsets import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, lates
 CARRIED_PREFIXES = (OFFSETS_KEY, REJECTED_KEY)
 
 TIME_TRAVEL_WINDOW = timedelta(days=7)  # promised to users: any snapshot of the last 7 days can be read
+DENSE = timedelta(minutes=10)  # every snapshot of the last 10 minutes stays; older ones are thinned to one per THIN_TO
+THIN_TO = timedelta(hours=1)
 ORPHAN_GRACE = timedelta(days=3)  # an unreferenced file younger than this may belong to a write in flight
 SYDNEY = ZoneInfo("Australia/Sydney")
 
 
-def last_closed_day(now: datetime | None = None) -> date:
-    """The newest day no writer appends to: before today's UTC day and before the current ASX (Sydney) session."""
+def days_to_compact(lookback_days: int, now: datetime | None = None) -> list[date]:
+    """The open days (today's UTC day and the current ASX session, which live writers still append to) and
+    the `lookback_days` closed days before them, oldest first (a deferred day is retried the next night)."""
     now = now or datetime.now(UTC)
-    return min(now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()) - timedelta(days=1)
-
-
-def require_closed(day: date, now: datetime | None = None) -> None:
-    """Refuse a day the live writer may still append to (compaction would race it)."""
-    closed = last_closed_day(now)
-    if day > closed:
-        raise ValueError(
-            f"refusing to compact {day.isoformat()}: the live writer may still append to today's UTC day and the "
-            f"current ASX session; compact days up to {closed.isoformat()}"
-        )
+    open_days = {now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()}
+    closed = min(open_days) - timedelta(days=1)
+    return sorted(open_days | {closed - timedelta(days=i) for i in range(lookback_days)})
 
 
 def carried_properties(table: Table) -> dict[str, str]:
@@ -78,21 +77,43 @@ class CompactionResult:
     snapshot_id: int | None
 
 
-def _files(table: Table, where: BooleanExpression) -> int:
-    return sum(1 for _ in table.scan(row_filter=where).plan_files())
+def compact(table: Table, where: BooleanExpression, attempts: int = 20) -> CompactionResult:
+    """Rewrite the data files `where` selects into as few files as possible, rows unchanged, in one commit.
 
-
-def compact(table: Table, where: BooleanExpression) -> CompactionResult:
-    """Rewrite the rows `where` selects into as few files as possible, unchanged, in one commit.
-
-    Commits are optimistic: if another writer commits first, pyiceberg raises and nothing changes.
-    Run it on partitions no writer is appending to (past sessions and days)."""
-    table.refresh()
-    before = _files(table, where)
-    rows = table.scan(row_filter=where).to_arrow()
-    properties = {**carried_properties(table), "k2.maintenance": "compact"}
-    result = writer.replace_rows(table, rows, where, properties=properties)
-    return CompactionResult(rows.num_rows, before, _files(table, where), result.snapshot_id)
+    The commit replaces exactly the files it read (Iceberg's rewrite of files), so it commutes with a live
+    writer appending to the same partition: a partition that is still being written is compacted as it goes.
+    If any commit lands between reading the table and committing, the attempt is refused by pyiceberg's
+    validation and made again on the new state; the rewritten file is written once and reused."""
+    rows, files, written = None, [], []
+    for _ in range(attempts):
+        table.refresh()
+        snapshot = table.current_snapshot()
+        if snapshot is None:
+            return CompactionResult(0, 0, 0, None)
+        scan = table.scan(row_filter=where, snapshot_id=snapshot.snapshot_id)
+        current = [task.file for task in scan.plan_files()]
+        if not files or not {f.file_path for f in files} <= {f.file_path for f in current}:
+            # First attempt, or another compaction or a load replaced files meanwhile: read and write again.
+            # (Files a live writer added since are simply not part of this rewrite.)
+            files = current
+            if len(files) <= 1:
+                return CompactionResult(sum(f.record_count for f in files), len(files), len(files), None)
+            rows = scan.to_arrow()
+            rows = rows.sort_by(writer.SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
+            written = list(_dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4()))
+        properties = {**carried_properties(table), "k2.maintenance": "compact"}
+        try:
+            with table.transaction() as tx:
+                with tx.update_snapshot(snapshot_properties=properties).overwrite() as rewrite:
+                    for data_file in files:
+                        rewrite.delete_data_file(data_file)
+                    for data_file in written:
+                        rewrite.append_data_file(data_file)
+        except (ValidationException, CommitFailedException):
+            continue  # a commit landed meanwhile: validated against it, nothing changed; try on the new state
+        after = table.current_snapshot()
+        return CompactionResult(rows.num_rows, len(files), len(written), after.snapshot_id if after else None)
+    raise CommitFailedException(f"compaction lost to concurrent commits {attempts} times in a row; a later run retries")
 
 
 def _holders(table: Table) -> list[Snapshot]:
@@ -113,10 +134,18 @@ def _holders(table: Table) -> list[Snapshot]:
     return [snapshot for _, snapshot in best.values()] + list(trackers.values())
 
 
-def expire(table: Table, retain: timedelta, now: datetime | None = None) -> int:
+def expire(
+    table: Table,
+    retain: timedelta,
+    now: datetime | None = None,
+    dense: timedelta | None = None,
+    thin_to: timedelta = THIN_TO,
+) -> int:
     """Expire snapshots older than `retain` (the time-travel window promised to users), keeping the
     current lineage down to every snapshot that holds the highest recorded Kafka offset of a partition
-    (and the tracker state). Returns how many snapshots were expired."""
+    (and the tracker state). With `dense`, snapshots older than that are thinned to the newest one of
+    each `thin_to` interval: live commits come every second, and every snapshot kept costs each later
+    commit time (docs/live-path.md, "Snapshots at one commit a second"). Returns how many were expired."""
     now = now or datetime.now(UTC)
     table.refresh()
     cutoff_ms = int((now - retain).timestamp() * 1000)
@@ -128,6 +157,12 @@ def expire(table: Table, retain: timedelta, now: datetime | None = None) -> int:
         keep.add(snapshot.snapshot_id)
         holders.discard(snapshot.snapshot_id)
     doomed = [s.snapshot_id for s in table.metadata.snapshots if s.timestamp_ms < cutoff_ms and s.snapshot_id not in keep]
+    if dense is not None:
+        dense_ms, every_ms = int((now - dense).timestamp() * 1000), max(1, int(thin_to.total_seconds() * 1000))
+        older = [s for s in table.metadata.snapshots if cutoff_ms <= s.timestamp_ms < dense_ms]
+        older.sort(key=lambda s: s.timestamp_ms)
+        newest = {s.timestamp_ms // every_ms: s.snapshot_id for s in older}  # `as of` a time in an interval reads its newest
+        doomed += [s.snapshot_id for s in older if s.snapshot_id not in keep and s.snapshot_id not in newest.values()]
     if not doomed:
         return 0
     table.maintenance.expire_snapshots().by_ids(doomed).commit()

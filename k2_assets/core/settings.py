@@ -24,7 +24,14 @@ class Settings:
     binance_history_dir: Path = _setting("K2_BINANCE_HISTORY_DIR", "{K2_HOME}/data/binance", "Binance's public dumps")
     kafka_bootstrap: str = _setting("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers")
     kafka_session_timeout_ms: int = _setting("K2_KAFKA_SESSION_TIMEOUT_MS", "6000", "the writer's consumer-group session timeout")
-    sensor_drain_seconds: int = _setting("K2_SENSOR_DRAIN_SECONDS", "20", "how long one sensor tick drains Kafka (whole seconds)")
+    sensor_drain_seconds: int = _setting(
+        "K2_SENSOR_DRAIN_SECONDS",
+        "20",
+        "the live writer reconciles gaps and asks for a gap check this often (whole seconds)",
+    )
+    writer_batch_ms: int = _setting(
+        "K2_WRITER_BATCH_MS", "1000", "a live micro-batch is committed once it is this old, in ms (or at 250,000 rows)"
+    )
     binance_ws_url: str = _setting("K2_BINANCE_WS_URL", "wss://stream.binance.com:9443", "Binance's WebSocket stream base URL")
     binance_um_ws_url: str = _setting(
         "K2_BINANCE_UM_WS_URL", "wss://fstream.binance.com", "Binance USD-M futures' WebSocket stream base URL"

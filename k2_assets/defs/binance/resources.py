@@ -24,8 +24,9 @@ class KafkaResource(dg.ConfigurableResource):
     topic: str = SPOT.topic
     um_topic: str = UM.topic  # USD-M futures
     session_timeout_ms: int = 6000  # how long a dead writer keeps its partitions (K2_KAFKA_SESSION_TIMEOUT_MS)
-    # How long one sensor tick drains (K2_SENSOR_DRAIN_SECONDS): well inside Dagster's 60 s sensor timeout.
+    # The sensor's writer reconciles gaps, and asks for a gap check run, once per cycle (K2_SENSOR_DRAIN_SECONDS).
     drain_seconds: int = 20
+    batch_ms: int = 1000  # a micro-batch is committed once it is this old (K2_WRITER_BATCH_MS): it bounds freshness
 
     def topic_of(self, market: Market) -> str:
         return {SPOT: self.topic, UM: self.um_topic}[market]
@@ -49,6 +50,7 @@ defs = dg.Definitions(
             bootstrap=dg.EnvVar("K2_KAFKA_BOOTSTRAP"),
             session_timeout_ms=dg.EnvVar.int("K2_KAFKA_SESSION_TIMEOUT_MS"),
             drain_seconds=dg.EnvVar.int("K2_SENSOR_DRAIN_SECONDS"),
+            batch_ms=dg.EnvVar.int("K2_WRITER_BATCH_MS"),
         ),
         "binance_rest": BinanceRestResource(
             base_url=dg.EnvVar("K2_BINANCE_REST_URL"),

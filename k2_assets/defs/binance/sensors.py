@@ -17,19 +17,22 @@ from confluent_kafka.admin import AdminClient
 from pyiceberg.expressions import And, EqualTo, IsNull
 
 from k2_assets.core.binance_format import SPOT, UM, Market
+from k2_assets.core.live_drain import BackgroundDrain
 from k2_assets.core.live_report import BatchReport
 from k2_assets.core.live_writer import LiveWriter
 from k2_assets.core.metrics import WriterMetrics, serve
-from k2_assets.core.outage import TRANSIENT, StoreHealth, StoreUnavailable
+from k2_assets.core.outage import StoreHealth, StoreUnavailable
 from k2_assets.defs.binance.assets import named
 from k2_assets.defs.binance.checks import binance_gap_check_job, binance_um_gap_check_job
 from k2_assets.defs.binance.resources import KafkaResource
 from k2_assets.defs.partitions import binance_days
 from k2_assets.defs.resources import IcebergResource
 
+# A writer no tick harvested for this long (and 3 cycles) stops: the sensor was stopped, or its code server replaced.
+LEASE_SECONDS = 60.0
 REPAIR_WAIT_SECONDS = 20.0  # a catalog outage skips the repair sensor's tick after this, well inside the sensor timeout
 
-_writers: dict[tuple, LiveWriter] = {}
+_drains: dict[tuple, BackgroundDrain] = {}
 _served: list = []
 _metrics = WriterMetrics()
 _lock = threading.Lock()
@@ -39,32 +42,42 @@ def _key(iceberg: IcebergResource, kafka: KafkaResource, market: Market) -> tupl
     return (iceberg.catalog_uri, iceberg.warehouse, kafka.bootstrap, market.name, kafka.topic_of(market))
 
 
-def _writer(iceberg: IcebergResource, kafka: KafkaResource, market: Market) -> LiveWriter:
-    """One writer per market and code-server process, kept across ticks (its consumer and dedup index stay warm)."""
+def _drain(iceberg: IcebergResource, kafka: KafkaResource, market: Market, name: str) -> BackgroundDrain:
+    """One draining writer per market and code-server process, kept across ticks (its consumer and dedup index stay warm)."""
     topic, key = kafka.topic_of(market), _key(iceberg, kafka, market)
+
+    def open_writer() -> LiveWriter:
+        return LiveWriter(
+            iceberg.table("trades"),
+            iceberg.table("rejected"),
+            kafka.bootstrap,
+            market=market,
+            topic=topic,
+            metrics=_metrics,
+            gaps=iceberg.table("sequence_gaps"),
+            session_timeout_ms=kafka.session_timeout_ms,
+            max_batch_seconds=kafka.batch_ms / 1000,
+            give_up_after=kafka.drain_seconds,
+        )
+
     with _lock:
-        if key not in _writers:
-            _writers[key] = LiveWriter(
-                iceberg.table("trades"),
-                iceberg.table("rejected"),
-                kafka.bootstrap,
-                market=market,
-                topic=topic,
-                metrics=_metrics,
-                gaps=iceberg.table("sequence_gaps"),
-                session_timeout_ms=kafka.session_timeout_ms,
-                give_up_after=kafka.drain_seconds,
+        if key not in _drains:
+            _drains[key] = BackgroundDrain(
+                open_writer,
+                cycle_seconds=kafka.drain_seconds,
+                lease_seconds=max(LEASE_SECONDS, 3 * kafka.drain_seconds),
+                detected_by=name,
             )
             port = int(os.environ.get("K2_WRITER_METRICS_PORT", "0"))
             if port and not _served:  # one /metrics per code-server process; counters outlive writer resets
                 _served.append(serve(_metrics.registry, port))
-        return _writers[key]
+        return _drains[key]
 
 
 def _topic_absent(iceberg: IcebergResource, kafka: KafkaResource, market: Market) -> bool:
     """The broker answers and holds no such topic yet (a broker that does not answer is the writer's to report)."""
     with _lock:
-        if _key(iceberg, kafka, market) in _writers:
+        if _key(iceberg, kafka, market) in _drains:
             return False
     try:
         return kafka.topic_of(market) not in AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=5).topics
@@ -73,10 +86,11 @@ def _topic_absent(iceberg: IcebergResource, kafka: KafkaResource, market: Market
 
 
 def reset_writers(market: Market | None = None) -> None:
-    """Forget cached writers, of one market or all (after a failure, so the next tick resumes from the table's offsets)."""
+    """Stop and forget the draining writers, of one market or all (the next tick starts one from the table's offsets)."""
     with _lock:
-        for key in [k for k in _writers if market is None or k[3] == market.name]:
-            _writers.pop(key).close()
+        doomed = [_drains.pop(k) for k in [k for k in _drains if market is None or k[3] == market.name]]
+    for drain in doomed:
+        drain.stop()
 
 
 def materializations(report: BatchReport, asset: dg.AssetKey) -> list[dg.AssetMaterialization]:
@@ -102,17 +116,13 @@ def materializations(report: BatchReport, asset: dg.AssetKey) -> list[dg.AssetMa
     ]
 
 
-def gap_check_requests(reports: list[BatchReport], job) -> list[dg.RunRequest]:
-    """One run of the gap check per day the tick wrote to (its run key: the tick's last snapshot of that day)."""
-    last: dict[str, int] = {}
-    for report in reports:
-        for day in report.partitions:
-            last[day] = report.snapshot_id
+def gap_check_requests(reconciled: dict[str, int], job) -> list[dg.RunRequest]:
+    """One run of the gap check per day whose gaps the writer reconciled (its run key: that day's last snapshot)."""
     # The partition goes in as the run's tag: Dagster 1.13 resolves a RunRequest's partition_key through the
     # job's assets, and a check-only job has none, while the tag gives the check its partition all the same.
     return [
         dg.RunRequest(job_name=job.name, run_key=f"gaps-{day}-{snapshot}", tags={"dagster/partition": day})
-        for day, snapshot in sorted(last.items())
+        for day, snapshot in sorted(reconciled.items())
     ]
 
 
@@ -123,7 +133,7 @@ def read_cursor(cursor: str | None) -> dict:
 
 
 def trades_sensor(market: Market, gap_check_job) -> dg.SensorDefinition:
-    """The sensor that drains `market`'s topic into market.trades and reports its live asset's partitions."""
+    """The sensor that keeps `market`'s writer draining into market.trades and reports its live asset's partitions."""
     name, asset = named(market, "trades_sensor"), dg.AssetKey(named(market, "trades"))
 
     @dg.sensor(
@@ -131,7 +141,7 @@ def trades_sensor(market: Market, gap_check_job) -> dg.SensorDefinition:
         minimum_interval_seconds=5,
         default_status=dg.DefaultSensorStatus.RUNNING,
         jobs=[gap_check_job],
-        description=f"Drains {market.topic} into market.trades in micro-batches, exactly once, and checks the day's gaps.",
+        description=f"Keeps a writer draining {market.topic} into market.trades, exactly once, and reports its micro-batches.",
     )
     def _sensor(context: dg.SensorEvaluationContext, iceberg: IcebergResource, kafka: KafkaResource):
         if _topic_absent(iceberg, kafka, market):
@@ -139,37 +149,32 @@ def trades_sensor(market: Market, gap_check_job) -> dg.SensorDefinition:
             reason = f"no topic {kafka.topic_of(market)} yet: `k2 stream binance --market {market.name}` creates it"
             return dg.SensorResult(skip_reason=reason, cursor=context.cursor)
         state = read_cursor(context.cursor)
-        reports: list[BatchReport] = []
-        error = None
-        try:
-            writer = _writer(iceberg, kafka, market)
-            writer.drain(kafka.drain_seconds, give_up_after=kafka.drain_seconds, on_batch=reports.append)
-            writer.reconcile_gaps(detected_by=name)
-            state["offsets"] = {str(p): o for p, o in sorted(writer.position.items())}
-        except Exception as exc:
-            # What was committed before the error is reported below; the next tick rebuilds the writer from
-            # the table's offsets, and its first materialization carries this error.
-            reset_writers(market)
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            outage = isinstance(exc, (StoreUnavailable, *TRANSIENT))  # TRANSIENT: met outside a retried step (opening the tables)
-            what = "a store outage" if outage else f"an error ({type(exc).__name__})"
-            error = f"tick ended by {what} after {len(reports)} micro-batches: {first_line}"
-            if outage:
-                context.log.warning(error)
-            else:
-                context.log.exception(error)
+        done = _drain(iceberg, kafka, market, name).harvest()
+        reports = done.reports
+        if done.error:
+            # What was committed before the error is reported below; this harvest started the writer again from the
+            # table's offsets, and the next materialization carries the error.
+            context.log.warning(done.error)
+        if done.position:
+            state["offsets"] = {str(p): o for p, o in sorted(done.position.items())}
         events = [event for report in reports for event in materializations(report, asset)]
         if events and state.get("pending_error"):
             events[0] = events[0].with_metadata({**events[0].metadata, "previous_tick_error": state.pop("pending_error")})
-        if error:
-            state["pending_error"] = error
+        if done.error:
+            state["pending_error"] = done.error
         written = sum(r.written for r in reports)
         context.log.info(f"{len(reports)} micro-batches, {written} trades written, {sum(r.rejected for r in reports)} rejected")
         cursor = json.dumps(state, sort_keys=True)
-        if not reports:
-            reason = error or f"no new messages on {kafka.topic_of(market)}; resume offsets {json.dumps(state['offsets'])}"
+        requests = gap_check_requests(done.reconciled, gap_check_job)
+        if not events and not requests:
+            if done.error:
+                reason = done.error
+            elif done.started:
+                reason = f"started a writer draining {kafka.topic_of(market)}; its micro-batches show from the next tick"
+            else:
+                reason = f"no new messages on {kafka.topic_of(market)}; resume offsets {json.dumps(state['offsets'])}"
             return dg.SensorResult(skip_reason=reason, cursor=cursor)
-        return dg.SensorResult(asset_events=events, run_requests=gap_check_requests(reports, gap_check_job), cursor=cursor)
+        return dg.SensorResult(asset_events=events, run_requests=requests, cursor=cursor)
 
     return _sensor
 

@@ -56,8 +56,8 @@ class CompactConfig(dg.Config):
     tables: list[str] = Field(default=ALL_TABLES, description="K2 tables (market.<name>) to compact.")
     days: list[str] = Field(
         default=[],
-        description="Days (YYYY-MM-DD) whose partitions to compact; empty: the last `lookback_days` closed days. "
-        "Today's UTC day and the current ASX session are refused: the live writer may still append to them.",
+        description="Days (YYYY-MM-DD) whose partitions to compact; empty: the open days (today's UTC day, the "
+        "current ASX session) and the last `lookback_days` closed ones. A partition being written is compacted as it goes.",
     )
     lookback_days: int = Field(
         default=3, description="With no `days`: compact the closed days this far back (a deferred day is retried)."
@@ -78,18 +78,11 @@ def _partition_filter(partition: dict) -> BooleanExpression:
 
 @dg.op(out=dg.Out(dg.Nothing))
 def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
-    """Rewrite each closed partition with too many small files into few files, rows and Kafka offsets unchanged."""
-    now = datetime.now(UTC)
+    """Rewrite each partition with too many small files into few files, rows and Kafka offsets unchanged."""
     if config.days:
         days = sorted({date.fromisoformat(d) for d in config.days})
-        for day in days:
-            try:
-                maintenance.require_closed(day, now)
-            except ValueError as exc:
-                raise dg.Failure(description=str(exc)) from None
     else:
-        closed = maintenance.last_closed_day(now)
-        days = [closed - timedelta(days=i) for i in range(config.lookback_days)][::-1]
+        days = maintenance.days_to_compact(config.lookback_days)
     rows, totals = [], {"compacted": 0, "already_compact": 0, "deferred": 0, "files_before": 0, "files_after": 0, "rows": 0}
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
@@ -106,7 +99,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             try:
                 result = maintenance.compact(table, _partition_filter(partition))
             except (CommitFailedException, ValidationException) as exc:
-                # A writer committed to this very partition meanwhile: nothing changed; a later run retries.
+                # Commits kept landing between reading and committing: nothing changed; a later run retries.
                 context.log.warning(f"market.{name} {label}: deferred, a concurrent commit won ({exc})")
                 totals["deferred"] += 1
                 rows.append([name, label, files, "deferred", stats["record_count"], ""])
@@ -142,6 +135,14 @@ class ExpireConfig(dg.Config):
         description="Keep every snapshot this recent: the time-travel window promised to users (7 days).",
     )
     allow_short_retention: bool = Field(default=False, description="Allow a retention shorter than the promised 7 days.")
+    dense_hours: float = Field(
+        default=maintenance.DENSE.total_seconds() / 3600,
+        description="Keep every snapshot this recent; older ones are thinned to the newest of each `thin_to_minutes`.",
+    )
+    thin_to_minutes: float = Field(
+        default=maintenance.THIN_TO.total_seconds() / 60,
+        description="Beyond `dense_hours`, time travel resolves to the newest snapshot of each interval this long.",
+    )
 
 
 @dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
@@ -161,7 +162,9 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         before = len(table.metadata.snapshots)
-        expired = maintenance.expire(table, retain, now)
+        expired = maintenance.expire(
+            table, retain, now, dense=timedelta(hours=config.dense_hours), thin_to=timedelta(minutes=config.thin_to_minutes)
+        )
         table.refresh()
         oldest = min((s.timestamp_ms for s in table.metadata.snapshots), default=None)
         oldest_text = datetime.fromtimestamp(oldest / 1000, tz=UTC).isoformat(timespec="seconds") if oldest else ""
@@ -174,6 +177,8 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
         None,
         metadata={
             "retention_days": config.retention_days,
+            "dense_hours": config.dense_hours,
+            "thin_to_minutes": config.thin_to_minutes,
             "snapshots_expired": expired_total,
             "tables": _markdown(["table", "snapshots before", "expired", "snapshots after", "oldest kept"], rows),
         },

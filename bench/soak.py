@@ -1,0 +1,303 @@
+"""Soak: 30 minutes at 5,000 trades/s through the sensor's code path, with table maintenance on a compressed schedule.
+
+Three processes beside the embedded broker, as in operation:
+  feed + producer  a child process: FeedServer(random_walk, wall-clock trade times, rate 5,000/s) -> BinanceProducer -> Kafka.
+  writer           this process: the sensor's BackgroundDrain (k2_assets/core/live_drain.py) around a LiveWriter built as
+                   the sensor builds it (1 s micro-batches, 20 s cycles reconciling market.sequence_gaps), harvested every
+                   5 s as the daemon's ticks do. Its RSS is this process's.
+  maintenance      a child process: what table_maintenance_job does hourly, every MAINTENANCE_EVERY_S: compact the live
+                   day (file by file, beside the writer), thin and expire snapshots, remove orphan files, on a compressed
+                   schedule (below).
+
+For every window (WINDOWS of them, 5 minutes each at 30 minutes) it reports the writer's peak RSS, the commit latency (the
+Iceberg append: Parquet file, manifests, metadata swap) p50 and p95, freshness p95 (Binance E -> commit, every row),
+and the snapshots and data files of market.trades at the window's end. The last window must stay within FLAT x the first.
+`K2_BENCH_SOAK_MINUTES` shortens the run (the windows shrink with it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.compute as pc
+
+from bench._common import environment, footer, progress, row, save
+from bench.live_freshness import ProducerThread, wall_clock_walk
+from bench.live_throughput import broker, load_average, temp_tables
+from k2_assets.core import catalog, live_writer, maintenance, writer
+from k2_assets.core.kafka import ensure_topics
+from k2_assets.core.live_drain import BackgroundDrain
+from k2_assets.core.live_report import lags
+from k2_assets.core.metrics import WriterMetrics
+
+NAME = "soak"
+MINUTES = float(os.environ.get("K2_BENCH_SOAK_MINUTES", 30))
+WINDOWS = 6
+RATE = 5000
+SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+PARTITIONS = 3
+TICK_SECONDS = 5.0  # the sensor's minimum_interval_seconds
+CYCLE_SECONDS = 20.0  # K2_SENSOR_DRAIN_SECONDS
+BATCH_SECONDS = 1.0  # K2_WRITER_BATCH_MS
+# The maintenance schedule, compressed: hourly -> every minute; every snapshot of the last 10 minutes -> of the last
+# minute, older ones thinned to one an hour -> one a minute; the 7-day time-travel window -> 10 minutes; 3 days' grace
+# for orphan files -> 2 minutes.
+MAINTENANCE_EVERY_S = 60.0
+DENSE_S = 60.0
+THIN_TO_S = 60.0
+RETAIN_S = 600.0
+ORPHAN_GRACE_S = 120.0
+FLAT = 1.2
+MAINTENANCE_COUNTS = ("files_compacted", "expired", "orphans_removed")
+FIGURES = ("rss_mb", "commit_p50_s", "commit_p95_s", "freshness_p95_s", "snapshots", "data_files")
+
+
+def feed_and_produce(bootstrap: str, topic: str, seconds: float, out) -> None:
+    """The child process that plays the exchange and `k2 stream binance` for `seconds`."""
+    from k2_assets.core.binance_stream import BinanceProducer
+    from k2_assets.dev.feed_server import run_in_thread
+
+    with run_in_thread(wall_clock_walk(SYMBOLS), rate=RATE, symbols=SYMBOLS) as server:
+        producer = BinanceProducer(
+            list(SYMBOLS), bootstrap, base_url=server.ws_url, topic=topic, dead_letter_topic=topic + ".dlq"
+        )
+        feeding = ProducerThread(producer).start()
+        time.sleep(seconds)
+        feeding.stop()
+    out.put({"produced": producer.stats.produced, "dead_lettered": producer.stats.dead_lettered, "error": repr(feeding.error)})
+
+
+def maintain(catalog_uri: str, warehouse: str, stop, out) -> None:
+    """The child process that runs table maintenance on the compressed schedule until `stop` is set."""
+    cat = catalog.open_catalog(catalog_uri, warehouse)
+    while not stop.wait(MAINTENANCE_EVERY_S):
+        for name in ("trades", "rejected"):
+            table = cat.load_table(f"market.{name}")
+            started = time.monotonic()
+            compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()))
+            expired = maintenance.expire(
+                table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
+            )
+            removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
+            out.put(
+                {
+                    "table": name,
+                    "files_compacted": compacted.files_before if compacted.snapshot_id else 0,
+                    "expired": expired,
+                    "orphans_removed": len(removed),
+                    "seconds": time.monotonic() - started,
+                }
+            )
+
+
+class Recorder:
+    """What the writer did, stamped with when it did it: commit durations and every row's freshness."""
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[float, float]] = []  # (monotonic end, seconds)
+        self.fresh: list[tuple[float, np.ndarray]] = []  # (monotonic, lags of the batch's rows)
+        self._latency = live_writer.latency
+
+    def install(self, writer: live_writer.LiveWriter) -> live_writer.LiveWriter:
+        append = writer.trades.append
+
+        def timed_append(*args, **kwargs):
+            start = time.monotonic()
+            result = append(*args, **kwargs)
+            self.commits.append((time.monotonic(), time.monotonic() - start))
+            return result
+
+        writer.trades.append = timed_append
+        return writer
+
+    def latency(self, rows, committed):
+        if rows.num_rows:
+            self.fresh.append((time.monotonic(), lags(rows, committed).astype(np.float32)))
+        return self._latency(rows, committed)
+
+    def window(self, start: float, end: float) -> dict:
+        commits = np.array([s for t, s in self.commits if start <= t < end])
+        fresh = [a for t, a in self.fresh if start <= t < end]
+        fresh = np.concatenate(fresh) if fresh else np.array([])
+        return {
+            "commits": len(commits),
+            "commit_p50_s": float(np.percentile(commits, 50)) if len(commits) else float("nan"),
+            "commit_p95_s": float(np.percentile(commits, 95)) if len(commits) else float("nan"),
+            "rows": len(fresh),
+            "freshness_p95_s": float(np.percentile(fresh, 95)) if len(fresh) else float("nan"),
+        }
+
+
+def table_state(cat) -> dict:
+    table = cat.load_table("market.trades")
+    current = table.current_snapshot()
+    summary = current.summary.additional_properties if current and current.summary else {}
+    return {"snapshots": len(table.metadata.snapshots), "data_files": int(summary.get("total-data-files", 0))}
+
+
+def soak(home: Path) -> dict:
+    seconds = MINUTES * 60
+    window_s = seconds / WINDOWS
+    spawn = multiprocessing.get_context("spawn")
+    with broker(home) as b:
+        topic = f"bench.soak.{uuid.uuid4().hex[:6]}"
+        ensure_topics(b.bootstrap, {topic: PARTITIONS, topic + ".dlq": 1})
+        lake = home / "lake"
+        cat, trades, rejected = temp_tables(lake)
+        gaps = catalog.ensure_table(cat, "sequence_gaps")
+        recorder = Recorder()
+        live_writer.latency = recorder.latency
+
+        def open_writer() -> live_writer.LiveWriter:
+            return recorder.install(
+                live_writer.LiveWriter(
+                    trades,
+                    rejected,
+                    b.bootstrap,
+                    topic=topic,
+                    gaps=gaps,
+                    metrics=WriterMetrics(),
+                    max_batch_seconds=BATCH_SECONDS,
+                    give_up_after=CYCLE_SECONDS,
+                )
+            )
+
+        drain = BackgroundDrain(open_writer, cycle_seconds=CYCLE_SECONDS, lease_seconds=60, detected_by="soak")
+        fed, maintained, stop_maintaining = spawn.Queue(), spawn.Queue(), spawn.Event()
+        feeder = spawn.Process(target=feed_and_produce, args=(b.bootstrap, topic, seconds, fed), name="soak-feed")
+        maintainer = spawn.Process(
+            target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_maintaining, maintained)
+        )
+        me = psutil.Process()
+        windows, errors, rss = [], [], []
+        try:
+            feeder.start()
+            maintainer.start()
+            started = time.monotonic()
+            window_start = started
+            while len(windows) < WINDOWS:
+                harvest = drain.harvest()
+                if harvest.error:
+                    errors.append(harvest.error)
+                rss.append((time.monotonic(), me.memory_info().rss / 2**20))
+                now = time.monotonic()
+                if now - started >= window_s * (len(windows) + 1):
+                    figures = recorder.window(window_start, now)
+                    figures["rss_mb"] = max(r for t, r in rss if t >= window_start)
+                    figures.update(table_state(cat))
+                    figures["minute"] = (now - started) / 60
+                    windows.append(figures)
+                    progress(
+                        f"soak window {len(windows)}/{WINDOWS}: "
+                        + ", ".join(f"{k} {figures[k]:.3g}" for k in ("minute", *FIGURES, "commits", "rows"))
+                    )
+                    window_start = now
+                time.sleep(max(0.0, TICK_SECONDS - (time.monotonic() - now)))
+            feeder.join(120)
+            produced = fed.get(timeout=10)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # what is still in flight after the feed stopped
+                drain.harvest()
+                state = catalog.open_catalog(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse")
+                rows = state.load_table("market.trades").scan(selected_fields=("message_id",)).to_arrow()
+                if rows.num_rows >= produced["produced"] - produced["dead_lettered"]:
+                    break
+                time.sleep(TICK_SECONDS)
+        finally:
+            stop_maintaining.set()
+            drain.stop()
+            live_writer.latency = recorder._latency
+            maintainer.join(120)
+            for child in (feeder, maintainer):
+                if child.is_alive():
+                    child.kill()
+        runs = []
+        while not maintained.empty():
+            runs.append(maintained.get())
+        return {
+            "windows": windows,
+            "errors": errors,
+            "maintenance_runs": runs,
+            "produced": produced,
+            "table_rows": rows.num_rows,
+            "distinct_message_ids": pc.count_distinct(rows.column("message_id")).as_py(),
+        }
+
+
+def render(results: dict) -> str:
+    windows, runs = results["windows"], results["maintenance_runs"]
+    header = f"{'window':<8} {'minute':>6} {'RSS MB':>8} {'commit p50 s':>12} {'commit p95 s':>12} {'fresh p95 s':>11} "
+    header += f"{'snapshots':>9} {'data files':>10} {'commits':>8} {'rows':>10}"
+    lines = [
+        f"Soak — {MINUTES:g} min at {RATE:,} trades/s through the sensor's BackgroundDrain; maintenance every "
+        f"{MAINTENANCE_EVERY_S:g} s (compact the live day; every snapshot of {DENSE_S:g} s, then one per {THIN_TO_S:g} s, "
+        f"for {RETAIN_S:g} s; orphan grace {ORPHAN_GRACE_S:g} s)",
+        header,
+        "-" * len(header),
+    ]
+    for i, w in enumerate(windows, 1):
+        lines.append(
+            f"{i:<8} {w['minute']:>6.1f} {w['rss_mb']:>8.0f} {w['commit_p50_s']:>12.3f} {w['commit_p95_s']:>12.3f} "
+            f"{w['freshness_p95_s']:>11.2f} {w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}"
+        )
+    lines += [
+        "-" * len(header),
+        "last / first: "
+        + ", ".join(f"{k} {v['ratio']:.2f}x {v['verdict']}" for k, v in results["flatness"].items())
+        + f" (goal <= {FLAT:g}x)",
+        f"table {results['table_rows']:,} rows = {results['distinct_message_ids']:,} distinct message_ids; produced "
+        f"{results['produced']['produced']:,}; drain errors {len(results['errors'])}; maintenance runs {len(runs)}: "
+        + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS),
+        footer(results),
+    ]
+    return "\n".join(lines)
+
+
+def run() -> str:
+    load_before = load_average()
+    progress(f"soak: {MINUTES:g} min at {RATE:,} trades/s (load average {load_before:.2f} on {os.cpu_count()} CPUs)")
+    with tempfile.TemporaryDirectory(prefix="k2-bench-soak-") as tmp:
+        out = soak(Path(tmp))
+    first, last = out["windows"][0], out["windows"][-1]
+    flatness = {}
+    for key in FIGURES:
+        ratio = last[key] / first[key] if first[key] else float("inf")
+        flatness[key] = {"first": first[key], "last": last[key], "ratio": ratio, "verdict": "PASS" if ratio <= FLAT else "MISS"}
+    results = {
+        "benchmark": NAME,
+        "environment": environment(),
+        "minutes": MINUTES,
+        "rate": RATE,
+        "schedule": {
+            "maintenance_every_s": MAINTENANCE_EVERY_S,
+            "dense_s": DENSE_S,
+            "thin_to_s": THIN_TO_S,
+            "retain_s": RETAIN_S,
+            "orphan_grace_s": ORPHAN_GRACE_S,
+        },
+        **out,
+        "flatness": flatness,
+        "summary": [
+            row(
+                f"soak {MINUTES:g} min at {RATE:,}/s, last window / first: {key}",
+                f"{v['last']:.3g}",
+                f"first window: {v['first']:.3g}",
+                v["ratio"],
+                f"<= {FLAT:g}x",
+                v["ratio"] <= FLAT,
+            )
+            for key, v in flatness.items()
+        ],
+    }
+    expected = out["produced"]["produced"] - out["produced"]["dead_lettered"]
+    if out["table_rows"] != out["distinct_message_ids"] or out["table_rows"] != expected:
+        raise AssertionError(f"market.trades: {out['table_rows']} rows, {out['distinct_message_ids']} distinct, not {expected}")
+    return render(save(NAME, results, load_before))
