@@ -32,6 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from websockets.asyncio.client import connect
 
 from bench._common import REPO, environment, footer, peak_rss_mb, progress, row, save
@@ -63,11 +64,11 @@ TIME_LIMIT_S = 150.0
 # ================================================================ the feed server, in its own process
 
 
-def serve(n: int) -> None:
+def serve(n: int, symbols: tuple[str, ...] = SYMBOLS) -> None:
     """Serve n cycled real trades unpaced on a free port; print {"port": ...}; stop on SIGTERM or stdin EOF."""
 
     async def main() -> None:
-        server = FeedServer(cycled_trades(real_trades(), SYMBOLS, n), symbols=SYMBOLS, rate=None, speedup=None)
+        server = FeedServer(cycled_trades(real_trades(), symbols, n), symbols=symbols, rate=None, speedup=None)
         await server.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -83,13 +84,13 @@ def serve(n: int) -> None:
 class FeedProcess:
     """`python -m bench.live_producer_rate --serve N` as a context manager: yields the combined-stream base URL."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, symbols: tuple[str, ...] = SYMBOLS):
+        self.n, self.symbols = n, symbols
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.live_producer_rate", "--serve", str(self.n)],
+            [sys.executable, "-m", "bench.live_producer_rate", "--serve", str(self.n), ",".join(self.symbols)],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -125,8 +126,8 @@ class FeedProcess:
 # ================================================================ measurements
 
 
-async def _k2_producer(base_url: str, bootstrap: str, topic: str, n: int) -> dict:
-    producer = BinanceProducer(list(SYMBOLS), bootstrap, base_url=base_url, topic=topic, dead_letter_topic=topic + ".dlq")
+async def k2_producer(base_url: str, bootstrap: str, topic: str, n: int, symbols: tuple[str, ...] = SYMBOLS) -> dict:
+    producer = BinanceProducer(list(symbols), bootstrap, base_url=base_url, topic=topic, dead_letter_topic=topic + ".dlq")
     start = time.perf_counter()
     task = asyncio.create_task(producer.run())
     deadline = time.monotonic() + TIME_LIMIT_S
@@ -174,6 +175,27 @@ async def _bare_websocket(base_url: str, n: int, keep: list) -> dict:
             if count >= n:
                 break
     return {"seconds": time.perf_counter() - start, "received": count}
+
+
+async def _bare_picows(base_url: str, n: int) -> dict:
+    """Count n frames with picows, the client BinanceProducer uses, doing nothing else."""
+    done = asyncio.get_running_loop().create_future()
+
+    class Count(WSListener):
+        count = 0
+
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type is WSMsgType.TEXT:
+                frame.get_payload_as_bytes()
+                self.count += 1
+                if self.count >= n and not done.done():
+                    done.set_result(None)
+                    transport.disconnect()
+
+    start = time.perf_counter()
+    _, listener = await ws_connect(Count, stream_url(base_url, list(SYMBOLS)), max_frame_size=2**20)
+    await done
+    return {"seconds": time.perf_counter() - start, "received": listener.count}
 
 
 def per_frame_profile(bootstrap: str, topic: str, frames: list[str]) -> dict:
@@ -242,6 +264,7 @@ def render(results: dict) -> str:
             results["verdicts"]["k2_msgs_per_s"],
         ),
         ("  raw (a): bare websockets client, no Kafka", "raw_websocket", "", ""),
+        ("  raw (c): bare picows client (K2's), no Kafka", "raw_picows", "", ""),
         ("  raw (b): bare confluent-kafka produce loop", "raw_produce", "", ""),
     ):
         x = m[key]
@@ -293,8 +316,17 @@ def run() -> str:
             f"peak RSS {peak_rss_mb():.0f} MB"
         )
 
+        with FeedProcess(N_MESSAGES) as url:
+            result = asyncio.run(_bare_picows(url, N_MESSAGES))
+        m["raw_picows"] = {
+            "messages": result["received"],
+            "seconds": result["seconds"],
+            "msgs_per_s": result["received"] / result["seconds"],
+        }
+        progress(f"raw picows client: {result['received']:,} frames in {result['seconds']:.2f} s")
+
         with FeedProcess(N_MESSAGES) as url, CpuMeter(b.process.pid) as meter:
-            result = asyncio.run(_k2_producer(url, b.bootstrap, k2_topic, N_MESSAGES))
+            result = asyncio.run(k2_producer(url, b.bootstrap, k2_topic, N_MESSAGES))
         gc.collect()
         m["k2"] = {
             "messages": result["produced"],
@@ -358,7 +390,7 @@ def run() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else SYMBOLS)
     else:
         sys.exit(
             "usage: python -m bench.live_producer_rate --serve N   "

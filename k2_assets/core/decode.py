@@ -283,6 +283,15 @@ def by_unique(values: pa.Array, fn):
 
 
 def _decimal_unique(values: pa.StringArray, name: str, positive: bool) -> tuple[pa.Array, pa.Array]:
+    fits = pc.match_substring_regex(values, DECIMAL_PATTERN)  # unsigned, no exponent: a number, never negative
+    if pc.all(fits).as_py() is not False:
+        parsed = pc.cast(values, DECIMAL)
+        if not positive or pc.all(pc.greater(parsed, pa.scalar(0, DECIMAL))).as_py() is not False:
+            return pa.nulls(len(values), pa.string()), parsed  # every value good: no reason text to build
+    return _decimal_reasons(values, name, positive, fits)
+
+
+def _decimal_reasons(values: pa.StringArray, name: str, positive: bool, fits: pa.BooleanArray) -> tuple[pa.Array, pa.Array]:
     reasons = pa.nulls(len(values), pa.string())
 
     def first(mask, reason):
@@ -294,7 +303,6 @@ def _decimal_unique(values: pa.StringArray, name: str, positive: bool) -> tuple[
         pc.binary_join_element_wise(f"{name} '", values, "' is not a number", ""),
     )
     first(pc.starts_with(values, "-"), pc.binary_join_element_wise(f"{name} ", values, " is negative", ""))
-    fits = pc.match_substring_regex(values, DECIMAL_PATTERN)
     first(pc.invert(fits), pc.binary_join_element_wise(f"{name} ", values, " does not fit decimal(18,8) without rounding", ""))
     parsed = pc.cast(pc.if_else(fits, values, "0"), DECIMAL)
     if positive:

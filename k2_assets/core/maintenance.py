@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from pyiceberg.expressions import BooleanExpression
-from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.io.pyarrow import ArrowScan, PyArrowFileIO, _dataframe_to_data_files
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
@@ -37,6 +37,7 @@ TIME_TRAVEL_WINDOW = timedelta(days=7)  # promised to users: any snapshot of the
 DENSE = timedelta(minutes=10)  # every snapshot of the last 10 minutes stays; older ones are thinned to one per THIN_TO
 THIN_TO = timedelta(hours=1)
 ORPHAN_GRACE = timedelta(days=3)  # an unreferenced file younger than this may belong to a write in flight
+SMALL_FILE_BYTES = 32 * 2**20  # compaction rewrites files under this; larger ones are done
 SYDNEY = ZoneInfo("Australia/Sydney")
 
 
@@ -77,8 +78,10 @@ class CompactionResult:
     snapshot_id: int | None
 
 
-def compact(table: Table, where: BooleanExpression, attempts: int = 20) -> CompactionResult:
-    """Rewrite the data files `where` selects into as few files as possible, rows unchanged, in one commit.
+def compact(table: Table, where: BooleanExpression, attempts: int = 20, small_bytes: int = SMALL_FILE_BYTES) -> CompactionResult:
+    """Rewrite the small data files (under `small_bytes`) `where` selects into as few files as possible, rows
+    unchanged, in one commit. Files already that large stay, so a run's work is what arrived since the last
+    one, not the whole day (which grows to gigabytes at live rates).
 
     The commit replaces exactly the files it read (Iceberg's rewrite of files), so it commutes with a live
     writer appending to the same partition: a partition that is still being written is compacted as it goes.
@@ -90,15 +93,16 @@ def compact(table: Table, where: BooleanExpression, attempts: int = 20) -> Compa
         snapshot = table.current_snapshot()
         if snapshot is None:
             return CompactionResult(0, 0, 0, None)
-        scan = table.scan(row_filter=where, snapshot_id=snapshot.snapshot_id)
-        current = [task.file for task in scan.plan_files()]
-        if not files or not {f.file_path for f in files} <= {f.file_path for f in current}:
+        tasks = [t for t in table.scan(row_filter=where, snapshot_id=snapshot.snapshot_id).plan_files()]
+        current = {t.file.file_path for t in tasks}
+        if not files or not {f.file_path for f in files} <= current:
             # First attempt, or another compaction or a load replaced files meanwhile: read and write again.
             # (Files a live writer added since are simply not part of this rewrite.)
-            files = current
+            small = [t for t in tasks if t.file.file_size_in_bytes < small_bytes]
+            files = [t.file for t in small]
             if len(files) <= 1:
                 return CompactionResult(sum(f.record_count for f in files), len(files), len(files), None)
-            rows = scan.to_arrow()
+            rows = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue()).to_table(small)
             rows = rows.sort_by(writer.SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
             written = list(_dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4()))
         properties = {**carried_properties(table), "k2.maintenance": "compact"}

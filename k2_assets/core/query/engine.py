@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -55,6 +56,9 @@ BAR_ORDER = ("bar_start", "exchange", "symbol")
 TABLES_SCHEMA = {name: definition.schema for name, definition in k2_catalog.TABLES.items()}
 
 
+log = logging.getLogger("k2.query")
+
+
 class QueryEngine:
     """Queries over one catalog's `market` tables: one DuckDB connection, cached table handles and scans.
 
@@ -96,6 +100,7 @@ class QueryEngine:
         self._symbol_sets: dict[tuple, frozenset[str]] = {}
         self._tables: dict[str, tuple[Table | None, float]] = {}
         self._tables_lock = threading.Lock()
+        self._reloading: set[str] = set()
         self._watchdog = Watchdog()
         if connection is None:
             connection = duckdb.connect(
@@ -269,12 +274,37 @@ class QueryEngine:
         return take(data.select(list(columns)), positions)
 
     def _table(self, name: str, *, force: bool = False) -> Table | None:
-        """The table handle, reloaded from the catalog when older than refresh_ms; None if the table does not exist."""
+        """The table handle; None if the table does not exist.
+
+        A handle older than refresh_ms is reloaded from the catalog in the background: the query in hand reads
+        the one loaded, so no query waits for a metadata load (a query's p99 did, once a second). With
+        refresh_ms=0, or `force`, the handle is reloaded before the query."""
+        entry = self._tables.get(name)
+        if not force and entry is not None and self.refresh_s > 0:
+            if time.monotonic() - entry[1] >= self.refresh_s:
+                self._reload_in_background(name)
+            return entry[0]
+        return self._load(name)
+
+    def _reload_in_background(self, name: str) -> None:
+        with self._tables_lock:
+            if name in self._reloading:
+                return
+            self._reloading.add(name)
+
+        def reload() -> None:
+            try:
+                self._load(name)
+            except Exception:  # noqa: BLE001 - the next query tries again, and a query that needs it loads it itself
+                log.warning("reloading market.%s in the background failed", name, exc_info=True)
+            finally:
+                with self._tables_lock:
+                    self._reloading.discard(name)
+
+        threading.Thread(target=reload, name="k2-query-refresh", daemon=True).start()
+
+    def _load(self, name: str) -> Table | None:
         now = time.monotonic()
-        if not force:
-            entry = self._tables.get(name)
-            if entry is not None and now - entry[1] < self.refresh_s:
-                return entry[0]
         try:
             handle: Table | None = self.catalog.load_table(k2_catalog.table_identifier(name))
         except NoSuchTableError:
