@@ -1,4 +1,4 @@
-"""Run K2's benchmarks: `python -m bench [--only NAME] [--list]` from the repo root.
+"""Run K2's benchmarks: `python -m bench [--only NAME] [--list] [--summary]` from the repo root.
 
 Every public module of this package that defines `run() -> str` is a benchmark: `run` measures,
 writes its JSON under bench/results/, and returns the human-readable report printed here.
@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", metavar="NAME", action="append", help=f"run only this benchmark (repeatable); one of {names}")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument(
+        "--summary", action="store_true", help="print the closing table of the last results in bench/results/ without running"
+    )
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(names))
+        return 0
+    if args.summary:
+        print(summary_table([r for name in names for r in _summary_rows(name)]))
         return 0
     selected = names
     if args.only:

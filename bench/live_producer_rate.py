@@ -68,7 +68,10 @@ def serve(n: int, symbols: tuple[str, ...] = SYMBOLS) -> None:
     """Serve n cycled real trades unpaced on a free port; print {"port": ...}; stop on SIGTERM or stdin EOF."""
 
     async def main() -> None:
-        server = FeedServer(cycled_trades(real_trades(), symbols, n), symbols=symbols, rate=None, speedup=None)
+        # Every connection reads the market from its start: producers split by symbol each get all of theirs.
+        server = FeedServer(
+            cycled_trades(real_trades(), symbols, n), symbols=symbols, rate=None, speedup=None, shared_cursor=False
+        )
         await server.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
