@@ -80,22 +80,28 @@ def maintain(catalog_uri: str, warehouse: str, stop, out) -> None:
     cat = catalog.open_catalog(catalog_uri, warehouse)
     while not stop.wait(MAINTENANCE_EVERY_S):
         for name in ("trades", "rejected"):
-            table = cat.load_table(f"market.{name}")
-            started = time.monotonic()
-            compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()))
-            expired = maintenance.expire(
-                table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
-            )
-            removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
-            out.put(
-                {
-                    "table": name,
-                    "files_compacted": compacted.files_before if compacted.snapshot_id else 0,
-                    "expired": expired,
-                    "orphans_removed": len(removed),
-                    "seconds": time.monotonic() - started,
-                }
-            )
+            try:
+                out.put(maintain_table(cat, name))
+            except Exception as exc:  # noqa: BLE001 - a failed run is reported, as the job's would be; the next one runs
+                out.put({"table": name, "error": f"{type(exc).__name__}: {exc}", **dict.fromkeys(MAINTENANCE_COUNTS, 0)})
+
+
+def maintain_table(cat, name: str) -> dict:
+    """One maintenance run of market.<name>, as table_maintenance_job's three ops do it."""
+    table = cat.load_table(f"market.{name}")
+    started = time.monotonic()
+    compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()))
+    expired = maintenance.expire(
+        table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
+    )
+    removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
+    return {
+        "table": name,
+        "files_compacted": compacted.files_before if compacted.snapshot_id else 0,
+        "expired": expired,
+        "orphans_removed": len(removed),
+        "seconds": time.monotonic() - started,
+    }
 
 
 class Recorder:
@@ -255,7 +261,8 @@ def render(results: dict) -> str:
         + f" (goal <= {FLAT:g}x)",
         f"table {results['table_rows']:,} rows = {results['distinct_message_ids']:,} distinct message_ids; produced "
         f"{results['produced']['produced']:,}; drain errors {len(results['errors'])}; maintenance runs {len(runs)}: "
-        + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS),
+        + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
+        + f", failed runs {sum('error' in r for r in runs)}",
         footer(results),
     ]
     return "\n".join(lines)

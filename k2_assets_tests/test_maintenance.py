@@ -147,10 +147,12 @@ def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusd
 
 
 def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir, broker, topic, catalog):
-    """A live writer commits small batches to the day while compaction rewrites it again and again: every
-    compaction lands (each attempt a writer's commit beat is made again), no trade is lost or doubled, the
-    writer is never fenced by it, and the day ends in few files."""
+    """A live writer commits small batches to the day while compaction rewrites it and expiry thins its snapshots,
+    again and again: every compaction and expiry lands (an attempt a writer's commit beat is made again), no trade
+    is lost or doubled, the writer is never fenced by it, and the day ends in few files."""
     import threading
+
+    WEEK = timedelta(days=7)  # noqa: N806
 
     events = btc_trade_events(btcusdt_dir)
     where = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
@@ -163,12 +165,18 @@ def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir,
 
     writing = threading.Thread(target=write)
     writing.start()
-    compactions = []
+    compactions, thinned = [], []
     try:
         for chunk in range(0, 12_000, 1_500):
             produce(broker.bootstrap, topic, trade_messages(events[chunk : chunk + 1_500]))
             time.sleep(0.5)
             compactions.append(maintenance.compact(catalog.load_table("market.trades"), where))
+            # Thinning as the hourly job does, compressed: its commit is made again whenever the writer's lands first.
+            thinned.append(
+                maintenance.expire(
+                    catalog.load_table("market.trades"), WEEK, dense=timedelta(seconds=1), thin_to=timedelta(seconds=5)
+                )
+            )
         deadline = time.monotonic() + 60
         while sum(r.written for r in reports) < 12_000 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -179,7 +187,7 @@ def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir,
         live.close()
     assert sum(r.written for r in reports) == 12_000
     assert live.metrics.fenced._value.get() == 0  # a compaction never throws out a writer's batch
-    assert sum(1 for c in compactions if c.snapshot_id is not None) >= 4
+    assert sum(1 for c in compactions if c.snapshot_id is not None) >= 4 and sum(thinned) > 0
     trades = catalog.load_table("market.trades")
     table = trades.scan().to_arrow()
     ids = sorted(table.column("source_sequence").to_pylist())

@@ -144,14 +144,31 @@ def expire(
     now: datetime | None = None,
     dense: timedelta | None = None,
     thin_to: timedelta = THIN_TO,
+    attempts: int = 20,
 ) -> int:
     """Expire snapshots older than `retain` (the time-travel window promised to users), keeping the
     current lineage down to every snapshot that holds the highest recorded Kafka offset of a partition
     (and the tracker state). With `dense`, snapshots older than that are thinned to the newest one of
     each `thin_to` interval: live commits come every second, and every snapshot kept costs each later
-    commit time (docs/live-path.md, "Snapshots at one commit a second"). Returns how many were expired."""
+    commit time (docs/live-path.md, "Snapshots at one commit a second"). Returns how many were expired.
+
+    A live writer commits every second, so the expiry's commit often finds the table moved: it is computed
+    again on the new state and made again (pyiceberg does not retry it)."""
     now = now or datetime.now(UTC)
-    table.refresh()
+    for _ in range(attempts):
+        table.refresh()
+        doomed = _doomed(table, retain, now, dense, thin_to)
+        if not doomed:
+            return 0
+        try:
+            table.maintenance.expire_snapshots().by_ids(doomed).commit()
+        except CommitFailedException:
+            continue
+        return len(doomed)
+    raise CommitFailedException(f"snapshot expiry lost to concurrent commits {attempts} times in a row; a later run retries")
+
+
+def _doomed(table: Table, retain: timedelta, now: datetime, dense: timedelta | None, thin_to: timedelta) -> list[int]:
     cutoff_ms = int((now - retain).timestamp() * 1000)
     holders = {snapshot.snapshot_id for snapshot in _holders(table)}
     keep = {ref.snapshot_id for ref in table.metadata.refs.values()}  # branch and tag heads: pyiceberg refuses them
@@ -167,10 +184,7 @@ def expire(
         older.sort(key=lambda s: s.timestamp_ms)
         newest = {s.timestamp_ms // every_ms: s.snapshot_id for s in older}  # `as of` a time in an interval reads its newest
         doomed += [s.snapshot_id for s in older if s.snapshot_id not in keep and s.snapshot_id not in newest.values()]
-    if not doomed:
-        return 0
-    table.maintenance.expire_snapshots().by_ids(doomed).commit()
-    return len(doomed)
+    return doomed
 
 
 @dataclass(frozen=True)
