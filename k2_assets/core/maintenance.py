@@ -150,7 +150,7 @@ def expire(
     current lineage down to every snapshot that holds the highest recorded Kafka offset of a partition
     (and the tracker state). With `dense`, snapshots older than that are thinned to the newest one of
     each `thin_to` interval: live commits come every second, and every snapshot kept costs each later
-    commit time (docs/live-path.md, "Snapshots at one commit a second"). Returns how many were expired.
+    commit time (docs/live-path.md, "Table maintenance"). Returns how many were expired.
 
     A live writer commits every second, so the expiry's commit often finds the table moved: it is computed
     again on the new state and made again (pyiceberg does not retry it)."""
