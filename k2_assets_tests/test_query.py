@@ -22,10 +22,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import duckdb
+import hypothesis
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
 from k2_assets.cli import main as k2_main
 from k2_assets.cli.common import settings
@@ -262,6 +265,27 @@ def test_time_window_is_start_inclusive_end_exclusive(engine, sources):
     a = engine.trades("BINANCE", "BTCUSDT", "2024-01-01T12:10:00Z", "2024-01-01T23:20:00+11:00", limit=100_000)
     b = engine.trades("BINANCE", "BTCUSDT", "2024-01-01T12:10:00", "2024-01-01 12:20:00", limit=100_000)
     assert a.equals(result) and b.equals(result)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_window_and_limit_give_the_first_trades_in_range(engine, sources, data):
+    """For any [start, end) (on a trade's own time, between trades, or outside the day) and any limit,
+    the rows are exactly the vendor's trades in range, by (time, sequence), the first `limit` of them."""
+    src = sources["btc"]
+    base = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+    moment = st.one_of(
+        st.sampled_from([r[0] for r in src]),
+        st.integers(-3_600_000_000, 5_400_000_000).map(lambda us: base + timedelta(microseconds=us)),
+    )
+    start, end = sorted([data.draw(moment), data.draw(moment)])
+    end += timedelta(microseconds=data.draw(st.integers(1, 1000)))
+    limit = data.draw(st.integers(1, 20_000))
+    expected = [r[1] for r in src if start <= r[0] < end][:limit]
+    result = engine.trades("BINANCE", "BTCUSDT", start, end, limit=limit, columns=["source_sequence", "exchange_timestamp"])
+    assert result.column("source_sequence").to_pylist() == expected
+    times = result.column("exchange_timestamp").to_pylist()
+    assert all(start <= t < end for t in times) and times == sorted(times)
 
 
 def test_filters_by_exchange_symbol_and_columns(engine, sources):

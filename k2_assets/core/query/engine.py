@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
@@ -22,8 +21,8 @@ from pyiceberg.table import Table
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import schemas, snapshots
 from k2_assets.core.query.cache import ArrowCache, Scope, row_scope
-from k2_assets.core.query.results import take, to_pandas, utc
-from k2_assets.core.query.sql import ROW_ID, filters, row_query, where
+from k2_assets.core.query.results import time_window, to_pandas, utc
+from k2_assets.core.query.sql import filters, where
 from k2_assets.core.query.validation import (
     BAR_COLUMNS,
     DEFAULT_BARS_LIMIT,
@@ -62,11 +61,9 @@ log = logging.getLogger("k2.query")
 class QueryEngine:
     """Queries over one catalog's `market` tables: one DuckDB connection, cached table handles and scans.
 
-    Row queries (trades, bars) are late-materialized: DuckDB evaluates the WHERE, ORDER BY and LIMIT
-    over the narrow columns they need and returns row positions; the engine then takes those rows of
-    the requested columns from the cached Arrow scan (a zero-copy slice when they are contiguous, the
-    usual case since cached scans are stored in the queries' order). Aggregates (symbols,
-    daily_summary) run wholly in DuckDB.
+    Row queries (trades, bars) need no query engine: a cached scan is stored sorted in the query's
+    order, time first, so the rows of [start, end) are one run of it, found by binary search and
+    returned as a zero-copy slice. Aggregates (symbols, daily_summary) run in DuckDB.
     """
 
     def __init__(
@@ -257,21 +254,17 @@ class QueryEngine:
         limit: int,
         columns: tuple[str, ...],
     ) -> pa.Table:
-        """A row query, late-materialized.
-
-        The Iceberg scan applies exchange, symbol and trade_date exactly (pyiceberg filters rows, not
-        only files), and the cached scan is sorted by `order` and numbered in ROW_ID. DuckDB then
-        applies the time range, the order (ORDER BY ROW_ID is ORDER BY `order`) and the limit over
-        just those two columns, and returns row numbers; the requested columns are taken by them.
-        """
+        """A row query: the Iceberg scan applies exchange, symbol and trade_date exactly (pyiceberg
+        filters rows, not only files); the cached scan is sorted by `order`, whose first column is
+        `time_column`, so the time range and the limit are a slice of it."""
         handle = self._table(table)
         snapshot_id = self._snapshot_id(handle, table, as_of)
         if scope.symbol is not None:
             self._check_symbol(handle, table, schema_name, snapshot_id, scope.exchange, scope.symbol)
         data = self._scan(handle, table, schema_name, snapshot_id, scope, ("*",), order=order)
-        sql, params = row_query(time_column, start, end, limit)
-        positions = self._execute(sql, params, data.select([time_column, ROW_ID])).column(0)
-        return take(data.select(list(columns)), positions)
+        if order[0] != time_column:
+            raise AssertionError(f"a row query's order must start with its time column {time_column}, not {order[0]}")
+        return time_window(data, time_column, start, end, limit).select(list(columns))
 
     def _table(self, name: str, *, force: bool = False) -> Table | None:
         """The table handle; None if the table does not exist.
@@ -345,7 +338,7 @@ class QueryEngine:
     ) -> pa.Table:
         """The Arrow data of `scope` at `snapshot_id`, from the cache or an Iceberg scan (then cached).
 
-        With `order`, the rows are sorted by it and numbered in ROW_ID.
+        With `order`, the rows are sorted by it, in one chunk.
         """
         key = (name, snapshot_id, scope, columns, order)
         data = self._cache.get(key) if snapshot_id is not None else None
@@ -358,7 +351,7 @@ class QueryEngine:
             data = handle.scan(row_filter=scope.expression(), snapshot_id=snapshot_id, selected_fields=columns).to_arrow()
         if order:
             data = data.sort_by([(c, "ascending") for c in order]) if data.num_rows else data
-            data = data.combine_chunks().append_column(ROW_ID, pa.array(np.arange(data.num_rows, dtype=np.int64)))
+            data = data.combine_chunks()
         if snapshot_id is not None:
             self._cache.put(key, data)
         return data

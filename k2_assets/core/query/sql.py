@@ -6,8 +6,6 @@ import re
 from datetime import date, datetime
 from typing import Any
 
-ROW_ID = "__row"  # position of a row in a cached scan: DuckDB returns these, Arrow then takes the rows
-
 
 def quote(identifier: str) -> str:
     """Quote an identifier that has already been checked against an allowlist."""
@@ -43,10 +41,3 @@ def filters(
         conditions.append("trade_date = $trade_date")
         params["trade_date"] = session
     return conditions, params
-
-
-def row_query(time_column: str, start: datetime | None, end: datetime | None, limit: int) -> tuple[str, dict[str, Any]]:
-    """The SQL (and its parameters) a row query runs over a cached scan's time and ROW_ID columns."""
-    conditions, params = filters(None, None, start, end, time_column, None)
-    params["limit"] = limit
-    return f"SELECT {quote(ROW_ID)} FROM src{where(conditions)} ORDER BY {quote(ROW_ID)} LIMIT $limit", params
