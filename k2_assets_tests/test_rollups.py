@@ -9,9 +9,11 @@ from decimal import Decimal
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyiceberg.expressions import And, EqualTo
 
-from k2_assets.core import writer
+from k2_assets.core import rollups, writer
 from k2_assets.defs.asx.assets import asx_trades
 from k2_assets.defs.binance.assets import binance_trades_history
 from k2_assets.defs.resources import IcebergResource
@@ -188,3 +190,27 @@ def test_new_trades_cascade_into_bars_by_declarative_automation(asx_dir, catalog
     instance.report_runless_asset_event(dg.AssetMaterialization("binance_trades", partition="2024-01-01"))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     assert result.get_requested_partitions(dg.AssetKey("ohlcv_1m")) == {"2024-01-01"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.none(), st.sampled_from(["ASX", "BINANCE", "BINANCE_UM", "", "ASXASX", "AS", "Ü"])), max_size=40
+    ),
+    cut=st.integers(0, 40),
+    offset=st.integers(0, 5),
+    large=st.booleans(),
+)
+def test_a_column_is_single_valued_exactly_when_every_row_holds_one_value(values, cut, offset, large):
+    """The rollup drops exchange and trade_date from its group keys only when the whole column holds one value:
+    checked over chunked, sliced and large strings, nulls and values that repeat each other's bytes."""
+    kind = pa.large_string() if large else pa.string()
+    arrays = [pa.array(values[:cut], kind), pa.array(["X"] * offset + values[cut:], kind).slice(offset)]
+    column = pa.chunked_array(arrays, kind)
+    distinct = set(values)
+    expected = values[0] if values and len(distinct) == 1 and None not in distinct else None
+    assert rollups._single_value(column) == expected
+    dates = pa.chunked_array([pa.array([len(v) if v else None for v in values], pa.int32()).cast(pa.date32())])
+    lengths = {len(v) if v else None for v in values}
+    expect_date = dates[0].as_py() if values and len(lengths) == 1 and None not in lengths else None
+    assert rollups._single_value(dates) == expect_date
