@@ -57,6 +57,7 @@ class SeenIndex:
     exchange: str
     ids: dict[Key, np.ndarray] = field(default_factory=dict)
     in_step: deque = field(default_factory=lambda: deque(maxlen=256))  # snapshot ids the index reflects
+    _room: dict[Key, np.ndarray] = field(default_factory=dict, repr=False)  # buffers the ids of a key grow into
 
     def load(self, table: Table, day: date, symbol: str) -> np.ndarray:
         key = (day, symbol)
@@ -74,15 +75,30 @@ class SeenIndex:
     def add(self, day: date, symbol: str, new: np.ndarray) -> None:
         key = (day, symbol)
         old, new = self.ids[key], np.unique(new)
+        if not new.size:
+            return
         if not old.size or new[0] > old[-1]:  # the usual case: ids only grow
-            self.ids[key] = np.concatenate([old, new])
+            self.ids[key] = self._append(key, old, new)
             return
         merged = np.concatenate([old, new])
         merged.sort(kind="stable")  # two sorted runs: a linear merge
         self.ids[key] = merged[np.r_[True, merged[1:] != merged[:-1]]]
+        self._room.pop(key, None)
+
+    def _append(self, key: Key, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """`old` then `new`, in a buffer with room to grow: a batch costs its own ids, not a copy of the day's."""
+        room = self._room.get(key)
+        n, m = old.size, new.size
+        if room is None or old.base is not room or room.size < n + m:
+            room = np.empty(max(n + m + (n + m) // 4, 65_536), dtype=np.int64)  # grows by a quarter: a bounded spare
+            room[:n] = old
+            self._room[key] = room
+        room[n : n + m] = new
+        return room[: n + m]
 
     def clear(self) -> None:
         self.ids.clear()
+        self._room.clear()
 
     def follow(self, metadata: TableMetadata, parent: int | None, io, depth: int = 2000) -> set[Key] | str:
         """Bring the index in step with `parent`: add the ids that appends since the last snapshot in step

@@ -221,10 +221,8 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
 
         # Judge the sequence in arrival order (before dedup: a repeat is an event worth counting).
         events = self.tracker.check(rows.column("symbol"), rows.column("source_sequence")).counts() if rows.num_rows else {}
-        rows, duplicates = self._new_rows(rows)
+        rows, duplicates, batch_ids = self._new_rows(rows)
         rows = rows.sort_by(writer.SORT_KEYS) if rows.num_rows else rows
-        ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64) if rows.num_rows else None
-        batch_ids = {key: ids[index] for key, index in groups(rows)} if rows.num_rows else {}
         properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker_key, self.tracker.dumps())
         snapshot_id = None
         if rows.num_rows or any(next_offsets[p] > starts[p] for p in next_offsets):
@@ -337,21 +335,23 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         marks = pa.array([self.rejects_written.get(p, 0) for p in rejected.column("kafka_partition").to_pylist()], pa.int64())
         return rejected.filter(pc.greater_equal(rejected.column("kafka_offset"), marks))
 
-    def _new_rows(self, rows: pa.Table) -> tuple[pa.Table, int]:
-        """Drop trades the partition already holds and repeats within the batch."""
+    def _new_rows(self, rows: pa.Table) -> tuple[pa.Table, int, dict]:
+        """Drop trades the partition already holds and repeats within the batch; also the new ids, sorted, per (day, symbol)."""
         if not rows.num_rows:
-            return rows, 0
+            return rows, 0, {}
         ids = rows.column("source_sequence").to_numpy(zero_copy_only=False).astype(np.int64)
         keep = np.zeros(rows.num_rows, dtype=bool)
+        batch_ids = {}
         for (day, symbol), index in groups(rows):
             seen = self.seen.load(self.trades, day, symbol)
-            group_ids = ids[index]
-            _, first = np.unique(group_ids, return_index=True)  # first occurrence within the batch
-            fresh = np.zeros(len(index), dtype=bool)
-            fresh[first] = True
-            fresh &= ~SeenIndex.contains(seen, group_ids)
-            keep[index[fresh]] = True
-        return rows.filter(pa.array(keep)), int((~keep).sum())
+            unique, first = np.unique(ids[index], return_index=True)  # first occurrence within the batch
+            new = ~SeenIndex.contains(seen, unique)
+            keep[index[first[new]]] = True
+            if new.any():
+                batch_ids[(day, symbol)] = unique[new]
+        if keep.all():
+            return rows, 0, batch_ids
+        return rows.filter(pa.array(keep)), int((~keep).sum()), batch_ids
 
     def _remember(self, batch_ids: dict) -> None:
         """The committed trade ids, per (day, symbol): into the dedup index, and due for gap reconciling."""
