@@ -18,6 +18,11 @@ def stream() -> None:
 @click.option("--url", help="stream base URL  [default: K2_BINANCE_WS_URL, with --market um K2_BINANCE_UM_WS_URL]")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option(
+    "--topic",
+    help="the trades topic (its dead letters are TOPIC.dlq)  "
+    "[default: market.crypto.trades.binance, with --market um market.crypto.trades.binance_um]",
+)
+@click.option(
     "--partitions", type=click.IntRange(min=1), default=3, show_default=True, help="partitions of the topic if K2 creates it"
 )
 @click.option(
@@ -26,7 +31,9 @@ def stream() -> None:
     default=default("producer_metrics_port"),
     help="serve Prometheus /metrics on PORT (0: off)  [default: K2_PRODUCER_METRICS_PORT]",
 )
-def binance(symbols: str, market: str, url: str | None, bootstrap: str, partitions: int, metrics_port: int) -> None:
+def binance(
+    symbols: str, market: str, url: str | None, bootstrap: str, topic: str | None, partitions: int, metrics_port: int
+) -> None:
     """Binance's trade stream (spot or USD-M futures) into Kafka.
 
     Trades keyed by symbol, dead letters for what cannot be decoded, until Ctrl-C or SIGTERM (flushing first).
@@ -48,8 +55,9 @@ def binance(symbols: str, market: str, url: str | None, bootstrap: str, partitio
     config = settings()
     url = url or (config.binance_um_ws_url if market == "um" else config.binance_ws_url)
     configure_json(sys.stderr)
-    ensure_topics(bootstrap, {chosen.topic: partitions, chosen.dead_letter_topic: 1})
-    producer = BinanceProducer(names, bootstrap, market=chosen, base_url=url)
+    topic = topic or chosen.topic
+    ensure_topics(bootstrap, {topic: partitions, topic + ".dlq": 1})
+    producer = BinanceProducer(names, bootstrap, market=chosen, base_url=url, topic=topic, dead_letter_topic=topic + ".dlq")
     if metrics_port:
         serve(producer.metrics.registry, metrics_port)
         get_logger(LOGGER).info("metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from k2_assets.core.live_report import BatchReport
 from k2_assets.core.live_writer import LiveWriter
 from k2_assets.core.outage import TRANSIENT, StoreUnavailable
+from k2_assets.core.text import one_line
 
 log = logging.getLogger("k2.writer")
 
@@ -34,11 +35,10 @@ class Harvest:
     started: bool = False  # this harvest started the writer
 
 
-def one_line(exc: BaseException, batches: int) -> str:
+def stop_reason(exc: BaseException, batches: int) -> str:
     """Why draining stopped, in one line: a store outage or an error, after how many micro-batches."""
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    what = "a store outage" if isinstance(exc, (StoreUnavailable, *TRANSIENT)) else f"an error ({type(exc).__name__})"
-    return f"drain ended by {what} after {batches} micro-batches: {first_line}"
+    what = "a store outage" if isinstance(exc, (StoreUnavailable, *TRANSIENT)) else "an error"
+    return f"drain ended by {what} after {batches} micro-batches: {one_line(exc)}"
 
 
 class BackgroundDrain:
@@ -113,7 +113,7 @@ class BackgroundDrain:
                     self._done.position = dict(writer.position)
                 self._cycle_days = {}
         except Exception as exc:
-            error = one_line(exc, batches)
+            error = stop_reason(exc, batches)
             log.warning(error) if isinstance(exc, (StoreUnavailable, *TRANSIENT)) else log.exception(error)
             with self._lock:
                 self._done.error = error

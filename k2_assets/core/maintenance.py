@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
@@ -39,11 +40,12 @@ THIN_TO = timedelta(hours=1)
 ORPHAN_GRACE = timedelta(days=3)  # an unreferenced file younger than this may belong to a write in flight
 SMALL_FILE_BYTES = 32 * 2**20  # compaction rewrites files under this; larger ones are done
 SYDNEY = ZoneInfo("Australia/Sydney")
+T = TypeVar("T")
 
 
 def days_to_compact(lookback_days: int, now: datetime | None = None) -> list[date]:
     """The open days (today's UTC day and the current ASX session, which live writers still append to) and
-    the `lookback_days` closed days before them, oldest first (a deferred day is retried the next night)."""
+    the `lookback_days` closed days before them, oldest first (a deferred day is retried by the next hourly run)."""
     now = now or datetime.now(UTC)
     open_days = {now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()}
     closed = min(open_days) - timedelta(days=1)
@@ -87,37 +89,49 @@ def compact(table: Table, where: BooleanExpression, attempts: int = 20, small_by
     writer appending to the same partition: a partition that is still being written is compacted as it goes.
     If any commit lands between reading the table and committing, the attempt is refused by pyiceberg's
     validation and made again on the new state; the rewritten file is written once and reused."""
-    rows, files, written = None, [], []
-    for _ in range(attempts):
+    done: dict = {"files": [], "written": [], "rows": None}  # kept across attempts: written once, reused
+
+    def attempt() -> CompactionResult:
         table.refresh()
         snapshot = table.current_snapshot()
         if snapshot is None:
             return CompactionResult(0, 0, 0, None)
         tasks = [t for t in table.scan(row_filter=where, snapshot_id=snapshot.snapshot_id).plan_files()]
         current = {t.file.file_path for t in tasks}
-        if not files or not {f.file_path for f in files} <= current:
+        if not done["files"] or not {f.file_path for f in done["files"]} <= current:
             # First attempt, or another compaction or a load replaced files meanwhile: read and write again.
             # (Files a live writer added since are simply not part of this rewrite.)
             small = [t for t in tasks if t.file.file_size_in_bytes < small_bytes]
-            files = [t.file for t in small]
-            if len(files) <= 1:
-                return CompactionResult(sum(f.record_count for f in files), len(files), len(files), None)
+            done["files"] = [t.file for t in small]
+            if len(small) <= 1:
+                return CompactionResult(sum(t.file.record_count for t in small), len(small), len(small), None)
             rows = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue()).to_table(small)
-            rows = rows.sort_by(writer.SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
-            written = list(_dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4()))
+            done["rows"] = rows.sort_by(writer.SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
+            done["written"] = list(_dataframe_to_data_files(table.metadata, done["rows"], table.io, uuid.uuid4()))
         properties = {**carried_properties(table), "k2.maintenance": "compact"}
-        try:
-            with table.transaction() as tx:
-                with tx.update_snapshot(snapshot_properties=properties).overwrite() as rewrite:
-                    for data_file in files:
-                        rewrite.delete_data_file(data_file)
-                    for data_file in written:
-                        rewrite.append_data_file(data_file)
-        except (ValidationException, CommitFailedException):
-            continue  # a commit landed meanwhile: validated against it, nothing changed; try on the new state
+        with table.transaction() as tx:
+            with tx.update_snapshot(snapshot_properties=properties).overwrite() as rewrite:
+                for data_file in done["files"]:
+                    rewrite.delete_data_file(data_file)
+                for data_file in done["written"]:
+                    rewrite.append_data_file(data_file)
         after = table.current_snapshot()
-        return CompactionResult(rows.num_rows, len(files), len(written), after.snapshot_id if after else None)
-    raise CommitFailedException(f"compaction lost to concurrent commits {attempts} times in a row; a later run retries")
+        return CompactionResult(
+            done["rows"].num_rows, len(done["files"]), len(done["written"]), after.snapshot_id if after else None
+        )
+
+    return _retried(attempt, attempts, "compaction")
+
+
+def _retried(attempt: Callable[[], T], attempts: int, what: str) -> T:
+    """`attempt()`, made again while pyiceberg refuses its commit because another commit landed meanwhile (it
+    validated against that commit, so nothing changed); each attempt reads the table's new state itself."""
+    for _ in range(attempts):
+        try:
+            return attempt()
+        except (ValidationException, CommitFailedException):
+            continue
+    raise CommitFailedException(f"{what} lost to concurrent commits {attempts} times in a row; a later run retries")
 
 
 def _holders(table: Table) -> list[Snapshot]:
@@ -155,17 +169,15 @@ def expire(
     A live writer commits every second, so the expiry's commit often finds the table moved: it is computed
     again on the new state and made again (pyiceberg does not retry it)."""
     now = now or datetime.now(UTC)
-    for _ in range(attempts):
+
+    def attempt() -> int:
         table.refresh()
         doomed = _doomed(table, retain, now, dense, thin_to)
-        if not doomed:
-            return 0
-        try:
+        if doomed:
             table.maintenance.expire_snapshots().by_ids(doomed).commit()
-        except CommitFailedException:
-            continue
         return len(doomed)
-    raise CommitFailedException(f"snapshot expiry lost to concurrent commits {attempts} times in a row; a later run retries")
+
+    return _retried(attempt, attempts, "snapshot expiry")
 
 
 def _doomed(table: Table, retain: timedelta, now: datetime, dense: timedelta | None, thin_to: timedelta) -> list[int]:
