@@ -513,6 +513,20 @@ def test_timeout_cancels_a_slow_query_and_the_engine_keeps_working(warehouse):
         assert engine._execute("SELECT 42 AS x", None, None).column("x").to_pylist() == [42]
 
 
+def test_a_closed_engine_refuses_every_query(warehouse):
+    engine = QueryEngine(warehouse)
+    assert engine.trades("BINANCE", "BTCUSDT", limit=1).num_rows == 1
+    engine.close()
+    for query_call in (
+        lambda: engine.trades("BINANCE", "BTCUSDT", limit=1),
+        lambda: engine.bars("1m", "BINANCE", "BTCUSDT"),
+        lambda: engine.symbols("BINANCE"),
+    ):
+        with pytest.raises(QueryError, match="the query engine is closed"):
+            query_call()
+    assert engine.cache_info()["entries"] == 0
+
+
 def test_duckdb_is_limited_and_locked(warehouse):
     with QueryEngine(warehouse, memory_limit="64MB", threads=1) as engine:
         sql = "SELECT current_setting('memory_limit') AS m, current_setting('threads') AS t"

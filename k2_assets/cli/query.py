@@ -1,4 +1,4 @@
-"""`k2 query trades|bars|symbols|summary`: DuckDB queries over the Iceberg tables, printed as a table, csv or json."""
+"""`k2 query trades|bars|symbols|summary`: queries over the Iceberg tables, printed as a table, csv or json."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _common = _options(
         type=click.FloatRange(0, min_open=True),
         default=10.0,
         show_default=True,
-        help="seconds a query may run before it is cancelled",
+        help="seconds a DuckDB query (symbols, summary) may run before it is cancelled",
     ),
     click.option("--memory-limit", default="1GB", show_default=True, help="DuckDB's memory ceiling, e.g. 512MB"),
 )
@@ -50,7 +50,7 @@ _common = _options(
 
 @click.group("query")
 def query() -> None:
-    """DuckDB queries over the Iceberg tables (the catalog of the K2_* settings)."""
+    """Queries over the Iceberg tables (the catalog of the K2_* settings)."""
 
 
 # The limits' defaults are the engine's DEFAULT_TRADES_LIMIT and DEFAULT_BARS_LIMIT, written out so that

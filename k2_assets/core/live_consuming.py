@@ -99,14 +99,17 @@ class Consuming:
                 raise RuntimeError(f"Kafka error while consuming {self.topic}: {error}")
         return good
 
-    def _keep_owned(self, messages: list, owned: dict, into: list) -> None:
-        """Append to `into` the messages of owned partitions, in one pass; a Kafka error (not an end of partition) raises."""
-        keep = into.append
+    def _keep_owned(self, messages: list, owned: dict, into: list) -> int:
+        """Append to `into` the messages of owned partitions, in one pass; how many messages (not events) were read.
+        A Kafka error (not an end of partition) raises."""
+        keep, events = into.append, 0
         for m in messages:
             if m.error() is not None:
                 self._good([m])
+                events += 1
             elif (m.topic(), m.partition()) in owned:
                 keep(m)
+        return len(messages) - events
 
     def _collect(self, deadline: float, idle_seconds: float, stop: threading.Event) -> tuple[list, dict]:
         with self._lock:
@@ -125,8 +128,7 @@ class Consuming:
                     changed = {k for k in owned.keys() | self._owned.keys() if owned.get(k) != self._owned.get(k)}
                     batch = [m for m in batch if (m.topic(), m.partition()) not in changed]
                     owned = dict(self._owned)
-            if messages:
-                self._keep_owned(messages, owned, batch)
+            if self._keep_owned(messages, owned, batch):
                 idle_since = time.monotonic()
         return batch, owned
 

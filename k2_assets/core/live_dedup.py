@@ -90,7 +90,7 @@ class SeenIndex:
         room = self._room.get(key)
         n, m = old.size, new.size
         if room is None or old.base is not room or room.size < n + m:
-            room = np.empty(max(n + m + (n + m) // 4, 65_536), dtype=np.int64)  # grows by a quarter: a bounded spare
+            room = np.empty(max(n + m + (n + m) // 4, 1024), dtype=np.int64)  # grows by a quarter: a bounded spare
             room[:n] = old
             self._room[key] = room
         room[n : n + m] = new

@@ -22,7 +22,7 @@ Decision: how DuckDB reads Iceberg
     version and needs nothing downloaded at run time. DuckDB's own `iceberg` extension would be
     downloaded on first use (and the offline PyPI wheel of it pins duckdb 1.5.5), so it is not used.
     The price is that an Iceberg scan is not interruptible and reads whole partitions' columns; this
-    is why scans are cached (below) and queries only pay DuckDB's time when warm.
+    is why scans are cached (below): a warm query pays only the slice, or DuckDB's time for aggregates.
 
 How a query runs
     The Iceberg scan applies exchange, symbol and trade_date exactly (the partition filter; for
@@ -43,12 +43,12 @@ Caching and freshness
     (`engine.refresh()` forces it). The symbol sets used to validate `symbol` are cached the same way.
 
 Safety
-    Every value (symbol, exchange, times, dates, limit) is bound as a DuckDB parameter (`$name`) and
+    Every value a DuckDB query takes (exchange, symbol, dates) is bound as a parameter (`$name`) and
     never formatted into SQL; table, interval, exchange and column names only come from allowlists.
     The DuckDB connection (one per engine, a cursor per query, so queries can run from several
     threads) is opened from K2's one hardened configuration (rollups.DUCKDB_CONFIG: no file system
     access, no Python replacement scans, no extension auto-install, a thread limit) with the engine's
-    own memory limit (default 1GB), and then its configuration is locked. Each query runs under a
+    own memory limit (default 1GB), and then its configuration is locked. Each DuckDB query runs under a
     timeout (default 10 s): a watchdog thread calls `interrupt()` on the query's cursor and the caller
     gets `QueryTimeout`. Bad input raises a `QueryError` (a ValueError) saying what is wrong and what
     is allowed: unknown exchange, interval, column or snapshot, a symbol absent from the table (the

@@ -1,4 +1,4 @@
-"""QueryEngine: analyst queries over one catalog's `market` tables, run by DuckDB over cached Iceberg scans."""
+"""QueryEngine: analyst queries over one catalog's `market` tables, answered from cached Iceberg scans (aggregates by DuckDB)."""
 
 from __future__ import annotations
 
@@ -272,6 +272,8 @@ class QueryEngine:
         A handle older than refresh_ms is reloaded from the catalog in the background: the query in hand reads
         the one loaded, so no query waits for a metadata load (a query's p99 did, once a second). With
         refresh_ms=0, or `force`, the handle is reloaded before the query."""
+        if self._closed:  # every query starts here
+            raise QueryError("the query engine is closed")
         entry = self._tables.get(name)
         if not force and entry is not None and self.refresh_s > 0:
             if time.monotonic() - entry[1] >= self.refresh_s:

@@ -1,4 +1,4 @@
-"""Shaping query results: rows taken by position, UTC labels, and pandas DataFrames."""
+"""Shaping query results: a time window of a sorted scan, UTC labels, and pandas DataFrames."""
 
 from __future__ import annotations
 
