@@ -142,6 +142,39 @@ class Recorder:
         }
 
 
+class CpuShares:
+    """Cores each process used since the last reading: whether a window's latency is K2's own work or a neighbour's."""
+
+    def __init__(self, processes: dict[str, psutil.Process]):
+        self.processes: dict[str, psutil.Process] = {}
+        self.last: dict[str, float] = {}
+        self.at = time.monotonic()
+        for name, process in processes.items():
+            self.add(name, process)
+
+    def add(self, name: str, process: psutil.Process) -> None:
+        self.processes[name] = process
+        self.last[name] = self._seconds(process)
+
+    def since_last(self) -> dict[str, float]:
+        now = time.monotonic()
+        shares = {}
+        for name, process in self.processes.items():
+            seconds = self._seconds(process)
+            shares[f"{name}_cores"] = (seconds - self.last[name]) / max(now - self.at, 1e-9)
+            self.last[name] = seconds
+        self.at = now
+        return shares
+
+    @staticmethod
+    def _seconds(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # the process ended
+            return 0.0
+        return times.user + times.system
+
+
 def table_state(cat) -> dict:
     table = cat.load_table("market.trades")
     current = table.current_snapshot()
@@ -183,10 +216,13 @@ def soak(home: Path) -> dict:
             target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_maintaining, maintained)
         )
         me = psutil.Process()
+        cpu = CpuShares({"writer": me, "broker": psutil.Process(b.process.pid)})
         windows, errors, rss = [], [], []
         try:
             feeder.start()
             maintainer.start()
+            cpu.add("maintenance", psutil.Process(maintainer.pid))
+            cpu.add("feed+producer", psutil.Process(feeder.pid))
             started = time.monotonic()
             window_start = started
             while len(windows) < WINDOWS:
@@ -200,6 +236,10 @@ def soak(home: Path) -> dict:
                     figures["rss_mb"] = max(r for t, r in rss if t >= window_start)
                     figures.update(table_state(cat))
                     figures["minute"] = (now - started) / 60
+                    figures.update(cpu.since_last(), load_1min=os.getloadavg()[0])
+                    # K2's own work per trade: flat if the writer's latency grows only from its neighbours' CPU.
+                    cpu_ms = figures["writer_cores"] * (now - window_start) * 1000
+                    figures["writer_cpu_ms_per_1k"] = cpu_ms * 1000 / max(figures["rows"], 1)
                     windows.append(figures)
                     progress(
                         f"soak window {len(windows)}/{WINDOWS}: "
@@ -241,7 +281,8 @@ def soak(home: Path) -> dict:
 def render(results: dict) -> str:
     windows, runs = results["windows"], results["maintenance_runs"]
     header = f"{'window':<8} {'minute':>6} {'RSS MB':>8} {'commit p50 s':>12} {'commit p95 s':>12} {'fresh p95 s':>11} "
-    header += f"{'snapshots':>9} {'data files':>10} {'commits':>8} {'rows':>10}"
+    header += f"{'snapshots':>9} {'data files':>10} {'commits':>8} {'rows':>10}  "
+    header += f"{'cores: writer broker maint feed':>31} {'load':>5}"
     lines = [
         f"Soak — {MINUTES:g} min at {RATE:,} trades/s through the sensor's BackgroundDrain; maintenance every "
         f"{MAINTENANCE_EVERY_S:g} s (compact the live day; every snapshot of {DENSE_S:g} s, then one per {THIN_TO_S:g} s, "
@@ -252,13 +293,17 @@ def render(results: dict) -> str:
     for i, w in enumerate(windows, 1):
         lines.append(
             f"{i:<8} {w['minute']:>6.1f} {w['rss_mb']:>8.0f} {w['commit_p50_s']:>12.3f} {w['commit_p95_s']:>12.3f} "
-            f"{w['freshness_p95_s']:>11.2f} {w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}"
+            f"{w['freshness_p95_s']:>11.2f} {w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}  "
+            f"{w['writer_cores']:>13.2f} {w['broker_cores']:>6.2f} {w['maintenance_cores']:>5.2f} "
+            f"{w['feed+producer_cores']:>4.2f} {w['load_1min']:>5.2f}"
         )
     lines += [
         "-" * len(header),
         "last / first: "
         + ", ".join(f"{k} {v['ratio']:.2f}x {v['verdict']}" for k, v in results["flatness"].items())
-        + f" (goal <= {FLAT:g}x)",
+        + f" (goal <= {FLAT:g}x); writer CPU per 1,000 trades {windows[0]['writer_cpu_ms_per_1k']:.0f} -> "
+        + f"{windows[-1]['writer_cpu_ms_per_1k']:.0f} ms, broker {windows[0]['broker_cores']:.2f} -> "
+        + f"{windows[-1]['broker_cores']:.2f} cores",
         f"table {results['table_rows']:,} rows = {results['distinct_message_ids']:,} distinct message_ids; produced "
         f"{results['produced']['produced']:,}; drain errors {len(results['errors'])}; maintenance runs {len(runs)}: "
         + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
