@@ -345,15 +345,26 @@ def parse_clock_micros(values: pa.StringArray) -> pa.Array:
     return pc.if_else(valid, micros, pa.scalar(None, pa.int64()))
 
 
+def fixed_width_bytes(values: pa.Array, width: int) -> pa.Buffer | None:
+    """The bytes of a (large) string array whose every value is `width` bytes long, none null, as one buffer;
+    else None. Such a column can be read as a byte matrix, with no per-value string work."""
+    n = len(values)
+    if n == 0 or values.null_count:
+        return None
+    kind = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(values.buffers()[1], dtype=kind)[values.offset : values.offset + n + 1]
+    if offsets[-1] - offsets[0] != width * n or (width and not (np.diff(offsets) == width).all()):
+        return None
+    return values.buffers()[2].slice(int(offsets[0]), width * n) if width else pa.py_buffer(b"")
+
+
 def _clock_fixed_width(values: pa.StringArray) -> pa.Array | None:
     """The vendor's HH:MM:SS.mmm, read as a byte matrix (no per-row string work); None if not that shape."""
+    data = fixed_width_bytes(values, 12)
+    if data is None:
+        return None
     n = len(values)
-    if n == 0 or values.null_count or values.offset:
-        return None
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=n + 1)
-    if offsets[0] != 0 or offsets[-1] != 12 * n or not (np.diff(offsets) == 12).all():
-        return None
-    chars = np.frombuffer(values.buffers()[2], dtype=np.uint8, count=12 * n).reshape(n, 12)
+    chars = np.frombuffer(data, dtype=np.uint8, count=12 * n).reshape(n, 12)
     digits = chars[:, [0, 1, 3, 4, 6, 7, 9, 10, 11]].astype(np.int64) - 48
     shaped = ((digits >= 0) & (digits <= 9)).all(axis=1) & (chars[:, 2] == 58) & (chars[:, 5] == 58) & (chars[:, 8] == 46)
     hh, mm, ss = digits[:, 0] * 10 + digits[:, 1], digits[:, 2] * 10 + digits[:, 3], digits[:, 4] * 10 + digits[:, 5]

@@ -21,11 +21,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from k2_assets.core import schemas
+from k2_assets.core import decode, schemas
 from k2_assets.core.checks import session_bounds
 
 FILL_EMPTY_BARS = {"BINANCE": True, "BINANCE_UM": True, "ASX": False}
@@ -130,11 +129,8 @@ def _single_value(column: pa.ChunkedArray):
     for chunk in column.chunks:
         if not len(chunk):
             continue
-        kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=kind)[chunk.offset : chunk.offset + len(chunk) + 1]
-        if offsets[-1] - offsets[0] != width * len(chunk) or (width and not np.all(np.diff(offsets) == width)):
-            return None
-        if width and not _repeats(chunk.buffers()[2].slice(int(offsets[0]), width * len(chunk)), expected):
+        data = decode.fixed_width_bytes(chunk, width)
+        if data is None or (width and not _repeats(data, expected)):
             return None
     return first
 
