@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from bench._common import REPO, environment, footer, progress, row, save
 from bench.live_producer_rate import FeedProcess, k2_producer
-from bench.live_throughput import broker, load_average
+from bench.live_throughput import broker, cpu_seconds, load_average
 from k2_assets.core.kafka import ensure_topics
 
 NAME = "live_producer_scale"
@@ -37,13 +36,9 @@ def produce(url: str, bootstrap: str, topic: str, n: int, symbols: tuple[str, ..
     """One producer process: produce n trades of `symbols`, then print its result and the CPU seconds that took
     (not the interpreter's start and imports) as JSON."""
 
-    def cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    before = cpu()
+    before = cpu_seconds()
     result = asyncio.run(k2_producer(url, bootstrap, topic, n, symbols))
-    print(json.dumps({**result, "cpu_s": cpu() - before}), flush=True)
+    print(json.dumps({**result, "cpu_s": cpu_seconds() - before}), flush=True)
 
 
 def processes(url: str, bootstrap: str, topic: str, split: list[tuple[str, ...]]) -> dict:

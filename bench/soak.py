@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from bench._common import environment, footer, progress, row, save
 from bench.live_freshness import ProducerThread, wall_clock_walk
-from bench.live_throughput import broker, load_average, temp_tables
+from bench.live_throughput import broker, load_average, pid_cpu_seconds, temp_tables
 from k2_assets.core import catalog, live_writer, maintenance, writer
 from k2_assets.core.kafka import ensure_topics
 from k2_assets.core.live_drain import BackgroundDrain
@@ -145,34 +145,26 @@ class Recorder:
 class CpuShares:
     """Cores each process used since the last reading: whether a window's latency is K2's own work or a neighbour's."""
 
-    def __init__(self, processes: dict[str, psutil.Process]):
-        self.processes: dict[str, psutil.Process] = {}
+    def __init__(self, pids: dict[str, int]):
+        self.pids: dict[str, int] = {}
         self.last: dict[str, float] = {}
         self.at = time.monotonic()
-        for name, process in processes.items():
-            self.add(name, process)
+        for name, pid in pids.items():
+            self.add(name, pid)
 
-    def add(self, name: str, process: psutil.Process) -> None:
-        self.processes[name] = process
-        self.last[name] = self._seconds(process)
+    def add(self, name: str, pid: int) -> None:
+        self.pids[name] = pid
+        self.last[name] = pid_cpu_seconds(pid)
 
     def since_last(self) -> dict[str, float]:
         now = time.monotonic()
         shares = {}
-        for name, process in self.processes.items():
-            seconds = self._seconds(process)
+        for name, pid in self.pids.items():
+            seconds = pid_cpu_seconds(pid)
             shares[f"{name}_cores"] = (seconds - self.last[name]) / max(now - self.at, 1e-9)
             self.last[name] = seconds
         self.at = now
         return shares
-
-    @staticmethod
-    def _seconds(process: psutil.Process) -> float:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:  # the process ended
-            return 0.0
-        return times.user + times.system
 
 
 def table_state(cat) -> dict:
@@ -216,13 +208,13 @@ def soak(home: Path) -> dict:
             target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_maintaining, maintained)
         )
         me = psutil.Process()
-        cpu = CpuShares({"writer": me, "broker": psutil.Process(b.process.pid)})
+        cpu = CpuShares({"writer": os.getpid(), "broker": b.process.pid})
         windows, errors, rss = [], [], []
         try:
             feeder.start()
             maintainer.start()
-            cpu.add("maintenance", psutil.Process(maintainer.pid))
-            cpu.add("feed+producer", psutil.Process(feeder.pid))
+            cpu.add("maintenance", maintainer.pid)
+            cpu.add("feed+producer", feeder.pid)
             started = time.monotonic()
             window_start = started
             while len(windows) < WINDOWS:
