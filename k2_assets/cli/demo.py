@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from k2_assets.cli.common import DATE, PROJECT_DIR, UserError, dagster_home, settings
-from k2_assets.core.settings import DEFAULTS, Settings
+from k2_assets.core.settings import DEFAULTS, Settings, apply_defaults
 from k2_assets.supervisor import Supervisor
 
 
@@ -92,6 +92,9 @@ def _demo(settings: Settings, *, host: str, port: int, regenerate: bool, symbols
     for path, name in ((settings.asx_data_dir, "K2_ASX_DATA_DIR"), (settings.binance_history_dir, "K2_BINANCE_HISTORY_DIR")):
         if not path.exists():
             print(f"k2: warning: {name}={path} does not exist; its asset will fail until it does", file=sys.stderr)
+    # Every child gets the resolved settings: Dagster runs its code server and runs in DAGSTER_HOME, where a
+    # relative default K2_HOME (./.k2) would name another home.
+    apply_defaults(os.environ)
     home = dagster_home()
     logs = settings.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
