@@ -90,7 +90,7 @@ def maintain_table(cat, name: str) -> dict:
     """One maintenance run of market.<name>, as table_maintenance_job's three ops do it."""
     table = cat.load_table(f"market.{name}")
     started = time.monotonic()
-    compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()))
+    compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()), final=False)
     expired = maintenance.expire(
         table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
     )

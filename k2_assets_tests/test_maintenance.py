@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from k2_assets.core import maintenance, writer
 from k2_assets.core.offsets import recorded_offsets
@@ -34,7 +36,7 @@ def test_compaction_and_expiry_keep_rows_offsets_and_time_travel(btcusdt_dir, br
     old_snapshot = trades.current_snapshot().snapshot_id
     where = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
 
-    result = maintenance.compact(trades, where)
+    result = maintenance.compact(trades, where, final=True)
     assert result.rows == 8000 and result.files_before >= 16 and result.files_after == 1
     trades = catalog.load_table("market.trades")
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
@@ -71,7 +73,7 @@ def test_compacting_an_empty_partition_writes_nothing(catalog):
     from k2_assets.core import catalog as k2_catalog
 
     trades = k2_catalog.ensure_table(catalog, "trades")
-    result = maintenance.compact(trades, writer.partition_filter("ASX", datetime(2014, 3, 10).date()))
+    result = maintenance.compact(trades, writer.partition_filter("ASX", datetime(2014, 3, 10).date()), final=True)
     assert (result.rows, result.files_before, result.files_after) == (0, 0, 0)
     assert trades.scan().to_arrow().num_rows == 0
 
@@ -170,7 +172,7 @@ def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir,
         for chunk in range(0, 12_000, 1_500):
             produce(broker.bootstrap, topic, trade_messages(events[chunk : chunk + 1_500]))
             time.sleep(0.5)
-            compactions.append(maintenance.compact(catalog.load_table("market.trades"), where))
+            compactions.append(maintenance.compact(catalog.load_table("market.trades"), where, final=False))
             # Thinning as the hourly job does, compressed: its commit is made again whenever the writer's lands first.
             thinned.append(
                 maintenance.expire(
@@ -192,6 +194,41 @@ def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir,
     table = trades.scan().to_arrow()
     ids = sorted(table.column("source_sequence").to_pylist())
     assert table.num_rows == 12_000 == len(set(ids)) and ids == list(range(ids[0], ids[0] + 12_000))
-    final = maintenance.compact(trades, where)
+    final = maintenance.compact(trades, where, final=True)
     assert final.files_after == 1 and final.rows == 12_000
     assert recorded_offsets(catalog.load_table("market.trades"), offsets_key(broker, topic)) == committed
+
+
+def _tiers_below_small() -> int:
+    size, tiers = maintenance.TIER_BASE_BYTES, 0
+    while size < maintenance.SMALL_FILE_BYTES:
+        size, tiers = size * maintenance.TIER_GROWTH, tiers + 1
+    return tiers
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    arrivals=st.lists(st.lists(st.integers(1, 40 * 2**20), max_size=80), min_size=1, max_size=40),
+)
+def test_open_day_compaction_rewrites_each_byte_a_few_times_and_keeps_few_files(arrivals):
+    """Whatever files the writers leave between runs: a run merges only full size tiers, each byte is rewritten
+    about once per tier (plus under one tier's base per run), an open day keeps few small files after each run,
+    and the day's close merges all of them."""
+    small = maintenance.SMALL_FILE_BYTES
+    files: list[int] = []
+    written = rewritten = 0
+    for new in arrivals:
+        files += new
+        written += sum(new)
+        chosen = maintenance.files_to_rewrite(files, final=False)
+        assert all(files[i] < small for i in chosen)
+        if chosen:
+            merged = sum(files[i] for i in chosen)
+            rewritten += merged
+            files = [size for i, size in enumerate(files) if i not in set(chosen)] + [merged]
+        assert sum(1 for size in files if size < small) <= (maintenance.TIER_FILES - 1) * _tiers_below_small() + 1
+        assert not maintenance.files_to_rewrite(files[:-1] if chosen else files, final=False)  # nothing full is left
+    # A byte rises at least one tier per merge, except in a merge that stays under the base (under the base per run).
+    assert rewritten <= _tiers_below_small() * written + len(arrivals) * maintenance.TIER_BASE_BYTES * maintenance.TIER_GROWTH
+    left = [i for i, size in enumerate(files) if size < small]
+    assert maintenance.files_to_rewrite(files, final=True) == (left if len(left) > 1 else [])

@@ -7,6 +7,8 @@ so the lineage reads the same bookkeeping whatever a maintenance commit restated
 
 Compaction replaces exactly the files it read, so it runs on the partitions live writers still append
 to: an interleaved commit makes pyiceberg refuse the attempt, and it is made again on the new state.
+On an open day it merges by size tier, so each row is rewritten a few times a day, not on every run; a
+closed day is merged whole.
 
 Expiry only edits metadata; the files that only expired snapshots reached are deleted by orphan
 removal, which deletes only files older than a grace period (an in-flight write's files are new).
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
@@ -39,17 +42,40 @@ DENSE = timedelta(minutes=10)  # every snapshot of the last 10 minutes stays; ol
 THIN_TO = timedelta(hours=1)
 ORPHAN_GRACE = timedelta(days=3)  # an unreferenced file younger than this may belong to a write in flight
 SMALL_FILE_BYTES = 32 * 2**20  # compaction rewrites files under this; larger ones are done
+# An open day's files are tiered by size, each tier TIER_GROWTH times the one below, from TIER_BASE_BYTES; a tier
+# is merged once it holds TIER_FILES files. A row is then rewritten about log4(32 MiB / a writer's file) times.
+TIER_BASE_BYTES = 256 * 2**10
+TIER_GROWTH = 4
+TIER_FILES = 4
 SYDNEY = ZoneInfo("Australia/Sydney")
 T = TypeVar("T")
 
 
-def days_to_compact(lookback_days: int, now: datetime | None = None) -> list[date]:
-    """The open days (today's UTC day and the current ASX session, which live writers still append to) and
-    the `lookback_days` closed days before them, oldest first (a deferred day is retried by the next hourly run)."""
+def open_days(now: datetime | None = None) -> set[date]:
+    """The days live writers still append to: today's UTC day and the current ASX session."""
     now = now or datetime.now(UTC)
-    open_days = {now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()}
-    closed = min(open_days) - timedelta(days=1)
-    return sorted(open_days | {closed - timedelta(days=i) for i in range(lookback_days)})
+    return {now.astimezone(UTC).date(), now.astimezone(SYDNEY).date()}
+
+
+def days_to_compact(lookback_days: int, now: datetime | None = None) -> list[date]:
+    """The open days and the `lookback_days` closed days before them, oldest first (a deferred day is retried
+    by the next hourly run)."""
+    live = open_days(now)
+    closed = min(live) - timedelta(days=1)
+    return sorted(live | {closed - timedelta(days=i) for i in range(lookback_days)})
+
+
+def files_to_rewrite(sizes: Sequence[int], *, final: bool, small_bytes: int = SMALL_FILE_BYTES) -> list[int]:
+    """The indexes of the files (by size in bytes) a compaction merges: on a closed day (`final`) every file under
+    `small_bytes`; on an open day the files of each size tier that holds TIER_FILES of them. An empty list when
+    there is nothing to merge."""
+    small = [i for i, size in enumerate(sizes) if size < small_bytes]
+    if final:
+        return small if len(small) > 1 else []
+    tiers = defaultdict(list)
+    for i in small:
+        tiers[_tier(sizes[i])].append(i)
+    return sorted(i for members in tiers.values() if len(members) >= TIER_FILES for i in members)
 
 
 def carried_properties(table: Table) -> dict[str, str]:
@@ -80,10 +106,20 @@ class CompactionResult:
     snapshot_id: int | None
 
 
-def compact(table: Table, where: BooleanExpression, attempts: int = 20, small_bytes: int = SMALL_FILE_BYTES) -> CompactionResult:
-    """Rewrite the small data files (under `small_bytes`) `where` selects into as few files as possible, rows
-    unchanged, in one commit. Files already that large stay, so a run's work is what arrived since the last
-    one, not the whole day (which grows to gigabytes at live rates).
+def _tier(size: int) -> int:
+    """0 under TIER_GROWTH x TIER_BASE_BYTES, then one more for each TIER_GROWTH times as large."""
+    tier, bound = 0, TIER_BASE_BYTES * TIER_GROWTH
+    while size >= bound:
+        tier, bound = tier + 1, bound * TIER_GROWTH
+    return tier
+
+
+def compact(
+    table: Table, where: BooleanExpression, *, final: bool, attempts: int = 20, small_bytes: int = SMALL_FILE_BYTES
+) -> CompactionResult:
+    """Merge the data files `where` selects that `files_to_rewrite` picks into one, rows unchanged, in one
+    commit: on a closed day (`final`) all files under `small_bytes`, on an open day full size tiers. Files
+    already that large stay, so a day that grows to gigabytes at live rates is not read again each run.
 
     The commit replaces exactly the files it read (Iceberg's rewrite of files), so it commutes with a live
     writer appending to the same partition: a partition that is still being written is compacted as it goes.
@@ -101,11 +137,11 @@ def compact(table: Table, where: BooleanExpression, attempts: int = 20, small_by
         if not done["files"] or not {f.file_path for f in done["files"]} <= current:
             # First attempt, or another compaction or a load replaced files meanwhile: read and write again.
             # (Files a live writer added since are simply not part of this rewrite.)
-            small = [t for t in tasks if t.file.file_size_in_bytes < small_bytes]
-            done["files"] = [t.file for t in small]
-            if len(small) <= 1:
-                return CompactionResult(sum(t.file.record_count for t in small), len(small), len(small), None)
-            rows = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue()).to_table(small)
+            chosen = files_to_rewrite([t.file.file_size_in_bytes for t in tasks], final=final, small_bytes=small_bytes)
+            if not chosen:
+                return CompactionResult(0, 0, 0, None)
+            done["files"] = [tasks[i].file for i in chosen]
+            rows = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue()).to_table([tasks[i] for i in chosen])
             done["rows"] = rows.sort_by(writer.SORT_KEYS) if "exchange_timestamp" in rows.column_names else rows
             done["written"] = list(_dataframe_to_data_files(table.metadata, done["rows"], table.io, uuid.uuid4()))
         properties = {**carried_properties(table), "k2.maintenance": "compact"}

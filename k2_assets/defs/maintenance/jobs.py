@@ -78,11 +78,12 @@ def _partition_filter(partition: dict) -> BooleanExpression:
 
 @dg.op(out=dg.Out(dg.Nothing))
 def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
-    """Rewrite each partition with too many small files into few files, rows and Kafka offsets unchanged."""
+    """Merge each partition's small files (a closed day whole, an open day by size tier), rows and Kafka offsets unchanged."""
     if config.days:
         days = sorted({date.fromisoformat(d) for d in config.days})
     else:
         days = maintenance.days_to_compact(config.lookback_days)
+    live = maintenance.open_days()
     rows, totals = [], {"compacted": 0, "already_compact": 0, "deferred": 0, "files_before": 0, "files_after": 0, "rows": 0}
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
@@ -97,12 +98,16 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 totals["already_compact"] += 1
                 continue
             try:
-                result = maintenance.compact(table, _partition_filter(partition))
+                final = not live & set(partition.values())  # a closed day is merged whole, an open one by size tier
+                result = maintenance.compact(table, _partition_filter(partition), final=final)
             except (CommitFailedException, ValidationException) as exc:
                 # Commits kept landing between reading and committing: nothing changed; a later run retries.
                 context.log.warning(f"market.{name} {label}: deferred, a concurrent commit won ({exc})")
                 totals["deferred"] += 1
                 rows.append([name, label, files, "deferred", stats["record_count"], ""])
+                continue
+            if result.snapshot_id is None:  # an open day whose size tiers are not full yet
+                totals["already_compact"] += 1
                 continue
             context.log.info(f"market.{name} {label}: {result.files_before} -> {result.files_after} files, {result.rows} rows")
             totals["compacted"] += 1
