@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import os
 import resource
 import statistics
@@ -40,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
@@ -307,7 +307,8 @@ def raw_consume_decode_write(
                             raise RuntimeError(f"raw consumer: {m.error()}")
                 t1 = time.perf_counter()
                 values = [m.value() for m in batch]
-                table = pjson.read_json(io.BytesIO(b"\n".join(values)), read_options=pjson.ReadOptions(block_size=RAW_JSON_BLOCK))
+                data = pa.BufferReader(b"\n".join(values))
+                table = pjson.read_json(data, read_options=pjson.ReadOptions(block_size=RAW_JSON_BLOCK))
                 if table.num_rows != len(values):
                     raise AssertionError(f"raw decode: {len(values)} values parsed as {table.num_rows} rows")
                 t2 = time.perf_counter()

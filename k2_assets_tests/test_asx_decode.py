@@ -7,10 +7,13 @@ import shutil
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from k2_assets.core import asx
+from k2_assets.core import asx, decode
 from k2_assets_tests.conftest import vendor_rows
 
 SESSIONS = [date(2014, 3, d) for d in range(10, 15)]
@@ -150,3 +153,48 @@ def test_unknown_company_rejects_its_rows(asx_dir, tmp_path):
     batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
     assert batch.rows.num_rows == 0 and batch.rejected.num_rows == 19
     assert set(batch.rejected.column("reason").to_pylist()) == {"company id 9999 is not in reference-data/company_info.csv"}
+
+
+def test_an_upper_case_extension_is_loaded_like_any_other(asx_dir, tmp_path):
+    data = tmp_path / "asx"
+    shutil.copytree(asx_dir / "reference-data", data / "reference-data")
+    (data / "trades").mkdir()
+    shutil.copy(asx_dir / "trades" / "7078.csv", data / "trades" / "7078.CSV")
+    batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+    expected = sum(1 for r in vendor_rows(asx_dir / "trades" / "7078.csv") if r[0] == "03/10/2014")
+    assert batch.rows.num_rows == expected > 0 and [f.path for f in batch.files] == ["trades/7078.CSV"]
+
+
+DAY_MICROS = 86_400_000_000
+EPOCH = date(1970, 1, 1)
+# Days on which these zones change offset: at 02:00/03:00 (Sydney), by 30 minutes (Lord Howe), at midnight
+# (Havana, Sao Paulo's last DST), and the day Apia skipped whole.
+CHANGE_DAYS = [
+    date(2014, 4, 6),
+    date(2014, 10, 5),
+    date(2014, 3, 9),
+    date(2014, 11, 2),
+    date(2018, 11, 4),
+    date(2019, 2, 17),
+    date(2011, 12, 30),
+    date(2011, 12, 29),
+    date(2011, 12, 31),
+]
+ZONES = ["Australia/Sydney", "Australia/Lord_Howe", "America/Havana", "America/Sao_Paulo", "Pacific/Apia", "Asia/Kolkata", "UTC"]
+day = st.one_of(
+    st.integers((date(1900, 1, 1) - EPOCH).days, (date(2100, 1, 1) - EPOCH).days),
+    st.sampled_from([(d - EPOCH).days + shift for d in CHANGE_DAYS for shift in (-1, 0, 1)]),
+)
+clock = st.one_of(st.integers(0, DAY_MICROS - 1), st.sampled_from([0, 1, 3_600_000_000, 7_200_000_000, DAY_MICROS - 1]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(rows=st.lists(st.tuples(day, clock), min_size=1, max_size=50), tz=st.sampled_from(ZONES))
+def test_local_times_convert_exactly_as_the_time_zone_database_says(rows, tz):
+    """The per-day offset shortcut gives, row for row, what Arrow's assume_timezone gives: across DST changes at
+    night, at midnight, by half an hour, a skipped day, and dates from 1900 to 2100."""
+    days = pa.array([d for d, _ in rows], pa.int32()).cast(pa.date32())
+    clocks = pa.array([c for _, c in rows], pa.int64())
+    local = pc.cast(pc.add(pc.multiply(pc.cast(pc.cast(days, pa.int32()), pa.int64()), DAY_MICROS), clocks), pa.timestamp("us"))
+    expected = pc.assume_timezone(local, timezone=tz, ambiguous="earliest", nonexistent="earliest")
+    assert decode.local_to_utc(days, clocks, tz).equals(expected)

@@ -67,6 +67,9 @@ def test_help_works_for_every_command(path):
         ["backfill", "no_such_asset", "--start", "2014-03-10", "--end", "2014-03-10"],
         ["check", "run", "asx_trades", "no_such_rule", "--partition", "2014-03-10"],
         ["demo-data", "--binance-dates", "yesterday"],
+        ["stream", "binance", "--symbols", "BTCUSDT", "--topic", ""],
+        ["writer", "--topic", "trades topic"],
+        ["recent", "--symbol", "BTCUSDT", "--topic", "."],
     ],
 )
 def test_a_user_error_is_one_line_with_exit_code_2(args, tmp_path):

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import dagster as dg
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyiceberg.expressions import And, EqualTo
@@ -214,3 +216,17 @@ def test_a_column_is_single_valued_exactly_when_every_row_holds_one_value(values
     lengths = {len(v) if v else None for v in values}
     expect_date = dates[0].as_py() if values and len(lengths) == 1 and None not in lengths else None
     assert rollups._single_value(dates) == expect_date
+
+
+def test_each_session_is_hardened_and_sees_only_its_own_tables(tmp_path):
+    """Sessions share one in-memory database but nothing else: a table registered in one is unknown to the next,
+    each clock is UTC, and none reads a file."""
+    first, second = rollups.session(), rollups.session()
+    first.register("trades", pa.table({"price": [1]}))
+    with pytest.raises(duckdb.CatalogException):
+        second.sql("SELECT * FROM trades")
+    first.execute("SET TimeZone = 'Australia/Sydney'")
+    assert rollups.session().execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    with pytest.raises(duckdb.PermissionException):
+        second.sql(f"SELECT * FROM read_csv('{tmp_path / 'x.csv'}')")

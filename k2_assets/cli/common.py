@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -118,6 +119,27 @@ def run_selection(assets: set, checks: set, partition_key: str | None, instance)
     # A job of checks alone has no partitions definition Dagster can resolve; the partition goes in as the run's tag.
     tags = {"dagster/partition": partition_key} if partition_key else {}
     return job.execute_in_process(run_config=quiet, tags=tags, instance=instance, raise_on_error=False)
+
+
+class KafkaTopic(click.ParamType):
+    """A Kafka topic name that leaves room for its `.dlq` dead-letter topic (Kafka allows 249 characters)."""
+
+    name = "topic"
+    pattern = re.compile(r"[A-Za-z0-9._-]{1,245}")
+
+    def convert(self, value, param, ctx) -> str:
+        if not self.pattern.fullmatch(value) or value in (".", ".."):
+            self.fail(f"{value!r} is not a Kafka topic name: 1 to 245 letters, digits, '.', '_' or '-'", param, ctx)
+        return value
+
+
+def topic_option(**kwargs):
+    """`--topic`: the trades topic a command reads or writes."""
+    help = (
+        "the trades topic (its dead letters are TOPIC.dlq)  "
+        "[default: market.crypto.trades.binance, with --market um market.crypto.trades.binance_um]"
+    )
+    return click.option("--topic", type=KafkaTopic(), **{"help": help, **kwargs})
 
 
 def market_option(help: str):

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import click
 
-from k2_assets.cli.common import UTC_TIME, default, settings
+from k2_assets.cli.common import UTC_TIME, default, settings, topic_option
 from k2_assets.core.output import FORMATS
 
 COLUMNS = ["exchange_timestamp", "symbol", "source_sequence", "side", "price", "quantity", "kafka_offset"]
@@ -19,7 +19,7 @@ COLUMNS = ["exchange_timestamp", "symbol", "source_sequence", "side", "price", "
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--limit", default=50, show_default=True, help="rows to print (table format: the newest)")
 @click.option("--until", type=UTC_TIME, help="end of the window, ISO 8601  [default: now]")
-@click.option("--topic", default="market.crypto.trades.binance", show_default=True)
+@topic_option(default="market.crypto.trades.binance", show_default=True, help="the trades topic")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @click.option("--every", default=0.0, help="ask again every SECONDS from one Kafka reader, until Ctrl-C")
 def recent(

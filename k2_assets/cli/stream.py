@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from k2_assets.cli.common import UserError, default, market_option, settings
+from k2_assets.cli.common import UserError, default, market_option, settings, topic_option
 
 
 @click.group("stream", no_args_is_help=False)
@@ -17,11 +17,7 @@ def stream() -> None:
 @market_option("spot, or um: USD-M futures (exchange BINANCE_UM, topic market.crypto.trades.binance_um)")
 @click.option("--url", help="stream base URL  [default: K2_BINANCE_WS_URL, with --market um K2_BINANCE_UM_WS_URL]")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
-@click.option(
-    "--topic",
-    help="the trades topic (its dead letters are TOPIC.dlq)  "
-    "[default: market.crypto.trades.binance, with --market um market.crypto.trades.binance_um]",
-)
+@topic_option()
 @click.option(
     "--partitions", type=click.IntRange(min=1), default=3, show_default=True, help="partitions of the topic if K2 creates it"
 )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from k2_assets.cli.common import UserError, default, market_option, settings
+from k2_assets.cli.common import UserError, default, market_option, settings, topic_option
 
 if TYPE_CHECKING:
     from k2_assets.core.live_report import BatchReport
@@ -26,11 +26,7 @@ log = logging.getLogger("k2.writer")
 @click.command("writer")
 @click.option("--bootstrap", default=default("kafka_bootstrap"), help="Kafka bootstrap servers  [default: K2_KAFKA_BOOTSTRAP]")
 @market_option("the Binance market whose trades the topic carries: spot (exchange BINANCE) or um (USD-M futures, BINANCE_UM)")
-@click.option(
-    "--topic",
-    help="the trades topic (its dead letters are TOPIC.dlq)  "
-    "[default: market.crypto.trades.binance, with --market um market.crypto.trades.binance_um]",
-)
+@topic_option()
 @click.option(
     "--seconds", type=click.FloatRange(min=0), default=float("inf"), help="stop after this long  [default: until stopped]"
 )

@@ -104,7 +104,9 @@ def _companies(path: Path, mtime_ns: int) -> dict[str, Company]:
 
 
 def vendor_files(data_dir: Path, kind: str) -> list[Path]:
-    return sorted((data_dir / kind).glob("*.csv"))
+    """Every <company_id>.csv of `kind`, whatever the case of its extension: a vendor's 7078.CSV is not skipped."""
+    folder = data_dir / kind
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file()) if folder.is_dir() else []
 
 
 def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, now: datetime | None = None) -> Batch:

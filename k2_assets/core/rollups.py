@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -46,9 +48,21 @@ DUCKDB_CONFIG = {
 }
 
 
+_databases: dict[int, duckdb.DuckDBPyConnection] = {}  # the process's hardened in-memory database (by pid: not forked)
+_opening = threading.Lock()
+
+
 def session(con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
-    """The connection to compute on (Dagster's, or a hardened one of our own), its clock in UTC."""
-    con = con if con is not None else duckdb.connect(":memory:", config=DUCKDB_CONFIG)
+    """The connection to compute on (Dagster's, or a new cursor of our own hardened database), its clock in UTC.
+
+    A cursor is a connection of its own: its registered tables and settings are its alone and go with it. Opening
+    a new database instead costs 25-35 ms a call, a twentieth of a 10 M-trade rollup."""
+    if con is None:
+        with _opening:
+            database = _databases.get(os.getpid())
+            if database is None:
+                database = _databases[os.getpid()] = duckdb.connect(":memory:", config=DUCKDB_CONFIG)
+            con = database.cursor()
     con.execute("SET TimeZone = 'UTC'")  # after connecting: as a connect option it wants the icu extension downloaded
     return con
 
