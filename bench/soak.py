@@ -130,8 +130,12 @@ class Recorder:
         return self._latency(rows, committed)
 
     def window(self, start: float, end: float) -> dict:
+        """The figures of [start, end); what came before `end` is then let go, so the bench's own records do not
+        add to the RSS it measures."""
         commits = np.array([s for t, s in self.commits if start <= t < end])
         fresh = [a for t, a in self.fresh if start <= t < end]
+        for records in (self.commits, self.fresh):  # in time order; in place, as the writer thread appends meanwhile
+            del records[: sum(1 for t, _ in list(records) if t < end)]
         fresh = np.concatenate(fresh) if fresh else np.array([])
         return {
             "commits": len(commits),

@@ -14,6 +14,7 @@ from pyiceberg.expressions import And, BooleanExpression, EqualTo, In
 
 from k2_assets.core import schemas, writer
 from k2_assets.core.checks import SAMPLE_SIZE, Outcome, Rule
+from k2_assets.core.id_runs import IdRuns
 
 NO_UNEXPLAINED_GAPS = Rule(
     "no_unexplained_gaps", "every missing sequence number is explained (rejected row, exchange's answer)", blocking=False
@@ -25,17 +26,7 @@ MAX_RANGES_SHOWN = 50
 
 def holes(sequences: np.ndarray, start_at: int | None = None) -> list[tuple[int, int]]:
     """Missing ranges in a set of sequence numbers; from `start_at` when the numbering starts there."""
-    values = np.asarray(sequences, dtype=np.int64)
-    if len(values) > 1 and not (values[1:] > values[:-1]).all():
-        # Sort only what is not sorted already: the live writer's ids (millions a day) always are, and sorting
-        # them again every cycle took seconds in which the writer committed nothing.
-        values = np.unique(values)
-    if len(values) == 0:
-        return []
-    if start_at is not None and values[0] > start_at:
-        values = np.r_[start_at - 1, values]  # a virtual number just before the first expected one
-    at = np.flatnonzero(np.diff(values) > 1)
-    return [(int(values[i]) + 1, int(values[i + 1]) - 1) for i in at]
+    return IdRuns.of(sequences).holes(start_at)
 
 
 def partition_holes(

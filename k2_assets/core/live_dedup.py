@@ -25,6 +25,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.metadata import TableMetadata
 
 from k2_assets.core import writer
+from k2_assets.core.id_runs import IdRuns
 from k2_assets.core.offsets import lineage
 
 KEYS_KEY = "k2.keys"
@@ -52,53 +53,30 @@ def touched(properties: dict) -> set[Key] | str:
 
 @dataclass
 class SeenIndex:
-    """Sorted int64 trade ids per (trade_date, symbol), with the snapshots whose rows it reflects."""
+    """The trade ids per (trade_date, symbol), as runs, with the snapshots whose rows it reflects."""
 
     exchange: str
-    ids: dict[Key, np.ndarray] = field(default_factory=dict)
+    ids: dict[Key, IdRuns] = field(default_factory=dict)
     in_step: deque = field(default_factory=lambda: deque(maxlen=256))  # snapshot ids the index reflects
-    _room: dict[Key, np.ndarray] = field(default_factory=dict, repr=False)  # buffers the ids of a key grow into
 
-    def load(self, table: Table, day: date, symbol: str) -> np.ndarray:
+    def load(self, table: Table, day: date, symbol: str) -> IdRuns:
         key = (day, symbol)
         if key not in self.ids:
             where = And(writer.partition_filter(self.exchange, day), EqualTo("symbol", symbol))
             column = table.scan(row_filter=where, selected_fields=("source_sequence",)).to_arrow().column("source_sequence")
-            self.ids[key] = np.sort(column.to_numpy(zero_copy_only=False).astype(np.int64))
+            self.ids[key] = IdRuns.of(column.to_numpy(zero_copy_only=False))
         return self.ids[key]
 
     def last_before(self, table: Table, day: date, symbol: str) -> int | None:
         """The symbol's last id on the day before `day` (ids run on across days)."""
-        previous = self.load(table, day - timedelta(days=1), symbol)
-        return int(previous[-1]) if previous.size else None
+        return self.load(table, day - timedelta(days=1), symbol).last
 
     def add(self, day: date, symbol: str, new: np.ndarray) -> None:
         key = (day, symbol)
-        old, new = self.ids[key], np.unique(new)
-        if not new.size:
-            return
-        if not old.size or new[0] > old[-1]:  # the usual case: ids only grow
-            self.ids[key] = self._append(key, old, new)
-            return
-        merged = np.concatenate([old, new])
-        merged.sort(kind="stable")  # two sorted runs: a linear merge
-        self.ids[key] = merged[np.r_[True, merged[1:] != merged[:-1]]]
-        self._room.pop(key, None)
-
-    def _append(self, key: Key, old: np.ndarray, new: np.ndarray) -> np.ndarray:
-        """`old` then `new`, in a buffer with room to grow: a batch costs its own ids, not a copy of the day's."""
-        room = self._room.get(key)
-        n, m = old.size, new.size
-        if room is None or old.base is not room or room.size < n + m:
-            room = np.empty(max(n + m + (n + m) // 4, 1024), dtype=np.int64)  # grows by a quarter: a bounded spare
-            room[:n] = old
-            self._room[key] = room
-        room[n : n + m] = new
-        return room[: n + m]
+        self.ids[key] = self.ids[key].union(new)
 
     def clear(self) -> None:
         self.ids.clear()
-        self._room.clear()
 
     def follow(self, metadata: TableMetadata, parent: int | None, io, depth: int = 2000) -> set[Key] | str:
         """Bring the index in step with `parent`: add the ids that appends since the last snapshot in step
@@ -153,14 +131,6 @@ class SeenIndex:
                     self.add(*key, ids[index])
                     changed.add(key)
         return changed
-
-    @staticmethod
-    def contains(seen: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Membership by binary search in the sorted ids (np.isin would sort them again every batch)."""
-        if not seen.size:
-            return np.zeros(len(ids), dtype=bool)
-        at = np.searchsorted(seen, ids)
-        return seen[np.minimum(at, seen.size - 1)] == ids
 
 
 def groups(rows: pa.Table):

@@ -33,7 +33,7 @@ class GapReconciling:
                 current = {}
                 for symbol in symbols:
                     last = self.seen.last_before(self.trades, day, symbol)
-                    found = integrity.holes(self.seen.load(self.trades, day, symbol), None if last is None else last + 1)
+                    found = self.seen.load(self.trades, day, symbol).holes(None if last is None else last + 1)
                     if found:
                         current[symbol] = found
                 return integrity.reconcile_partition(

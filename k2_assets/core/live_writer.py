@@ -282,7 +282,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
             changed = self.seen.follow(metadata, parent, self.trades.io)
             if batch_ids and changed == "*":
                 raise Fenced("market.trades was rewritten under this batch; deduplicating again")
-            if any(key in changed and SeenIndex.contains(self.seen.ids[key], ids).any() for key, ids in batch_ids.items()):
+            if any(key in changed and self.seen.ids[key].contains(ids).any() for key, ids in batch_ids.items()):
                 raise Fenced("another commit wrote trades of this batch first; deduplicating again")
 
         return fence
@@ -345,7 +345,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         for (day, symbol), index in groups(rows):
             seen = self.seen.load(self.trades, day, symbol)
             unique, first = np.unique(ids[index], return_index=True)  # first occurrence within the batch
-            new = ~SeenIndex.contains(seen, unique)
+            new = ~seen.contains(unique)
             keep[index[first[new]]] = True
             if new.any():
                 batch_ids[(day, symbol)] = unique[new]
