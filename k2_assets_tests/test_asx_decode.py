@@ -145,22 +145,23 @@ def test_bad_rows_are_rejected_with_reasons_and_counts_reconcile(asx_dir, tmp_pa
     assert other.rejected.num_rows == 0
 
 
-def test_unknown_company_rejects_its_rows(asx_dir, tmp_path):
+def one_trades_file(asx_dir, tmp_path, source: str, name: str):
+    """A vendor directory holding one trades file: the sample's `source`, saved as `name`; its 2014-03-10 load."""
     data = tmp_path / "asx"
     shutil.copytree(asx_dir / "reference-data", data / "reference-data")
     (data / "trades").mkdir()
-    shutil.copy(asx_dir / "trades" / "7181.csv", data / "trades" / "9999.csv")
-    batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+    shutil.copy(asx_dir / "trades" / source, data / "trades" / name)
+    return asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+
+
+def test_unknown_company_rejects_its_rows(asx_dir, tmp_path):
+    batch = one_trades_file(asx_dir, tmp_path, "7181.csv", "9999.csv")
     assert batch.rows.num_rows == 0 and batch.rejected.num_rows == 19
     assert set(batch.rejected.column("reason").to_pylist()) == {"company id 9999 is not in reference-data/company_info.csv"}
 
 
 def test_an_upper_case_extension_is_loaded_like_any_other(asx_dir, tmp_path):
-    data = tmp_path / "asx"
-    shutil.copytree(asx_dir / "reference-data", data / "reference-data")
-    (data / "trades").mkdir()
-    shutil.copy(asx_dir / "trades" / "7078.csv", data / "trades" / "7078.CSV")
-    batch = asx.load_session(data, date(2014, 3, 10), "trades", source="asx_trades")
+    batch = one_trades_file(asx_dir, tmp_path, "7078.csv", "7078.CSV")
     expected = sum(1 for r in vendor_rows(asx_dir / "trades" / "7078.csv") if r[0] == "03/10/2014")
     assert batch.rows.num_rows == expected > 0 and [f.path for f in batch.files] == ["trades/7078.CSV"]
 
