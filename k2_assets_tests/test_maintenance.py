@@ -228,7 +228,7 @@ def test_open_day_compaction_rewrites_each_byte_a_few_times_and_keeps_few_files(
             files = [size for i, size in enumerate(files) if i not in set(chosen)] + [merged]
         assert sum(1 for size in files if size < small) <= (maintenance.TIER_FILES - 1) * _tiers_below_small() + 1
         assert not maintenance.files_to_rewrite(files[:-1] if chosen else files, final=False)  # nothing full is left
-    # A byte rises at least one tier per merge, except in a merge that stays under the base (under the base per run).
+    # With a merged file as large as its inputs, a byte rises a tier per merge, except in a merge that stays in tier 0.
     assert rewritten <= _tiers_below_small() * written + len(arrivals) * maintenance.TIER_BASE_BYTES * maintenance.TIER_GROWTH
     left = [i for i, size in enumerate(files) if size < small]
     assert maintenance.files_to_rewrite(files, final=True) == (left if len(left) > 1 else [])

@@ -13,7 +13,7 @@ import numpy as np
 _NONE = np.empty(0, dtype=np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class IdRuns:
     starts: np.ndarray
     ends: np.ndarray
@@ -29,7 +29,7 @@ class IdRuns:
         breaks = np.flatnonzero(np.diff(values) > 1)
         return cls(values[np.r_[0, breaks + 1]], values[np.r_[breaks, values.size - 1]])
 
-    def __len__(self) -> int:
+    def count(self) -> int:
         """How many ids."""
         return int((self.ends - self.starts + 1).sum())
 
@@ -53,6 +53,8 @@ class IdRuns:
             return new
         if new.starts[0] > self.ends[-1] + 1:
             return IdRuns(np.concatenate([self.starts, new.starts]), np.concatenate([self.ends, new.ends]))
+        if new.starts[0] == self.ends[-1] + 1:  # carries on from the last id: the last run grows
+            return IdRuns(np.concatenate([self.starts, new.starts[1:]]), np.concatenate([self.ends[:-1], new.ends]))
         starts, ends = np.concatenate([self.starts, new.starts]), np.concatenate([self.ends, new.ends])
         order = np.argsort(starts, kind="stable")
         starts, ends = starts[order], np.maximum.accumulate(ends[order])

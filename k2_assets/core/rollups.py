@@ -52,11 +52,20 @@ _databases: dict[int, duckdb.DuckDBPyConnection] = {}  # the process's hardened 
 _opening = threading.Lock()
 
 
+def _after_fork() -> None:
+    global _opening
+    _opening = threading.Lock()  # a fork while another thread held it would leave the child's copy held forever
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def session(con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """The connection to compute on (Dagster's, or a new cursor of our own hardened database), its clock in UTC.
 
     A cursor is a connection of its own: its registered tables and settings are its alone and go with it. Opening
-    a new database instead costs 25-35 ms a call, a twentieth of a 10 M-trade rollup."""
+    a new database instead costs 25-35 ms a call, a twentieth of a 10 M-trade rollup. The cursors of one process
+    share the database's threads and memory limit (DUCKDB_CONFIG)."""
     if con is None:
         with _opening:
             database = _databases.get(os.getpid())
