@@ -200,7 +200,7 @@ def test_compaction_runs_beside_a_live_writer_on_the_same_partition(btcusdt_dir,
 
 
 def _tiers_below_small() -> int:
-    size, tiers = maintenance.TIER_BASE_BYTES, 0
+    size, tiers = maintenance.FIRST_TIER_BYTES, 1
     while size < maintenance.SMALL_FILE_BYTES:
         size, tiers = size * maintenance.TIER_GROWTH, tiers + 1
     return tiers
@@ -229,6 +229,6 @@ def test_open_day_compaction_rewrites_each_byte_a_few_times_and_keeps_few_files(
         assert sum(1 for size in files if size < small) <= (maintenance.TIER_FILES - 1) * _tiers_below_small() + 1
         assert not maintenance.files_to_rewrite(files[:-1] if chosen else files, final=False)  # nothing full is left
     # With a merged file as large as its inputs, a byte rises a tier per merge, except in a merge that stays in tier 0.
-    assert rewritten <= _tiers_below_small() * written + len(arrivals) * maintenance.TIER_BASE_BYTES * maintenance.TIER_GROWTH
+    assert rewritten <= _tiers_below_small() * written + len(arrivals) * maintenance.FIRST_TIER_BYTES
     left = [i for i, size in enumerate(files) if size < small]
     assert maintenance.files_to_rewrite(files, final=True) == (left if len(left) > 1 else [])

@@ -401,7 +401,7 @@ def local_to_utc(dates: pa.Array, clock_micros: pa.Array, tz: str) -> pa.Array:
     at_start, at_end = offsets[: len(starts)], offsets[len(starts) :]
     index = day - first
     utc = values - at_start[index]
-    changing = ~(at_start == at_end)[index]
+    changing = (at_start != at_end)[index]
     if changing.any():
         utc[changing] = _assume_timezone(pa.array(values[changing]), tz).to_numpy()
     return pa.array(utc, kind)

@@ -42,9 +42,9 @@ DENSE = timedelta(minutes=10)  # every snapshot of the last 10 minutes stays; ol
 THIN_TO = timedelta(hours=1)
 ORPHAN_GRACE = timedelta(days=3)  # an unreferenced file younger than this may belong to a write in flight
 SMALL_FILE_BYTES = 32 * 2**20  # compaction rewrites files under this; larger ones are done
-# An open day's files are tiered by size, each tier TIER_GROWTH times the one below, from TIER_BASE_BYTES; a tier
-# is merged once it holds TIER_FILES files. A row is then rewritten about log4(32 MiB / a writer's file) times.
-TIER_BASE_BYTES = 256 * 2**10
+# An open day's files are tiered by size: tier 0 under FIRST_TIER_BYTES, each next tier up to TIER_GROWTH times the
+# bound below; a tier is merged once it holds TIER_FILES files. A row is then rewritten about 4 times a day.
+FIRST_TIER_BYTES = 2**20
 TIER_GROWTH = 4
 TIER_FILES = 4
 SYDNEY = ZoneInfo("Australia/Sydney")
@@ -107,8 +107,8 @@ class CompactionResult:
 
 
 def _tier(size: int) -> int:
-    """0 under TIER_GROWTH x TIER_BASE_BYTES, then one more for each TIER_GROWTH times as large."""
-    tier, bound = 0, TIER_BASE_BYTES * TIER_GROWTH
+    """0 under FIRST_TIER_BYTES, then one more for each TIER_GROWTH times as large."""
+    tier, bound = 0, FIRST_TIER_BYTES
     while size >= bound:
         tier, bound = tier + 1, bound * TIER_GROWTH
     return tier
