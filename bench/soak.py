@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -87,21 +88,51 @@ def maintain(catalog_uri: str, warehouse: str, stop, out) -> None:
 
 
 def maintain_table(cat, name: str) -> dict:
-    """One maintenance run of market.<name>, as table_maintenance_job's three ops do it."""
+    """One maintenance run of market.<name>, as table_maintenance_job's three ops do it, with each op's wall and
+    CPU seconds (the process's, Arrow's threads included)."""
     table = cat.load_table(f"market.{name}")
-    started = time.monotonic()
-    compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()), final=False)
-    expired = maintenance.expire(
-        table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
-    )
-    removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
+    timer = StepTimer()
+    with timer("compact"):
+        compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()), final=False)
+    with timer("expire"):
+        expired = maintenance.expire(
+            table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
+        )
+    with timer("orphans"):
+        removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
+    merged = bool(compacted.snapshot_id)
     return {
         "table": name,
-        "files_compacted": compacted.files_before if compacted.snapshot_id else 0,
+        "started": timer.started,
+        "files_compacted": compacted.files_before if merged else 0,
+        "rows_rewritten": compacted.rows if merged else 0,
+        "mib_in": compacted.bytes_before / 2**20 if merged else 0.0,
+        "mib_out": compacted.bytes_after / 2**20 if merged else 0.0,
+        "compact_attempts": compacted.attempts,
         "expired": expired,
         "orphans_removed": len(removed),
-        "seconds": time.monotonic() - started,
+        "seconds": sum(timer.wall.values()),
+        **{f"{step}_s": seconds for step, seconds in timer.wall.items()},
+        **{f"{step}_cpu_s": seconds for step, seconds in timer.cpu.items()},
     }
+
+
+class StepTimer:
+    """Wall and process CPU seconds of named steps."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, step: str):
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[step] = time.monotonic() - wall
+            self.cpu[step] = time.process_time() - cpu
 
 
 class Recorder:
@@ -219,7 +250,7 @@ def soak(home: Path) -> dict:
             maintainer.start()
             cpu.add("maintenance", maintainer.pid)
             cpu.add("feed+producer", feeder.pid)
-            started = time.monotonic()
+            started, started_at = time.monotonic(), time.time()
             window_start = started
             while len(windows) < WINDOWS:
                 harvest = drain.harvest()
@@ -266,6 +297,7 @@ def soak(home: Path) -> dict:
             runs.append(maintained.get())
         return {
             "windows": windows,
+            "started_at": started_at,
             "errors": errors,
             "maintenance_runs": runs,
             "produced": produced,
@@ -304,9 +336,39 @@ def render(results: dict) -> str:
         f"{results['produced']['produced']:,}; drain errors {len(results['errors'])}; maintenance runs {len(runs)}: "
         + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
         + f", failed runs {sum('error' in r for r in runs)}",
+        *maintenance_profile(results),
         footer(results),
     ]
     return "\n".join(lines)
+
+
+def maintenance_profile(results: dict) -> list[str]:
+    """market.trades' maintenance runs by the window they started in: where its cores went."""
+    window_s = results["minutes"] * 60 / WINDOWS
+    lines = [
+        "maintenance of market.trades by window: runs, rows rewritten, MiB in -> out, compact attempts, "
+        "seconds wall (CPU): compact, expire, orphans"
+    ]
+    for i in range(WINDOWS):
+        runs = [
+            r
+            for r in results["maintenance_runs"]
+            if r["table"] == "trades" and "error" not in r and int((r["started"] - results["started_at"]) // window_s) == i
+        ]
+        total = {
+            key: sum(r.get(key, 0) for r in runs)
+            for key, value in (runs[0] if runs else {}).items()
+            if not isinstance(value, str)
+        }
+        if not runs:
+            lines.append(f"  {i + 1}: no runs")
+            continue
+        steps = ", ".join(f"{total[f'{step}_s']:.1f} ({total[f'{step}_cpu_s']:.1f})" for step in ("compact", "expire", "orphans"))
+        lines.append(
+            f"  {i + 1}: {len(runs)} runs, {total['rows_rewritten']:,} rows, "
+            f"{total['mib_in']:.0f} -> {total['mib_out']:.0f} MiB, {total['compact_attempts']} attempts; {steps}"
+        )
+    return lines
 
 
 def run() -> str:

@@ -104,6 +104,9 @@ class CompactionResult:
     files_before: int
     files_after: int
     snapshot_id: int | None
+    bytes_before: int = 0  # of the files merged
+    bytes_after: int = 0
+    attempts: int = 1  # commits made before one was accepted (a live writer's commits refuse the others)
 
 
 def _tier(size: int) -> int:
@@ -125,9 +128,10 @@ def compact(
     writer appending to the same partition: a partition that is still being written is compacted as it goes.
     If any commit lands between reading the table and committing, the attempt is refused by pyiceberg's
     validation and made again on the new state; the rewritten file is written once and reused."""
-    done: dict = {"files": [], "written": [], "rows": None}  # kept across attempts: written once, reused
+    done: dict = {"files": [], "written": [], "rows": None, "attempts": 0}  # kept across attempts: written once, reused
 
     def attempt() -> CompactionResult:
+        done["attempts"] += 1
         table.refresh()
         snapshot = table.current_snapshot()
         if snapshot is None:
@@ -153,7 +157,13 @@ def compact(
                     rewrite.append_data_file(data_file)
         after = table.current_snapshot()
         return CompactionResult(
-            done["rows"].num_rows, len(done["files"]), len(done["written"]), after.snapshot_id if after else None
+            done["rows"].num_rows,
+            len(done["files"]),
+            len(done["written"]),
+            after.snapshot_id if after else None,
+            bytes_before=sum(f.file_size_in_bytes for f in done["files"]),
+            bytes_after=sum(f.file_size_in_bytes for f in done["written"]),
+            attempts=done["attempts"],
         )
 
     return _retried(attempt, attempts, "compaction")
