@@ -9,14 +9,13 @@ the least any gap detector must do, over the same arrays in the same run.
 from __future__ import annotations
 
 import gc
-import resource
 import time
 import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 
-from bench._common import environment, progress, write_results
+from bench._common import environment, footer, progress, row, save
 from k2_assets.core.sequence import EVENT_NAMES, SequenceTracker
 
 TRADES = 10_000_000
@@ -91,7 +90,6 @@ def run() -> str:
     raw_s = time.perf_counter() - start
     del steps, order
     state_bytes = len(tracker.dumps())
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = {
         "trades": n,
         "symbols": SYMBOLS,
@@ -109,12 +107,20 @@ def run() -> str:
         "events": {k: batch_counts[k] for k in EVENT_NAMES},
         "open_gaps_after": open_gaps,
         "saved_state_bytes": state_bytes,
-        "peak_rss_mb": peak_rss,
-        "loadavg_1m_before": load_before,
         "environment": environment(),
     }
-    write_results("sequence_checks", results)
     per_million = batch_counts["cpu_s"] / (n / 1e6)
+    results["summary"] = [
+        row(
+            f"sequence checks, {n / 1e6:.0f} M trades in batches of {BATCH:,}",
+            f"{n / batch_s / 1e6:.2f} M checks/s ({per_million:.3f} s CPU per 1 M)",
+            f"stable argsort + diff {n / raw_s / 1e6:.2f} M/s",
+            raw_s / batch_s,
+            "< 0.5 s CPU per 1 M",
+            per_million < 0.5,
+        )
+    ]
+    save("sequence_checks", results, load_before)
     lines = [
         f"Sequence checks — {n:,} trades, {SYMBOLS:,} symbols; injected {injected}",
         f"  batches of {BATCH:,}:   {batch_s:6.2f} s  {n / batch_s:>12,.0f} checks/s  "
@@ -124,7 +130,7 @@ def run() -> str:
         f"(allocations peak {traced_peak / 2**20:,.0f} MB)",
         f"  raw sort + diff:    {raw_s:6.2f} s  {n / raw_s:>12,.0f} /s  (K2 batched at {raw_s / batch_s:.2f}x the raw rate)",
         f"  events: {', '.join(f'{k} {v:,}' for k, v in batch_counts.items() if k != 'cpu_s' and v)}",
-        f"  open gaps after: {open_gaps:,}; saved state {state_bytes / 1024:,.0f} KiB; peak RSS {peak_rss:,.0f} MB; "
-        f"load avg {load_before:.2f}",
+        f"  open gaps after: {open_gaps:,}; saved state {state_bytes / 1024:,.0f} KiB",
+        footer(results),
     ]
     return "\n".join(lines)
