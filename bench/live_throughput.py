@@ -237,10 +237,11 @@ def _proc_stat_cpu() -> tuple[int, int]:
 
 
 def pid_cpu_seconds(pid: int) -> float:
-    """CPU time of another process (the broker), from /proc; 0 where there is no /proc."""
+    """CPU time of another process (the broker), with its children's once they ended (a compaction's merge
+    runs in one), from /proc; 0 where there is no /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
 

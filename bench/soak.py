@@ -89,7 +89,7 @@ def maintain(catalog_uri: str, warehouse: str, stop, out) -> None:
 
 def maintain_table(cat, name: str) -> dict:
     """One maintenance run of market.<name>, as table_maintenance_job's three ops do it, with each op's wall and
-    CPU seconds (the process's, Arrow's threads included)."""
+    CPU seconds (Arrow's threads and the merge's child process included)."""
     table = cat.load_table(f"market.{name}")
     timer = StepTimer()
     with timer("compact"):
@@ -118,7 +118,7 @@ def maintain_table(cat, name: str) -> dict:
 
 
 class StepTimer:
-    """Wall and process CPU seconds of named steps."""
+    """Wall and CPU seconds of named steps: this process's and its children's that ended (the merge's)."""
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -127,12 +127,17 @@ class StepTimer:
 
     @contextmanager
     def __call__(self, step: str):
-        wall, cpu = time.monotonic(), time.process_time()
+        wall, cpu = time.monotonic(), cpu_with_children()
         try:
             yield
         finally:
             self.wall[step] = time.monotonic() - wall
-            self.cpu[step] = time.process_time() - cpu
+            self.cpu[step] = cpu_with_children() - cpu
+
+
+def cpu_with_children() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 class Recorder:
@@ -355,14 +360,12 @@ def maintenance_profile(results: dict) -> list[str]:
             for r in results["maintenance_runs"]
             if r["table"] == "trades" and "error" not in r and int((r["started"] - results["started_at"]) // window_s) == i
         ]
-        total = {
-            key: sum(r.get(key, 0) for r in runs)
-            for key, value in (runs[0] if runs else {}).items()
-            if not isinstance(value, str)
-        }
         if not runs:
             lines.append(f"  {i + 1}: no runs")
             continue
+        total = {
+            key: sum(r[key] for r in runs) for key, value in runs[0].items() if key != "started" and not isinstance(value, str)
+        }
         steps = ", ".join(f"{total[f'{step}_s']:.1f} ({total[f'{step}_cpu_s']:.1f})" for step in ("compact", "expire", "orphans"))
         lines.append(
             f"  {i + 1}: {len(runs)} runs, {total['rows_rewritten']:,} rows, "

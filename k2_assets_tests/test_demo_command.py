@@ -2,7 +2,8 @@
 
 Starts the real command with K2_HOME unset (the default ./.k2 of its working directory), waits for the
 Dagster UI, checks what the UI's GraphQL API shows, runs one ASX partition through the daemon, sees live
-trades arrive from the local feed through Kafka and the sensor, and stops everything with Ctrl-C (SIGINT).
+trades arrive from the local feed through Kafka and the sensor, compacts the live day with the maintenance job
+beside the live writer, and stops everything with Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import signal
 import socket
 import subprocess
 import time
+from datetime import date
 from pathlib import Path
 
 import pytest
 
+from k2_assets.core import catalog, writer
 from k2_assets.dev.broker import free_port
 from k2_assets_tests.dagster_ui import graphql, log_tail, wait_for_server
 
@@ -102,11 +105,11 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
-def launch_partition_run(port: int, job: str, partition: str) -> str:
+def launch_run(port: int, job: str, tags: dict[str, str] | None = None) -> str:
     params = {
         "selector": {"repositoryLocationName": "k2", "repositoryName": "__repository__", "jobName": job},
         "runConfigData": {},
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
     }
     result = graphql(port, LAUNCH_RUN, {"params": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
@@ -203,7 +206,7 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
         assert {"asx_daily_schedule", "binance_history_schedule"} <= {s["name"] for s in repository["schedules"]}
 
         # One ASX session through the queue, the daemon and the code server.
-        run_id = launch_partition_run(port, "asx_history_job", SESSION)
+        run_id = launch_run(port, "asx_history_job", {"dagster/partition": SESSION})
         assert wait_for_run(port, run_id, log) == "SUCCESS", log_tail(log)
 
         (asset,) = graphql(port, MATERIALIZATION_QUERY, {"partition": SESSION})["assetNodes"]
@@ -232,6 +235,27 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
         assert live, f"no live micro-batch reached binance_trades:\n{log_tail(log)}"
         rows = {e["label"]: e.get("intValue") for e in live[0]["metadataEntries"]}
         assert rows["rows_written"] > 0 and rows["rows_rejected"] == 0
+
+        # Table maintenance as its hourly schedule runs it, beside the live writer: today's small files are merged
+        # (in the op's own child process) and every live row stays.
+        lake = catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse")
+        today_binance = writer.partition_filter("BINANCE", date.fromisoformat(today))
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while len(list(lake.load_table("market.trades").scan(row_filter=today_binance).plan_files())) < 12:
+            assert time.monotonic() < deadline, f"the live writer made fewer than 12 files:\n{log_tail(log)}"
+            time.sleep(2)
+        run_id = launch_run(port, "table_maintenance_job")
+        assert wait_for_run(port, run_id, log) == "SUCCESS", log_tail(log)
+        trades = lake.load_table("market.trades")
+        compactions = [
+            s
+            for s in trades.metadata.snapshots
+            if s.summary and s.summary.additional_properties.get("k2.maintenance") == "compact"
+        ]
+        assert compactions, f"no compaction commit in market.trades:\n{log_tail(log)}"
+        for compaction in compactions:  # it rewrote files, no row more or less
+            parent = trades.snapshot_by_id(compaction.parent_snapshot_id)
+            assert compaction.summary["total-records"] == parent.summary["total-records"]
 
         stop(process, log)
     finally:

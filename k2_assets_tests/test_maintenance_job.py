@@ -58,6 +58,7 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(
     partition_dir = root / "data" / "exchange=BINANCE" / "trade_date=2024-01-01"
     small_files = files_under(partition_dir)
     assert len(small_files) >= 16
+    small_bytes = sum(path.stat().st_size for path in small_files)
     # Every file of the table is older than the grace now: only references may protect them.
     for path in files_under(root):
         os.utime(path, (TEN_DAYS_AGO, TEN_DAYS_AGO))
@@ -73,6 +74,9 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(
     compacted = step_metadata(result, "compact_partitions")
     assert compacted["partitions_compacted"] == 1 and compacted["rows_rewritten"] == 8000
     assert compacted["files_before"] >= 16 and compacted["files_after"] == 1
+    assert compacted["bytes_before"] == small_bytes and 0 < compacted["bytes_after"] < small_bytes
+    row = f"| {compacted['files_before']} | 1 | {small_bytes / 2**20:.1f} | {compacted['bytes_after'] / 2**20:.1f} | 8000 |"
+    assert row in compacted["partitions"]  # the table the run view shows
     assert step_metadata(result, "expire_snapshots")["snapshots_expired"] == 0  # all inside the 7-day window
     orphans = step_metadata(result, "remove_orphan_files")
     assert orphans["orphan_files_removed"] == 2 and orphans["bytes_removed"] == 2 * len(b"left behind by a failed write")

@@ -106,15 +106,21 @@ def stop_sensors(port: int, log: Path) -> None:
             pytest.fail(f"the UI lists no sensors: {sensors}\n{log_tail(log)}")
         time.sleep(1)
     assert {s["name"] for s in sensors["results"]} >= {"binance_trades_sensor", "binance_gap_repair_sensor", "rollups_automation"}
+    quiet_since = None
     while True:
         # A tick that starts as the stop lands writes back the state it read, RUNNING (Dagster's
-        # mark_sensor_state_for_tick): like a person on the Automation page, stop again what still runs.
+        # mark_sensor_state_for_tick): like a person on the Automation page, stop again what still runs, until
+        # all stay stopped, with no tick in flight, for two polls some seconds apart.
         running = [s for s in sensors["results"] if s["sensorState"]["status"] != "STOPPED"]
         for sensor in running:
             result = graphql(port, STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
             assert result["__typename"] == "StopSensorMutationResult", result
         states = [s["sensorState"] for s in sensors["results"]]
-        if not running and all(t["status"] != "STARTED" for s in states for t in s["ticks"]):
+        if running or any(t["status"] == "STARTED" for s in states for t in s["ticks"]):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= 3:
             return
         if time.monotonic() > deadline:
             pytest.fail(f"a sensor tick did not finish: {states}\n{log_tail(log)}")

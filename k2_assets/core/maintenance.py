@@ -22,10 +22,9 @@ import os
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
@@ -114,9 +113,9 @@ class CompactionResult:
     files_before: int
     files_after: int
     snapshot_id: int | None
-    bytes_before: int = 0  # of the files merged
-    bytes_after: int = 0
-    attempts: int = 1  # commits made before one was accepted (a live writer's commits refuse the others)
+    bytes_before: int  # of the files merged
+    bytes_after: int
+    attempts: int  # including the accepted one (a live writer's commits refuse the others)
 
 
 def _tier(size: int) -> int:
@@ -145,7 +144,7 @@ def compact(
         table.refresh()
         snapshot = table.current_snapshot()
         if snapshot is None:
-            return CompactionResult(0, 0, 0, None)
+            return CompactionResult(0, 0, 0, None, 0, 0, done["attempts"])
         tasks = [t for t in table.scan(row_filter=where, snapshot_id=snapshot.snapshot_id).plan_files()]
         current = {t.file.file_path for t in tasks}
         if not done["files"] or not {f.file_path for f in done["files"]} <= current:
@@ -153,9 +152,9 @@ def compact(
             # (Files a live writer added since are simply not part of this rewrite.)
             chosen = files_to_rewrite([t.file.file_size_in_bytes for t in tasks], final=final, small_bytes=small_bytes)
             if not chosen:
-                return CompactionResult(0, 0, 0, None)
+                return CompactionResult(0, 0, 0, None, 0, 0, done["attempts"])
             done["files"] = [tasks[i].file for i in chosen]
-            done["rows"], done["written"] = _rewrite_niced(table.metadata, table.io, [tasks[i] for i in chosen])
+            done["rows"], done["written"] = in_nicer_child(_rewrite, table.metadata, table.io, [tasks[i] for i in chosen])
         properties = {**carried_properties(table), "k2.maintenance": "compact"}
         with table.transaction() as tx:
             with tx.update_snapshot(snapshot_properties=properties).overwrite() as rewrite:
@@ -169,19 +168,24 @@ def compact(
             len(done["files"]),
             len(done["written"]),
             after.snapshot_id if after else None,
-            bytes_before=sum(f.file_size_in_bytes for f in done["files"]),
-            bytes_after=sum(f.file_size_in_bytes for f in done["written"]),
+            bytes_before=_bytes(done["files"]),
+            bytes_after=_bytes(done["written"]),
             attempts=done["attempts"],
         )
 
     return _retried(attempt, attempts, "compaction")
 
 
-def _rewrite_niced(metadata: TableMetadata, io: FileIO, tasks: list[FileScanTask]) -> tuple[int, list[DataFile]]:
-    """`_rewrite` in a child process at REWRITE_NICENESS."""
+def in_nicer_child(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a child process REWRITE_NICENESS nicer than this one. An interrupt (a run stopped in
+    Dagster) terminates the child rather than waiting for it."""
     spawn = multiprocessing.get_context("spawn")  # a fork of a threaded caller (the writer, Dagster) may deadlock
-    with ProcessPoolExecutor(1, mp_context=spawn, initializer=os.nice, initargs=(REWRITE_NICENESS,)) as child:
-        return child.submit(_rewrite, metadata, io, tasks).result()
+    with spawn.Pool(1, initializer=os.nice, initargs=(REWRITE_NICENESS,)) as child:
+        return child.apply(function, args)
+
+
+def _bytes(files: Iterable[DataFile]) -> int:
+    return sum(f.file_size_in_bytes for f in files)
 
 
 def _rewrite(metadata: TableMetadata, io: FileIO, tasks: list[FileScanTask]) -> tuple[int, list[DataFile]]:
@@ -189,19 +193,21 @@ def _rewrite(metadata: TableMetadata, io: FileIO, tasks: list[FileScanTask]) -> 
     rows = ArrowScan(metadata, io, metadata.schema(), AlwaysTrue()).to_table(tasks)
     if "exchange_timestamp" in rows.column_names:
         rows = rows.sort_by(writer.SORT_KEYS)
-    sized = sized_on_disk(metadata, rows.nbytes, sum(task.file.file_size_in_bytes for task in tasks))
+    sized = _sized_on_disk(metadata, rows.nbytes, _bytes(task.file for task in tasks))
     return rows.num_rows, list(_dataframe_to_data_files(sized, rows, io, uuid.uuid4()))
 
 
-def sized_on_disk(metadata: TableMetadata, bytes_in_memory: int, bytes_on_disk: int) -> TableMetadata:
+def _sized_on_disk(metadata: TableMetadata, bytes_in_memory: int, bytes_on_disk: int) -> TableMetadata:
     """`metadata` with its target file size scaled by how much larger the rows are in memory than on disk.
 
     pyiceberg measures the target in Arrow's in-memory bytes (its `bin_pack_arrow_table`), Iceberg in bytes on
     disk. Unscaled, a merge of four 20 MiB files came out as four 20 MiB files again, each still small, and was
     merged again on every run."""
+    if bytes_on_disk <= 0 or bytes_in_memory <= bytes_on_disk:
+        return metadata
     name = TableProperties.WRITE_TARGET_FILE_SIZE_BYTES
-    target = property_as_int(metadata.properties, name, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT) or 0
-    scaled = int(target * max(1.0, bytes_in_memory / max(1, bytes_on_disk)))
+    target = property_as_int(metadata.properties, name, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT)
+    scaled = int(target * bytes_in_memory / bytes_on_disk)
     return metadata.model_copy(update={"properties": {**metadata.properties, name: str(scaled)}})
 
 

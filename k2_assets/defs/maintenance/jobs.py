@@ -46,6 +46,10 @@ def _publish(context: dg.OpExecutionContext, metrics: MaintenanceMetrics, starte
     publish(context, MAINTENANCE, metrics.registry)
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f}"
+
+
 def _markdown(header: list[str], rows: list[list]) -> dg.MetadataValue:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
@@ -84,7 +88,8 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
     else:
         days = maintenance.days_to_compact(config.lookback_days)
     live = maintenance.open_days()
-    rows, totals = [], {"compacted": 0, "already_compact": 0, "deferred": 0, "files_before": 0, "files_after": 0, "rows": 0}
+    rows, totals = [], dict.fromkeys(("compacted", "already_compact", "deferred", "files_before", "files_after", "rows"), 0)
+    totals |= {"bytes_before": 0, "bytes_after": 0}
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         if table.current_snapshot() is None:
@@ -104,19 +109,35 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 # Commits kept landing between reading and committing: nothing changed; a later run retries.
                 context.log.warning(f"market.{name} {label}: deferred, a concurrent commit won ({exc})")
                 totals["deferred"] += 1
-                rows.append([name, label, files, "deferred", stats["record_count"], ""])
+                rows.append([name, label, files, "deferred", "", "", stats["record_count"], ""])
                 continue
             if result.snapshot_id is None:  # an open day whose size tiers are not full yet
                 totals["already_compact"] += 1
                 continue
-            context.log.info(f"market.{name} {label}: {result.files_before} -> {result.files_after} files, {result.rows} rows")
+            context.log.info(
+                f"market.{name} {label}: {result.files_before} -> {result.files_after} files "
+                f"({_mib(result.bytes_before)} -> {_mib(result.bytes_after)} MiB), {result.rows} rows"
+            )
             totals["compacted"] += 1
             totals["files_before"] += result.files_before
             totals["files_after"] += result.files_after
             totals["rows"] += result.rows
+            totals["bytes_before"] += result.bytes_before
+            totals["bytes_after"] += result.bytes_after
             metrics.compacted.labels(name).inc()
             metrics.files_removed.labels(name).inc(max(0, result.files_before - result.files_after))
-            rows.append([name, label, result.files_before, result.files_after, result.rows, result.snapshot_id])
+            rows.append(
+                [
+                    name,
+                    label,
+                    result.files_before,
+                    result.files_after,
+                    _mib(result.bytes_before),
+                    _mib(result.bytes_after),
+                    result.rows,
+                    result.snapshot_id,
+                ]
+            )
     _publish(context, metrics, started)
     return dg.Output(
         None,
@@ -128,7 +149,11 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             "files_before": totals["files_before"],
             "files_after": totals["files_after"],
             "rows_rewritten": totals["rows"],
-            "partitions": _markdown(["table", "partition", "files before", "files after", "rows", "snapshot"], rows),
+            "bytes_before": totals["bytes_before"],
+            "bytes_after": totals["bytes_after"],
+            "partitions": _markdown(
+                ["table", "partition", "files before", "files after", "MiB before", "MiB after", "rows", "snapshot"], rows
+            ),
         },
     )
 
