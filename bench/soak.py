@@ -127,17 +127,12 @@ class StepTimer:
 
     @contextmanager
     def __call__(self, step: str):
-        wall, cpu = time.monotonic(), cpu_with_children()
+        wall, cpu = time.monotonic(), pid_cpu_seconds(os.getpid())
         try:
             yield
         finally:
             self.wall[step] = time.monotonic() - wall
-            self.cpu[step] = cpu_with_children() - cpu
-
-
-def cpu_with_children() -> float:
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+            self.cpu[step] = pid_cpu_seconds(os.getpid()) - cpu
 
 
 class Recorder:

@@ -88,8 +88,8 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
     else:
         days = maintenance.days_to_compact(config.lookback_days)
     live = maintenance.open_days()
-    rows, totals = [], dict.fromkeys(("compacted", "already_compact", "deferred", "files_before", "files_after", "rows"), 0)
-    totals |= {"bytes_before": 0, "bytes_after": 0}
+    counts = ("compacted", "already_compact", "deferred", "files_before", "files_after", "rows", "bytes_before", "bytes_after")
+    rows, totals = [], dict.fromkeys(counts, 0)
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         if table.current_snapshot() is None:
