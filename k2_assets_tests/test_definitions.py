@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 import fastavro
 import pyarrow as pa
+import pytest
+from dagster._core.instance.config import dagster_instance_config
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import checks, schemas
@@ -70,6 +73,17 @@ def test_defs_load_with_every_asset_and_check():
         dg.AssetKey("binance_trades_history"),
         dg.AssetKey("binance_um_trades_history"),
     }
+
+
+@pytest.mark.parametrize("instance_dir", [".", "docker"])
+def test_every_sensor_ticks_in_a_thread_of_its_own(instance_dir):
+    """A sensor waiting out a catalog outage must not hold up the live writer's sensor (its lease, its reports)."""
+    from k2_assets.definitions import defs
+
+    config, _ = dagster_instance_config(str(Path(__file__).resolve().parents[1] / instance_dir))
+    sensors = {s.name for s in defs.sensors}
+    assert {"binance_trades_sensor", "binance_gap_repair_sensor"} <= sensors
+    assert config["sensors"]["use_threads"] and config["sensors"]["num_workers"] >= len(sensors), (config, sensors)
 
 
 def test_resources_read_the_environment(monkeypatch, tmp_path):

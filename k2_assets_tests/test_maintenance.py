@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
@@ -80,6 +82,35 @@ def test_a_merge_is_sized_by_its_bytes_on_disk_not_in_memory(btcusdt_dir, broker
 
 def test_the_merge_runs_in_a_child_that_yields_the_cpu():
     assert maintenance.in_nicer_child(os.nice, 0) == min(19, os.nice(0) + maintenance.REWRITE_NICENESS)
+
+
+def test_a_child_that_fails_or_dies_says_so_at_once():
+    with pytest.raises(ValueError, match="invalid literal"):
+        maintenance.in_nicer_child(int, "x")
+    started = time.monotonic()
+    with pytest.raises(ChildProcessError, match="_exit in a child process: it ended with exit code 3 before answering"):
+        maintenance.in_nicer_child(os._exit, 3)
+    with pytest.raises(ChildProcessError, match=f"exit code -{signal.SIGKILL} "):  # as the kernel's OOM killer does
+        maintenance.in_nicer_child(signal.raise_signal, signal.SIGKILL)
+    assert time.monotonic() - started < 30
+
+
+def test_an_interrupt_terminates_the_child_instead_of_waiting_for_it():
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # what a run stopped in Dagster raises in the op
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        signal.alarm(3)
+        with pytest.raises(KeyboardInterrupt):
+            maintenance.in_nicer_child(time.sleep, 120)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 15
+    children = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+    assert not [c for c in children if c.status() != psutil.STATUS_ZOMBIE], children
 
 
 def test_expiry_keeps_the_time_travel_window(catalog, btcusdt_dir, broker, topic):

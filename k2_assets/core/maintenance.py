@@ -177,11 +177,51 @@ def compact(
 
 
 def in_nicer_child(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` in a child process REWRITE_NICENESS nicer than this one. An interrupt (a run stopped in
-    Dagster) terminates the child rather than waiting for it."""
+    """`function(*args)` in a child process REWRITE_NICENESS nicer than this one, its exception re-raised here.
+
+    A child that ends without answering (killed, out of memory, unable to start) raises at once, naming its exit
+    code. An interrupt (a run stopped in Dagster) terminates the child rather than waiting for it."""
     spawn = multiprocessing.get_context("spawn")  # a fork of a threaded caller (the writer, Dagster) may deadlock
-    with spawn.Pool(1, initializer=os.nice, initargs=(REWRITE_NICENESS,)) as child:
-        return child.apply(function, args)
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_answer, args=(send, function, args), name="k2-nicer-child", daemon=True)
+    child.start()
+    send.close()  # the child holds the only sending end: its exit ends the pipe
+    try:
+        try:
+            while not receive.poll(1.0):
+                if not child.is_alive() and not receive.poll(0):
+                    break
+            ok, value = receive.recv()
+        except EOFError:
+            child.join(5)
+            raise ChildProcessError(
+                f"{getattr(function, '__name__', function)} in a child process: it ended with exit code "
+                f"{child.exitcode} before answering"
+            ) from None
+    except BaseException:
+        child.terminate()
+        raise
+    finally:
+        receive.close()
+        child.join(5)
+    if not ok:
+        raise value
+    return value
+
+
+def _answer(send, function: Callable[..., T], args: tuple) -> None:
+    """In the child: lower its priority, run `function(*args)` and send back (True, result) or (False, exception)."""
+    os.nice(REWRITE_NICENESS)
+    try:
+        answer = (True, function(*args))
+    except Exception as exc:
+        answer = (False, exc)
+    try:
+        send.send(answer)
+    except Exception as exc:  # an answer that does not pickle still says what it was
+        send.send((False, RuntimeError(f"the child could not send back its {type(answer[1]).__name__}: {exc}")))
+    finally:
+        send.close()
 
 
 def _bytes(files: Iterable[DataFile]) -> int:
