@@ -129,6 +129,17 @@ def test_iceberg_schemas_are_derived_from_the_avro_contracts(catalog):
     assert schemas.enum_symbols(schemas.TRADE, "side") == ["BUY", "SELL", "UNKNOWN"]
 
 
+def test_a_table_an_older_k2_made_gains_the_properties_it_lacks_and_keeps_its_own(catalog):
+    trades = k2_catalog.ensure_table(catalog, "trades")
+    with trades.transaction() as tx:  # as an older K2 left it, with an operator's own compression
+        tx.remove_properties("write.delete.isolation-level")
+        tx.set_properties({"write.parquet.compression-codec": "snappy"})
+    assert "write.delete.isolation-level" not in catalog.load_table("market.trades").properties
+    loaded = k2_catalog.ensure_table(catalog, "trades")
+    assert loaded.properties["write.delete.isolation-level"] == "snapshot"
+    assert catalog.load_table("market.trades").properties["write.parquet.compression-codec"] == "snappy"
+
+
 def test_avro_round_trip_of_a_decoded_trade(asx_dir):
     """A trade K2 decoded serializes under the Avro contract and reads back equal."""
     import io

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_assets.core import maintenance, writer
-from k2_assets.core.offsets import recorded_offsets
+from k2_assets.core.offsets import latest_property, recorded_offsets, tracker_key
 from k2_assets_tests.conftest import btc_trade_events, offsets_key
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
 
@@ -165,6 +165,39 @@ def test_expiry_keeps_the_offsets_a_rebased_compaction_restated_too_low(btcusdt_
     assert trades.scan().to_arrow().num_rows == 2500
     resumed = writer_for(catalog, broker, topic)
     assert resumed.position == {p: offsets.get(p, 0) for p in resumed.position}
+    assert drain_all(resumed) == []  # nothing read twice
+    resumed.close()
+
+
+def test_a_live_commit_landing_during_a_compaction_is_rebased_over_not_lost_to(btcusdt_dir, broker, topic, catalog, monkeypatch):
+    events = btc_trade_events(btcusdt_dir)
+    produce(broker.bootstrap, topic, trade_messages(events[:2000]))
+    live = writer_for(catalog, broker, topic, max_batch_rows=400)
+    drain_all(live)
+    produce(broker.bootstrap, topic, trade_messages(events[2000:2500]))  # the same day, still being written
+    restate, landed = maintenance.carried_properties, []
+
+    def live_commit_meanwhile(table):  # the merge is read and written; the writer commits before the rewrite does
+        if not landed:
+            landed.extend(drain_all(live))
+        return restate(table)
+
+    monkeypatch.setattr(maintenance, "carried_properties", live_commit_meanwhile)
+    day = writer.partition_filter("BINANCE", datetime(2024, 1, 1).date())
+    result = maintenance.compact(catalog.load_table("market.trades"), day, final=True)
+    live.close()
+    assert landed and (result.attempts, result.files_before, result.files_after, result.rows) == (1, 5, 1, 2000)
+
+    trades = catalog.load_table("market.trades")
+    ids = trades.scan(row_filter=day, selected_fields=("message_id",)).to_arrow().column("message_id")
+    assert len(ids) == len(pc.unique(ids)) == 2500
+    assert len(trades.inspect.files()) == 1 + len(landed)  # the merged file and those the writer appended meanwhile
+    # The writer resumes with its own last commit's tracker state, never one the rebased compaction restated.
+    compaction, appended = trades.current_snapshot(), trades.snapshot_by_id(trades.current_snapshot().parent_snapshot_id)
+    tracker = tracker_key("BINANCE")
+    assert tracker not in compaction.summary.additional_properties and tracker in appended.summary.additional_properties
+    assert latest_property(trades, tracker) == appended.summary[tracker]
+    resumed = writer_for(catalog, broker, topic)
     assert drain_all(resumed) == []  # nothing read twice
     resumed.close()
 

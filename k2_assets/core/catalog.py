@@ -30,6 +30,11 @@ TABLE_PROPERTIES = {
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "50",
     "write.parquet.compression-codec": "zstd",
+    # Compaction's rewrite is pyiceberg's overwrite with file deletes, which takes its isolation from this property.
+    # Serializable (the default) refuses it whenever a live writer appended meanwhile, so beside a writer committing
+    # every second it lost every attempt on a loaded machine. At snapshot isolation it validates what Iceberg's
+    # RewriteFiles does (the files it replaces still exist, and no deletes reached them) and is rebased over appends.
+    "write.delete.isolation-level": "snapshot",
 }
 
 
@@ -112,6 +117,7 @@ def evolve(table: Table, name: str) -> Table:
     """Bring a table made from an older contract up to schemas/: add the optional columns the contract gained,
     and make optional what it made optional. Only these compatible changes; a writer racing to do the same
     is retried by pyiceberg or already done."""
+    table = _with_missing_properties(table)
     contract = schemas.iceberg_schema(TABLES[name].schema)
     current = {f.name: f for f in table.schema().fields}
     missing = [f for f in contract.fields if f.name not in current]
@@ -128,4 +134,17 @@ def evolve(table: Table, name: str) -> Table:
         table = table.refresh()
         if any(f.name not in {c.name for c in table.schema().fields} for f in missing):
             raise
+    return table
+
+
+def _with_missing_properties(table: Table) -> Table:
+    """`table` with the TABLE_PROPERTIES it was created without (an older K2 made it); values already set stay."""
+    missing = {k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version" and k not in table.properties}
+    if not missing:
+        return table
+    try:
+        with table.transaction() as tx:
+            tx.set_properties(missing)
+    except CommitFailedException:  # another writer committed meanwhile; the next load adds them
+        return table.refresh()
     return table

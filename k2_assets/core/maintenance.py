@@ -1,14 +1,18 @@
 """Iceberg table maintenance that keeps exactly-once intact: compaction, snapshot expiry, orphan files.
 
-The live writer resumes from the highest Kafka offsets recorded in the table's snapshot lineage.
-So every maintenance commit carries the recorded offsets (and the sequence tracker's state) forward,
-and expiry never removes a snapshot that holds the highest recorded offset of any Kafka partition,
-so the lineage reads the same bookkeeping whatever a maintenance commit restated.
+The live writer resumes from the highest Kafka offsets recorded in the table's snapshot lineage, and
+its sequence tracker from the newest state the lineage holds. So every maintenance commit carries the
+recorded offsets forward (a maximum: restating them too low changes nothing), but never the tracker's
+state, which a commit rebased over newer live commits would restate as older than theirs. Expiry never
+removes a snapshot that holds the highest recorded offset of any Kafka partition, nor the newest one
+holding each tracker's state, so the lineage reads the same bookkeeping whatever maintenance did.
 
 Compaction replaces exactly the files it read, so it runs on the partitions live writers still append
-to: an interleaved commit makes pyiceberg refuse the attempt, and it is made again on the new state.
-On an open day it merges by size tier, so each row is rewritten a few times a day, not on every run; a
-closed day is merged whole. The merge runs in a nicer child process, and sizes its files on disk.
+to: a commit that lands meanwhile is an append, and pyiceberg rebases the rewrite over it (snapshot
+isolation, as Iceberg's RewriteFiles: the replaced files must still exist). A commit that replaced
+any of them makes the attempt be made again on the new state. On an open day it merges by size tier,
+so each row is rewritten a few times a day, not on every run; a closed day is merged whole. The merge
+runs in a nicer child process, and sizes its files on disk.
 
 Expiry only edits metadata; the files that only expired snapshots reached are deleted by orphan
 removal, which deletes only files older than a grace period (an in-flight write's files are new).
@@ -39,7 +43,7 @@ from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.properties import property_as_int
 
 from k2_assets.core import writer
-from k2_assets.core.offsets import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, latest_property, lineage, recorded_offsets
+from k2_assets.core.offsets import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, lineage, recorded_offsets
 
 CARRIED_PREFIXES = (OFFSETS_KEY, REJECTED_KEY)
 
@@ -88,23 +92,14 @@ def files_to_rewrite(sizes: Sequence[int], *, final: bool, small_bytes: int = SM
 
 
 def carried_properties(table: Table) -> dict[str, str]:
-    """The exactly-once bookkeeping of the lineage, to be restated by a maintenance commit."""
+    """The recorded offsets of the lineage (Kafka's and the rejects' marks), to be restated by a maintenance commit."""
     keys = {
         key
         for snapshot in table.metadata.snapshots
         for key in (snapshot.summary.additional_properties if snapshot.summary else {})
-        if key.startswith((*CARRIED_PREFIXES, TRACKER_KEY))
-    }
-    carried = {
-        key: json.dumps({str(p): o for p, o in sorted(recorded_offsets(table, key).items())})
-        for key in keys
         if key.startswith(CARRIED_PREFIXES)
     }
-    for key in keys - carried.keys():  # each exchange's tracker state (offsets.tracker_key), the newest
-        tracker = latest_property(table, key)
-        if tracker:
-            carried[key] = tracker
-    return carried
+    return {key: json.dumps({str(p): o for p, o in sorted(recorded_offsets(table, key).items())}) for key in keys}
 
 
 @dataclass(frozen=True)
@@ -135,8 +130,9 @@ def compact(
 
     The commit replaces exactly the files it read (Iceberg's rewrite of files), so it commutes with a live
     writer appending to the same partition: a partition that is still being written is compacted as it goes.
-    If any commit lands between reading the table and committing, the attempt is refused by pyiceberg's
-    validation and made again on the new state; the rewritten file is written once and reused."""
+    pyiceberg rebases it over appends that land meanwhile (the table's `write.delete.isolation-level` is
+    snapshot). A commit that replaced or deleted any of its files makes pyiceberg refuse it, and the attempt
+    is made again on the new state; the rewritten file is written once and reused while its inputs stand."""
     done: dict = {"files": [], "written": [], "rows": None, "attempts": 0}  # kept across attempts: written once, reused
 
     def attempt() -> CompactionResult:
