@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ from pyiceberg.table.sorting import SortField, SortOrder
 from pyiceberg.transforms import IdentityTransform
 
 from k2_assets.core import iceberg_metadata_cache, schemas
+from k2_assets.core.text import one_line
 
 iceberg_metadata_cache.install()
 
+log = logging.getLogger("k2.catalog")
 NAMESPACE = "market"
 
 # Small metadata: merge manifests on commit, keep a bounded metadata.json history.
@@ -145,6 +148,6 @@ def _with_missing_properties(table: Table) -> Table:
     try:
         with table.transaction() as tx:
             tx.set_properties(missing)
-    except CommitFailedException:  # another writer committed meanwhile; the next load adds them
-        return table.refresh()
+    except Exception as exc:  # a concurrent commit, a locked catalog, a read-only role: the next load adds them
+        log.warning("market table %s: could not add properties %s: %s", table.name(), sorted(missing), one_line(exc))
     return table

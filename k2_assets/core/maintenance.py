@@ -2,10 +2,11 @@
 
 The live writer resumes from the highest Kafka offsets recorded in the table's snapshot lineage, and
 its sequence tracker from the newest state the lineage holds. So every maintenance commit carries the
-recorded offsets forward (a maximum: restating them too low changes nothing), but never the tracker's
-state, which a commit rebased over newer live commits would restate as older than theirs. Expiry never
-removes a snapshot that holds the highest recorded offset of any Kafka partition, nor the newest one
-holding each tracker's state, so the lineage reads the same bookkeeping whatever maintenance did.
+recorded offsets forward (maxima: restating them too low changes nothing) and the trackers' newest
+state as of the snapshot the commit lands on (pyiceberg may rebase it over live commits after it was
+built). Expiry never removes a snapshot that holds the highest recorded offset of any Kafka partition,
+nor the newest one holding each tracker's state, so the lineage reads the same bookkeeping whatever
+maintenance did, and a compaction moves those holders forward past an idle writer's last commit.
 
 Compaction replaces exactly the files it read, so it runs on the partitions live writers still append
 to: a commit that lands meanwhile is an append, and pyiceberg rebases the rewrite over it (snapshot
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import traceback
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +45,15 @@ from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.properties import property_as_int
 
 from k2_assets.core import writer
-from k2_assets.core.offsets import OFFSETS_KEY, REJECTED_KEY, TRACKER_KEY, lineage, recorded_offsets
+from k2_assets.core.offsets import (
+    OFFSETS_KEY,
+    REJECTED_KEY,
+    TRACKER_KEY,
+    FencedTable,
+    lineage,
+    recorded_offsets,
+    tracker_states,
+)
 
 CARRIED_PREFIXES = (OFFSETS_KEY, REJECTED_KEY)
 
@@ -134,6 +144,8 @@ def compact(
     snapshot). A commit that replaced or deleted any of its files makes pyiceberg refuse it, and the attempt
     is made again on the new state; the rewritten file is written once and reused while its inputs stand."""
     done: dict = {"files": [], "written": [], "rows": None, "attempts": 0}  # kept across attempts: written once, reused
+    table = FencedTable.of(table)
+    table.restate = tracker_states  # as of the snapshot the commit lands on, also when pyiceberg rebases it
 
     def attempt() -> CompactionResult:
         done["attempts"] += 1
@@ -180,14 +192,11 @@ def in_nicer_child(function: Callable[..., T], *args: Any) -> T:
     spawn = multiprocessing.get_context("spawn")  # a fork of a threaded caller (the writer, Dagster) may deadlock
     receive, send = spawn.Pipe(duplex=False)
     child = spawn.Process(target=_answer, args=(send, function, args), name="k2-nicer-child", daemon=True)
-    child.start()
-    send.close()  # the child holds the only sending end: its exit ends the pipe
     try:
+        child.start()
+        send.close()  # the child holds the only sending end: its exit ends the pipe
         try:
-            while not receive.poll(1.0):
-                if not child.is_alive() and not receive.poll(0):
-                    break
-            ok, value = receive.recv()
+            ok, value, trace = receive.recv()
         except EOFError:
             child.join(5)
             raise ChildProcessError(
@@ -195,27 +204,32 @@ def in_nicer_child(function: Callable[..., T], *args: Any) -> T:
                 f"{child.exitcode} before answering"
             ) from None
     except BaseException:
-        child.terminate()
+        if child.is_alive():
+            child.terminate()
         raise
     finally:
         receive.close()
         child.join(5)
+        if child.is_alive():  # deaf to SIGTERM: a daemonic child left running would hang this interpreter's exit
+            child.kill()
+            child.join()
     if not ok:
-        raise value
+        raise value from ChildProcessError(f"in the child process:\n{trace}")
     return value
 
 
 def _answer(send, function: Callable[..., T], args: tuple) -> None:
-    """In the child: lower its priority, run `function(*args)` and send back (True, result) or (False, exception)."""
+    """In the child: lower its priority, run `function(*args)` and send back (True, result, "") or (False, exception,
+    its traceback)."""
     os.nice(REWRITE_NICENESS)
     try:
-        answer = (True, function(*args))
+        answer = (True, function(*args), "")
     except Exception as exc:
-        answer = (False, exc)
+        answer = (False, exc, traceback.format_exc())
     try:
         send.send(answer)
     except Exception as exc:  # an answer that does not pickle still says what it was
-        send.send((False, RuntimeError(f"the child could not send back its {type(answer[1]).__name__}: {exc}")))
+        send.send((False, RuntimeError(f"the child could not send back its {type(answer[1]).__name__}: {exc}"), answer[2]))
     finally:
         send.close()
 

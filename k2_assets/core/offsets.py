@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 from pyiceberg.exceptions import ValidationException
 from pyiceberg.table import Table
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.table.update import AssertRefSnapshotId
+from pyiceberg.table.snapshots import Summary
+from pyiceberg.table.update import AddSnapshotUpdate, AssertRefSnapshotId
 
 OFFSETS_KEY = "k2.kafka.offsets."
 REJECTED_KEY = "k2.kafka.rejected."
@@ -122,19 +123,41 @@ class FencedTable(Table):
     automatic retry, which rebases an append onto a concurrent writer's snapshot."""
 
     fence: Fence | None = None
+    # Properties to state in the new snapshot as of the snapshot it lands on (the parent pyiceberg rebased it onto).
+    restate: Callable[[TableMetadata, int | None], dict[str, str]] | None = None
 
     @classmethod
     def of(cls, table: Table) -> FencedTable:
         return cls(table.name(), table.metadata, table.metadata_location, table.io, table.catalog, table.config)
 
     def _do_commit(self, updates, requirements) -> None:
+        parent = next(
+            (r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId) and r.ref == "main"),
+            self.metadata.current_snapshot_id,
+        )
         if self.fence is not None:
-            parent = next(
-                (r.snapshot_id for r in requirements if isinstance(r, AssertRefSnapshotId) and r.ref == "main"),
-                self.metadata.current_snapshot_id,
-            )
             self.fence(self.metadata, parent)
+        if self.restate is not None:
+            stated = self.restate(self.metadata, parent)
+            updates = tuple(_stating(u, stated) if isinstance(u, AddSnapshotUpdate) else u for u in updates)
         super()._do_commit(updates, requirements)
+
+
+def _stating(update: AddSnapshotUpdate, properties: dict[str, str]) -> AddSnapshotUpdate:
+    """`update` with `properties` in its snapshot's summary (the summary lives only in the table metadata)."""
+    summary = update.snapshot.summary
+    restated = Summary(summary.operation, **{**summary.additional_properties, **properties})
+    return AddSnapshotUpdate(snapshot=update.snapshot.model_copy(update={"summary": restated}))
+
+
+def tracker_states(metadata: TableMetadata, snapshot_id: int | None) -> dict[str, str]:
+    """Each exchange's newest sequence-tracker state in the lineage ending at `snapshot_id`."""
+    states: dict[str, str] = {}
+    for _, properties in lineage(metadata, snapshot_id):
+        for key, value in properties.items():
+            if key.startswith(TRACKER_KEY) and value:
+                states.setdefault(key, value)
+    return states
 
 
 def landed(table: Table, token: str, depth: int = 200) -> int | None:
