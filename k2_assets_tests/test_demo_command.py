@@ -254,14 +254,12 @@ def test_k2_demo_serves_the_lakehouse_and_stops_on_ctrl_c(tmp_path):
             for s in trades.metadata.snapshots
             if s.summary and s.summary.additional_properties.get("k2.maintenance") == "compact"
         ]
+        # The writer's commits each second land between the merge's read and its commit; the commit is rebased over
+        # them (before, at pyiceberg's serializable default, a loaded machine could lose every attempt and defer the day).
+        assert compactions, f"no compaction commit in market.trades:\n{log_tail(log)}"
         for compaction in compactions:  # it rewrote files, no row more or less
             parent = trades.snapshot_by_id(compaction.parent_snapshot_id)
             assert compaction.summary["total-records"] == parent.summary["total-records"]
-        if not compactions:
-            # On a loaded machine the writer's commit each second can win every attempt: the job then defers the day to
-            # its next run, and says so. Either way the merge ran in the run's own child process first.
-            deferred = f"market.trades exchange=BINANCE/trade_date={today}: deferred, a concurrent commit won"
-            assert deferred in log.read_text(errors="replace"), f"no compaction commit in market.trades:\n{log_tail(log)}"
 
         stop(process, log)
     finally:
