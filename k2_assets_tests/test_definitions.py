@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -138,6 +140,24 @@ def test_a_table_an_older_k2_made_gains_the_properties_it_lacks_and_keeps_its_ow
     loaded = k2_catalog.ensure_table(catalog, "trades")
     assert loaded.properties["write.delete.isolation-level"] == "snapshot"
     assert catalog.load_table("market.trades").properties["write.parquet.compression-codec"] == "snappy"
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
+def test_threads_opening_a_new_catalog_and_its_tables_at_once_all_succeed(storage, tmp_path, request):
+    """As the daemon's sensors do, each in its own thread, on their first tick against a fresh catalog."""
+    if storage == "sqlite":
+        uri = f"sqlite:///{tmp_path}/catalog.db"
+    else:
+        uri = request.getfixturevalue("postgres").create_database()
+    start = threading.Barrier(6)
+
+    def first_tick(name: str) -> str:
+        start.wait()
+        return k2_catalog.ensure_table(k2_catalog.open_catalog(uri, f"file://{tmp_path}/warehouse"), name).name()[-1]
+
+    names = ["trades", "trades", "sequence_gaps", "sequence_gaps", "rejected", "rejected"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert list(pool.map(first_tick, names)) == names
 
 
 def test_avro_round_trip_of_a_decoded_trade(asx_dir):

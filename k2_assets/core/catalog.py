@@ -15,6 +15,7 @@ from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.table import Table
 from pyiceberg.table.sorting import SortField, SortOrder
 from pyiceberg.transforms import IdentityTransform
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from k2_assets.core import iceberg_metadata_cache, schemas
 from k2_assets.core.text import one_line
@@ -65,7 +66,12 @@ def open_catalog(uri: str, warehouse: str) -> Catalog:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if warehouse.startswith("file://"):
         Path(urlparse(warehouse).path).mkdir(parents=True, exist_ok=True)
-    return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+    try:
+        return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+    except (IntegrityError, OperationalError, ProgrammingError):
+        # Another process or thread created the catalog's own tables between pyiceberg's check and its CREATE
+        # (PostgreSQL: a unique violation on pg_type; SQLite: table already exists); they exist now.
+        return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
 
 
 def object_store_properties() -> dict[str, str]:
@@ -108,7 +114,7 @@ def ensure_table(catalog: Catalog, name: str) -> Table:
     )
     try:
         catalog.create_namespace(NAMESPACE)
-    except NamespaceAlreadyExistsError:
+    except (NamespaceAlreadyExistsError, IntegrityError):  # IntegrityError: created by a racer after pyiceberg's check
         pass
     try:
         return catalog.create_table(identifier, schema=schema, partition_spec=spec, sort_order=order, properties=TABLE_PROPERTIES)
