@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import shutil
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -199,3 +200,79 @@ def test_local_times_convert_exactly_as_the_time_zone_database_says(rows, tz):
     local = pc.cast(pc.add(pc.multiply(pc.cast(pc.cast(days, pa.int32()), pa.int64()), DAY_MICROS), clocks), pa.timestamp("us"))
     expected = pc.assume_timezone(local, timezone=tz, ambiguous="earliest", nonexistent="earliest")
     assert decode.local_to_utc(days, clocks, tz).equals(expected)
+
+
+def python_us_date(text: str) -> date | None:
+    if re.fullmatch(r"\d{2}/\d{2}/\d{4}", text) is None:
+        return None
+    try:
+        return date(int(text[6:]), int(text[:2]), int(text[3:5]))
+    except ValueError:
+        return None
+
+
+def python_clock_micros(text: str) -> int | None:
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d):([0-5]\d)(?:\.(\d{1,6}))?", text)
+    if match is None:
+        return None
+    hh, mm, ss, fraction = match.groups()
+    return ((int(hh) * 60 + int(mm)) * 60 + int(ss)) * 1_000_000 + int((fraction or "0").ljust(6, "0"))
+
+
+def runs(values: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
+    """Runs of equal values, as vendor files have them."""
+    return st.lists(st.tuples(values, st.integers(1, 4)), max_size=30).map(
+        lambda runs: [text for text, count in runs for _ in range(count)]
+    )
+
+
+# Mostly the vendor's shape with out-of-range fields (month 13, 02/30, second 60); sometimes another width or
+# a wrong separator, which sends the whole column down the general path.
+shaped_dates = st.builds(
+    "{:02d}/{:02d}/{:04d}".format,
+    st.sampled_from([0, 1, 2, 12, 13]),
+    st.sampled_from([0, 1, 28, 29, 30, 31, 32]),
+    st.sampled_from([0, 1999, 2014, 2016, 2100]),
+)
+odd_dates = st.sampled_from(["", "1/2/2014", "02-28-2014", "0a/01/2014", "02/29/2016 "])
+us_dates = st.one_of(runs(shaped_dates), runs(st.one_of(shaped_dates, odd_dates)))
+shaped_clocks = st.builds(
+    "{:02d}:{:02d}:{:02d}.{:03d}".format, st.integers(0, 25), st.integers(0, 61), st.integers(0, 61), st.integers(0, 999)
+)
+odd_clocks = st.sampled_from(["", "10:00:00", "23:59:59.999999", "1:00:00.000", "10-00-00.000", "10:00:00,000", "1a:00:00.000"])
+clocks = st.one_of(runs(shaped_clocks), runs(st.one_of(shaped_clocks, odd_clocks)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=us_dates)
+def test_us_dates_parse_as_the_calendar_says(values):
+    """MM/DD/YYYY parsing (by runs of equal values when every value is 10 bytes) gives the calendar's date or null."""
+    got = decode.parse_us_date(pa.array(values, pa.string())).to_pylist()
+    assert got == [python_us_date(v) for v in values]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=clocks)
+def test_clock_times_parse_to_exact_microseconds(values):
+    """HH:MM:SS[.ffffff] parsing (as a byte matrix when every value is HH:MM:SS.mmm) gives exact microseconds or null."""
+    got = decode.parse_clock_micros(pa.array(values, pa.string())).to_pylist()
+    assert got == [python_clock_micros(v) for v in values]
+
+
+@given(
+    entries=st.dictionaries(st.sampled_from(["company_id", "isin", "buyer_id"]), st.one_of(st.none(), st.text(max_size=5))),
+    n=st.integers(0, 40),
+)
+def test_constant_columns_equal_arrows_own(entries, n):
+    """The byte-built constant columns equal what Arrow's repeat and take give."""
+    keys = list(entries)
+    one = decode.string_map(keys, [pa.array([entries[k]], pa.string()) for k in keys], 1) if keys else None
+    expected = one.take(pa.array([0] * n, pa.int32())) if one is not None else pa.array([[]] * n, one_map_type())
+    assert decode.constant_map(entries, n).equals(expected)
+    for value in entries.values():
+        if value is not None:
+            assert decode.repeated(value, n).equals(pa.repeat(pa.scalar(value, pa.string()), n))
+
+
+def one_map_type() -> pa.DataType:
+    return pa.map_(pa.string(), pa.string())

@@ -132,34 +132,34 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
         if len(indices) == 0:
             continue
         rel = ledger.path
-        ok = pc.take(decoded.rows.ok, indices)
-        accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
+        if decoded.rows.reasons.null_count == len(decoded.rows):  # no line of the file rejected: skip the split
+            accepted, rejected = indices, pa.array([], pa.int64())
+            sequence, rejected_sequence = pa.array(np.arange(1, len(indices) + 1, dtype=np.int64)), rejected
+        else:
+            ok = pc.take(decoded.rows.ok, indices)
+            accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
+            # Sequence = position among the session's rows in vendor order, rejected rows included.
+            sequence = pc.cast(pc.add(pc.indices_nonzero(ok), 1), pa.int64())
+            rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
         ledger.read, ledger.written, ledger.rejected = len(indices), len(accepted), len(rejected)
-        # Sequence = position among the session's rows in vendor order, rejected rows included.
-        sequence = pc.add(pc.indices_nonzero(ok), 1)
-        rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
         n = len(accepted)
         if n:
             columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
             ymd = session_date.strftime("%Y%m%d")
-
-            def constant(value, n: int = n) -> pa.Array:
-                return pa.repeat(pa.scalar(value, pa.string()), n)
-
             columns.update(
-                exchange=constant(EXCHANGE),
-                symbol=constant(company.symbol),
-                asset_class=constant("EQUITY"),
-                currency=constant(CURRENCY),
+                exchange=decode.repeated(EXCHANGE, n),
+                symbol=decode.repeated(company.symbol, n),
+                asset_class=decode.repeated("EQUITY", n),
+                currency=decode.repeated(CURRENCY, n),
                 message_id=pc.binary_join_element_wise(f"{EXCHANGE}:{company.symbol}:{ymd}", pc.cast(sequence, pa.string()), ":"),
-                source_sequence=pc.cast(sequence, pa.int64()),
+                source_sequence=sequence,
                 trade_date=pa.repeat(pa.scalar(session_date, pa.date32()), n),
                 ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
-                source_file=pa.repeat(pa.scalar(rel, pa.string()), n),
+                source_file=decode.repeated(rel, n),
                 source_row=decode.pick(decoded.rows.line_numbers, accepted),
             )
             if kind == "trades":
-                columns["side"] = constant("UNKNOWN")
+                columns["side"] = decode.repeated("UNKNOWN", n)
             tables.append(schemas.build_table(schema_name, columns, n))
         if len(rejected):
             rejects.append(
@@ -244,8 +244,7 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
             rows.reject(pc.xor(empty, pc.equal(size, zero)), f"{name} side has a zero price or a zero size but not both")
             columns[f"{name}_price"] = pc.if_else(empty, null, price)
             columns[f"{name}_quantity"] = pc.if_else(empty, null, size)
-        one = decode.string_map(["company_id", "isin"], [pa.array([company.company_id]), pa.array([company.isin])], 1)
-        columns["vendor_data"] = pc.take(one, pa.array(np.zeros(n, dtype=np.int32)))
+        columns["vendor_data"] = decode.constant_map({"company_id": company.company_id, "isin": company.isin}, n)
     return _Decoded(rows, session, columns)
 
 

@@ -313,12 +313,27 @@ def _decimal_reasons(values: pa.StringArray, name: str, positive: bool, fits: pa
 
 
 def parse_us_date(values: pa.StringArray) -> pa.Array:
-    """MM/DD/YYYY -> date32, null where the text is not a real calendar date."""
-    return by_unique(values, _parse_us_date_unique)
+    """MM/DD/YYYY -> date32, null where the text is not a real calendar date.
+
+    A vendor file runs in date order: when every value is 10 bytes, each run of equal values is parsed once."""
+    data = fixed_width_bytes(values, 10)
+    if data is None:
+        return by_unique(values, _parse_us_date_unique)
+    n = len(values)
+    # Each value as one 8-byte and one 2-byte word, so neighbours compare in two passes.
+    head = np.ndarray((n,), dtype=np.uint64, buffer=data, strides=(10,))
+    tail = np.ndarray((n,), dtype=np.uint16, buffer=data, offset=8, strides=(10,))
+    starts = np.flatnonzero(np.concatenate([[True], (head[1:] != head[:-1]) | (tail[1:] != tail[:-1])]))
+    per_run = by_unique(values.take(pa.array(starts)), _parse_us_date_unique)
+    lengths = np.diff(np.append(starts, n))
+    days = pc.fill_null(per_run.cast(pa.int32()), 0).to_numpy()
+    missing = pc.is_null(per_run).to_numpy(zero_copy_only=False)
+    return pa.array(np.repeat(days, lengths), pa.int32(), mask=np.repeat(missing, lengths)).cast(pa.date32())
 
 
 def _parse_us_date_unique(values: pa.StringArray) -> pa.Array:
-    shaped = pc.match_substring_regex(values, r"^\d{2}/\d{2}/\d{4}$")
+    # Year 0000 parses in Arrow, but no Python date holds it: not a calendar date.
+    shaped = pc.and_(pc.match_substring_regex(values, r"^\d{2}/\d{2}/\d{4}$"), pc.invert(pc.ends_with(values, "/0000")))
     iso = pc.binary_join_element_wise(
         pc.utf8_slice_codeunits(values, 6, 10), pc.utf8_slice_codeunits(values, 0, 2), pc.utf8_slice_codeunits(values, 3, 5), "-"
     )
@@ -364,13 +379,14 @@ def _clock_fixed_width(values: pa.StringArray) -> pa.Array | None:
         return None
     n = len(values)
     chars = np.frombuffer(data, dtype=np.uint8, count=12 * n).reshape(n, 12)
-    digits = chars[:, [0, 1, 3, 4, 6, 7, 9, 10, 11]].astype(np.int64) - 48
-    shaped = ((digits >= 0) & (digits <= 9)).all(axis=1) & (chars[:, 2] == 58) & (chars[:, 5] == 58) & (chars[:, 8] == 46)
-    hh, mm, ss = digits[:, 0] * 10 + digits[:, 1], digits[:, 2] * 10 + digits[:, 3], digits[:, 4] * 10 + digits[:, 5]
-    ms = digits[:, 6] * 100 + digits[:, 7] * 10 + digits[:, 8]
+    # One int32 column per digit: arithmetic on whole columns, not on a rows x digits matrix.
+    d = [chars[:, i].astype(np.int32) - 48 for i in (0, 1, 3, 4, 6, 7, 9, 10, 11)]
+    digits = np.logical_and.reduce([(x >= 0) & (x <= 9) for x in d])
+    shaped = digits & (chars[:, 2] == 58) & (chars[:, 5] == 58) & (chars[:, 8] == 46)
+    hh, mm, ss = d[0] * 10 + d[1], d[2] * 10 + d[3], d[4] * 10 + d[5]
     valid = shaped & (hh < 24) & (mm < 60) & (ss < 60)
-    micros = ((hh * 60 + mm) * 60 + ss) * 1_000_000 + ms * 1000
-    return pa.array(micros, pa.int64(), mask=~valid)
+    millis = ((hh * 60 + mm) * 60 + ss) * 1000 + d[6] * 100 + d[7] * 10 + d[8]
+    return pa.array(millis.astype(np.int64) * 1000, pa.int64(), mask=~valid)
 
 
 DAY_MICROS = 86_400_000_000
@@ -468,3 +484,24 @@ def string_map(keys: list[str], columns: list[pa.Array], n: int) -> pa.MapArray:
         pa.array(keys, pa.string()).take(pa.array(key_idx)),
         values.take(pa.array(key_idx * n + rows_idx)),  # values are key-major
     )
+
+
+def constant_map(entries: dict[str, str | None], n: int) -> pa.MapArray:
+    """The same map<string,string> on each of `n` rows, as `string_map` gives it (a null value leaves its key out)."""
+    keys = [key for key, value in entries.items() if value is not None]
+    width = len(keys)
+    index = pa.array(np.tile(np.arange(width, dtype=np.int32), n))
+    return pa.MapArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32) * width),
+        pa.array(keys, pa.string()).take(index),
+        pa.array([entries[key] for key in keys], pa.string()).take(index),
+    )
+
+
+def repeated(value: str, n: int) -> pa.StringArray:
+    """`value` on each of `n` rows, built from its bytes (pa.repeat boxes a scalar and is five times slower)."""
+    data = value.encode()
+    if len(data) * n >= 2**31 - 1:  # past 32-bit offsets: the rare case takes the slow way
+        return pa.repeat(pa.scalar(value, pa.string()), n)
+    offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(data))
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])

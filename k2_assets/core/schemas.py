@@ -71,7 +71,8 @@ def build_table(name: str, columns: dict[str, pa.Array], n: int) -> pa.Table:
     arrays = []
     for f in schema:
         if f.name in columns:
-            arrays.append(columns[f.name].cast(f.type))
+            column = columns[f.name]
+            arrays.append(column if column.type == f.type else column.cast(f.type))
         elif f.nullable:
             arrays.append(pa.nulls(n, f.type))
         else:
