@@ -4,13 +4,16 @@ orphan removal keep the rows, the exactly-once offsets and time travel inside th
 from __future__ import annotations
 
 import os
+import signal
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
 import dagster as dg
+import pyarrow as pa
 
+from k2_assets.core import maintenance
 from k2_assets.core.offsets import recorded_offsets
 from k2_assets.defs.maintenance.jobs import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
@@ -20,6 +23,7 @@ from k2_assets_tests.test_maintenance import written_in_small_batches
 from k2_assets_tests.test_metrics import gateway_text, pushed
 
 TEN_DAYS_AGO = time.time() - 10 * 86400
+REAL_REWRITE = maintenance._rewrite
 
 
 def run(catalog_props, ops: dict, op_selection: list[str] | None = None, raise_on_error: bool = True):
@@ -169,3 +173,53 @@ def test_k2_maintenance_compacts_from_the_command_line_and_records_the_run(btcus
     with dg.DagsterInstance.from_config(str(k2_home / "dagster")) as instance:
         run = instance.get_run_by_id(run_id)
         assert run.job_name == "table_maintenance_job" and run.status == dg.DagsterRunStatus.SUCCESS
+
+
+def killed_on_the_first_day(metadata, io, tasks):
+    """The merge's child as the kernel's OOM killer leaves it, on the first day's partition only."""
+    if any("trade_date=2024-01-01" in task.file.file_path for task in tasks):
+        signal.raise_signal(signal.SIGKILL)
+    return REAL_REWRITE(metadata, io, tasks)
+
+
+def partition_files(table, day: str) -> int:
+    return sum(1 for task in table.scan(row_filter=f"trade_date = '{day}'").plan_files())
+
+
+def test_a_killed_merge_leaves_its_partition_and_the_others_are_compacted(
+    btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway, monkeypatch
+):
+    monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=4000, batch_rows=400)
+    rows = trades.scan().to_arrow()
+    column = rows.schema.get_field_index("trade_date")
+    next_day = rows.set_column(column, rows.schema.field(column), pa.repeat(pa.scalar(date(2024, 1, 2)), rows.num_rows))
+    for start in range(0, rows.num_rows, 400):  # a second day, in as many small files
+        trades.append(next_day.slice(start, 400))
+    trades = catalog.load_table("market.trades")
+    ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
+    files_first_day = partition_files(trades, "2024-01-01")
+    assert files_first_day >= 10 and partition_files(trades, "2024-01-02") == 10
+
+    monkeypatch.setattr(maintenance, "_rewrite", killed_on_the_first_day)
+    config = {"compact_partitions": {"days": ["2024-01-01", "2024-01-02"]}}
+    result = run(catalog_props, config, ["compact_partitions"], raise_on_error=False)
+    error = failure(result, "compact_partitions")
+    assert "1 partition(s) not compacted: market.trades exchange=BINANCE/trade_date=2024-01-01: " in error
+    assert f"exit code -{signal.SIGKILL} before answering" in error
+    trades = catalog.load_table("market.trades")
+    assert partition_files(trades, "2024-01-01") == files_first_day  # untouched
+    assert partition_files(trades, "2024-01-02") == 1  # compacted after the failure, not stopped by it
+    assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
+    text = gateway_text(pushgateway)  # what K2CompactionFailed reads
+    assert pushed(text, "k2_maintenance_partitions_failed_total", table="trades", op="compact_partitions") == 1
+    assert pushed(text, "k2_maintenance_partitions_compacted_total", table="trades") == 1
+
+    # The next run, with the memory back, compacts the day and clears the failure.
+    monkeypatch.setattr(maintenance, "_rewrite", REAL_REWRITE)
+    compacted = step_metadata(run(catalog_props, config, ["compact_partitions"]), "compact_partitions")
+    assert (compacted["partitions_compacted"], compacted["partitions_failed"]) == (1, 0)
+    trades = catalog.load_table("market.trades")
+    assert partition_files(trades, "2024-01-01") == 1
+    assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
+    assert pushed(gateway_text(pushgateway), "k2_maintenance_partitions_failed_total", table="trades") == 0

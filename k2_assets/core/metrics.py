@@ -256,6 +256,9 @@ class MaintenanceMetrics:
         self.files_removed = Counter(
             "k2_maintenance_data_files_replaced", "Data files replaced by compaction (before minus after)", ["table"], registry=r
         )
+        self.failed = Counter(
+            "k2_maintenance_partitions_failed", "Partitions whose compaction failed (left unchanged)", ["table"], registry=r
+        )
         self.expired = Counter("k2_maintenance_snapshots_expired", "Snapshots expired", ["table"], registry=r)
         self.orphans = Counter("k2_maintenance_orphan_files_removed", "Unreferenced files deleted", ["table"], registry=r)
         self.seconds = Histogram(

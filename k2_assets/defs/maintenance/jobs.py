@@ -19,6 +19,7 @@ from pyiceberg.types import DateType
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import maintenance
 from k2_assets.core.metrics import MaintenanceMetrics
+from k2_assets.core.text import one_line
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import MAINTENANCE, publish
 
@@ -41,7 +42,7 @@ def _tables(iceberg: IcebergResource, names: list[str], log) -> list[tuple[str, 
 
 
 def _publish(context: dg.OpExecutionContext, metrics: MaintenanceMetrics, started: float) -> None:
-    """Time the op and push its metrics (K2_PUSHGATEWAY_URL), once its work has succeeded."""
+    """Time the op and push its metrics (K2_PUSHGATEWAY_URL), once it has done what it could."""
     metrics.seconds.labels(context.op_def.name).observe(time.monotonic() - started)
     publish(context, MAINTENANCE, metrics.registry)
 
@@ -89,11 +90,12 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
         days = maintenance.days_to_compact(config.lookback_days)
     live = maintenance.open_days()
     counts = ("compacted", "already_compact", "deferred", "files_before", "files_after", "rows", "bytes_before", "bytes_after")
-    rows, totals = [], dict.fromkeys(counts, 0)
+    rows, totals, failed = [], dict.fromkeys(counts, 0), []
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         if table.current_snapshot() is None:
             continue  # created, never written
+        metrics.failed.labels(name)  # pushed as 0, so a run that succeeds clears the last run's failures
         selected = In(_date_column(table), {day.isoformat() for day in days})
         partitions = table.inspect.partitions(row_filter=selected).to_pylist()  # one pass over the manifests
         for stats in sorted(partitions, key=lambda p: tuple(str(v) for v in p["partition"].values())):
@@ -110,6 +112,12 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 context.log.warning(f"market.{name} {label}: deferred, a concurrent commit won ({exc})")
                 totals["deferred"] += 1
                 rows.append([name, label, files, "deferred", "", "", stats["record_count"], ""])
+                continue
+            except Exception as exc:  # noqa: BLE001 - a merge that failed here (its child killed, out of memory) must not stop the others
+                context.log.error(f"market.{name} {label}: compaction failed, the partition is unchanged: {one_line(exc)}")
+                failed.append(f"market.{name} {label}: {one_line(exc)}")
+                metrics.failed.labels(name).inc()
+                rows.append([name, label, files, "failed", "", "", stats["record_count"], ""])
                 continue
             if result.snapshot_id is None:  # an open day whose size tiers are not full yet
                 totals["already_compact"] += 1
@@ -139,23 +147,24 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 ]
             )
     _publish(context, metrics, started)
-    return dg.Output(
-        None,
-        metadata={
-            "days": [d.isoformat() for d in days],
-            "partitions_compacted": totals["compacted"],
-            "partitions_already_compact": totals["already_compact"],
-            "partitions_deferred": totals["deferred"],
-            "files_before": totals["files_before"],
-            "files_after": totals["files_after"],
-            "rows_rewritten": totals["rows"],
-            "bytes_before": totals["bytes_before"],
-            "bytes_after": totals["bytes_after"],
-            "partitions": _markdown(
-                ["table", "partition", "files before", "files after", "MiB before", "MiB after", "rows", "snapshot"], rows
-            ),
-        },
-    )
+    metadata = {
+        "days": [d.isoformat() for d in days],
+        "partitions_compacted": totals["compacted"],
+        "partitions_already_compact": totals["already_compact"],
+        "partitions_deferred": totals["deferred"],
+        "partitions_failed": len(failed),
+        "files_before": totals["files_before"],
+        "files_after": totals["files_after"],
+        "rows_rewritten": totals["rows"],
+        "bytes_before": totals["bytes_before"],
+        "bytes_after": totals["bytes_after"],
+        "partitions": _markdown(
+            ["table", "partition", "files before", "files after", "MiB before", "MiB after", "rows", "snapshot"], rows
+        ),
+    }
+    if failed:  # after every other partition had its turn; the run fails, so the failure is seen
+        raise dg.Failure(description=f"{len(failed)} partition(s) not compacted: " + "; ".join(failed), metadata=metadata)
+    return dg.Output(None, metadata=metadata)
 
 
 class ExpireConfig(dg.Config):
