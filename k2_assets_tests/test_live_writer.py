@@ -17,8 +17,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import live_codec
 from k2_assets.core.kafka import consumer_config, producer_config
+from k2_assets.core.live_properties import MAX_TRACKER_STATE
 from k2_assets.core.live_writer import LiveWriter
-from k2_assets.core.offsets import recorded_offsets
+from k2_assets.core.offsets import latest_property, recorded_offsets, tracker_key
 from k2_assets_tests.conftest import REPO, btc_trade_events, offsets_key
 
 INGEST_US = 1_704_110_400_000_000
@@ -139,6 +140,29 @@ def test_restart_resumes_from_the_table_not_from_kafka(btcusdt_dir, broker, topi
     assert catalog.load_table("market.trades").scan().to_arrow().num_rows == 3000
     # The sequence tracker's state came back with the offsets: the next id is in order, not a first sighting.
     assert sum(r.sequence_events.get("in_order", 0) for r in reports) == 1000
+
+
+def test_a_restart_after_a_gap_storm_resumes_from_the_marks_not_an_older_state(btcusdt_dir, broker, topic, catalog):
+    """A tracker state too large to record whole (2,000 open gaps) still records each symbol's high-water mark, so a
+    restarted writer does not fall back to an older commit's state, whose mark would open a false gap."""
+    events = btc_trade_events(btcusdt_dir)[:6000]
+    produce(broker.bootstrap, topic, trade_messages(events[:1000]))
+    first = writer_for(catalog, broker, topic)
+    drain_all(first)
+    produce(broker.bootstrap, topic, trade_messages(events[1000:5000:2]))  # every other trade: a gap after each
+    storm = drain_all(first)
+    first.close()
+    assert sum(r.sequence_events.get("gap", 0) for r in storm) == 1999
+    assert len(first.tracker.dumps()) > MAX_TRACKER_STATE
+    recorded = json.loads(latest_property(catalog.load_table("market.trades"), tracker_key("BINANCE")))
+    assert recorded["streams"]["BTCUSDT"]["high"] == events[4998]["t"] and recorded["streams"]["BTCUSDT"]["gaps"] == []
+
+    produce(broker.bootstrap, topic, trade_messages(events[4999:]))  # carries on from the last trade written
+    second = writer_for(catalog, broker, topic, group_id="another-group")
+    reports = drain_all(second)
+    second.close()
+    assert sum(r.sequence_events.get("in_order", 0) for r in reports) == 1001
+    assert sum(r.sequence_events.get("gap", 0) for r in reports) == 0
 
 
 @pytest.mark.parametrize("point", ["after_rejects_commit", "after_trades_commit"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import date
 
 import numpy as np
 import pytest
 
+from k2_assets.core.live_properties import MAX_TRACKER_STATE, tracker_state
 from k2_assets.core.sequence import (
     DUPLICATE,
     EVENT_NAMES,
@@ -169,3 +171,27 @@ def test_threads_feeding_one_tracker_lose_nothing():
 
 def test_event_codes_are_stable():
     assert (IN_ORDER, GAP, DUPLICATE, OUT_OF_ORDER, TOO_OLD, SESSION_RESET, FIRST) == tuple(range(7))
+
+
+def test_a_state_too_large_to_record_keeps_the_marks_then_nothing():
+    """What a commit records stays under its bound: whole, then without open gaps, then no streams at all, never a
+    state whose marks a restart would trust while they are behind."""
+    storm = SequenceTracker("BINANCE", resets_each_session=False)
+    storm.check(np.full(2000, "BTCUSDT"), np.arange(1, 4001, 2))  # 1,999 open gaps
+    state, kept = tracker_state(storm)
+    assert kept == "no gaps" and len(state) <= MAX_TRACKER_STATE < len(storm.dumps())
+    restored = SequenceTracker("BINANCE", resets_each_session=False)
+    restored.restore(json.loads(state))
+    assert restored.check(["BTCUSDT"], [4000]).counts()["in_order"] == 1 and gaps(restored) == []
+
+    many = SequenceTracker("BINANCE", resets_each_session=False)
+    many.check([f"SYM{i:05d}USDT" for i in range(5000)], np.arange(5000) * 1000 + 10**12)
+    state, kept = tracker_state(many)
+    assert kept == "none" and json.loads(state) == {"exchange": "BINANCE", "streams": {}}
+    restored = SequenceTracker("BINANCE", resets_each_session=False)
+    restored.restore(json.loads(state))
+    assert restored.check(["SYM00001USDT"], [10**12 + 5000]).counts()["first"] == 1  # afresh: no false gap
+
+    small = SequenceTracker("BINANCE", resets_each_session=False)
+    small.check(["BTCUSDT", "BTCUSDT"], [1, 5])
+    assert tracker_state(small) == (small.dumps(), "whole")

@@ -46,7 +46,7 @@ from k2_assets.core.live_dead_letters import dead_letter_rows
 from k2_assets.core.live_dedup import SeenIndex, groups
 from k2_assets.core.live_gaps import GapReconciling
 from k2_assets.core.live_ownership import Ownership
-from k2_assets.core.live_properties import SOURCE, rejects_properties, trades_properties
+from k2_assets.core.live_properties import SOURCE, rejects_properties, tracker_state, trades_properties
 from k2_assets.core.live_report import BatchReport, latency, record, rows_per_day
 from k2_assets.core.metrics import WriterMetrics
 from k2_assets.core.offsets import BATCH_KEY, OFFSETS_KEY, REJECTED_KEY, Fenced, FencedTable, OffsetIndex
@@ -102,6 +102,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self.seen = SeenIndex(self.exchange)
         self.tracker = SequenceTracker(self.exchange, resets_each_session=False)
         self.tracker_key = offsets.tracker_key(self.exchange)
+        self._tracker_kept = "whole"
         self._lock = threading.RLock()
         self._owned: dict[tuple[str, int], int] = {}  # (topic, partition) -> assignment generation
         self._generation = 0
@@ -223,7 +224,11 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         events = self.tracker.check(rows.column("symbol"), rows.column("source_sequence")).counts() if rows.num_rows else {}
         rows, duplicates, batch_ids = self._new_rows(rows)
         rows = rows.sort_by(writer.SORT_KEYS) if rows.num_rows else rows
-        properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker_key, self.tracker.dumps())
+        state, kept = tracker_state(self.tracker)
+        if kept != self._tracker_kept:
+            log.log(logging.INFO if kept == "whole" else logging.WARNING, "sequence tracker state recorded: %s", kept)
+            self._tracker_kept = kept
+        properties = trades_properties(self.offsets_key, next_offsets, batch_ids, self.tracker_key, state)
         snapshot_id = None
         if rows.num_rows or any(next_offsets[p] > starts[p] for p in next_offsets):
             # Also a batch of duplicates only records its offsets: the next batch's fence starts from them.

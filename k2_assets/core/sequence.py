@@ -233,8 +233,8 @@ class SequenceTracker:
 
     # -- persistence ------------------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        """Everything needed to carry on after a restart (JSON-serializable)."""
+    def state(self, *, gaps: bool = True) -> dict:
+        """Everything needed to carry on after a restart (JSON-serializable); without `gaps`, only each stream's marks."""
         with self._lock:
             return {
                 "exchange": self.exchange,
@@ -243,8 +243,8 @@ class SequenceTracker:
                         "session": st.session,
                         "high": st.high,
                         "low": st.low,
-                        "gaps": st.gaps,
-                        "detected": [d.isoformat() for d in st.detected],
+                        "gaps": st.gaps if gaps else [],
+                        "detected": [d.isoformat() for d in st.detected] if gaps else [],
                     }
                     for name, st in self._streams.items()
                 },
@@ -265,8 +265,8 @@ class SequenceTracker:
                 for name, v in state["streams"].items()
             }
 
-    def dumps(self) -> str:
-        return json.dumps(self.state())
+    def dumps(self, *, gaps: bool = True) -> str:
+        return json.dumps(self.state(gaps=gaps))
 
     @property
     def streams(self) -> int:
