@@ -36,6 +36,7 @@ from k2_assets.core.binance_format import SPOT, UM
 from k2_assets.core.binance_stream import BinanceProducer
 from k2_assets.core.kafka import ensure_topics, producer_config
 from k2_assets.core.live_writer import LiveWriter
+from k2_assets.core.metrics import WriterMetrics
 from k2_assets.core.offsets import TRACKER_KEY, lineage
 from k2_assets.defs.binance.assets import binance_trades_history, binance_um_trades, binance_um_trades_history
 from k2_assets.defs.binance.checks import (
@@ -58,6 +59,7 @@ from k2_assets_tests.test_binance_sensor import CYCLE_SECONDS, materialized, tic
 from k2_assets_tests.test_binance_stream import count_messages
 from k2_assets_tests.test_feed_server import client, get, recv_n
 from k2_assets_tests.test_live_end_to_end import ProducerThread, wait_until
+from k2_assets_tests.test_metrics import scrape
 
 T0 = 1_704_110_400_000  # 2024-01-01 12:00:00 UTC
 DAY = date(2024, 1, 1)
@@ -149,12 +151,13 @@ def test_futures_stream_keeps_every_trade_class_and_coexists_with_spot_of_the_sa
     ensure_topics(broker.bootstrap, {um_topic: 3, um_topic + ".dlq": 1, topic + ".dlq": 1})
     tables = [k2_catalog.ensure_table(catalog, name) for name in ("trades", "rejected")]
     run_feed(spot_source[:1500], SPOT, broker.bootstrap, topic)
-    spot_writer = LiveWriter(*tables, broker.bootstrap, topic=topic)
+    shared = WriterMetrics()  # as in the code server: both markets' writers in one process, one /metrics
+    spot_writer = LiveWriter(*tables, broker.bootstrap, topic=topic, metrics=shared)
     drain_until_quiet(spot_writer)
     # The futures writer's dedup index is in step with the table now. The spot commits that follow name the same
     # (day, symbol) and ids; it follows them before its own commits and must not take their ids for its own.
     # Small batches: a first batch overlapping those ids would be fenced and re-read, which would hide the mistake.
-    um_writer = LiveWriter(*tables, broker.bootstrap, market=UM, topic=um_topic, max_batch_rows=1000)
+    um_writer = LiveWriter(*tables, broker.bootstrap, market=UM, topic=um_topic, max_batch_rows=1000, metrics=shared)
     run_feed(spot_source[1500:], SPOT, broker.bootstrap, topic)
     drain_until_quiet(spot_writer)
     event = {"e": "trade", "E": T0, "T": T0, "s": "BTCUSDT", "t": 1, "p": "1.0", "q": "1.0", "m": True}
@@ -179,6 +182,16 @@ def test_futures_stream_keeps_every_trade_class_and_coexists_with_spot_of_the_sa
         assert (row["trade_class"], row["price_forming"]) == (classes[trade["trade_id"]], classes[trade["trade_id"]] == "MARKET")
         assert row["price"] == Decimal(trade["price"])  # an insurance-fund trade keeps its price, 2% off
     assert {(r["trade_class"], r["price_forming"]) for r in spot.values()} == {("MARKET", True)}
+    # Each writer's metrics carry its exchange, so a stopped futures writer cannot hide behind the spot one.
+    values = scrape(shared.registry)
+    for exchange, consumed in (("BINANCE", 3000), ("BINANCE_UM", 3001)):  # the stray spot trade: read, rejected
+        labels = (("exchange", exchange),)
+        assert values[("k2_writer_records_written_total", labels)] == 3000
+        assert values[("k2_writer_records_consumed_total", labels)] == consumed
+        assert values[("k2_writer_last_commit_timestamp_seconds", labels)] > 0
+        assert values[("k2_sequence_events_total", (("event", "in_order"), *labels))] > 0
+    assert values[("k2_writer_records_rejected_total", (("exchange", "BINANCE_UM"),))] == 3  # the stray, 2 dead letters
+    assert values[("k2_writer_records_rejected_total", (("exchange", "BINANCE"),))] == 0
 
     rejected = catalog.load_table("market.rejected").scan().to_arrow().to_pylist()
     dead = sorted((r["reason"], r["exchange"], r["kafka_topic"]) for r in rejected if r["kafka_topic"].endswith(".dlq"))

@@ -44,18 +44,19 @@ def test_writer_metrics_count_what_the_batches_did(btcusdt_dir, broker, topic, c
     reports = drain_all(writer)
     writer.close()
     values = scrape(writer.metrics.registry)
-    assert values[("k2_writer_records_consumed_total", ())] == 6201
-    assert values[("k2_writer_records_written_total", ())] == 6000
-    assert values[("k2_writer_duplicates_skipped_total", ())] == 200
-    assert values[("k2_writer_records_rejected_total", ())] == 1
-    assert values[("k2_sequence_events_total", (("event", "duplicate"),))] == 200
-    assert values[("k2_writer_batch_seconds_count", ())] == len(reports)
+    spot = (("exchange", "BINANCE"),)
+    assert values[("k2_writer_records_consumed_total", spot)] == 6201
+    assert values[("k2_writer_records_written_total", spot)] == 6000
+    assert values[("k2_writer_duplicates_skipped_total", spot)] == 200
+    assert values[("k2_writer_records_rejected_total", spot)] == 1
+    assert values[("k2_sequence_events_total", (("event", "duplicate"), *spot))] == 200
+    assert values[("k2_writer_batch_seconds_count", spot)] == len(reports)
     commits = sum(1 for r in reports if r.snapshot_id is not None) + sum(1 for r in reports if r.rejected or r.dead_lettered)
-    assert values[("k2_writer_iceberg_commit_seconds_count", ())] == commits
-    assert values[("k2_writer_last_commit_timestamp_seconds", ())] > 0
+    assert values[("k2_writer_iceberg_commit_seconds_count", spot)] == commits
+    assert values[("k2_writer_last_commit_timestamp_seconds", spot)] > 0
     # Drained to the end: no partition is behind (on Tansu the watermark is approximate; here it is exact at the end).
     assert {k[1]: v for k, v in values.items() if k[0] == "k2_writer_consumer_lag_records"} == {
-        (("partition", str(p)),): 0.0 for p in range(3)
+        (("exchange", "BINANCE"), ("partition", str(p))): 0.0 for p in range(3)
     }
 
 
@@ -130,12 +131,12 @@ def test_the_sensor_counts_gaps_opened_and_closed_by_late_arrival(btcusdt_dir, b
     assert delta(opened, "k2_sequence_gaps_opened_total", exchange="BINANCE") == 1
     assert delta(opened, "k2_sequence_gap_ids_opened_total", exchange="BINANCE") == 10  # the size is a value, not a label
     assert delta(opened, "k2_sequence_gaps_closed_total", exchange="BINANCE", outcome="late_arrival") == 0
-    assert delta(opened, "k2_sequence_events_total", event="gap") == 1
+    assert delta(opened, "k2_sequence_events_total", event="gap", exchange="BINANCE") == 1
     assert delta(closed, "k2_sequence_gaps_opened_total", exchange="BINANCE") == 1
     assert delta(closed, "k2_sequence_gaps_closed_total", exchange="BINANCE", outcome="late_arrival") == 1
     assert delta(closed, "k2_sequence_gaps_closed_total", exchange="BINANCE", outcome="repair") == 0
-    assert delta(closed, "k2_sequence_events_total", event="out_of_order") == 10
-    assert delta(closed, "k2_sequence_events_total", event="duplicate") == 100
+    assert delta(closed, "k2_sequence_events_total", event="out_of_order", exchange="BINANCE") == 10
+    assert delta(closed, "k2_sequence_events_total", event="duplicate", exchange="BINANCE") == 100
     (gap,) = catalog.load_table("market.sequence_gaps").scan().to_arrow().to_pylist()
     assert (gap["missing_count"], gap["closed_how"]) == (10, "late_arrival")
 

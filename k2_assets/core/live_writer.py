@@ -91,7 +91,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self.group_id = group_id or f"k2-writer.{topic}"  # one group per topic: the sensor and `k2 writer` share it
         self.max_batch_rows = max_batch_rows
         self.max_batch_seconds = max_batch_seconds
-        self.metrics = metrics or WriterMetrics()
+        self.metrics = (metrics or WriterMetrics()).for_exchange(self.exchange)
         self.health = StoreHealth(self.metrics.store_state, stall_after)
         ensure_topics(bootstrap, {self.dead_letter_topic: 1})
         self.incarnation = topic_incarnation(bootstrap, topic)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 from k2_assets.core.sequence import ACCEPTED, EVENT_NAMES, LATE_ARRIVAL, REPAIR
 
@@ -61,67 +62,113 @@ class ProducerMetrics:
 
 
 class WriterMetrics:
-    """The Kafka -> Iceberg writer: records, batches, commits, lag and freshness."""
+    """The Kafka -> Iceberg writer: records, batches, commits, lag and freshness.
+
+    Every family is labelled by exchange, so the writers of two markets in one process (spot and futures in one code
+    server) are told apart; a writer records through `for_exchange`, which fixes that label."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.consumed = Counter("k2_writer_records_consumed", "Kafka records consumed", registry=r)
-        self.written = Counter("k2_writer_records_written", "Trades written to market.trades", registry=r)
-        self.rejected = Counter("k2_writer_records_rejected", "Records written to market.rejected", registry=r)
-        self.duplicates = Counter("k2_writer_duplicates_skipped", "Trades already in the table, not written again", registry=r)
-        self.sequence_events = Counter("k2_sequence_events", "Sequence tracker events", ["event"], registry=r)
+        self.consumed = Counter("k2_writer_records_consumed", "Kafka records consumed", ["exchange"], registry=r)
+        self.written = Counter("k2_writer_records_written", "Trades written to market.trades", ["exchange"], registry=r)
+        self.rejected = Counter("k2_writer_records_rejected", "Records written to market.rejected", ["exchange"], registry=r)
+        self.duplicates = Counter(
+            "k2_writer_duplicates_skipped", "Trades already in the table, not written again", ["exchange"], registry=r
+        )
+        self.sequence_events = Counter("k2_sequence_events", "Sequence tracker events", ["exchange", "event"], registry=r)
         self.batch_seconds = Histogram(
             "k2_writer_batch_seconds",
             "Decode-to-commit time of a micro-batch",
+            ["exchange"],
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
         )
         self.commit_seconds = Histogram(
             "k2_writer_iceberg_commit_seconds",
             "Iceberg commit latency",
+            ["exchange"],
             registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
         )
-        self.commit_failures = Counter("k2_writer_iceberg_commit_failures", "Iceberg commits that raised", registry=r)
+        self.commit_failures = Counter(
+            "k2_writer_iceberg_commit_failures", "Iceberg commits that raised", ["exchange"], registry=r
+        )
         self.lag = Gauge(
             "k2_writer_consumer_lag_records",
             "Records behind the end of the partition (from the table's offsets)",
-            ["partition"],
+            ["exchange", "partition"],
             registry=r,
         )
-        self.freshness = Gauge("k2_writer_freshness_seconds", "Exchange event time to commit, p95 of the last batch", registry=r)
-        self.last_commit_time = Gauge("k2_writer_last_commit_timestamp_seconds", "When the last batch was committed", registry=r)
+        self.freshness = Gauge(
+            "k2_writer_freshness_seconds", "Exchange event time to commit, p95 of the last batch", ["exchange"], registry=r
+        )
+        self.last_commit_time = Gauge(
+            "k2_writer_last_commit_timestamp_seconds", "When the last batch was committed", ["exchange"], registry=r
+        )
         self.store_state = Gauge(
             "k2_writer_store_state",
             "1 for the writer's catalog/object-store state: healthy, degraded (retrying), stalled (retrying for over a minute)",
-            ["state"],
+            ["exchange", "state"],
             registry=r,
         )
         self.fenced = Counter(
-            "k2_writer_batches_fenced", "Batches discarded because another writer committed their offsets first", registry=r
+            "k2_writer_batches_fenced",
+            "Batches discarded because another writer committed their offsets first",
+            ["exchange"],
+            registry=r,
         )
         self.partitions_owned = Gauge(
-            "k2_writer_partitions_owned", "Kafka partitions this writer owns in its consumer group", registry=r
+            "k2_writer_partitions_owned", "Kafka partitions this writer owns in its consumer group", ["exchange"], registry=r
         )
         self.incarnation_switches = Counter(
             "k2_writer_topic_incarnation_switches",
             "Starts on a topic incarnation the table had no offsets for (a re-created topic, a restarted in-memory broker)",
+            ["exchange"],
             registry=r,
         )
         self.offsets_beyond_end = Counter(
             "k2_writer_offsets_beyond_end",
             "Recorded offsets a partition no longer reaches (the writer refuses the partition)",
+            ["exchange"],
             registry=r,
         )
         self.offsets_skipped_by_broker = Counter(
             "k2_writer_offsets_skipped_by_broker",
             "Offsets the broker no longer held when the writer reached them (retention)",
+            ["exchange"],
             registry=r,
         )
+        self.gaps = GapMetrics(r)  # the sensor reconciles market.sequence_gaps after each tick
+
+    def for_exchange(self, exchange: str) -> ExchangeWriterMetrics:
+        return ExchangeWriterMetrics(self, exchange)
+
+
+class ExchangeWriterMetrics:
+    """WriterMetrics with the exchange label fixed: the same attributes, each taking only its other labels."""
+
+    def __init__(self, metrics: WriterMetrics, exchange: str):
+        self.registry, self.gaps, self.exchange = metrics.registry, metrics.gaps, exchange
+        for name, family in vars(metrics).items():
+            if isinstance(family, MetricWrapperBase):
+                setattr(self, name, _OneExchange(family, exchange))
         for name in EVENT_NAMES:
             self.sequence_events.labels(name)
-        self.gaps = GapMetrics(r)  # the sensor reconciles market.sequence_gaps after each tick
+
+
+class _OneExchange:
+    """A metric family with its exchange label fixed: `labels(...)` takes the others; inc, set, observe, time apply
+    to the child with no other labels."""
+
+    def __init__(self, family: MetricWrapperBase, exchange: str):
+        self._family, self._exchange = family, exchange
+
+    def labels(self, *values: str):
+        return self._family.labels(self._exchange, *values)
+
+    def __getattr__(self, name: str):
+        return getattr(self._family.labels(self._exchange), name)
 
 
 class GapMetrics:
