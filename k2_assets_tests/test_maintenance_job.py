@@ -18,7 +18,7 @@ from k2_assets.core.offsets import recorded_offsets
 from k2_assets.defs.maintenance.jobs import table_maintenance_job
 from k2_assets.defs.resources import IcebergResource
 from k2_assets_tests.conftest import offsets_key
-from k2_assets_tests.test_live_writer import writer_for
+from k2_assets_tests.test_live_writer import produce, writer_for
 from k2_assets_tests.test_maintenance import written_in_small_batches
 from k2_assets_tests.test_metrics import gateway_text, pushed
 
@@ -165,7 +165,7 @@ def test_k2_maintenance_compacts_from_the_command_line_and_records_the_run(btcus
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["compact_partitions: done", "expire_snapshots: done", "remove_orphan_files: done"]
+    assert done.stdout.splitlines() == ["expire_snapshots: done", "remove_orphan_files: done", "compact_partitions: done"]
     trades = catalog.load_table("market.trades")
     assert trades.current_snapshot().summary["k2.maintenance"] == "compact"
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
@@ -190,6 +190,7 @@ def test_a_killed_merge_leaves_its_partition_and_the_others_are_compacted(
     btcusdt_dir, broker, topic, catalog, catalog_props, pushgateway, monkeypatch
 ):
     monkeypatch.setenv("K2_PUSHGATEWAY_URL", pushgateway)
+    produce(broker.bootstrap, topic, [(b"BTCUSDT", b"{bad")])  # a reject: market.rejected has a snapshot too
     trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=4000, batch_rows=400)
     rows = trades.scan().to_arrow()
     column = rows.schema.get_field_index("trade_date")
@@ -212,8 +213,17 @@ def test_a_killed_merge_leaves_its_partition_and_the_others_are_compacted(
     assert partition_files(trades, "2024-01-02") == 1  # compacted after the failure, not stopped by it
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
     text = gateway_text(pushgateway)  # what K2CompactionFailed reads
-    assert pushed(text, "k2_maintenance_partitions_failed_total", table="trades", op="compact_partitions") == 1
+    assert pushed(text, "k2_maintenance_compaction_failed_partitions", table="trades", op="compact_partitions") == 1
     assert pushed(text, "k2_maintenance_partitions_compacted_total", table="trades") == 1
+    # Expiry and orphan removal run before compaction, so the failure held neither up.
+    whole = run(catalog_props, {**config, "expire_snapshots": {}, "remove_orphan_files": {}}, raise_on_error=False)
+    assert whole.is_node_success("expire_snapshots") and whole.is_node_success("remove_orphan_files")
+    assert "market.trades exchange=BINANCE/trade_date=2024-01-01" in failure(whole, "compact_partitions")
+    # A run over another table leaves the trades' failure standing.
+    run(catalog_props, {"compact_partitions": {**config["compact_partitions"], "tables": ["rejected"]}}, ["compact_partitions"])
+    text = gateway_text(pushgateway)
+    assert pushed(text, "k2_maintenance_compaction_failed_partitions", table="rejected") == 0
+    assert pushed(text, "k2_maintenance_compaction_failed_partitions", table="trades") == 1
 
     # The next run, with the memory back, compacts the day and clears the failure.
     monkeypatch.setattr(maintenance, "_rewrite", REAL_REWRITE)
@@ -222,4 +232,4 @@ def test_a_killed_merge_leaves_its_partition_and_the_others_are_compacted(
     trades = catalog.load_table("market.trades")
     assert partition_files(trades, "2024-01-01") == 1
     assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
-    assert pushed(gateway_text(pushgateway), "k2_maintenance_partitions_failed_total", table="trades") == 0
+    assert pushed(gateway_text(pushgateway), "k2_maintenance_compaction_failed_partitions", table="trades") == 0

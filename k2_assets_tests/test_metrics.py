@@ -15,7 +15,7 @@ from pyiceberg.expressions import EqualTo
 
 from k2_assets.core.binance_stream import BinanceProducer
 from k2_assets.core.kafka import ensure_topics
-from k2_assets.core.metrics import GapMetrics, LoadMetrics, RepairMetrics, RollupMetrics, push, serve
+from k2_assets.core.metrics import GapMetrics, LoadMetrics, RepairMetrics, RollupMetrics, WriterMetrics, push, serve
 from k2_assets.dev.broker import free_port
 from k2_assets.dev.feed_server import replay_file, run_in_thread
 from k2_assets_tests.conftest import btc_trade_events, make_resources
@@ -35,6 +35,21 @@ def scrape(registry) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def test_a_writer_shows_its_exchange_at_zero_before_it_records_anything():
+    """Alerts read a missing series as nothing: each exchange's families exist at 0 from the writer's start."""
+    metrics = WriterMetrics()
+    metrics.for_exchange("BINANCE_UM")
+    values = scrape(metrics.registry)
+    um = (("exchange", "BINANCE_UM"),)
+    for name in (
+        "k2_writer_iceberg_commit_failures_total",
+        "k2_writer_records_written_total",
+        "k2_writer_last_commit_timestamp_seconds",
+    ):
+        assert values[(name, um)] == 0
+    assert not [k for k in values if k[0].startswith("k2_writer_") and ("exchange", "BINANCE") in k[1]]  # no other exchange
 
 
 def test_writer_metrics_count_what_the_batches_did(btcusdt_dir, broker, topic, catalog):

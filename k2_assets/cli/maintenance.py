@@ -9,7 +9,7 @@ import click
 
 from k2_assets.cli.common import DATE, dagster_instance, progress
 
-STEPS = ("compact_partitions", "expire_snapshots", "remove_orphan_files")
+STEPS = ("expire_snapshots", "remove_orphan_files", "compact_partitions")  # the job's order
 
 
 @click.command("maintenance")
@@ -20,7 +20,7 @@ STEPS = ("compact_partitions", "expire_snapshots", "remove_orphan_files")
 @click.option("--retention-days", type=float, default=7.0, show_default=True, help="expire snapshots older than this")
 @click.option("--dry-run", is_flag=True, help="find orphan files, do not delete them")
 def maintenance(days, tables, retention_days: float, dry_run: bool) -> int:
-    """Compact closed partitions, expire old snapshots and remove orphan files: `table_maintenance_job`, one run."""
+    """Expire old snapshots, remove orphan files and compact small files: `table_maintenance_job`, one run."""
     from dagster._core.utils import make_new_run_id
 
     from k2_assets.definitions import defs

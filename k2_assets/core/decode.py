@@ -316,6 +316,7 @@ def parse_us_date(values: pa.StringArray) -> pa.Array:
     """MM/DD/YYYY -> date32, null where the text is not a real calendar date.
 
     A vendor file runs in date order: when every value is 10 bytes, each run of equal values is parsed once."""
+    values = _contiguous(values)
     data = fixed_width_bytes(values, 10)
     if data is None:
         return by_unique(values, _parse_us_date_unique)
@@ -350,6 +351,7 @@ def _iso_date(iso: pa.StringArray) -> pa.Array:
 
 def parse_clock_micros(values: pa.StringArray) -> pa.Array:
     """HH:MM:SS[.ffffff] -> microseconds since midnight, null where malformed or out of range."""
+    values = _contiguous(values)
     fixed = _clock_fixed_width(values)
     if fixed is not None:
         return fixed

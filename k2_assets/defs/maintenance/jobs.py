@@ -1,6 +1,6 @@
-"""Table maintenance ops: compact closed partitions, expire old snapshots, remove orphan files.
+"""Table maintenance ops: expire old snapshots, remove orphan files, compact small files.
 
-One job runs the three in order. Each op takes its own config (the Launchpad shows the defaults), and
+One job runs the three in that order. Each op takes its own config (the Launchpad shows the defaults), and
 the UI's op selection runs one of them alone. The policy lives here, the mechanics in
 k2_assets.core.maintenance (which also keeps the live writer's exactly-once offsets intact).
 """
@@ -18,7 +18,7 @@ from pyiceberg.types import DateType
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import maintenance
-from k2_assets.core.metrics import MaintenanceMetrics
+from k2_assets.core.metrics import MaintenanceMetrics, compaction_failures, push
 from k2_assets.core.text import one_line
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import MAINTENANCE, publish
@@ -81,7 +81,7 @@ def _partition_filter(partition: dict) -> BooleanExpression:
     return parts[0] if len(parts) == 1 else And(*parts)
 
 
-@dg.op(out=dg.Out(dg.Nothing))
+@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
 def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
     """Merge each partition's small files (a closed day whole, an open day by size tier), rows and Kafka offsets unchanged."""
     if config.days:
@@ -90,12 +90,12 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
         days = maintenance.days_to_compact(config.lookback_days)
     live = maintenance.open_days()
     counts = ("compacted", "already_compact", "deferred", "files_before", "files_after", "rows", "bytes_before", "bytes_after")
-    rows, totals, failed = [], dict.fromkeys(counts, 0), []
+    rows, totals, failed, failed_in = [], dict.fromkeys(counts, 0), [], {}
     metrics, started = MaintenanceMetrics(), time.monotonic()
     for name, table in _tables(iceberg, config.tables, context.log):
         if table.current_snapshot() is None:
             continue  # created, never written
-        metrics.failed.labels(name)  # pushed as 0, so a run that succeeds clears the last run's failures
+        failed_in[name] = 0  # pushed for each table compacted, 0 too, so a clean run clears the last one's failures
         selected = In(_date_column(table), {day.isoformat() for day in days})
         partitions = table.inspect.partitions(row_filter=selected).to_pylist()  # one pass over the manifests
         for stats in sorted(partitions, key=lambda p: tuple(str(v) for v in p["partition"].values())):
@@ -114,9 +114,10 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 rows.append([name, label, files, "deferred", "", "", stats["record_count"], ""])
                 continue
             except Exception as exc:  # noqa: BLE001 - a merge that failed here (its child killed, out of memory) must not stop the others
-                context.log.error(f"market.{name} {label}: compaction failed, the partition is unchanged: {one_line(exc)}")
+                # A compaction never changes rows, and commits whole or not at all: the partition's rows are as they were.
+                context.log.error(f"market.{name} {label}: compaction failed: {one_line(exc)}")
                 failed.append(f"market.{name} {label}: {one_line(exc)}")
-                metrics.failed.labels(name).inc()
+                failed_in[name] += 1
                 rows.append([name, label, files, "failed", "", "", stats["record_count"], ""])
                 continue
             if result.snapshot_id is None:  # an open day whose size tiers are not full yet
@@ -147,6 +148,8 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 ]
             )
     _publish(context, metrics, started)
+    for name, count in failed_in.items():
+        push(compaction_failures(count), MAINTENANCE, {"op": context.op_def.name, "table": name}, logger=context.log)
     metadata = {
         "days": [d.isoformat() for d in days],
         "partitions_compacted": totals["compacted"],
@@ -162,7 +165,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             ["table", "partition", "files before", "files after", "MiB before", "MiB after", "rows", "snapshot"], rows
         ),
     }
-    if failed:  # after every other partition had its turn; the run fails, so the failure is seen
+    if failed:  # after every other partition had its turn; the run fails, so the failure is seen in Dagster too
         raise dg.Failure(description=f"{len(failed)} partition(s) not compacted: " + "; ".join(failed), metadata=metadata)
     return dg.Output(None, metadata=metadata)
 
@@ -184,7 +187,7 @@ class ExpireConfig(dg.Config):
     )
 
 
-@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
+@dg.op(out=dg.Out(dg.Nothing))
 def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, iceberg: IcebergResource) -> dg.Output:
     """Expire snapshots older than the promised time-travel window, keeping the snapshots that hold the Kafka offsets."""
     retain = timedelta(days=config.retention_days)
@@ -269,6 +272,8 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
     )
 
 
-@dg.job(description="Compact closed partitions, expire snapshots past the 7-day time-travel window, remove orphan files.")
+@dg.job(description="Expire snapshots past the 7-day time-travel window, remove orphan files, compact small files.")
 def table_maintenance_job():
-    remove_orphan_files(after=expire_snapshots(after=compact_partitions()))
+    # Compaction last: a partition whose merge fails (out of memory, every hour) fails the run, and must not stop
+    # expiry and orphan removal, which keep metadata and storage bounded.
+    compact_partitions(after=remove_orphan_files(after=expire_snapshots()))
