@@ -149,7 +149,7 @@ class ExchangeWriterMetrics:
     """WriterMetrics with the exchange label fixed: the same attributes, each taking only its other labels."""
 
     def __init__(self, metrics: WriterMetrics, exchange: str):
-        self.registry, self.gaps, self.exchange = metrics.registry, metrics.gaps, exchange
+        self.registry, self.gaps = metrics.registry, metrics.gaps
         for name, family in vars(metrics).items():
             if isinstance(family, MetricWrapperBase):
                 setattr(self, name, _OneExchange(family, exchange))

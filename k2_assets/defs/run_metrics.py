@@ -32,8 +32,11 @@ def grouping_key(context: dg.OpExecutionContext | dg.AssetExecutionContext) -> d
     return {"op": op.op_def.name}
 
 
-def publish(context: dg.OpExecutionContext | dg.AssetExecutionContext, job: str, registry: CollectorRegistry) -> bool:
-    """Push the registry to the Pushgateway (if configured); whether it was pushed."""
+def publish(
+    context: dg.OpExecutionContext | dg.AssetExecutionContext, job: str, registry: CollectorRegistry, **group: str
+) -> bool:
+    """Push the registry to the Pushgateway (if configured), in the context's group narrowed by `group` (bounded
+    labels only, e.g. table=trades); whether it was pushed."""
     if job not in JOBS:
         raise ValueError(f"job must be one of {JOBS}")
-    return push(registry, job, grouping_key(context), logger=context.log)
+    return push(registry, job, {**grouping_key(context), **group}, logger=context.log)

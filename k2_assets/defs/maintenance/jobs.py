@@ -18,7 +18,7 @@ from pyiceberg.types import DateType
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import maintenance
-from k2_assets.core.metrics import MaintenanceMetrics, compaction_failures, push
+from k2_assets.core.metrics import MaintenanceMetrics, compaction_failures
 from k2_assets.core.text import one_line
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import MAINTENANCE, publish
@@ -149,7 +149,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             )
     _publish(context, metrics, started)
     for name, count in failed_in.items():
-        push(compaction_failures(count), MAINTENANCE, {"op": context.op_def.name, "table": name}, logger=context.log)
+        publish(context, MAINTENANCE, compaction_failures(count), table=name)
     metadata = {
         "days": [d.isoformat() for d in days],
         "partitions_compacted": totals["compacted"],
