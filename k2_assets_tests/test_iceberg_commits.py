@@ -1,0 +1,125 @@
+"""pyiceberg's commit path as K2 runs it (`iceberg_metadata_cache`): no deep copies of the metadata, and parsed
+metadata files kept by location. Neither may change what a commit writes, what a reader sees, or an earlier state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date, timedelta
+
+import hypothesis
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from pyiceberg.expressions import EqualTo
+from pyiceberg.types import StringType
+
+from k2_assets.core import catalog as k2_catalog
+from k2_assets.core import iceberg_metadata_cache, live_codec, live_decode
+from k2_assets_tests.conftest import REPO, btc_trade_events
+
+INGEST_US = 1_704_110_400_000_000
+DAYS = [date(2024, 1, 1) + timedelta(days=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def trades(btcusdt_dir) -> pa.Table:
+    """200 real trades as the live writer decodes them."""
+    values = [live_codec.encode(live_codec.trade_from_event(e, INGEST_US)) for e in btc_trade_events(btcusdt_dir)[:200]]
+    rows, rejected = live_decode.decode_batch(values, "t", [0] * len(values), list(range(len(values))), source="test")
+    assert rejected.num_rows == 0
+    return rows
+
+
+def on_day(rows: pa.Table, day: date) -> pa.Table:
+    i = rows.schema.get_field_index("trade_date")
+    return rows.set_column(i, rows.schema.field(i), pa.array([day] * rows.num_rows, pa.date32()))
+
+
+def on_disk(table) -> str:
+    """The table's current metadata file as pyiceberg alone parses it, serialized again."""
+    return iceberg_metadata_cache._read_file(table.io.new_input(table.metadata_location)).model_dump_json()
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 200), st.sampled_from(DAYS)),
+        st.tuples(st.just("delete_day"), st.sampled_from(DAYS)),
+        st.tuples(st.just("set_property"), st.sampled_from(["a", "b"]), st.text("xyz", max_size=3)),
+        st.tuples(st.just("remove_property"), st.sampled_from(["a", "b"])),
+        st.tuples(st.just("expire_oldest")),
+        st.tuples(st.just("add_column")),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@hypothesis.settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hypothesis.given(operations=OPERATIONS)
+def test_every_commit_writes_what_it_holds_and_leaves_earlier_states_unchanged(tmp_path_factory, trades, operations):
+    home = tmp_path_factory.mktemp("commits")
+    cat = k2_catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse")
+    table = k2_catalog.ensure_table(cat, "trades")
+    earlier = [(table.metadata, table.metadata.model_dump_json())]
+    expected = {day: 0 for day in DAYS}
+    for operation in operations:
+        kind = operation[0]
+        if kind == "append":
+            table.append(on_day(trades.slice(0, operation[1]), operation[2]))
+            expected[operation[2]] += operation[1]
+        elif kind == "delete_day":
+            table.delete(EqualTo("trade_date", operation[1].isoformat()))
+            expected[operation[1]] = 0
+        elif kind == "set_property":
+            with table.transaction() as tx:
+                tx.set_properties({f"k2.test.{operation[1]}": operation[2]})
+        elif kind == "remove_property" and f"k2.test.{operation[1]}" in table.properties:
+            with table.transaction() as tx:
+                tx.remove_properties(f"k2.test.{operation[1]}")
+        elif kind == "expire_oldest" and len(table.metadata.snapshots) > 1:
+            table.maintenance.expire_snapshots().by_id(table.metadata.snapshots[0].snapshot_id).commit()
+        elif kind == "add_column" and "note" not in table.schema().column_names:
+            with table.update_schema() as update:
+                update.add_column("note", StringType())
+        assert table.metadata.model_dump_json() == on_disk(table), f"after {operation}"
+        for metadata, dumped in earlier:
+            assert metadata.model_dump_json() == dumped, f"{operation} changed an earlier metadata in place"
+        earlier.append((table.metadata, table.metadata.model_dump_json()))
+        reread = k2_catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse").load_table("market.trades")
+        assert reread.metadata_location == table.metadata_location
+        assert reread.metadata.model_dump_json() == on_disk(reread)
+        days = reread.scan().to_arrow().column("trade_date")
+        assert {day: pc.sum(pc.equal(days, pa.scalar(day, pa.date32()))).as_py() or 0 for day in DAYS} == expected
+
+
+CHILD_APPEND = """
+import sys
+import pyarrow.parquet as pq
+from pyiceberg.catalog.sql import SqlCatalog
+home = sys.argv[1]
+cat = SqlCatalog("k2", uri=f"sqlite:///{home}/catalog.db", warehouse=f"file://{home}/warehouse")
+cat.load_table("market.trades").append(pq.read_table(f"{home}/rows.parquet"))
+"""
+
+
+def test_another_processs_commit_is_read_not_the_kept_parse(tmp_path, trades):
+    """A table object this process holds goes stale when another process commits: its next append is rebased
+    onto the other commit (both land), and a reload reads the other process's metadata file."""
+    import pyarrow.parquet as pq
+
+    cat = k2_catalog.open_catalog(f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/warehouse")
+    table = k2_catalog.ensure_table(cat, "trades")
+    table.append(trades.slice(0, 10))
+    stale = cat.load_table("market.trades")
+    pq.write_table(trades.slice(10, 20), tmp_path / "rows.parquet")
+    subprocess.run([sys.executable, "-c", CHILD_APPEND, str(tmp_path)], cwd=REPO, check=True, timeout=120)
+    reloaded = cat.load_table("market.trades")
+    assert reloaded.metadata_location != table.metadata_location
+    assert len(reloaded.metadata.snapshots) == 2 and reloaded.scan().to_arrow().num_rows == 30
+    stale.append(trades.slice(30, 5))
+    final = cat.load_table("market.trades")
+    assert len(final.metadata.snapshots) == 3 and final.scan().to_arrow().num_rows == 35
+    assert final.metadata.model_dump_json() == on_disk(final)
