@@ -10,14 +10,16 @@ from datetime import date, timedelta
 import hypothesis
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyiceberg.catalog
+import pyiceberg.table
 import pytest
-from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from pyiceberg.expressions import EqualTo
 from pyiceberg.types import StringType
 
 from k2_assets.core import catalog as k2_catalog
-from k2_assets.core import iceberg_metadata_cache, live_codec, live_decode
+from k2_assets.core import iceberg_metadata_cache, live_codec, live_decode, maintenance
+from k2_assets.core.offsets import FencedTable
 from k2_assets_tests.conftest import REPO, btc_trade_events
 
 INGEST_US = 1_704_110_400_000_000
@@ -50,6 +52,7 @@ OPERATIONS = st.lists(
         st.tuples(st.just("set_property"), st.sampled_from(["a", "b"]), st.text("xyz", max_size=3)),
         st.tuples(st.just("remove_property"), st.sampled_from(["a", "b"])),
         st.tuples(st.just("expire_oldest")),
+        st.tuples(st.just("k2_expiry")),
         st.tuples(st.just("add_column")),
     ),
     min_size=1,
@@ -57,18 +60,31 @@ OPERATIONS = st.lists(
 )
 
 
-@hypothesis.settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_commit_path_is_k2s():
+    """The tests below would pass on stock pyiceberg too: this one says they test K2's path."""
+    assert pyiceberg.catalog.update_table_metadata is iceberg_metadata_cache.update_table_metadata
+    assert pyiceberg.table.update_table_metadata is iceberg_metadata_cache.update_table_metadata
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(operations=OPERATIONS)
+@hypothesis.example(operations=[("add_column",), ("append", 5, DAYS[0]), ("delete_day", DAYS[0]), ("append", 3, DAYS[1])])
+@hypothesis.example(operations=[("append", 5, DAYS[0]), ("append", 2, DAYS[2]), ("k2_expiry",), ("expire_oldest",)])
 def test_every_commit_writes_what_it_holds_and_leaves_earlier_states_unchanged(tmp_path_factory, trades, operations):
+    """For any sequence of K2's commits (fenced appends restating properties, K2's expiry) and pyiceberg's
+    (deletes, property and schema changes, expiry by id): the metadata a commit holds is what pyiceberg alone
+    parses from the file it wrote, no earlier metadata changed in place, and a reader sees the rows."""
     home = tmp_path_factory.mktemp("commits")
-    cat = k2_catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse")
-    table = k2_catalog.ensure_table(cat, "trades")
+    uri, warehouse = f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse"
+    table = FencedTable.of(k2_catalog.ensure_table(k2_catalog.open_catalog(uri, warehouse), "trades"))
+    table.restate = lambda metadata, parent: {"k2.test.parent": str(parent)}
+    reader = k2_catalog.open_catalog(uri, warehouse)
     earlier = [(table.metadata, table.metadata.model_dump_json())]
     expected = {day: 0 for day in DAYS}
     for operation in operations:
         kind = operation[0]
         if kind == "append":
-            table.append(on_day(trades.slice(0, operation[1]), operation[2]))
+            table.append(on_day(trades.slice(0, operation[1]), operation[2]), snapshot_properties={"k2.test.n": "1"})
             expected[operation[2]] += operation[1]
         elif kind == "delete_day":
             table.delete(EqualTo("trade_date", operation[1].isoformat()))
@@ -81,6 +97,8 @@ def test_every_commit_writes_what_it_holds_and_leaves_earlier_states_unchanged(t
                 tx.remove_properties(f"k2.test.{operation[1]}")
         elif kind == "expire_oldest" and len(table.metadata.snapshots) > 1:
             table.maintenance.expire_snapshots().by_id(table.metadata.snapshots[0].snapshot_id).commit()
+        elif kind == "k2_expiry":
+            maintenance.expire(table, retain=timedelta(0))
         elif kind == "add_column" and "note" not in table.schema().column_names:
             with table.update_schema() as update:
                 update.add_column("note", StringType())
@@ -88,11 +106,13 @@ def test_every_commit_writes_what_it_holds_and_leaves_earlier_states_unchanged(t
         for metadata, dumped in earlier:
             assert metadata.model_dump_json() == dumped, f"{operation} changed an earlier metadata in place"
         earlier.append((table.metadata, table.metadata.model_dump_json()))
-        reread = k2_catalog.open_catalog(f"sqlite:///{home}/catalog.db", f"file://{home}/warehouse").load_table("market.trades")
+        reread = reader.load_table("market.trades")
         assert reread.metadata_location == table.metadata_location
+        assert reread.metadata is table.metadata, "the file this process wrote is read back from what it wrote"
         assert reread.metadata.model_dump_json() == on_disk(reread)
         days = reread.scan().to_arrow().column("trade_date")
         assert {day: pc.sum(pc.equal(days, pa.scalar(day, pa.date32()))).as_py() or 0 for day in DAYS} == expected
+    reader.engine.dispose()
 
 
 CHILD_APPEND = """
@@ -105,7 +125,7 @@ cat.load_table("market.trades").append(pq.read_table(f"{home}/rows.parquet"))
 """
 
 
-def test_another_processs_commit_is_read_not_the_kept_parse(tmp_path, trades):
+def test_another_process_commit_is_read_not_the_kept_parse(tmp_path, trades):
     """A table object this process holds goes stale when another process commits: its next append is rebased
     onto the other commit (both land), and a reload reads the other process's metadata file."""
     import pyarrow.parquet as pq
