@@ -46,12 +46,16 @@ def append_times(table, rows: pa.Table, n: int, properties: dict[str, str]) -> l
     return times
 
 
+def timed_in_child(cat, rows_path: str, properties: dict[str, str], out) -> None:
+    """A child's STOCK_TIMED appends of the rows at `rows_path` through catalog `cat`, their seconds put on `out`."""
+    out.put(append_times(cat.load_table(IDENTIFIER), pq.read_table(rows_path), STOCK_TIMED, properties))
+
+
 def stock_commits(home: str, rows_path: str, properties: dict[str, str], out) -> None:
     """A child's appends with stock pyiceberg: no K2 module imported."""
     from pyiceberg.catalog.sql import SqlCatalog
 
-    cat = SqlCatalog("k2", uri=URI.format(home=home), warehouse=WAREHOUSE.format(home=home))
-    out.put(append_times(cat.load_table(IDENTIFIER), pq.read_table(rows_path), STOCK_TIMED, properties))
+    timed_in_child(SqlCatalog("k2", uri=URI.format(home=home), warehouse=WAREHOUSE.format(home=home)), rows_path, properties, out)
 
 
 def transaction_cache_only_commits(home: str, rows_path: str, properties: dict[str, str], out) -> None:
@@ -65,8 +69,7 @@ def transaction_cache_only_commits(home: str, rows_path: str, properties: dict[s
     pyiceberg.table.update_table_metadata = pyiceberg.catalog.update_table_metadata = iceberg_metadata_cache._deep_copying
     FromInputFile.table_metadata = staticmethod(iceberg_metadata_cache._read_file)
     ToOutputFile.table_metadata = staticmethod(iceberg_metadata_cache._write_file)
-    cat = catalog.open_catalog(URI.format(home=home), WAREHOUSE.format(home=home))
-    out.put(append_times(cat.load_table(IDENTIFIER), pq.read_table(rows_path), STOCK_TIMED, properties))
+    timed_in_child(catalog.open_catalog(URI.format(home=home), WAREHOUSE.format(home=home)), rows_path, properties, out)
 
 
 def live_properties(rows: pa.Table) -> dict[str, str]:
