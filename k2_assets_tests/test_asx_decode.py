@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import re
 import shutil
 from datetime import UTC, date, datetime
@@ -259,6 +260,7 @@ def test_clock_times_parse_to_exact_microseconds(values):
     assert got == [python_clock_micros(v) for v in values]
 
 
+@settings(deadline=None)
 @given(
     entries=st.dictionaries(st.sampled_from(["company_id", "isin", "buyer_id"]), st.one_of(st.none(), st.text(max_size=5))),
     n=st.integers(0, 40),
@@ -275,4 +277,76 @@ def test_constant_columns_equal_arrows_own(entries, n):
 
 
 def one_map_type() -> pa.DataType:
-    return pa.map_(pa.string(), pa.string())
+    return decode.STRING_MAP
+
+
+@settings(deadline=None)
+@given(pattern=st.lists(st.text(max_size=6), max_size=4), n=st.integers(0, 50))
+def test_tiled_text_is_the_pattern_n_times(pattern, n):
+    """Columns built from bytes hold, in order, exactly the pattern's strings n times over (empty, multi-byte, any)."""
+    assert decode.tiled(pattern, n).to_pylist() == pattern * n
+
+
+@settings(deadline=None)
+@given(data=st.data(), n=st.integers(0, 40))
+def test_patched_rows_replace_exactly_the_rows_at_their_positions(data, n):
+    base = [[("k", str(i))] for i in range(n)]
+    positions = sorted(data.draw(st.sets(st.integers(0, n - 1), max_size=n)) if n else [])
+    patches = [[("p", str(i)), ("q", "")] for i in range(len(positions))]
+    got = decode.patched(pa.array(base, decode.STRING_MAP), pa.array(positions, pa.int64()), pa.array(patches, decode.STRING_MAP))
+    expected = list(base)
+    for position, patch in zip(positions, patches):
+        expected[position] = patch
+    assert got.to_pylist() == [list(row) for row in expected]
+
+
+buyer_values = st.one_of(st.just(""), st.sampled_from(["36.5", "0.0001", "ABC123", " ", "1e5", "07"]), st.text(max_size=4))
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    buyers=st.one_of(
+        st.lists(buyer_values, max_size=60),
+        # Past MAX_PATCHES filled rows, the map is built per distinct value instead: both ways agree.
+        st.integers(asx.MAX_PATCHES - 2, asx.MAX_PATCHES + 3).map(lambda n: ["36.5", "X"] * (n // 2) + [""] * 5),
+    ),
+    isin=st.one_of(st.none(), st.just(""), st.just("AU000000BHP4")),
+)
+def test_vendor_data_equals_the_map_built_from_every_value(buyers, isin):
+    """The shared map for empty BuyerIDs, patched where one is filled, equals building each row's map from its value."""
+    company = asx.Company("7078", "BHP", isin, "BHP GROUP")
+    buyer = pa.array(buyers, pa.string())
+    expected = decode.by_unique(buyer, lambda values: asx._trade_vendor_data(company, values)) if buyers else None
+    got = asx._vendor_data(company, buyer)
+    assert got.type == decode.STRING_MAP
+    assert got.to_pylist() == (expected.to_pylist() if expected is not None else [])
+
+
+@settings(deadline=None)
+@given(days=st.lists(st.integers(16_000, 16_010), max_size=40))
+def test_a_sessions_lines_are_every_line_it_owns_in_file_order(days):
+    sessions = pa.array(days, pa.int32()).cast(pa.date32())
+    decoded = asx._Decoded(rows=None, session=sessions, columns={})
+    for day in set(days) | {15_999}:
+        session_date = date.fromordinal(date(1970, 1, 1).toordinal() + day)
+        assert decoded.lines_of(session_date).to_pylist() == [i for i, d in enumerate(days) if d == day]
+
+
+def _load_in_child(asx_dir, out):
+    asx._decode_file.cache_clear()
+    out.put(asx.load_session(asx_dir, SESSIONS[1], "trades", source="asx_trades").rows.num_rows)
+
+
+def test_a_forked_process_loads_with_its_own_decode_threads(asx_dir):
+    """The decode pool lives for the process; a child forked after it started (a run worker, a merge child) gets
+    threads of its own rather than waiting on its parent's, which it does not have."""
+    expected = asx.load_session(asx_dir, SESSIONS[1], "trades", source="asx_trades").rows.num_rows
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_load_in_child, args=(asx_dir, out))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the forked load did not finish"
+    assert out.get(timeout=5) == expected

@@ -28,7 +28,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,8 @@ TIMEZONE = "Australia/Sydney"
 CURRENCY = "AUD"
 TRADE_FIELDS = ("date", "time", "price", "volume", "qualifiers", "venue", "buyer_id")
 QUOTE_FIELDS = ("date", "time", "bid", "ask", "bid_volume", "ask_volume")
+MAX_PATCHES = 256  # beyond this many trades with a BuyerID, vendor_data is built per distinct value instead
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 FIRST_SESSION = date(2014, 1, 1)  # the first session partition (asx_sessions: every weekday from here)
 WEEKDAYS = pa.array(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"])
 
@@ -116,69 +118,88 @@ def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, 
         raise ValueError(f"kind must be trades or quotes, not {kind!r}")
     now = now or decode.utc_now()
     companies = read_companies(data_dir)
-    schema_name = schemas.TRADE if kind == "trades" else schemas.QUOTE
-    schema = schemas.arrow_schema(schema_name)
     paths = vendor_files(data_dir, kind)
-    # Arrow kernels release the GIL: decode the companies' files side by side.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        opened = list(pool.map(lambda p: _open(p, f"{kind}/{p.name}", kind, companies.get(p.stem)), paths))
-    tables, rejects, files = [], [], []
-    for path, (ledger, decoded) in zip(paths, opened):
-        files.append(ledger)
-        if decoded is None:
-            continue
-        company = companies.get(path.stem)
-        indices = pc.indices_nonzero(pc.equal(decoded.session, pa.scalar(session_date, pa.date32())))
-        if len(indices) == 0:
-            continue
-        rel = ledger.path
-        if decoded.rows.reasons.null_count == len(decoded.rows):  # no line of the file rejected: skip the split
-            accepted, rejected = indices, pa.array([], pa.int64())
-            sequence, rejected_sequence = pa.array(np.arange(1, len(indices) + 1, dtype=np.int64)), rejected
-        else:
-            ok = pc.take(decoded.rows.ok, indices)
-            accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
-            # Sequence = position among the session's rows in vendor order, rejected rows included.
-            sequence = pc.cast(pc.add(pc.indices_nonzero(ok), 1), pa.int64())
-            rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
-        ledger.read, ledger.written, ledger.rejected = len(indices), len(accepted), len(rejected)
-        n = len(accepted)
-        if n:
-            columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
-            ymd = session_date.strftime("%Y%m%d")
-            columns.update(
-                exchange=decode.repeated(EXCHANGE, n),
-                symbol=decode.repeated(company.symbol, n),
-                asset_class=decode.repeated("EQUITY", n),
-                currency=decode.repeated(CURRENCY, n),
-                message_id=pc.binary_join_element_wise(f"{EXCHANGE}:{company.symbol}:{ymd}", pc.cast(sequence, pa.string()), ":"),
-                source_sequence=sequence,
-                trade_date=pa.repeat(pa.scalar(session_date, pa.date32()), n),
-                ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
-                source_file=decode.repeated(rel, n),
-                source_row=decode.pick(decoded.rows.line_numbers, accepted),
-            )
-            if kind == "trades":
-                columns["side"] = decode.repeated("UNKNOWN", n)
-            tables.append(schemas.build_table(schema_name, columns, n))
-        if len(rejected):
-            rejects.append(
-                decode.rejected_table(
-                    decoded.rows,
-                    rejected,
-                    source=source,
-                    partition_date=session_date,
-                    exchange=EXCHANGE,
-                    symbol=company.symbol if company else None,
-                    source_file=rel,
-                    rejected_at=now,
-                    sequences=rejected_sequence,
-                )
-            )
+    # Arrow's kernels release the GIL: each company's file is decoded and cut side by side, the
+    # largest first, so that no thread is left with a large file while the other has finished.
+    futures = {
+        path: _pool().submit(_session_part, path, kind, companies.get(path.stem), session_date, source, now)
+        for path in sorted(paths, key=_size, reverse=True)
+    }
+    parts = [futures[path].result() for path in paths]
+    files = [ledger for ledger, _, _ in parts]
+    tables = [table for _, table, _ in parts if table is not None]
+    rejects = [rejected for _, _, rejected in parts if rejected is not None]
     symbols = {f"{kind}/{p.name}": (companies[p.stem].symbol if p.stem in companies else None) for p in paths}
     rejects.append(file_rejects(files, source=source, partition_date=session_date, exchange=EXCHANGE, now=now, symbols=symbols))
+    schema = schemas.arrow_schema(schemas.TRADE if kind == "trades" else schemas.QUOTE)
     rows_table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Batch(rows_table, pa.concat_tables(rejects), files)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the process's loads: starting threads for each session costs more than cutting a warm one.
+    Keyed by process: a forked child has none of its parent's threads."""
+    return _pool_of(os.getpid())
+
+
+@cache
+def _pool_of(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix=f"asx-decode-{pid}")
+
+
+def _session_part(
+    path: Path, kind: str, company: Company | None, session_date: date, source: str, now: datetime
+) -> tuple[SourceFile, pa.Table | None, pa.Table | None]:
+    """One file's share of a session: its ledger entry, its rows and its rejected lines (None where there are none)."""
+    ledger, decoded = _open(path, f"{kind}/{path.name}", kind, company)
+    if decoded is None:
+        return ledger, None, None
+    indices = decoded.lines_of(session_date)
+    if len(indices) == 0:
+        return ledger, None, None
+    rel = ledger.path
+    if decoded.rows.reasons.null_count == len(decoded.rows):  # no line of the file rejected: skip the split
+        accepted, rejected = indices, pa.array([], pa.int64())
+        sequence, rejected_sequence = pa.array(np.arange(1, len(indices) + 1, dtype=np.int64)), rejected
+    else:
+        ok = pc.take(decoded.rows.ok, indices)
+        accepted, rejected = pc.filter(indices, ok), pc.filter(indices, pc.invert(ok))
+        # Sequence = position among the session's rows in vendor order, rejected rows included.
+        sequence = pc.cast(pc.add(pc.indices_nonzero(ok), 1), pa.int64())
+        rejected_sequence = pc.cast(pc.add(pc.indices_nonzero(pc.invert(ok)), 1), pa.int64())
+    ledger.read, ledger.written, ledger.rejected = len(indices), len(accepted), len(rejected)
+    table = rejects = None
+    n = len(accepted)
+    if n:
+        columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
+        ymd = session_date.strftime("%Y%m%d")
+        columns.update(
+            message_id=pc.binary_join_element_wise(f"{EXCHANGE}:{company.symbol}:{ymd}", pc.cast(sequence, pa.string()), ":"),
+            source_sequence=sequence,
+            ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+            source_row=decode.pick(decoded.rows.line_numbers, accepted),
+        )
+        table = schemas.build_table(schemas.TRADE if kind == "trades" else schemas.QUOTE, columns, n)
+    if len(rejected):
+        rejects = decode.rejected_table(
+            decoded.rows,
+            rejected,
+            source=source,
+            partition_date=session_date,
+            exchange=EXCHANGE,
+            symbol=company.symbol if company else None,
+            source_file=rel,
+            rejected_at=now,
+            sequences=rejected_sequence,
+        )
+    return ledger, table, rejects
 
 
 def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[SourceFile, _Decoded | None]:
@@ -189,7 +210,7 @@ def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[Sou
     if ledger.error is not None:
         return ledger, None
     try:
-        return ledger, _decode_file(path.resolve(), ledger.sha256, kind, company)
+        return ledger, _decode_file(path.resolve(), rel, ledger.sha256, kind, company)
     except Exception as exc:  # noqa: BLE001 - one file that cannot be decoded must not stop the others
         ledger.error = one_line(exc)
         return ledger, None
@@ -200,44 +221,68 @@ class _Decoded:
     rows: Rows
     session: pa.Array
     columns: dict[str, pa.Array]
+    _by_session: dict[date, pa.Array] | None = None
+
+    def lines_of(self, session_date: date) -> pa.Array:
+        """Positions of the lines a session owns, in file order (found for every session in one pass)."""
+        if self._by_session is None:
+            days = self.session.cast(pa.int32()).to_numpy()
+            order = np.argsort(days, kind="stable")
+            firsts = np.flatnonzero(np.diff(days[order], prepend=-(1 << 31))) if len(days) else np.array([], np.int64)
+            bounds = np.append(firsts, len(days))
+            self._by_session = {
+                date.fromordinal(EPOCH_ORDINAL + int(days[order[lo]])): pa.array(order[lo:hi].astype(np.int64))
+                for lo, hi in zip(bounds[:-1], bounds[1:])
+            }
+        return self._by_session.get(session_date, pa.array([], pa.int64()))
 
 
 @lru_cache(maxsize=64)
-def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) -> _Decoded:
+def _decode_file(path: Path, rel: str, sha256: str, kind: str, company: Company | None) -> _Decoded:
     """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session)."""
-    fields = TRADE_FIELDS if kind == "trades" else QUOTE_FIELDS
-    rows = Rows.parse(path.read_bytes(), len(fields))
-    raw_date = rows.first_field
-    dates = decode.parse_us_date(raw_date)
-    rows.reject(pc.is_null(dates), "date '", raw_date, "' is not a MM/DD/YYYY date")
-    session = _owner_sessions(rows, raw_date, dates)
+    rows = Rows.parse(path.read_bytes(), len(TRADE_FIELDS if kind == "trades" else QUOTE_FIELDS))
+    dates = decode.parse_us_date(rows.first_field)
+    if dates.null_count:
+        rows.reject(pc.is_null(dates), "date '", rows.first_field, "' is not a MM/DD/YYYY date")
+    session = _owner_sessions(rows, dates)
     if company is None:
         rows.reject(pa.repeat(True, len(rows)), f"company id {path.stem} is not in reference-data/company_info.csv")
         return _Decoded(rows, session, {})
-    raw_time = rows.fields[1]
-    clock = decode.parse_clock_micros(raw_time)
-    rows.reject(pc.is_null(clock), "time '", raw_time, "' is not a HH:MM:SS.mmm time")
+    clock = decode.parse_clock_micros(rows.fields[1])
+    if clock.null_count:
+        rows.reject(pc.is_null(clock), "time '", rows.fields[1], "' is not a HH:MM:SS.mmm time")
     n = len(rows)
-    columns = {"exchange_timestamp": decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)}
+    local = decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)
+    # Constant columns are built once for the file (bytes tiled, cheap) and sliced for each session.
+    columns = {
+        "exchange_timestamp": local.cast(pa.timestamp("us", tz="UTC")),
+        "exchange": decode.repeated(EXCHANGE, n),
+        "symbol": decode.repeated(company.symbol, n),
+        "asset_class": decode.repeated("EQUITY", n),
+        "currency": decode.repeated(CURRENCY, n),
+        "trade_date": session,
+        "source_file": decode.repeated(rel, n),
+    }
     if kind == "trades":
-        _, _, price_s, volume_s, qualifiers, venue, buyer = rows.fields
+        _, _, price, volume, qualifiers, venue, buyer = rows.fields
         conditions = decode.by_unique(qualifiers, _conditions)
         trade_class, price_forming = classify(clock, conditions, venue)
         columns.update(
-            price=rows.decimal(price_s, "price"),
-            quantity=rows.decimal(volume_s, "volume"),
+            price=rows.decimal(price, "price"),
+            quantity=rows.decimal(volume, "volume"),
             trade_conditions=conditions,
             venue=pc.if_else(pc.equal(venue, ""), pa.scalar(None, pa.string()), venue),
-            vendor_data=decode.by_unique(buyer, lambda values: _trade_vendor_data(company, values)),
+            vendor_data=_vendor_data(company, buyer),
             trade_class=trade_class,
             price_forming=price_forming,
+            side=decode.repeated("UNKNOWN", n),
         )
     else:
-        _, _, bid_s, ask_s, bid_vol_s, ask_vol_s = rows.fields
+        _, _, bid, ask, bid_volume, ask_volume = rows.fields
         zero, null = pa.scalar(0, DECIMAL), pa.scalar(None, DECIMAL)
         sides = {
-            "bid": (rows.decimal(bid_s, "bid", positive=False), rows.decimal(bid_vol_s, "bid volume", positive=False)),
-            "ask": (rows.decimal(ask_s, "ask", positive=False), rows.decimal(ask_vol_s, "ask volume", positive=False)),
+            "bid": (rows.decimal(bid, "bid", positive=False), rows.decimal(bid_volume, "bid volume", positive=False)),
+            "ask": (rows.decimal(ask, "ask", positive=False), rows.decimal(ask_volume, "ask volume", positive=False)),
         }
         for name, (price, size) in sides.items():
             empty = pc.equal(price, zero)
@@ -248,7 +293,7 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
     return _Decoded(rows, session, columns)
 
 
-def _owner_sessions(rows: Rows, raw_date: pa.Array, dates: pa.Array) -> pa.Array:
+def _owner_sessions(rows: Rows, dates: pa.Array) -> pa.Array:
     """The session partition that owns each line, so exactly one partition's load reports every line.
 
     A line dated on a session is that session's. Any other line (an unreadable date, a weekend, a date
@@ -259,6 +304,7 @@ def _owner_sessions(rows: Rows, raw_date: pa.Array, dates: pa.Array) -> pa.Array
         days = dates.to_numpy(zero_copy_only=False).astype("datetime64[D]").view(np.int64)
         if ((days + 3) % 7 < 5).all() and days.min() >= (FIRST_SESSION - date(1970, 1, 1)).days:  # 1970-01-01: a Thursday
             return dates
+    raw_date = rows.first_field
     weekday = pc.day_of_week(dates)  # Monday = 0
     early = pc.less(dates, pa.scalar(FIRST_SESSION, pa.date32()))
     rows.reject(early, "date '", raw_date, f"' is before {FIRST_SESSION}, the first ASX session K2 loads")
@@ -274,6 +320,16 @@ def _owner_sessions(rows: Rows, raw_date: pa.Array, dates: pa.Array) -> pa.Array
     parsed = ~np.isnat(days)
     nxt = np.where(parsed, np.busday_offset(np.where(parsed, days, first), 0, roll="forward"), first)
     return pa.array(np.maximum(nxt, first).astype("datetime64[D]"), pa.date32())
+
+
+def _vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:
+    """vendor_data of each trade. The BuyerID column is almost always empty: those rows share one map, built as
+    bytes, and only the few others are built from their values."""
+    filled = pc.indices_nonzero(pc.not_equal(buyer, ""))
+    if len(filled) > MAX_PATCHES:
+        return decode.by_unique(buyer, lambda values: _trade_vendor_data(company, values))
+    common = decode.constant_map({"company_id": company.company_id, "isin": company.isin}, len(buyer))
+    return decode.patched(common, filled, _trade_vendor_data(company, buyer.take(filled)))
 
 
 def _trade_vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:
@@ -296,7 +352,8 @@ def _trade_vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:
 def _conditions(qualifiers: pa.StringArray) -> pa.Array:
     """Qualifier text -> list of codes (space separated; empty -> [])."""
     qualifiers = pc.utf8_trim_whitespace(qualifiers)
-    return pc.if_else(pc.equal(qualifiers, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(qualifiers, " "))
+    codes = pc.if_else(pc.equal(qualifiers, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(qualifiers, " "))
+    return codes.cast(decode.STRING_LIST)
 
 
 def classify(clock_micros: pa.Array, conditions: pa.ListArray, venue: pa.StringArray) -> tuple[pa.Array, pa.Array]:
