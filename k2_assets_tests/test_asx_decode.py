@@ -269,15 +269,11 @@ def test_constant_columns_equal_arrows_own(entries, n):
     """The byte-built constant columns equal what Arrow's repeat and take give."""
     keys = list(entries)
     one = decode.string_map(keys, [pa.array([entries[k]], pa.string()) for k in keys], 1) if keys else None
-    expected = one.take(pa.array([0] * n, pa.int32())) if one is not None else pa.array([[]] * n, one_map_type())
+    expected = one.take(pa.array([0] * n, pa.int32())) if one is not None else pa.array([[]] * n, decode.STRING_MAP)
     assert decode.constant_map(entries, n).equals(expected)
     for value in entries.values():
         if value is not None:
             assert decode.repeated(value, n).equals(pa.repeat(pa.scalar(value, pa.string()), n))
-
-
-def one_map_type() -> pa.DataType:
-    return decode.STRING_MAP
 
 
 @settings(deadline=None)
@@ -303,23 +299,32 @@ def test_patched_rows_replace_exactly_the_rows_at_their_positions(data, n):
 buyer_values = st.one_of(st.just(""), st.sampled_from(["36.5", "0.0001", "ABC123", " ", "1e5", "07"]), st.text(max_size=4))
 
 
+def python_vendor_data(company: asx.Company, buyer: str) -> list[tuple[str, str]]:
+    """A trade's vendor_data, as docs/asx.md states it: the company's id and ISIN, and a BuyerID kept apart as a
+    price when it reads as one (the keys in that order; a missing value leaves its key out)."""
+    entries = [("company_id", company.company_id)] + ([("isin", company.isin)] if company.isin is not None else [])
+    if buyer:
+        is_price = re.match(decode.DECIMAL_PATTERN, buyer, re.ASCII) is not None
+        entries.append(("buyer_id_price" if is_price else "buyer_id", buyer))
+    return entries
+
+
 @settings(deadline=None, max_examples=60)
 @given(
     buyers=st.one_of(
         st.lists(buyer_values, max_size=60),
-        # Past MAX_PATCHES filled rows, the map is built per distinct value instead: both ways agree.
+        # Past MAX_PATCHES filled rows the map is built per distinct value instead.
         st.integers(asx.MAX_PATCHES - 2, asx.MAX_PATCHES + 3).map(lambda n: ["36.5", "X"] * (n // 2) + [""] * 5),
     ),
     isin=st.one_of(st.none(), st.just(""), st.just("AU000000BHP4")),
 )
-def test_vendor_data_equals_the_map_built_from_every_value(buyers, isin):
-    """The shared map for empty BuyerIDs, patched where one is filled, equals building each row's map from its value."""
+def test_vendor_data_holds_the_company_and_any_buyer_id(buyers, isin):
+    """Both ways of building vendor_data (one shared map patched at the filled BuyerIDs, or a map per distinct value)
+    give each trade exactly its company, its ISIN and its BuyerID, a price kept apart."""
     company = asx.Company("7078", "BHP", isin, "BHP GROUP")
-    buyer = pa.array(buyers, pa.string())
-    expected = decode.by_unique(buyer, lambda values: asx._trade_vendor_data(company, values)) if buyers else None
-    got = asx._vendor_data(company, buyer)
+    got = asx._vendor_data(company, pa.array(buyers, pa.string()))
     assert got.type == decode.STRING_MAP
-    assert got.to_pylist() == (expected.to_pylist() if expected is not None else [])
+    assert got.to_pylist() == [python_vendor_data(company, buyer) for buyer in buyers]
 
 
 @settings(deadline=None)
@@ -350,3 +355,17 @@ def test_a_forked_process_loads_with_its_own_decode_threads(asx_dir):
         child.kill()
     assert child.exitcode == 0, "the forked load did not finish"
     assert out.get(timeout=5) == expected
+
+
+def test_each_file_name_is_its_rows_source_file_even_for_the_same_bytes(asx_dir, tmp_path):
+    """Two names for one file's bytes (a vendor's 7078.CSV beside a 7078.csv) are two files: each one's rows carry
+    its own name, though the decode of the bytes is shared."""
+    shutil.copytree(asx_dir / "reference-data", tmp_path / "reference-data")
+    (tmp_path / "trades").mkdir()
+    (tmp_path / "trades" / "7078.csv").write_bytes((asx_dir / "trades" / "7078.csv").read_bytes())
+    (tmp_path / "trades" / "7078.CSV").symlink_to(tmp_path / "trades" / "7078.csv")
+    batch = asx.load_session(tmp_path, SESSIONS[0], "trades", source="asx_trades")
+    names = collections.Counter(batch.rows.column("source_file").to_pylist())
+    assert set(names) == {"trades/7078.csv", "trades/7078.CSV"} and len(set(names.values())) == 1
+    assert set(batch.rows.column("trade_date").to_pylist()) == {SESSIONS[0]}
+    assert set(batch.rows.column("symbol").to_pylist()) == {"BHP"}

@@ -86,6 +86,15 @@ def assert_rejects_keep_the_bytes(rejected, body: bytes) -> None:
             assert row["raw"] == lines[row["source_row"] - 1], row
 
 
+def assert_session_columns(rows, session, source_file: str) -> None:
+    """The columns each written row takes from its session and its file, not from its line."""
+    expected = {"trade_date": session, "source_file": source_file, "exchange": "ASX", "symbol": "DVN", "currency": "AUD"}
+    for column, value in expected.items():
+        assert set(rows.column(column).to_pylist()) <= {value}, column
+    ids = rows.column("message_id").to_pylist()
+    assert ids == [f"ASX:DVN:{session:%Y%m%d}:{n}" for n in rows.column("source_sequence").to_pylist()]
+
+
 def asx_case(kind: str):
     def run(asx_dir: Path, case) -> None:
         body, intact = case
@@ -107,6 +116,7 @@ def asx_case(kind: str):
                 assert file.balanced and file.error is None and file.duplicates == 0
                 read += file.read
                 written_lines |= set(batch.rows.column("source_row").to_pylist())
+                assert_session_columns(batch.rows, session, f"{kind}/{ASX_COMPANY}.csv")
                 assert_rejects_keep_the_bytes(batch.rejected, body)
             assert read == len(split_lines(body))  # each line in exactly one partition
             assert set(intact) <= written_lines, sorted(set(intact) - written_lines)[:5]

@@ -25,10 +25,11 @@ Decisions (docs/asx.md explains them with the evidence):
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ TIMEZONE = "Australia/Sydney"
 CURRENCY = "AUD"
 TRADE_FIELDS = ("date", "time", "price", "volume", "qualifiers", "venue", "buyer_id")
 QUOTE_FIELDS = ("date", "time", "bid", "ask", "bid_volume", "ask_volume")
+LAYOUTS = {"trades": (schemas.TRADE, TRADE_FIELDS), "quotes": (schemas.QUOTE, QUOTE_FIELDS)}  # kind -> contract, fields
 MAX_PATCHES = 256  # beyond this many trades with a BuyerID, vendor_data is built per distinct value instead
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 FIRST_SESSION = date(2014, 1, 1)  # the first session partition (asx_sessions: every weekday from here)
@@ -114,24 +116,25 @@ def vendor_files(data_dir: Path, kind: str) -> list[Path]:
 def load_session(data_dir: Path, session_date: date, kind: str, *, source: str, now: datetime | None = None) -> Batch:
     """Decode every company's `kind` ("trades" or "quotes") file for one session date; a file that cannot be
     read is reported (one rejected record, its error in the ledger) and the others load."""
-    if kind not in ("trades", "quotes"):
+    if kind not in LAYOUTS:
         raise ValueError(f"kind must be trades or quotes, not {kind!r}")
     now = now or decode.utc_now()
     companies = read_companies(data_dir)
     paths = vendor_files(data_dir, kind)
-    # Arrow's kernels release the GIL: each company's file is decoded and cut side by side, the
-    # largest first, so that no thread is left with a large file while the other has finished.
+    # Arrow's kernels release the GIL: each company's file is decoded and cut side by side, the largest
+    # first, so that no thread is left with a large file after the others have finished.
     futures = {
         path: _pool().submit(_session_part, path, kind, companies.get(path.stem), session_date, source, now)
         for path in sorted(paths, key=_size, reverse=True)
     }
+    wait(futures.values())  # all of them, even if one failed: none is left running after the load returns
     parts = [futures[path].result() for path in paths]
     files = [ledger for ledger, _, _ in parts]
     tables = [table for _, table, _ in parts if table is not None]
     rejects = [rejected for _, _, rejected in parts if rejected is not None]
     symbols = {f"{kind}/{p.name}": (companies[p.stem].symbol if p.stem in companies else None) for p in paths}
     rejects.append(file_rejects(files, source=source, partition_date=session_date, exchange=EXCHANGE, now=now, symbols=symbols))
-    schema = schemas.arrow_schema(schemas.TRADE if kind == "trades" else schemas.QUOTE)
+    schema = schemas.arrow_schema(LAYOUTS[kind][0])
     rows_table = pa.concat_tables(tables) if tables else schema.empty_table()
     return Batch(rows_table, pa.concat_tables(rejects), files)
 
@@ -144,27 +147,36 @@ def _size(path: Path) -> int:
 
 
 def _pool() -> ThreadPoolExecutor:
-    """One pool for the process's loads: starting threads for each session costs more than cutting a warm one.
-    Keyed by process: a forked child has none of its parent's threads."""
-    return _pool_of(os.getpid())
+    """One pool for the process's loads: starting threads for each session costs more than cutting a warm one."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="asx-decode")
+        return _executor
 
 
-@cache
-def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix=f"asx-decode-{pid}")
+def _forget_pool() -> None:
+    """In a forked child: none of the parent's threads exist there, and a lock a parent's thread held stays held."""
+    global _executor, _executor_lock
+    _executor, _executor_lock = None, threading.Lock()
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _session_part(
     path: Path, kind: str, company: Company | None, session_date: date, source: str, now: datetime
 ) -> tuple[SourceFile, pa.Table | None, pa.Table | None]:
     """One file's share of a session: its ledger entry, its rows and its rejected lines (None where there are none)."""
-    ledger, decoded = _open(path, f"{kind}/{path.name}", kind, company)
+    rel = f"{kind}/{path.name}"
+    ledger, decoded = _open(path, rel, kind, company)
     if decoded is None:
         return ledger, None, None
     indices = decoded.lines_of(session_date)
     if len(indices) == 0:
         return ledger, None, None
-    rel = ledger.path
     if decoded.rows.reasons.null_count == len(decoded.rows):  # no line of the file rejected: skip the split
         accepted, rejected = indices, pa.array([], pa.int64())
         sequence, rejected_sequence = pa.array(np.arange(1, len(indices) + 1, dtype=np.int64)), rejected
@@ -185,8 +197,16 @@ def _session_part(
             source_sequence=sequence,
             ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
             source_row=decode.pick(decoded.rows.line_numbers, accepted),
+            # Constant per session: built as bytes, for the session's rows only (a file's decode stays cached).
+            exchange=decode.repeated(EXCHANGE, n),
+            symbol=decode.repeated(company.symbol, n),
+            asset_class=decode.repeated("EQUITY", n),
+            currency=decode.repeated(CURRENCY, n),
+            source_file=decode.repeated(rel, n),
         )
-        table = schemas.build_table(schemas.TRADE if kind == "trades" else schemas.QUOTE, columns, n)
+        if kind == "trades":
+            columns["side"] = decode.repeated("UNKNOWN", n)
+        table = schemas.build_table(LAYOUTS[kind][0], columns, n)
     if len(rejected):
         rejects = decode.rejected_table(
             decoded.rows,
@@ -210,7 +230,7 @@ def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[Sou
     if ledger.error is not None:
         return ledger, None
     try:
-        return ledger, _decode_file(path.resolve(), rel, ledger.sha256, kind, company)
+        return ledger, _decode_file(path.resolve(), ledger.sha256, kind, company)
     except Exception as exc:  # noqa: BLE001 - one file that cannot be decoded must not stop the others
         ledger.error = one_line(exc)
         return ledger, None
@@ -221,26 +241,27 @@ class _Decoded:
     rows: Rows
     session: pa.Array
     columns: dict[str, pa.Array]
-    _by_session: dict[date, pa.Array] | None = None
+    # Built on first use; two threads building it at once build equal dicts, and either may be kept.
+    _by_session: dict[date, pa.Array] | None = field(default=None, init=False, repr=False, compare=False)
 
     def lines_of(self, session_date: date) -> pa.Array:
         """Positions of the lines a session owns, in file order (found for every session in one pass)."""
         if self._by_session is None:
             days = self.session.cast(pa.int32()).to_numpy()
-            order = np.argsort(days, kind="stable")
-            firsts = np.flatnonzero(np.diff(days[order], prepend=-(1 << 31))) if len(days) else np.array([], np.int64)
-            bounds = np.append(firsts, len(days))
+            order = np.argsort(days, kind="stable")  # stable: each session's lines stay in file order
+            ordered = days[order]
+            bounds = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True]) if len(days) else np.array([0])
             self._by_session = {
-                date.fromordinal(EPOCH_ORDINAL + int(days[order[lo]])): pa.array(order[lo:hi].astype(np.int64))
+                date.fromordinal(EPOCH_ORDINAL + int(ordered[lo])): pa.array(order[lo:hi].astype(np.int64))
                 for lo, hi in zip(bounds[:-1], bounds[1:])
             }
         return self._by_session.get(session_date, pa.array([], pa.int64()))
 
 
 @lru_cache(maxsize=64)
-def _decode_file(path: Path, rel: str, sha256: str, kind: str, company: Company | None) -> _Decoded:
+def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) -> _Decoded:
     """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session)."""
-    rows = Rows.parse(path.read_bytes(), len(TRADE_FIELDS if kind == "trades" else QUOTE_FIELDS))
+    rows = Rows.parse(path.read_bytes(), len(LAYOUTS[kind][1]))
     dates = decode.parse_us_date(rows.first_field)
     if dates.null_count:
         rows.reject(pc.is_null(dates), "date '", rows.first_field, "' is not a MM/DD/YYYY date")
@@ -253,16 +274,7 @@ def _decode_file(path: Path, rel: str, sha256: str, kind: str, company: Company 
         rows.reject(pc.is_null(clock), "time '", rows.fields[1], "' is not a HH:MM:SS.mmm time")
     n = len(rows)
     local = decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)
-    # Constant columns are built once for the file (bytes tiled, cheap) and sliced for each session.
-    columns = {
-        "exchange_timestamp": local.cast(pa.timestamp("us", tz="UTC")),
-        "exchange": decode.repeated(EXCHANGE, n),
-        "symbol": decode.repeated(company.symbol, n),
-        "asset_class": decode.repeated("EQUITY", n),
-        "currency": decode.repeated(CURRENCY, n),
-        "trade_date": session,
-        "source_file": decode.repeated(rel, n),
-    }
+    columns = {"exchange_timestamp": local.cast(pa.timestamp("us", tz="UTC")), "trade_date": session}
     if kind == "trades":
         _, _, price, volume, qualifiers, venue, buyer = rows.fields
         conditions = decode.by_unique(qualifiers, _conditions)
@@ -275,7 +287,6 @@ def _decode_file(path: Path, rel: str, sha256: str, kind: str, company: Company 
             vendor_data=_vendor_data(company, buyer),
             trade_class=trade_class,
             price_forming=price_forming,
-            side=decode.repeated("UNKNOWN", n),
         )
     else:
         _, _, bid, ask, bid_volume, ask_volume = rows.fields
