@@ -22,13 +22,26 @@ def stream() -> None:
     "--partitions", type=click.IntRange(min=1), default=3, show_default=True, help="partitions of the topic if K2 creates it"
 )
 @click.option(
+    "--linger-ms",
+    type=click.IntRange(0, 60_000),
+    default=default("producer_linger_ms"),
+    help="gather each partition's trades this long into one batch  [default: K2_PRODUCER_LINGER_MS]",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=default("producer_metrics_port"),
     help="serve Prometheus /metrics on PORT (0: off)  [default: K2_PRODUCER_METRICS_PORT]",
 )
 def binance(
-    symbols: str, market: str, url: str | None, bootstrap: str, topic: str | None, partitions: int, metrics_port: int
+    symbols: str,
+    market: str,
+    url: str | None,
+    bootstrap: str,
+    topic: str | None,
+    partitions: int,
+    linger_ms: int,
+    metrics_port: int,
 ) -> None:
     """Binance's trade stream (spot or USD-M futures) into Kafka.
 
@@ -53,7 +66,9 @@ def binance(
     configure_json(sys.stderr)
     topic = topic or chosen.topic
     ensure_topics(bootstrap, {topic: partitions, topic + ".dlq": 1})
-    producer = BinanceProducer(names, bootstrap, market=chosen, base_url=url, topic=topic, dead_letter_topic=topic + ".dlq")
+    producer = BinanceProducer(
+        names, bootstrap, market=chosen, base_url=url, topic=topic, dead_letter_topic=topic + ".dlq", linger_ms=linger_ms
+    )
     if metrics_port:
         serve(producer.metrics.registry, metrics_port)
         get_logger(LOGGER).info("metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")

@@ -24,6 +24,12 @@ class Settings:
     binance_history_dir: Path = _setting("K2_BINANCE_HISTORY_DIR", "{K2_HOME}/data/binance", "Binance's public dumps")
     kafka_bootstrap: str = _setting("K2_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers")
     kafka_session_timeout_ms: int = _setting("K2_KAFKA_SESSION_TIMEOUT_MS", "6000", "the writer's consumer-group session timeout")
+    producer_linger_ms: int = _setting(
+        "K2_PRODUCER_LINGER_MS",
+        "250",
+        "the live producer gathers each partition's trades this long into one batch, in ms (the embedded broker's "
+        "fetches cost more with every batch it holds)",
+    )
     sensor_drain_seconds: int = _setting(
         "K2_SENSOR_DRAIN_SECONDS",
         "20",
