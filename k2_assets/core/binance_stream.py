@@ -24,7 +24,7 @@ from k2_assets.core.binance_format import SPOT, Market
 from k2_assets.core.kafka import producer_config
 from k2_assets.core.logs import get_logger
 from k2_assets.core.metrics import ProducerMetrics
-from k2_assets.core.settings import DEFAULTS
+from k2_assets.core.settings import Settings
 
 LOGGER = "k2.stream"
 MAX_CONNECTION_SECONDS = 23.5 * 3600  # Binance closes every connection at 24 hours
@@ -96,7 +96,7 @@ class BinanceProducer:
         max_connection_seconds: float = MAX_CONNECTION_SECONDS,
         metrics: ProducerMetrics | None = None,
         statistics_interval_ms: int = 5000,
-        linger_ms: int = int(DEFAULTS["K2_PRODUCER_LINGER_MS"]),
+        linger_ms: int | None = None,
     ):
         if not symbols:
             raise ValueError("at least one symbol is required")
@@ -118,7 +118,7 @@ class BinanceProducer:
             producer_config(
                 bootstrap,
                 **{
-                    "linger.ms": linger_ms,
+                    "linger.ms": Settings.from_env().producer_linger_ms if linger_ms is None else linger_ms,
                     "error_cb": self._on_error,
                     "on_delivery": self._delivered,
                     "stats_cb": self._on_statistics,
