@@ -10,7 +10,8 @@ Three processes beside the embedded broker, as in operation:
                    schedule (below).
 
 For every window (WINDOWS of them, 5 minutes each at 30 minutes) it reports the writer's peak RSS, the commit latency (the
-Iceberg append: Parquet file, manifests, metadata swap) p50 and p95, freshness p95 (Binance E -> commit, every row),
+Iceberg append: Parquet file, manifests, metadata swap) p50 and p95, the committing thread's CPU p50 and the largest
+metadata.json (to tell work that grows from waiting), freshness p95 (Binance E -> commit, every row),
 and the snapshots and data files of market.trades at the window's end. The last window must stay within FLAT x the first.
 `K2_BENCH_SOAK_MINUTES` shortens the run (the windows shrink with it).
 """
@@ -135,11 +136,21 @@ class StepTimer:
             self.cpu[step] = pid_cpu_seconds(os.getpid()) - cpu
 
 
+def metadata_bytes(location: str) -> int:
+    """The size of a table's current metadata.json (a file:// warehouse; 0 where it cannot be read)."""
+    try:
+        return os.path.getsize(location.removeprefix("file://"))
+    except OSError:
+        return 0
+
+
 class Recorder:
     """What the writer did, stamped with when it did it: commit durations and every row's freshness."""
 
     def __init__(self) -> None:
-        self.commits: list[tuple[float, float]] = []  # (monotonic end, seconds)
+        # (monotonic end, wall seconds, the committing thread's CPU seconds, metadata.json bytes after it): CPU
+        # that rises with the wall time is work that grows; wall time alone rising is waiting (locks, fsync, I/O).
+        self.commits: list[tuple[float, float, float, int]] = []
         self.fresh: list[tuple[float, np.ndarray]] = []  # (monotonic, lags of the batch's rows)
         self._latency = live_writer.latency
 
@@ -147,9 +158,10 @@ class Recorder:
         append = writer.trades.append
 
         def timed_append(*args, **kwargs):
-            start = time.monotonic()
+            start, cpu = time.monotonic(), time.thread_time()
             result = append(*args, **kwargs)
-            self.commits.append((time.monotonic(), time.monotonic() - start))
+            wall, cpu = time.monotonic() - start, time.thread_time() - cpu
+            self.commits.append((time.monotonic(), wall, cpu, metadata_bytes(writer.trades.metadata_location)))
             return result
 
         writer.trades.append = timed_append
@@ -163,15 +175,19 @@ class Recorder:
     def window(self, start: float, end: float) -> dict:
         """The figures of [start, end); what came before `end` is then let go, so the bench's own records do not
         add to the RSS it measures."""
-        commits = np.array([s for t, s in self.commits if start <= t < end])
+        inside = [(wall, cpu, size) for t, wall, cpu, size in self.commits if start <= t < end]
+        commits = np.array([wall for wall, _, _ in inside])
+        commit_cpu = np.array([cpu for _, cpu, _ in inside])
         fresh = [a for t, a in self.fresh if start <= t < end]
         for records in (self.commits, self.fresh):  # in time order; in place, as the writer thread appends meanwhile
-            del records[: sum(1 for t, _ in list(records) if t < end)]
+            del records[: sum(1 for t, *_ in list(records) if t < end)]
         fresh = np.concatenate(fresh) if fresh else np.array([])
         return {
             "commits": len(commits),
             "commit_p50_s": float(np.percentile(commits, 50)) if len(commits) else float("nan"),
             "commit_p95_s": float(np.percentile(commits, 95)) if len(commits) else float("nan"),
+            "commit_cpu_p50_s": float(np.percentile(commit_cpu, 50)) if len(commit_cpu) else float("nan"),
+            "metadata_kb_max": max((size for _, _, size in inside), default=0) / 1024,
             "rows": len(fresh),
             "freshness_p95_s": float(np.percentile(fresh, 95)) if len(fresh) else float("nan"),
         }
@@ -308,7 +324,8 @@ def soak(home: Path) -> dict:
 
 def render(results: dict) -> str:
     windows, runs = results["windows"], results["maintenance_runs"]
-    header = f"{'window':<8} {'minute':>6} {'RSS MB':>8} {'commit p50 s':>12} {'commit p95 s':>12} {'fresh p95 s':>11} "
+    header = f"{'window':<8} {'minute':>6} {'RSS MB':>8} {'commit p50 s':>12} {'commit p95 s':>12} {'its CPU p50 s':>13} "
+    header += f"{'metadata KB':>11} {'fresh p95 s':>11} "
     header += f"{'snapshots':>9} {'data files':>10} {'commits':>8} {'rows':>10}  "
     header += f"{'cores: writer broker maint feed':>31} {'load':>5}"
     lines = [
@@ -321,7 +338,8 @@ def render(results: dict) -> str:
     for i, w in enumerate(windows, 1):
         lines.append(
             f"{i:<8} {w['minute']:>6.1f} {w['rss_mb']:>8.0f} {w['commit_p50_s']:>12.3f} {w['commit_p95_s']:>12.3f} "
-            f"{w['freshness_p95_s']:>11.2f} {w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}  "
+            f"{w['commit_cpu_p50_s']:>13.3f} {w['metadata_kb_max']:>11.0f} {w['freshness_p95_s']:>11.2f} "
+            f"{w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}  "
             f"{w['writer_cores']:>13.2f} {w['broker_cores']:>6.2f} {w['maintenance_cores']:>5.2f} "
             f"{w['feed+producer_cores']:>4.2f} {w['load_1min']:>5.2f}"
         )
