@@ -263,15 +263,13 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
     """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session)."""
     rows = Rows.parse(path.read_bytes(), len(LAYOUTS[kind][1]))
     dates = decode.parse_us_date(rows.first_field)
-    if dates.null_count:
-        rows.reject(pc.is_null(dates), "date '", rows.first_field, "' is not a MM/DD/YYYY date")
+    rows.reject(pc.is_null(dates), "date '", rows.first_field, "' is not a MM/DD/YYYY date")
     session = _owner_sessions(rows, dates)
     if company is None:
         rows.reject(pa.repeat(True, len(rows)), f"company id {path.stem} is not in reference-data/company_info.csv")
         return _Decoded(rows, session, {})
     clock = decode.parse_clock_micros(rows.fields[1])
-    if clock.null_count:
-        rows.reject(pc.is_null(clock), "time '", rows.fields[1], "' is not a HH:MM:SS.mmm time")
+    rows.reject(pc.is_null(clock), "time '", rows.fields[1], "' is not a HH:MM:SS.mmm time")
     n = len(rows)
     local = decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)
     columns = {"exchange_timestamp": local.cast(pa.timestamp("us", tz="UTC")), "trade_date": session}
