@@ -15,7 +15,9 @@ from k2_assets.core.stopping import Stopper
 # A stop asks politely, then kills whatever is left: Ctrl-C returns within 10 s, whatever a process is doing
 # (a sensor tick mid-drain is safe to kill: every Iceberg commit is fenced, and the next writer resumes).
 STOP_GRACE_SECONDS = 6.0
-BROKER_AFTER_SECONDS = 3.0  # the producer flushes to the broker first
+# The broker stops last: the producer flushes to it, and the sensors' consumers close on it rather than retrying
+# a broker that is gone (which held Ctrl-C for seconds); after this long it is stopped whatever still runs.
+BROKER_AFTER_SECONDS = 4.0
 # A helper (broker, feed, producer) that dies is started again; one that keeps dying stops the demo.
 MAX_RESTARTS, RESTART_WINDOW_SECONDS = 5, 60.0
 WATCH_SECONDS = 1.0
@@ -99,12 +101,8 @@ class Supervisor:
     def _step_stop(self) -> None:
         elapsed = time.monotonic() - self.stop_started
         broker = self.children.get("broker")
-        producer = self.children.get("producer")
-        if (
-            broker is not None
-            and not self.broker_signalled
-            and (producer is None or producer.poll() is not None or elapsed > BROKER_AFTER_SECONDS)
-        ):
+        others_stopped = all(p.poll() is not None for name, p in self.children.items() if name != "broker")
+        if broker is not None and not self.broker_signalled and (others_stopped or elapsed > BROKER_AFTER_SECONDS):
             self.broker_signalled = True
             if broker.poll() is None:
                 broker.send_signal(signal.SIGINT)

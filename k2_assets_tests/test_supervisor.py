@@ -98,3 +98,43 @@ def test_a_helper_that_keeps_dying_or_the_main_process_dying_stops_everything(st
     child(runner, "main").kill()
     code, said = finish(runner, [helper])
     assert code == 1 and "the main process exited with -9" in said
+
+
+STOPPING_RUNNER = """
+import sys
+from pathlib import Path
+from k2_assets import supervisor
+stamp = '''
+import signal, sys, time
+def stop(*_):
+    time.sleep(float(sys.argv[2]))
+    open(sys.argv[1], "w").write(repr(time.time()))
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+time.sleep(600)
+'''
+home = Path(sys.argv[1])
+processes = supervisor.Supervisor(home)
+processes.start("broker", "the broker", [sys.executable, "-c", stamp, str(home / "broker"), "0"])
+processes.start("dagster", "the main process", [sys.executable, "-c", stamp, str(home / "main"), "1.5"])
+processes.start("producer", "the producer", [sys.executable, "-c", stamp, str(home / "producer"), "0"])
+sys.exit(processes.run())
+"""
+
+
+def test_ctrl_c_stops_the_broker_after_the_processes_that_read_from_it(tmp_path):
+    """The sensors' consumers close on a live broker rather than retrying one that is gone (which held Ctrl-C)."""
+    runner = subprocess.Popen([sys.executable, "-c", STOPPING_RUNNER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(runner.pid).children()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # their signal handlers are installed
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=15) == 0, runner.stderr.read()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    stopped = {name: float((tmp_path / name).read_text()) for name in ("broker", "main", "producer")}
+    assert stopped["broker"] > stopped["main"] > stopped["producer"]
+    assert "killing" not in runner.stderr.read()
