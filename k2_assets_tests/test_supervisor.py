@@ -30,8 +30,8 @@ def start(tmp_path):
     """Start the runner; whatever a failing test leaves behind is killed."""
     started: list[subprocess.Popen] = []
 
-    def run() -> subprocess.Popen:
-        started.append(subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path), "x"], stderr=subprocess.PIPE, text=True))
+    def run(script: str = RUNNER) -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-c", script, str(tmp_path), "x"], stderr=subprocess.PIPE, text=True))
         return started[-1]
 
     yield run
@@ -122,19 +122,15 @@ sys.exit(processes.run())
 """
 
 
-def test_ctrl_c_stops_the_broker_after_the_processes_that_read_from_it(tmp_path):
+def test_ctrl_c_stops_the_broker_after_the_processes_that_read_from_it(start, tmp_path):
     """The sensors' consumers close on a live broker rather than retrying one that is gone (which held Ctrl-C)."""
-    runner = subprocess.Popen([sys.executable, "-c", STOPPING_RUNNER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 10
-        while len(psutil.Process(runner.pid).children()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)  # their signal handlers are installed
-        runner.send_signal(signal.SIGINT)
-        assert runner.wait(timeout=15) == 0, runner.stderr.read()
-    finally:
-        if runner.poll() is None:
-            runner.kill()
+    runner = start(STOPPING_RUNNER)
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(runner.pid).children()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # their signal handlers are installed
+    runner.send_signal(signal.SIGINT)
+    assert runner.wait(timeout=15) == 0, runner.stderr.read()
     stopped = {name: float((tmp_path / name).read_text()) for name in ("broker", "main", "producer")}
     assert stopped["broker"] > stopped["main"] > stopped["producer"]
     assert "killing" not in runner.stderr.read()
