@@ -316,13 +316,14 @@ class MaintenanceMetrics:
         )
 
 
-def compaction_failures(failed: int) -> CollectorRegistry:
-    """One table's last compaction: how many of its partitions failed to merge. Pushed in a group of its own per
-    table ({op, table}), so a run over other tables leaves it as it was."""
+def maintenance_failures(failed: int) -> CollectorRegistry:
+    """What the last run of one maintenance op over one table could not do. Pushed in a group of its own per
+    op and table ({op, table}), so a run over other tables leaves it as it was."""
     registry = CollectorRegistry()
     Gauge(
-        "k2_maintenance_compaction_failed_partitions",
-        "Partitions the last compaction of this table could not merge (their rows as they were)",
+        "k2_maintenance_failures",
+        "What the last run of this op over this table could not do: partitions not compacted, or 1 for a table the op "
+        "could not maintain (0 after a clean run)",
         registry=registry,
     ).set(failed)
     return registry

@@ -5,8 +5,8 @@ own and, when it succeeds, pushes it (pushadd) to K2_PUSHGATEWAY_URL under job=<
 and the grouping key {asset=<asset name>} (an op that is no asset: {op=<op name>}): bounded labels,
 never a partition or a run id. The gateway keeps the last successful run's values per group, and its
 push_time_seconds says when that was. Unset: no-op. A gateway that is down costs a warning in the
-run's log, never the run. (compact_partitions pushes also when a partition failed, and each table's
-failed partitions under {op, table}.)
+run's log, never the run. (The maintenance ops push also when they failed, and each table's failures
+under {op, table}.)
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Table maintenance ops: expire old snapshots, remove orphan files, compact small files.
 
-One job runs the three in that order. Each op takes its own config (the Launchpad shows the defaults), and
-the UI's op selection runs one of them alone. The policy lives here, the mechanics in
-k2_assets.core.maintenance (which also keeps the live writer's exactly-once offsets intact).
+One job runs the three in that order, one after the other in the run's process; none depends on another, so
+one that fails holds up neither the others nor, within an op, the other tables. Each op takes its own config
+(the Launchpad shows the defaults), and the UI's op selection runs one of them alone. The policy lives here,
+the mechanics in k2_assets.core.maintenance (which also keeps the live writer's exactly-once offsets intact).
 """
 
 # No `from __future__ import annotations`: Dagster reads the config classes from the op signatures.
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -18,27 +20,52 @@ from pyiceberg.types import DateType
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import maintenance
-from k2_assets.core.metrics import MaintenanceMetrics, compaction_failures
+from k2_assets.core.metrics import MaintenanceMetrics, maintenance_failures
 from k2_assets.core.text import one_line
 from k2_assets.defs.resources import IcebergResource
 from k2_assets.defs.run_metrics import MAINTENANCE, publish
 
 ALL_TABLES = sorted(k2_catalog.TABLES)
+PRIORITY = "dagster/priority"  # higher first: expiry, orphan removal, compaction
 MIN_ORPHAN_GRACE_DAYS = 1.0  # a write (a backfill of many days) can take hours: never delete younger files
 
 
-def _tables(iceberg: IcebergResource, names: list[str], log) -> list[tuple[str, Table]]:
-    """The requested K2 tables that exist (unknown names are refused; tables not created yet are skipped)."""
+def _each_table(
+    context: dg.OpExecutionContext, iceberg: IcebergResource, names: list[str], work: Callable[[str, Table], list[str]]
+) -> list[str]:
+    """Run `work` on each requested table that exists, and return what failed, one line each. A table whose work
+    raises (its metadata unreadable, commits lost again and again) is logged and the others go on. Each table's
+    count of failures (partitions for compaction, else 1) is pushed in a group of its own ({op, table}), 0 too,
+    so a clean run clears the last one's and a run over other tables leaves it (the alert K2MaintenanceFailed)."""
     unknown = sorted(set(names) - set(k2_catalog.TABLES))
     if unknown:
         raise dg.Failure(description=f"unknown tables {unknown}; K2 tables are {ALL_TABLES}")
-    found = []
+    failed = []
     for name in names:
         try:
-            found.append((name, iceberg.catalog().load_table(k2_catalog.table_identifier(name))))
+            table = iceberg.catalog().load_table(k2_catalog.table_identifier(name))
         except NoSuchTableError:
-            log.info(f"market.{name} does not exist yet: nothing to maintain")
-    return found
+            context.log.info(f"market.{name} does not exist yet: nothing to maintain")
+            continue
+        except Exception as exc:  # noqa: BLE001 - the catalog refusing one table must not stop the others
+            failures = [f"market.{name}: {one_line(exc)}"]
+        else:
+            try:
+                failures = work(name, table)
+            except Exception as exc:  # noqa: BLE001 - as above
+                failures = [f"market.{name}: {one_line(exc)}"]
+        for line in failures:
+            context.log.error(f"{context.op_def.name}: {line}")
+        failed += failures
+        publish(context, MAINTENANCE, maintenance_failures(len(failures)), table=name)
+    return failed
+
+
+def _failed(failed: list[str], what: str, metadata: dict) -> dg.Output:
+    """The op's output, or, after every table had its turn, a failure naming each thing not done (the run is red)."""
+    if failed:
+        raise dg.Failure(description=f"{len(failed)} {what}: " + "; ".join(failed), metadata=metadata)
+    return dg.Output(None, metadata=metadata)
 
 
 def _publish(context: dg.OpExecutionContext, metrics: MaintenanceMetrics, started: float) -> None:
@@ -81,7 +108,7 @@ def _partition_filter(partition: dict) -> BooleanExpression:
     return parts[0] if len(parts) == 1 else And(*parts)
 
 
-@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
+@dg.op(out=dg.Out(dg.Nothing), tags={PRIORITY: "1"})
 def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, iceberg: IcebergResource) -> dg.Output:
     """Merge each partition's small files (a closed day whole, an open day by size tier), rows and Kafka offsets unchanged."""
     if config.days:
@@ -90,12 +117,13 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
         days = maintenance.days_to_compact(config.lookback_days)
     live = maintenance.open_days()
     counts = ("compacted", "already_compact", "deferred", "files_before", "files_after", "rows", "bytes_before", "bytes_after")
-    rows, totals, failed, failed_in = [], dict.fromkeys(counts, 0), [], {}
+    rows, totals = [], dict.fromkeys(counts, 0)
     metrics, started = MaintenanceMetrics(), time.monotonic()
-    for name, table in _tables(iceberg, config.tables, context.log):
+
+    def compact_table(name: str, table: Table) -> list[str]:
+        failed = []
         if table.current_snapshot() is None:
-            continue  # created, never written
-        failed_in[name] = 0  # pushed for each table compacted, 0 too, so a clean run clears the last one's failures
+            return failed  # created, never written
         selected = In(_date_column(table), {day.isoformat() for day in days})
         partitions = table.inspect.partitions(row_filter=selected).to_pylist()  # one pass over the manifests
         for stats in sorted(partitions, key=lambda p: tuple(str(v) for v in p["partition"].values())):
@@ -115,9 +143,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                 continue
             except Exception as exc:  # noqa: BLE001 - a merge that failed here (its child killed, out of memory) must not stop the others
                 # A compaction never changes rows, and commits whole or not at all: the partition's rows are as they were.
-                context.log.error(f"market.{name} {label}: compaction failed: {one_line(exc)}")
                 failed.append(f"market.{name} {label}: {one_line(exc)}")
-                failed_in[name] += 1
                 rows.append([name, label, files, "failed", "", "", stats["record_count"], ""])
                 continue
             if result.snapshot_id is None:  # an open day whose size tiers are not full yet
@@ -147,9 +173,10 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
                     result.snapshot_id,
                 ]
             )
+        return failed
+
+    failed = _each_table(context, iceberg, config.tables, compact_table)
     _publish(context, metrics, started)
-    for name, count in failed_in.items():
-        publish(context, MAINTENANCE, compaction_failures(count), table=name)
     metadata = {
         "days": [d.isoformat() for d in days],
         "partitions_compacted": totals["compacted"],
@@ -165,9 +192,7 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
             ["table", "partition", "files before", "files after", "MiB before", "MiB after", "rows", "snapshot"], rows
         ),
     }
-    if failed:  # after every other partition had its turn; the run fails, so the failure is seen in Dagster too
-        raise dg.Failure(description=f"{len(failed)} partition(s) not compacted: " + "; ".join(failed), metadata=metadata)
-    return dg.Output(None, metadata=metadata)
+    return _failed(failed, "partition(s) or table(s) not compacted", metadata)
 
 
 class ExpireConfig(dg.Config):
@@ -187,7 +212,7 @@ class ExpireConfig(dg.Config):
     )
 
 
-@dg.op(out=dg.Out(dg.Nothing))
+@dg.op(out=dg.Out(dg.Nothing), tags={PRIORITY: "3"})
 def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, iceberg: IcebergResource) -> dg.Output:
     """Expire snapshots older than the promised time-travel window, keeping the snapshots that hold the Kafka offsets."""
     retain = timedelta(days=config.retention_days)
@@ -202,7 +227,9 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
     rows, expired_total = [], 0
     now = datetime.now(UTC)
     metrics, started = MaintenanceMetrics(), time.monotonic()
-    for name, table in _tables(iceberg, config.tables, context.log):
+
+    def expire_table(name: str, table: Table) -> list[str]:
+        nonlocal expired_total
         before = len(table.metadata.snapshots)
         expired = maintenance.expire(
             table, retain, now, dense=timedelta(hours=config.dense_hours), thin_to=timedelta(minutes=config.thin_to_minutes)
@@ -214,17 +241,18 @@ def expire_snapshots(context: dg.OpExecutionContext, config: ExpireConfig, icebe
         expired_total += expired
         metrics.expired.labels(name).inc(expired)
         rows.append([name, before, expired, len(table.metadata.snapshots), oldest_text])
+        return []
+
+    failed = _each_table(context, iceberg, config.tables, expire_table)
     _publish(context, metrics, started)
-    return dg.Output(
-        None,
-        metadata={
-            "retention_days": config.retention_days,
-            "dense_hours": config.dense_hours,
-            "thin_to_minutes": config.thin_to_minutes,
-            "snapshots_expired": expired_total,
-            "tables": _markdown(["table", "snapshots before", "expired", "snapshots after", "oldest kept"], rows),
-        },
-    )
+    metadata = {
+        "retention_days": config.retention_days,
+        "dense_hours": config.dense_hours,
+        "thin_to_minutes": config.thin_to_minutes,
+        "snapshots_expired": expired_total,
+        "tables": _markdown(["table", "snapshots before", "expired", "snapshots after", "oldest kept"], rows),
+    }
+    return _failed(failed, "table(s) not expired", metadata)
 
 
 class OrphanConfig(dg.Config):
@@ -236,7 +264,7 @@ class OrphanConfig(dg.Config):
     dry_run: bool = Field(default=False, description="Report the orphan files without deleting them.")
 
 
-@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.Out(dg.Nothing))
+@dg.op(out=dg.Out(dg.Nothing), tags={PRIORITY: "2"})
 def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, iceberg: IcebergResource) -> dg.Output:
     """Delete files no snapshot references (failed writes, expired snapshots' files) once older than the grace period."""
     if config.grace_days < MIN_ORPHAN_GRACE_DAYS:
@@ -245,7 +273,9 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
         )
     rows, removed_total, bytes_total, sample = [], 0, 0, []
     metrics, started = MaintenanceMetrics(), time.monotonic()
-    for name, table in _tables(iceberg, config.tables, context.log):
+
+    def remove_from(name: str, table: Table) -> list[str]:
+        nonlocal removed_total, bytes_total, sample
         orphans = maintenance.find_orphan_files(table, timedelta(days=config.grace_days))
         removed = [o.path for o in orphans] if config.dry_run else maintenance.delete_files(table, orphans)
         gone = set(removed)
@@ -257,23 +287,31 @@ def remove_orphan_files(context: dg.OpExecutionContext, config: OrphanConfig, ic
         if not config.dry_run:
             metrics.orphans.labels(name).inc(len(removed))
         rows.append([name, len(removed), size])
+        return []
+
+    failed = _each_table(context, iceberg, config.tables, remove_from)
     _publish(context, metrics, started)
-    return dg.Output(
-        None,
-        metadata={
-            "dry_run": config.dry_run,
-            "grace_days": config.grace_days,
-            "orphan_files_removed": 0 if config.dry_run else removed_total,
-            "orphan_files_found": removed_total,
-            "bytes_removed": 0 if config.dry_run else bytes_total,
-            "tables": _markdown(["table", "orphan files", "bytes"], rows),
-            "sample": dg.MetadataValue.json(sample),
-        },
-    )
+    metadata = {
+        "dry_run": config.dry_run,
+        "grace_days": config.grace_days,
+        "orphan_files_removed": 0 if config.dry_run else removed_total,
+        "orphan_files_found": removed_total,
+        "bytes_removed": 0 if config.dry_run else bytes_total,
+        "tables": _markdown(["table", "orphan files", "bytes"], rows),
+        "sample": dg.MetadataValue.json(sample),
+    }
+    return _failed(failed, "table(s) not cleared of orphan files", metadata)
 
 
-@dg.job(description="Expire snapshots past the 7-day time-travel window, remove orphan files, compact small files.")
+@dg.job(
+    description="Expire snapshots past the 7-day time-travel window, remove orphan files, compact small files.",
+    # One after the other in the run's process, in the order of their priority: run side by side, expiry and
+    # compaction would commit to the same tables at once, and each op would pay its own process's start.
+    executor_def=dg.in_process_executor,
+)
 def table_maintenance_job():
-    # Compaction last: a partition whose merge fails (out of memory, every hour) fails the run, and must not stop
-    # expiry and orphan removal, which keep metadata and storage bounded.
-    compact_partitions(after=remove_orphan_files(after=expire_snapshots()))
+    # No op takes another's output: one that fails (a merge out of memory, every hour) holds up none of the others,
+    # and expiry and orphan removal keep metadata and storage bounded whatever compaction does.
+    expire_snapshots()
+    remove_orphan_files()
+    compact_partitions()
