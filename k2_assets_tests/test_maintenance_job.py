@@ -128,6 +128,20 @@ def test_maintenance_job_keeps_rows_offsets_and_time_travel(
     resumed.close()
 
 
+def test_a_closed_day_with_a_few_files_is_merged_into_one(btcusdt_dir, broker, topic, catalog, catalog_props):
+    """Fewer files than `min_files` keep an open day as it is, but a closed day is read for years: it gets one file."""
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=1200, batch_rows=400)
+    ids_before = sorted(trades.scan().to_arrow().column("message_id").to_pylist())
+    assert partition_files(trades, "2024-01-01") == 3
+    result = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01"]}}, ["compact_partitions"])
+    assert step_metadata(result, "compact_partitions")["partitions_compacted"] == 1
+    trades = catalog.load_table("market.trades")
+    assert partition_files(trades, "2024-01-01") == 1
+    assert sorted(trades.scan().to_arrow().column("message_id").to_pylist()) == ids_before
+    again = run(catalog_props, {"compact_partitions": {"days": ["2024-01-01"]}}, ["compact_partitions"])
+    assert step_metadata(again, "compact_partitions")["partitions_already_compact"] == 1
+
+
 def test_maintenance_refuses_a_broken_promise(catalog_props):
     compact = ["compact_partitions"]
     result = run(catalog_props, {"expire_snapshots": {"retention_days": 1}}, ["expire_snapshots"], raise_on_error=False)

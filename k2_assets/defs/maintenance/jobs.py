@@ -94,7 +94,11 @@ class CompactConfig(dg.Config):
     lookback_days: int = Field(
         default=3, description="With no `days`: compact the closed days this far back (a deferred day is retried)."
     )
-    min_files: int = Field(default=8, description="Compact only partitions with more than this many data files.")
+    min_files: int = Field(
+        default=8,
+        description="Compact an open day's partition only once it has more than this many data files; a closed day "
+        "is merged into one file whenever it has two or more small ones.",
+    )
 
 
 def _date_column(table: Table) -> str:
@@ -129,11 +133,11 @@ def compact_partitions(context: dg.OpExecutionContext, config: CompactConfig, ic
         for stats in sorted(partitions, key=lambda p: tuple(str(v) for v in p["partition"].values())):
             partition, files = stats["partition"], stats["file_count"]
             label = "/".join(f"{c}={v}" for c, v in partition.items())
-            if files <= config.min_files:
+            final = not live & set(partition.values())  # a closed day is merged whole, an open one by size tier
+            if files <= (1 if final else config.min_files):
                 totals["already_compact"] += 1
                 continue
             try:
-                final = not live & set(partition.values())  # a closed day is merged whole, an open one by size tier
                 result = maintenance.compact(table, _partition_filter(partition), final=final)
             except (CommitFailedException, ValidationException) as exc:
                 # Commits kept landing between reading and committing: nothing changed; a later run retries.
