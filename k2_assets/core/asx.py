@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from k2_assets.core import decode, schemas
+from k2_assets.core import decode, schemas, vendor_scan
 from k2_assets.core.decode import DECIMAL, Batch, Rows
 from k2_assets.core.source_files import SourceFile, describe, file_rejects
 from k2_assets.core.text import one_line
@@ -48,6 +48,11 @@ CURRENCY = "AUD"
 TRADE_FIELDS = ("date", "time", "price", "volume", "qualifiers", "venue", "buyer_id")
 QUOTE_FIELDS = ("date", "time", "bid", "ask", "bid_volume", "ask_volume")
 LAYOUTS = {"trades": (schemas.TRADE, TRADE_FIELDS), "quotes": (schemas.QUOTE, QUOTE_FIELDS)}  # kind -> contract, fields
+# What the compiled scanner reads each field as, for files in the strict vendor shape (vendor_scan.c).
+SCANNED = {
+    "trades": ("date", "clock", "positive_decimal", "positive_decimal", "text", "text", "text"),
+    "quotes": ("date", "clock", "decimal", "decimal", "decimal", "decimal"),
+}
 MAX_PATCHES = 256  # beyond this many trades with a BuyerID, vendor_data is built per distinct value instead
 EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 FIRST_SESSION = date(2014, 1, 1)  # the first session partition (asx_sessions: every weekday from here)
@@ -193,7 +198,7 @@ def _session_part(
         columns = {name: decode.pick(col, accepted) for name, col in decoded.columns.items()}
         ymd = session_date.strftime("%Y%m%d")
         columns.update(
-            message_id=pc.binary_join_element_wise(f"{EXCHANGE}:{company.symbol}:{ymd}", pc.cast(sequence, pa.string()), ":"),
+            message_id=vendor_scan.prefixed_numbers(f"{EXCHANGE}:{company.symbol}:{ymd}:", sequence),
             source_sequence=sequence,
             ingest_timestamp=pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
             source_row=decode.pick(decoded.rows.line_numbers, accepted),
@@ -230,7 +235,7 @@ def _open(path: Path, rel: str, kind: str, company: Company | None) -> tuple[Sou
     if ledger.error is not None:
         return ledger, None
     try:
-        return ledger, _decode_file(path.resolve(), ledger.sha256, kind, company)
+        return ledger, _decode_file(path, ledger.sha256, kind, company)
     except Exception as exc:  # noqa: BLE001 - one file that cannot be decoded must not stop the others
         ledger.error = one_line(exc)
         return ledger, None
@@ -260,8 +265,15 @@ class _Decoded:
 
 @lru_cache(maxsize=64)
 def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) -> _Decoded:
-    """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session)."""
-    rows = Rows.parse(path.read_bytes(), len(LAYOUTS[kind][1]))
+    """Parse and validate one whole vendor file (cached by content: a backfill meets the same multi-day file per session).
+    A file in the strict vendor shape is decoded by the compiled scanner, any other by Arrow, line by line where it must,
+    which gives each rejected line its reason; both give the same result for any file (test_vendor_scan.py)."""
+    data = path.read_bytes()
+    scanned = _scanned(data, kind) if company is not None else None
+    if scanned is not None:
+        rows, session, clock, values = scanned
+        return _Decoded(rows, session, _columns(kind, company, rows, session, clock, values))
+    rows = Rows.parse(data, len(LAYOUTS[kind][1]))
     dates = decode.parse_us_date(rows.first_field)
     rows.reject(pc.is_null(dates), "date '", rows.first_field, "' is not a MM/DD/YYYY date")
     session = _owner_sessions(rows, dates)
@@ -270,16 +282,49 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
         return _Decoded(rows, session, {})
     clock = decode.parse_clock_micros(rows.fields[1])
     rows.reject(pc.is_null(clock), "time '", rows.fields[1], "' is not a HH:MM:SS.mmm time")
-    n = len(rows)
+    if kind == "trades":
+        _, _, price, volume, qualifiers, venue, buyer = rows.fields
+        values = [rows.decimal(price, "price"), rows.decimal(volume, "volume"), qualifiers, venue, buyer]
+    else:
+        _, _, bid, ask, bid_volume, ask_volume = rows.fields
+        decimals = {
+            name: rows.decimal(text, name, positive=False)
+            for name, text in (("bid", bid), ("bid volume", bid_volume), ("ask", ask), ("ask volume", ask_volume))
+        }
+        values = [decimals["bid"], decimals["ask"], decimals["bid volume"], decimals["ask volume"]]
+    return _Decoded(rows, session, _columns(kind, company, rows, session, clock, values))
+
+
+def _scanned(data: bytes, kind: str) -> tuple[Rows, pa.Array, pa.Array, list[pa.Array]] | None:
+    """The compiled scanner's decode (rows, sessions, clock, the other fields in file order), for a file every line
+    of which it takes and no rule here rejects; None sends the file down the Arrow path, which gives the reasons."""
+    fields = vendor_scan.scan(data, SCANNED[kind])
+    if fields is None:
+        return None
+    dates, clock, *values = fields
+    if not _all_on_sessions(dates):
+        return None
+    if kind == "quotes":
+        units = [np.frombuffer(v.buffers()[1], dtype=np.int64)[::2] == 0 for v in values]  # decimal128's low words
+        bid, ask, bid_volume, ask_volume = units
+        if (bid != bid_volume).any() or (ask != ask_volume).any():  # a side half empty: rejected, with its reason
+            return None
+    return Rows.clean(len(dates)), dates, clock, values
+
+
+def _columns(
+    kind: str, company: Company, rows: Rows, session: pa.Array, clock: pa.Array, values: list[pa.Array]
+) -> dict[str, pa.Array]:
+    """The contract's columns from one file's decoded fields (after the date and time, in file order)."""
     local = decode.local_to_utc(pc.fill_null(session, 0), pc.fill_null(clock, 0), TIMEZONE)
     columns = {"exchange_timestamp": local.cast(pa.timestamp("us", tz="UTC")), "trade_date": session}
     if kind == "trades":
-        _, _, price, volume, qualifiers, venue, buyer = rows.fields
-        conditions = decode.by_unique(qualifiers, _conditions)
+        price, volume, qualifiers, venue, buyer = values
+        conditions = trade_conditions(qualifiers)
         trade_class, price_forming = classify(clock, conditions, venue)
         columns.update(
-            price=rows.decimal(price, "price"),
-            quantity=rows.decimal(volume, "volume"),
+            price=price,
+            quantity=volume,
             trade_conditions=conditions,
             venue=pc.if_else(pc.equal(venue, ""), pa.scalar(None, pa.string()), venue),
             vendor_data=_vendor_data(company, buyer),
@@ -287,19 +332,23 @@ def _decode_file(path: Path, sha256: str, kind: str, company: Company | None) ->
             price_forming=price_forming,
         )
     else:
-        _, _, bid, ask, bid_volume, ask_volume = rows.fields
         zero, null = pa.scalar(0, DECIMAL), pa.scalar(None, DECIMAL)
-        sides = {
-            "bid": (rows.decimal(bid, "bid", positive=False), rows.decimal(bid_volume, "bid volume", positive=False)),
-            "ask": (rows.decimal(ask, "ask", positive=False), rows.decimal(ask_volume, "ask volume", positive=False)),
-        }
-        for name, (price, size) in sides.items():
+        bid, ask, bid_volume, ask_volume = values
+        for name, (price, size) in {"bid": (bid, bid_volume), "ask": (ask, ask_volume)}.items():
             empty = pc.equal(price, zero)
             rows.reject(pc.xor(empty, pc.equal(size, zero)), f"{name} side has a zero price or a zero size but not both")
             columns[f"{name}_price"] = pc.if_else(empty, null, price)
             columns[f"{name}_quantity"] = pc.if_else(empty, null, size)
-        columns["vendor_data"] = decode.constant_map({"company_id": company.company_id, "isin": company.isin}, n)
-    return _Decoded(rows, session, columns)
+        columns["vendor_data"] = decode.constant_map({"company_id": company.company_id, "isin": company.isin}, len(session))
+    return columns
+
+
+def _all_on_sessions(dates: pa.Array) -> bool:
+    """Whether every line is dated on a session (a weekday from FIRST_SESSION): the usual file."""
+    if dates.null_count or not len(dates):
+        return False
+    days = np.frombuffer(dates.buffers()[1], dtype=np.int32, count=len(dates), offset=4 * dates.offset)
+    return bool(((days + 3) % 7 < 5).all() and days.min() >= (FIRST_SESSION - date(1970, 1, 1)).days)  # 1970-01-01: a Thursday
 
 
 def _owner_sessions(rows: Rows, dates: pa.Array) -> pa.Array:
@@ -309,10 +358,8 @@ def _owner_sessions(rows: Rows, dates: pa.Array) -> pa.Array:
     before the first session) is rejected, and belongs to the session of the line before it in the file
     (else the one after it): vendor files run in date order. A file with no session line at all gives
     each line the next session on or after its date, and an unreadable date the first session."""
-    if dates.null_count == 0 and len(dates):  # the usual file: every line on a session, nothing to do
-        days = dates.to_numpy(zero_copy_only=False).astype("datetime64[D]").view(np.int64)
-        if ((days + 3) % 7 < 5).all() and days.min() >= (FIRST_SESSION - date(1970, 1, 1)).days:  # 1970-01-01: a Thursday
-            return dates
+    if _all_on_sessions(dates):  # the usual file: nothing to do
+        return dates
     raw_date = rows.first_field
     weekday = pc.day_of_week(dates)  # Monday = 0
     early = pc.less(dates, pa.scalar(FIRST_SESSION, pa.date32()))
@@ -356,6 +403,21 @@ def _trade_vendor_data(company: Company, buyer: pa.StringArray) -> pa.MapArray:
         ],
         n,
     )
+
+
+def trade_conditions(qualifiers: pa.StringArray) -> pa.ListArray:
+    """Each trade's qualifier codes. In the vendor's files a trade has one code or none: where no qualifier holds
+    whitespace or a non-ASCII byte, each non-empty one is its own single code, with no splitting or hashing."""
+    n = len(qualifiers)
+    _, offsets_buffer, data_buffer = qualifiers.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32, count=n + 1, offset=4 * qualifiers.offset)
+    body = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0] : offsets[-1]] if data_buffer else np.empty(0, np.uint8)
+    if qualifiers.null_count or ((body <= 0x20) | (body >= 0x7F)).any():
+        return decode.by_unique(qualifiers, _conditions)
+    filled = offsets[1:] != offsets[:-1]
+    list_offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(filled, out=list_offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(list_offsets), qualifiers.filter(pa.array(filled)), type=decode.STRING_LIST)
 
 
 def _conditions(qualifiers: pa.StringArray) -> pa.Array:

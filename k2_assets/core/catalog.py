@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pyiceberg.catalog import Catalog
-from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.catalog.sql import SqlCatalog, SqlCatalogBaseTable
 from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.table import Table
@@ -66,12 +66,15 @@ def open_catalog(uri: str, warehouse: str) -> Catalog:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if warehouse.startswith("file://"):
         Path(urlparse(warehouse).path).mkdir(parents=True, exist_ok=True)
-    try:
-        return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
-    except (IntegrityError, OperationalError, ProgrammingError):
-        # Another process or thread created the catalog's own tables between pyiceberg's check and its CREATE
-        # (PostgreSQL: a unique violation on pg_type; SQLite: table already exists); they exist now.
-        return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+    # Another process or thread may create one of the catalog's own tables between pyiceberg's check and its
+    # CREATE (PostgreSQL: a unique violation on pg_type; SQLite: table already exists). Each such failure means
+    # one more table exists, so one attempt per table and a last one always see them all.
+    for _ in SqlCatalogBaseTable.metadata.tables:
+        try:
+            return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+        except (IntegrityError, OperationalError, ProgrammingError):
+            pass
+    return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
 
 
 def object_store_properties() -> dict[str, str]:

@@ -197,6 +197,16 @@ class Rows:
         self._lines = value
 
     @classmethod
+    def clean(cls, n: int) -> Rows:
+        """`n` lines that all decoded (by the compiled scanner): no reasons, and no text, which only a rejected line needs."""
+        rows = object.__new__(cls)
+        rows._lines = rows.raw = rows.first_field = None
+        rows.fields = []
+        rows.line_numbers = pa.array(np.arange(1, n + 1, dtype=np.int64))
+        rows.reasons = pa.nulls(n, pa.string())
+        return rows
+
+    @classmethod
     def from_reasons(cls, reasons: pa.Array) -> Rows:
         """Rows already parsed elsewhere (e.g. JSON messages): only their reasons are tracked here."""
         rows = object.__new__(cls)

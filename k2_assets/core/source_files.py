@@ -42,7 +42,7 @@ def describe(path: Path, rel: str) -> SourceFile:
     """Size, modification time and sha256 of a file, or the reason it cannot be read."""
     try:
         stat = path.stat()
-        digest = _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        digest = _sha256(path.absolute(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     except OSError as exc:
         return SourceFile(rel, error=one_line(exc))
     return SourceFile(rel, stat.st_size, digest, datetime.fromtimestamp(stat.st_mtime, tz=UTC))
