@@ -339,7 +339,8 @@ class _StageClock:
 
     def __init__(self, writer: live_writer.LiveWriter):
         self.writer = writer
-        self.thread = threading.get_ident()  # only the writer's own thread is timed
+        # Only the writer's own thread is timed: the one that calls _write (a sensor's drain runs it in a thread of its own).
+        self.thread: int | None = None
         stages = ("consume", "write", "decode", "rejects", "dedup", "iceberg append", "remember ids")
         self.seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
         self.calls: dict[str, int] = dict.fromkeys(self.seconds, 0)
@@ -370,6 +371,8 @@ class _StageClock:
 
     def _wrap(self, fn, stage: str):
         def timed_call(*args, **kwargs):
+            if stage == "write" and self.thread is None:
+                self.thread = threading.get_ident()
             if threading.get_ident() != self.thread:  # e.g. recent_trades decoding in another thread
                 return fn(*args, **kwargs)
             start = time.perf_counter()
