@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from k2_assets.core.decode import DECIMAL
+
 try:
     from k2_assets.core._vendor_scan import ffi, lib
 except ImportError:  # built at install (setup.py); without it every file takes the Arrow path
     ffi = lib = None
 
-DECIMAL = pa.decimal128(18, 8)
 # Field kinds, as vendor_scan.c numbers them: the Arrow array each one becomes.
 KINDS = {"date": 0, "clock": 1, "decimal": 2, "positive_decimal": 3, "text": 4}
 
@@ -38,12 +39,11 @@ def scan(data: bytes, fields: Sequence[str]) -> list[pa.Array] | None:
         else:
             outputs.append(np.empty(lines * (2 if "decimal" in kind else 1), dtype=np.int32 if kind == "date" else np.int64))
             texts.append(None)
-    keep = [ffi.from_buffer(a) for a in outputs] + [ffi.from_buffer(t) for t in texts if t is not None]
+    # Plain pointers into the arrays of `outputs` and `texts`, which own the memory and outlive the call.
     values = ffi.new("void *[]", [ffi.cast("void *", ffi.from_buffer(a)) for a in outputs])
     text = ffi.new("uint8_t *[]", [ffi.from_buffer("uint8_t[]", t) if t is not None else ffi.NULL for t in texts])
     types = ffi.new("int[]", [KINDS[kind] for kind in fields])
     found = lib.k2_scan(ffi.from_buffer(data), len(data), len(fields), types, values, text)
-    del keep
     if found < 0:
         return None
     if found != lines:
