@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py k2_assets/core/vendor_scan.c
+$(VENV)/.installed: pyproject.toml setup.py k2_assets/core/vendor_scan.c k2_assets/core/kafka_batch.c k2_assets/core/kafka_batch_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@

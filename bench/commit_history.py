@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench._common import environment, footer, progress, row, save
+from k2_assets.core.kafka_batch import Messages
 
 NAME = "commit_history"
 # Just before an hourly run: the hour's 3,600 commits, the 10 minutes before it kept whole, 168 hourly ones.
@@ -91,7 +92,7 @@ def micro_batch() -> pa.Table:
     from k2_assets.core import live_decode
 
     values = [value for _, value in v2_messages(real_trades(), SYMBOLS, BATCH, time.time_ns() // 1000)]
-    rows, rejected = live_decode.decode_batch(values, "bench.trades", [0] * BATCH, list(range(BATCH)), source="bench")
+    rows, rejected = live_decode.decode_batch(Messages.of(values, [0] * BATCH, range(BATCH)), "bench.trades", source="bench")
     assert rows.num_rows == BATCH and rejected.num_rows == 0
     return rows
 

@@ -16,7 +16,10 @@ One run, one embedded broker (Tansu, in memory), one fresh topic of 3 partitions
   raw    The same messages through a plain confluent-kafka Consumer (K2's consumer config, explicit
          assign, consume(num_messages=50,000)), the values joined and parsed by pyarrow's JSON reader
          (schema inferred) into an Arrow table, `pyarrow.parquet.write_table` (zstd) per batch of
-         250,000 into a temp dir.
+         250,000 into a temp dir. The issue's raw limit.
+  raw on the batch consumer
+         The same, consumed with K2's batch consumer (kafka_batch.py), the one the writer reads with:
+         the tighter limit, since K2's consuming no longer pays confluent-kafka's per-message objects.
 Both are repeated REPEAT times, interleaved. Verdicts use the median.
 
 This module also holds the helpers the other live_* benchmarks share (data file, cycled trades,
@@ -48,6 +51,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, row, save
 from k2_assets.core import catalog, live_codec, live_decode, live_writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, producer_config
+from k2_assets.core.kafka_batch import BatchConsumer, Messages, lines
 from k2_assets.dev.broker import EmbeddedBroker
 from k2_assets.dev.feed_server import replay_file
 
@@ -284,10 +288,12 @@ def load_average() -> float:
 
 
 def raw_consume_decode_write(
-    bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int, partitions: int = PARTITIONS
+    bootstrap: str, topic: str, n: int, out_dir: Path, broker_pid: int, partitions: int = PARTITIONS, batch: bool = False
 ) -> tuple[float, dict]:
-    """Plain consumer + pyarrow JSON decode + Parquet write per 250k batch; (seconds for n, details)."""
-    consumer = Consumer(consumer_config(bootstrap, f"bench-raw-{uuid.uuid4().hex[:8]}"))
+    """Consumer + pyarrow JSON decode + Parquet write per 250k batch; (seconds for n, details). The consumer is
+    confluent-kafka's, or with `batch` K2's batch consumer (kafka_batch.py), which the writer reads with."""
+    config = consumer_config(bootstrap, f"bench-raw-{uuid.uuid4().hex[:8]}")
+    consumer = BatchConsumer(config, topic) if batch else Consumer(config)
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     steps = {"consume": 0.0, "decode": 0.0, "parquet": 0.0}
     total, batches, out_bytes = 0, 0, 0
@@ -297,21 +303,28 @@ def raw_consume_decode_write(
             deadline = time.monotonic() + DRAIN_LIMIT_S
             while total < n:
                 t0 = time.perf_counter()
-                batch: list = []
-                while len(batch) < MAX_BATCH_ROWS and total + len(batch) < n:
+                read, count = [], 0
+                while count < MAX_BATCH_ROWS and total + count < n:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"raw consumer got {total + len(batch)} of {n} messages in {DRAIN_LIMIT_S:.0f} s")
-                    for m in consumer.consume(num_messages=min(CONSUME_CHUNK, MAX_BATCH_ROWS - len(batch)), timeout=0.1):
+                        raise TimeoutError(f"raw consumer got {total + count} of {n} messages in {DRAIN_LIMIT_S:.0f} s")
+                    polled = consumer.consume(num_messages=min(CONSUME_CHUNK, MAX_BATCH_ROWS - count), timeout=0.1)
+                    if batch:
+                        if any(e.code() != KafkaError._PARTITION_EOF for e in polled.errors):
+                            raise RuntimeError(f"raw consumer: {polled.errors}")
+                        read.append(polled)
+                        count += len(polled)
+                        continue
+                    for m in polled:
                         if m.error() is None:
-                            batch.append(m)
+                            read.append(m)
                         elif m.error().code() != KafkaError._PARTITION_EOF:
                             raise RuntimeError(f"raw consumer: {m.error()}")
+                    count = len(read)
                 t1 = time.perf_counter()
-                values = [m.value() for m in batch]
-                data = pa.BufferReader(b"\n".join(values))
-                table = pjson.read_json(data, read_options=pjson.ReadOptions(block_size=RAW_JSON_BLOCK))
-                if table.num_rows != len(values):
-                    raise AssertionError(f"raw decode: {len(values)} values parsed as {table.num_rows} rows")
+                data = lines(Messages.concat(read).values) if batch else b"\n".join([m.value() for m in read])
+                table = pjson.read_json(pa.BufferReader(data), read_options=pjson.ReadOptions(block_size=RAW_JSON_BLOCK))
+                if table.num_rows != count:
+                    raise AssertionError(f"raw decode: {count} values parsed as {table.num_rows} rows")
                 t2 = time.perf_counter()
                 path = out_dir / f"batch-{batches:04d}.parquet"
                 pq.write_table(table, path, compression="zstd")
@@ -320,15 +333,12 @@ def raw_consume_decode_write(
                 steps["consume"] += t1 - t0
                 steps["decode"] += t2 - t1
                 steps["parquet"] += t3 - t2
-                total += len(batch)
+                total += count
                 batches += 1
             seconds = time.perf_counter() - start
     finally:
         consumer.close()
     return seconds, {"messages": total, "batches": batches, "parquet_bytes": out_bytes, "steps_s": steps, "cpu": meter.as_dict()}
-
-
-# ================================================================ K2: LiveWriter.drain
 
 
 K2_STEPS = ("consume", "decode", "rejects", "dedup", "sort+other", "iceberg append", "remember ids", "kafka commit+report")
@@ -531,7 +541,7 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
 
 def render(results: dict) -> str:
     s, v = results["stages"], results["verdicts"]
-    k2, raw = s["k2_live_writer"], s["raw_consume_decode_parquet"]
+    k2, raw, raw_batch = s["k2_live_writer"], s["raw_consume_decode_parquet"], s["raw_batch_consume_decode_parquet"]
     ratio = results["k2_over_raw_median"]
     rows = [
         (
@@ -541,6 +551,7 @@ def render(results: dict) -> str:
             f"{v['trades_per_s']} / {v['vs_raw']}",
         ),
         ("  raw: consume + pyarrow JSON + parquet", raw, "", ""),
+        ("  raw on K2's batch consumer", raw_batch, f">= {TARGET_RAW_FRACTION:g}x of this too", v["vs_raw_batch"]),
     ]
     header = (
         f"{'stage':<40} {'n':>2} {'best s':>8} {'median s':>9} {'msgs/s best':>13} {'msgs/s median':>14}  {'target':<32} verdict"
@@ -561,11 +572,14 @@ def render(results: dict) -> str:
     kc, rc = results["k2_cpu_median"], results["raw_cpu_median"]
     lines += [
         "-" * len(header),
-        f"K2 / raw (medians): {ratio:.2f}x; pre-produce {results['produce']['messages']:,} msgs "
+        f"K2 / raw (medians): {ratio:.2f}x; K2 / raw on the batch consumer: {results['k2_over_raw_batch_median']:.2f}x; "
+        f"pre-produce {results['produce']['messages']:,} msgs "
         f"in {results['produce']['seconds']:.1f} s "
         f"({results['produce']['messages'] / results['produce']['seconds']:,.0f} msgs/s, K2 producer config)",
         "K2 by stage (median s per run): " + ", ".join(f"{k} {x:.2f}" for k, x in steps.items()),
         "raw by stage (median s per run): " + ", ".join(f"{k} {x:.2f}" for k, x in raw_steps.items()),
+        "raw on the batch consumer by stage: "
+        + ", ".join(f"{k} {x:.2f}" for k, x in results["raw_batch_steps_median_s"].items()),
         f"CPU (median run): K2 process {kc['process_cores']:.2f} cores + broker {kc['broker_cores']:.2f}; "
         f"raw process {rc['process_cores']:.2f} + broker {rc['broker_cores']:.2f}; "
         f"machine steal {kc['machine_steal_fraction']:.1%} (K2) / {rc['machine_steal_fraction']:.1%} (raw)",
@@ -584,8 +598,8 @@ def run() -> str:
         f"live throughput: {len(trades):,} real trades from {binance_trades_file().name}, N={N_MESSAGES:,} "
         f"(load average {load_before:.2f} on {os.cpu_count()} CPUs)"
     )
-    k2, raw = Timing(rows=N_MESSAGES), Timing(rows=N_MESSAGES)
-    k2_details, raw_details = [], []
+    k2, raw, raw_batch = Timing(rows=N_MESSAGES), Timing(rows=N_MESSAGES), Timing(rows=N_MESSAGES)
+    k2_details, raw_details, raw_batch_details = [], [], []
     with tempfile.TemporaryDirectory(prefix="k2-bench-live-throughput-") as tmp:
         home = Path(tmp)
         with broker(home) as b:
@@ -608,6 +622,15 @@ def run() -> str:
                 )
                 for f in out.iterdir():
                     f.unlink()
+                seconds, details = raw_consume_decode_write(b.bootstrap, topic, N_MESSAGES, out, b.process.pid, batch=True)
+                raw_batch.seconds.append(seconds)
+                raw_batch_details.append(details)
+                progress(
+                    f"raw, batch consumer {i + 1}/{REPEAT}: {seconds:.2f} s ({N_MESSAGES / seconds:,.0f} msgs/s) "
+                    + ", ".join(f"{k} {x:.2f}" for k, x in details["steps_s"].items())
+                )
+                for f in out.iterdir():
+                    f.unlink()
                 warehouse = home / f"k2-{i}"
                 seconds, details = k2_drain(b.bootstrap, topic, N_MESSAGES, warehouse, b.process.pid)
                 k2.seconds.append(seconds)
@@ -621,7 +644,7 @@ def run() -> str:
             if os.environ.get("K2_BENCH_PROFILE"):
                 profile = k2_profile_one_batch(b.bootstrap, topic, home / "k2-profile")
     median_of = lambda details, key: {k: statistics.median(d[key][k] for d in details) for k in details[0][key]}  # noqa: E731
-    k2_rate, raw_rate = k2.rate(k2.median), raw.rate(raw.median)
+    k2_rate, raw_rate, batch_rate = k2.rate(k2.median), raw.rate(raw.median), raw_batch.rate(raw_batch.median)
     k2_median_run = sorted(k2_details, key=lambda d: d["cpu"]["wall_s"])[len(k2_details) // 2]
     raw_median_run = sorted(raw_details, key=lambda d: d["cpu"]["wall_s"])[len(raw_details) // 2]
     results = {
@@ -634,14 +657,21 @@ def run() -> str:
         "environment": environment(),
         "targets": {"trades_per_s": TARGET_TRADES_PER_S, "fraction_of_raw": TARGET_RAW_FRACTION, "judged_on": "median"},
         "produce": produced,
-        "stages": {"k2_live_writer": k2.as_dict(), "raw_consume_decode_parquet": raw.as_dict()},
+        "stages": {
+            "k2_live_writer": k2.as_dict(),
+            "raw_consume_decode_parquet": raw.as_dict(),
+            "raw_batch_consume_decode_parquet": raw_batch.as_dict(),
+        },
         "k2_over_raw_median": k2_rate / raw_rate,
+        "k2_over_raw_batch_median": k2_rate / batch_rate,
         "verdicts": {
             "trades_per_s": verdict(k2_rate >= TARGET_TRADES_PER_S),
             "vs_raw": verdict(k2_rate >= TARGET_RAW_FRACTION * raw_rate),
+            "vs_raw_batch": verdict(k2_rate >= TARGET_RAW_FRACTION * batch_rate),
         },
         "k2_steps_median_s": median_of(k2_details, "steps_s"),
         "raw_steps_median_s": median_of(raw_details, "steps_s"),
+        "raw_batch_steps_median_s": median_of(raw_batch_details, "steps_s"),
         "k2_cpu_median": k2_median_run["cpu"],
         "raw_cpu_median": raw_median_run["cpu"],
         "check": {k: k2_details[-1][k] for k in ("table_rows", "distinct_message_ids", "rejected_rows")},
@@ -654,9 +684,18 @@ def run() -> str:
                 k2_rate / raw_rate,
                 f">= {TARGET_RAW_FRACTION:g}x and >= {TARGET_TRADES_PER_S:,}/s",
                 k2_rate >= TARGET_RAW_FRACTION * raw_rate and k2_rate >= TARGET_TRADES_PER_S,
-            )
+            ),
+            row(
+                "  the same, against the raw path on K2's batch consumer",
+                f"{k2_rate:,.0f} trades/s",
+                f"batch consume + Arrow JSON + Parquet: {batch_rate:,.0f}/s",
+                k2_rate / batch_rate,
+                f">= {TARGET_RAW_FRACTION:g}x",
+                k2_rate >= TARGET_RAW_FRACTION * batch_rate,
+            ),
         ],
         "k2_runs": k2_details,
         "raw_runs": raw_details,
+        "raw_batch_runs": raw_batch_details,
     }
     return render(save(NAME, results, load_before))

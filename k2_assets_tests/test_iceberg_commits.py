@@ -19,6 +19,7 @@ from pyiceberg.types import StringType
 
 from k2_assets.core import catalog as k2_catalog
 from k2_assets.core import iceberg_metadata_cache, live_codec, live_decode, maintenance
+from k2_assets.core.kafka_batch import Messages
 from k2_assets.core.offsets import FencedTable
 from k2_assets_tests.conftest import REPO, btc_trade_events
 
@@ -30,7 +31,7 @@ DAYS = [date(2024, 1, 1) + timedelta(days=i) for i in range(3)]
 def trades(btcusdt_dir) -> pa.Table:
     """200 real trades as the live writer decodes them."""
     values = [live_codec.encode(live_codec.trade_from_event(e, INGEST_US)) for e in btc_trade_events(btcusdt_dir)[:200]]
-    rows, rejected = live_decode.decode_batch(values, "t", [0] * len(values), list(range(len(values))), source="test")
+    rows, rejected = live_decode.decode_batch(Messages.of(values, [0] * len(values), range(len(values))), "t", source="test")
     assert rejected.num_rows == 0
     return rows
 

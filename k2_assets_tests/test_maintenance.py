@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_assets.core import maintenance, writer
+from k2_assets.core.kafka_batch import Messages
 from k2_assets.core.offsets import latest_property, recorded_offsets, tracker_key
 from k2_assets_tests.conftest import btc_trade_events, offsets_key
 from k2_assets_tests.test_live_writer import drain_all, produce, trade_messages, writer_for
@@ -210,7 +211,7 @@ def test_remove_orphan_files_deletes_only_old_unreferenced_files(catalog, btcusd
 
     events = btc_trade_events(btcusdt_dir)[:600]
     values = [live_codec.encode(live_codec.trade_from_event(e, INGEST_US)) for e in events]
-    rows, _ = live_decode.decode_batch(values, "t", [0] * 600, list(range(600)), source="test")
+    rows, _ = live_decode.decode_batch(Messages.of(values, [0] * 600, range(600)), "t", source="test")
     trades = k2_catalog.ensure_table(catalog, "trades")
     for start in range(0, 600, 200):
         trades.append(rows.slice(start, 200))

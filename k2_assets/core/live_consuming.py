@@ -13,41 +13,28 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import KafkaError
 
+from k2_assets.core.kafka_batch import Message, Messages
+
 
 @dataclass
 class Batch:
-    """A consumed micro-batch: the trade topic's messages as columns, the dead letters as messages, and
-    the assignment generation of each partition it holds (a batch read under an older one is dropped)."""
+    """A consumed micro-batch: the trade topic's messages as columns, the dead letters as objects, and the
+    assignment generation of each partition it holds (a batch read under an older one is dropped)."""
 
-    values: list[bytes]
-    partitions: np.ndarray  # int64, one per value
-    offsets: np.ndarray
-    dead: list
+    messages: Messages
     generations: dict[tuple[str, int], int]
 
-    @classmethod
-    def of(cls, messages: list, dead_letter_topic: str, generations: dict[tuple[str, int], int]) -> Batch:
-        # One pass, each accessor called once per message: at 100k messages a second this loop is the consuming
-        # thread's time, and the thread shares the GIL with the decoding.
-        values, partitions, offsets, dead = [], [], [], []
-        value, partition, offset = values.append, partitions.append, offsets.append
-        for m in messages:
-            if m.topic() == dead_letter_topic:
-                dead.append(m)
-                continue
-            value(m.value() or b"")
-            partition(m.partition())
-            offset(m.offset())
-        return cls(values, np.array(partitions, np.int64), np.array(offsets, np.int64), dead, generations)
+    @property
+    def partitions(self) -> np.ndarray:
+        return self.messages.partitions
 
-    def only(self, keep: np.ndarray) -> Batch:
-        return Batch(
-            [v for v, k in zip(self.values, keep.tolist()) if k],
-            self.partitions[keep],
-            self.offsets[keep],
-            self.dead,
-            self.generations,
-        )
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.messages.offsets
+
+    @property
+    def dead(self) -> list[Message]:
+        return self.messages.others
 
 
 class Consuming:
@@ -81,7 +68,7 @@ class Consuming:
         try:
             while not stop.is_set() and not self._stop.is_set():
                 messages, generations = self._collect(deadline, idle_seconds, stop)
-                batch = Batch.of(messages, self.dead_letter_topic, generations) if messages else None
+                batch = Batch(messages, generations) if len(messages) else None
                 _hand_over(out, batch, stop)
                 if batch is None:
                     return
@@ -89,48 +76,37 @@ class Consuming:
         except BaseException as exc:  # noqa: BLE001 - raised again in drain's thread
             _hand_over(out, exc, stop)
 
-    def _good(self, messages: list) -> list:
-        good = []
-        for m in messages:
-            error = m.error()
-            if error is None:
-                good.append(m)
-            elif error.code() != KafkaError._PARTITION_EOF:
+    def _good(self, messages: Messages) -> Messages:
+        """The messages; a Kafka error (not an end of partition) raises."""
+        for error in messages.errors:
+            if error.code() != KafkaError._PARTITION_EOF:
                 raise RuntimeError(f"Kafka error while consuming {self.topic}: {error}")
-        return good
+        return messages
 
-    def _keep_owned(self, messages: list, owned: dict, into: list) -> int:
-        """Append to `into` the messages of owned partitions, in one pass; how many messages (not events) were read.
-        A Kafka error (not an end of partition) raises."""
-        keep, events = into.append, 0
-        for m in messages:
-            if m.error() is not None:
-                self._good([m])
-                events += 1
-            elif (m.topic(), m.partition()) in owned:
-                keep(m)
-        return len(messages) - events
-
-    def _collect(self, deadline: float, idle_seconds: float, stop: threading.Event) -> tuple[list, dict]:
+    def _collect(self, deadline: float, idle_seconds: float, stop: threading.Event) -> tuple[Messages, dict]:
         with self._lock:
-            batch, self._pending = self._pending, []
+            parts, self._pending = self._pending, []
             owned = dict(self._owned)
+        count = sum(len(p) for p in parts)
         started = time.monotonic()
         idle_since = time.monotonic()
-        while len(batch) < self.max_batch_rows and not stop.is_set() and not self._stop.is_set():
+        while count < self.max_batch_rows and not stop.is_set() and not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline or now - started >= self.max_batch_seconds or now - idle_since >= idle_seconds:
                 break
             self._commit_group_offsets()
-            messages = self.consumer.consume(min(50_000, self.max_batch_rows - len(batch)), timeout=0.1)
+            polled = self._good(self.consumer.consume(min(50_000, self.max_batch_rows - count), timeout=0.1))
             with self._lock:
                 if self._owned != owned:  # a rebalance ran inside consume(): what was read under the old owners goes
-                    changed = {k for k in owned.keys() | self._owned.keys() if owned.get(k) != self._owned.get(k)}
-                    batch = [m for m in batch if (m.topic(), m.partition()) not in changed]
+                    unchanged = {k for k, g in owned.items() if self._owned.get(k) == g}
+                    parts = [p.of_partitions(self.topic, unchanged) for p in parts]
                     owned = dict(self._owned)
-            if self._keep_owned(messages, owned, batch):
+            if len(polled):
+                parts.append(polled.of_partitions(self.topic, owned.keys()))
                 idle_since = time.monotonic()
-        return batch, owned
+            count = sum(len(p) for p in parts)
+        messages = Messages.concat(parts)
+        return messages, owned
 
 
 def _hand_over(out: queue.Queue, item, stop: threading.Event) -> None:

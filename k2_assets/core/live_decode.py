@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pjson
 
 from k2_assets.core import decode, schemas
+from k2_assets.core.kafka_batch import Messages, lines
 from k2_assets.core.live_codec import EXCHANGE
 
 VENDOR_KEYS = ("event_time", "is_best_match")  # what Binance's trade stream carries beyond the v2 core
@@ -53,22 +54,21 @@ _WIRE, _REQUIRED = _wire()
 
 
 def decode_batch(
-    values: list[bytes],
+    messages: Messages,
     topic: str,
-    partitions: list[int],
-    offsets: list[int],
     *,
     source: str,
     exchange: str = EXCHANGE,
     now: datetime | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """Kafka message values -> (v2 trade rows, market.rejected rows). Every message is in exactly one.
+    """A topic's Kafka messages -> (v2 trade rows, market.rejected rows). Every message is in exactly one.
 
     A topic carries the trades of one exchange (Binance spot or USD-M futures): a trade of another is rejected,
     since the writer's dedup index and sequence tracking are those of the topic's exchange."""
     now = now or decode.utc_now()
+    values = messages.values
     wire, reasons = _parse(values)
-    partition_column, offset_column = pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64())
+    partition_column, offset_column = pa.array(messages.partitions, pa.int32()), pa.array(messages.offsets, pa.int64())
     rows = decode.Rows.from_reasons(reasons)
     for name in _REQUIRED:
         if wire.column(name).null_count:  # a count Arrow keeps: most batches skip the pass
@@ -129,7 +129,7 @@ def decode_batch(
             "kafka_topic": pa.repeat(pa.scalar(topic), len(bad)),
             "kafka_partition": pc.take(partition_column, bad),
             "kafka_offset": pc.take(offset_column, bad),
-            "raw": pa.array([values[i] for i in bad.to_pylist()], pa.binary()),
+            "raw": pc.binary_slice(pc.take(values, bad), 0, -1),  # without the newline that ends each value
             "reason": pc.take(rows.reasons, bad),
             "rejected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), len(bad)),
         },
@@ -144,12 +144,12 @@ def _iso_day(text: pa.StringArray) -> pa.Array:
     return pc.if_else(pc.equal(pc.cast(parsed, pa.string()), text), parsed, pa.scalar(None, pa.date32()))
 
 
-def _parse(values: list[bytes]) -> tuple[pa.Table, pa.Array]:
+def _parse(values: pa.BinaryArray) -> tuple[pa.Table, pa.Array]:
     """Parse all values with Arrow's JSON reader; a value that is not one v2 JSON object gets a reason.
 
     A batch with bad messages is split in halves until each bad one stands alone, so a few bad
     messages cost a few extra parses, not one per message."""
-    if not values:
+    if not len(values):
         return _WIRE.empty_table(), pa.array([], pa.string())
     try:
         # A value holding a newline would parse as several rows: _read's row count catches it.
@@ -158,15 +158,14 @@ def _parse(values: list[bytes]) -> tuple[pa.Table, pa.Array]:
         if len(values) == 1:
             return pa.Table.from_pylist([{}], schema=_WIRE), pa.array([f"not a v2 trade JSON object: {exc}"], pa.string())
     half = len(values) // 2
-    first, first_reasons = _parse(values[:half])
-    second, second_reasons = _parse(values[half:])
+    first, first_reasons = _parse(values.slice(0, half))
+    second, second_reasons = _parse(values.slice(half))
     return pa.concat_tables([first, second]), pa.concat_arrays([first_reasons, second_reasons])
 
 
-def _read(values: list[bytes]) -> pa.Table:
-    data = b"\n".join(values)
+def _read(values: pa.BinaryArray) -> pa.Table:
     table = pjson.read_json(
-        pa.BufferReader(data),  # zero-copy: a Python file object would be read under the GIL
+        pa.BufferReader(lines(values)),  # zero-copy: a Python file object would be read under the GIL
         read_options=pjson.ReadOptions(block_size=4 << 20),  # several blocks parse on several cores
         parse_options=pjson.ParseOptions(explicit_schema=_WIRE, unexpected_field_behavior="ignore"),
     )

@@ -10,10 +10,11 @@ import json
 import logging
 import time
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from k2_assets.core import offsets
 from k2_assets.core.kafka import holds_offset
+from k2_assets.core.kafka_batch import BatchConsumer
 from k2_assets.core.offsets import OFFSETS_KEY
 
 log = logging.getLogger("k2.writer")
@@ -90,13 +91,10 @@ class Ownership:
                     self.position[tp.partition] = self.committed[tp.partition] = found[key]
                 else:
                     self.dead_letter_position[tp.partition] = found[key]
-            self._pending = [
-                m
-                for m in self._pending
-                if self._owned.get((m.topic(), m.partition())) and (m.topic(), m.partition()) not in found
-            ]
+            kept = self._owned.keys() - found.keys()
+            self._pending = [m.of_partitions(self.topic, kept) for m in self._pending]
 
-    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: BatchConsumer, tps: list[TopicPartition]) -> None:
         try:
             if tps:
                 self._take(tps)
@@ -106,7 +104,7 @@ class Ownership:
         finally:
             self._joined.set()
 
-    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: BatchConsumer, tps: list[TopicPartition]) -> None:
         """A partition that moves to another writer is not committed by this one from here on."""
         with self._lock:
             for tp in tps:
@@ -116,7 +114,7 @@ class Ownership:
                     self.committed.pop(tp.partition, None)
                 else:
                     self.dead_letter_position.pop(tp.partition, None)
-            self._pending = [m for m in self._pending if (m.topic(), m.partition()) in self._owned]
+            self._pending = [m.of_partitions(self.topic, self._owned.keys()) for m in self._pending]
         try:
             consumer.incremental_unassign(tps)
         except KafkaException:
@@ -134,7 +132,7 @@ class Ownership:
                 )
             got = self._good(self.consumer.consume(min(1000, self.max_batch_rows), timeout=0.1))  # may run _on_assign
             with self._lock:
-                self._pending.extend(got)
+                self._pending.append(got.of_partitions(self.topic, self._owned.keys()))
 
     def _rewind(self) -> None:
         """After a discarded or failed batch: every owned partition back to the table's offsets."""

@@ -35,12 +35,12 @@ from datetime import UTC, date, datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer
 from pyiceberg.table import Table
 
 from k2_assets.core import live_decode, offsets, writer
 from k2_assets.core.binance_format import SPOT, Market
 from k2_assets.core.kafka import DEFAULT_SESSION_TIMEOUT_MS, consumer_config, ensure_topics, topic_incarnation
+from k2_assets.core.kafka_batch import BatchConsumer, Messages
 from k2_assets.core.live_consuming import Batch, Consuming
 from k2_assets.core.live_dead_letters import dead_letter_rows
 from k2_assets.core.live_dedup import SeenIndex, groups
@@ -111,7 +111,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self.rejects_written: dict[int, int] = {}  # reject marks, as the table records them
         self.dead_letter_position: dict[int, int] = {}
         self.touched: set[tuple[date, str]] = set()  # (day, symbol) written since the last gap reconcile
-        self._pending: list = []  # messages consumed while joining the group
+        self._pending: list[Messages] = []  # read while joining the group, or before a rebalance
         self._joined = threading.Event()
         self._stop = threading.Event()
         # Store outages met while starting are retried this long (None: until stop()); drain() sets its own.
@@ -119,7 +119,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self._group_commit: dict[int, int] | None = None  # set after each Iceberg commit, done by the consuming thread
         self.stage_hook = stage_hook  # called with each of STAGES as the writer passes it (crash tests kill it there)
         self._start_from_table()
-        self.consumer = Consumer(consumer_config(bootstrap, self.group_id, session_timeout_ms))
+        self.consumer = BatchConsumer(consumer_config(bootstrap, self.group_id, session_timeout_ms), topic)
         self.consumer.subscribe(
             [topic, self.dead_letter_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
@@ -195,17 +195,15 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
                     p,
                     self.topic,
                 )
-        if not keep.all():
-            batch = batch.only(keep)
-        batch.dead = [m for m in batch.dead if (m.topic(), m.partition()) in valid]
-        return batch if len(batch.partitions) or batch.dead else None
+        messages = batch.messages.only(keep).of_partitions(self.topic, valid)
+        return Batch(messages, batch.generations) if len(messages) else None
 
     def _write_batch(self, batch: Batch) -> BatchReport | None:
         batch = self._current(batch)
         if batch is None:
             return None
-        values, part, off, dead = batch.values, batch.partitions, batch.offsets, batch.dead
-        rows, rejected = live_decode.decode_batch(values, self.topic, part, off, source=SOURCE, exchange=self.exchange)
+        part, off, dead = batch.partitions, batch.offsets, batch.dead
+        rows, rejected = live_decode.decode_batch(batch.messages, self.topic, source=SOURCE, exchange=self.exchange)
         ranges = {int(p): (int(off[part == p].min()), int(off[part == p].max())) for p in np.unique(part)}
         next_offsets = {p: last + 1 for p, (_, last) in ranges.items()}
         with self._lock:
@@ -242,7 +240,7 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         self._remember(batch_ids)
         committed = datetime.now(UTC)
         return BatchReport(
-            consumed=len(values),
+            consumed=len(part),
             written=rows.num_rows,
             duplicates=duplicates,
             rejected=rejected.num_rows,
@@ -259,10 +257,10 @@ class LiveWriter(Ownership, Consuming, GapReconciling):
         with self._lock:
             expected = {
                 self.rejects_key: {p: self.rejects_written.get(p, 0) for p in next_offsets},
-                self.dead_key: {m.partition(): self.dead_letter_position.get(m.partition(), 0) for m in dead},
+                self.dead_key: {m.partition: self.dead_letter_position.get(m.partition, 0) for m in dead},
             }
         marks = {**expected[self.rejects_key], **next_offsets}
-        dead_marks = {**expected[self.dead_key], **{m.partition(): m.offset() + 1 for m in dead}}
+        dead_marks = {**expected[self.dead_key], **{m.partition: m.offset + 1 for m in dead}}
         properties = rejects_properties(self.rejects_key, marks, self.dead_key, dead_marks)
         self._commit(
             self.rejected, pa.concat_tables([rejected, dead_rows]), properties, self._marks_fence(expected), "market.rejected"

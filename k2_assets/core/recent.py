@@ -26,6 +26,7 @@ from pyiceberg.table import Table
 
 from k2_assets.core import live_codec, live_decode
 from k2_assets.core.kafka import consumer_config, partition_count, topic_incarnation
+from k2_assets.core.kafka_batch import Messages
 from k2_assets.core.offsets import OFFSETS_KEY, key, lineage, recorded_offsets
 
 MAX_MINUTES = 24 * 60
@@ -165,13 +166,10 @@ class RecentTrades:
     def _append(self, messages: list) -> None:
         if not messages:
             return
-        rows, _ = live_decode.decode_batch(
-            [m.value() or b"" for m in messages],
-            self.topic,
-            [m.partition() for m in messages],
-            [m.offset() for m in messages],
-            source="recent_trades",
+        read = Messages.of(
+            [m.value() or b"" for m in messages], [m.partition() for m in messages], [m.offset() for m in messages]
         )
+        rows, _ = live_decode.decode_batch(read, self.topic, source="recent_trades")
         self.tail = rows if self.tail is None else pa.concat_tables([self.tail, rows])
         times = self.tail.column("exchange_timestamp")
         newest = pc.max(times).cast(pa.int64()).as_py()

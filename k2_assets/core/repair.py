@@ -20,6 +20,7 @@ from pyiceberg.table import Table
 from k2_assets.core import integrity, live_codec, live_decode, writer
 from k2_assets.core.binance_format import PRICE_FORMING_CLASS, SPOT, Market
 from k2_assets.core.binance_rest import ExchangeError, get_json
+from k2_assets.core.kafka_batch import Messages
 from k2_assets.core.live_dedup import KEYS_KEY, groups, keys_property
 
 PAGE = 1000
@@ -72,9 +73,8 @@ def rows_from_rest(trades: list[dict], symbol: str, now: datetime, market: Marke
         return {**common, "m": t["isBuyerMaker"], **extra}
 
     values = [live_codec.encode(live_codec.trade_from_event(event(t), ingest_us, market)) for t in trades]
-    rows, rejected = live_decode.decode_batch(
-        values, "", [0] * len(values), [0] * len(values), source="repair", exchange=market.exchange, now=now
-    )
+    messages = Messages.of(values, [0] * len(values), [0] * len(values))
+    rows, rejected = live_decode.decode_batch(messages, "", source="repair", exchange=market.exchange, now=now)
     if rejected.num_rows:
         raise ExchangeError(f"exchange returned trades K2 cannot accept: {rejected.column('reason').to_pylist()[:3]}")
     n = rows.num_rows
