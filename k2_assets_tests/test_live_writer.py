@@ -277,3 +277,24 @@ def assert_exactly(catalog, broker, topic, trades: int, rejected: int, consumed:
     assert sum(recorded_offsets(catalog.load_table("market.trades"), offsets_key(broker, topic)).values()) == consumed
     offsets = sorted(table.column("kafka_offset").to_pylist() + rejects.column("kafka_offset").to_pylist())
     assert len(offsets) == consumed and json.dumps(offsets) == json.dumps(sorted(set(offsets)))
+
+
+def test_a_writer_fenced_after_another_wrote_rejects_goes_on_writing_rejects(btcusdt_dir, broker, topic, catalog):
+    """The CI failure of 2026-12-03: writer A's handle on market.rejected stayed at its own last commit while
+    writer B committed rejects after it. Every reject commit of A's after a rewind was fenced against that stale
+    snapshot, for good. A rewind re-reads both tables the writer fences on."""
+    messages = trade_messages(btc_trade_events(btcusdt_dir)[:3000])
+    produce(broker.bootstrap, topic, [*messages[:1000], (b"BTCUSDT", b"{bad A")])
+    a = writer_for(catalog, broker, topic, group_id="writer-a")
+    drain_all(a)
+    b = writer_for(catalog, broker, topic, group_id="writer-b")  # a group of its own: it owns every partition too
+    produce(broker.bootstrap, topic, [*messages[1000:2000], (b"BTCUSDT", b"{bad B")])
+    drain_all(b)
+    b.close()
+
+    a._rewind()  # what a fenced batch does: back to the table's offsets and reject marks
+    produce(broker.bootstrap, topic, [*messages[2000:], (b"BTCUSDT", b"{bad C")])
+    reports = drain_all(a)
+    a.close()
+    assert sum(r.written for r in reports) == 1000 and sum(r.rejected for r in reports) == 1
+    assert_exactly(catalog, broker, topic, trades=3000, rejected=3, consumed=3003)

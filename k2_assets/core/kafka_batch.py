@@ -128,12 +128,12 @@ class BatchConsumer:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             if lib.rd_kafka_conf_set(conf, key.encode(), text.encode(), error, 512) != 0:
                 lib.rd_kafka_conf_destroy(conf)
-                raise KafkaException(KafkaError(KafkaError._INVALID_ARG, ffi.string(error).decode()))
+                raise KafkaException(KafkaError(KafkaError._INVALID_ARG, _text(error)))
         lib.rd_kafka_conf_set_opaque(conf, self._handle)
         lib.rd_kafka_conf_set_rebalance_cb(conf, lib.k2_rebalance)
         self._rk = lib.rd_kafka_new(CONSUMER, conf, error, 512)  # owns conf from here on, failing or not
         if self._rk == ffi.NULL:
-            raise KafkaException(KafkaError(KafkaError._INVALID_ARG, ffi.string(error).decode()))
+            raise KafkaException(KafkaError(KafkaError._INVALID_ARG, _text(error)))
         lib.rd_kafka_poll_set_consumer(self._rk)
         self._queue = lib.rd_kafka_queue_get_consumer(self._rk)
 
@@ -144,6 +144,7 @@ class BatchConsumer:
         on_revoke: Callback | None = None,
         on_lost: Callback | None = None,
     ) -> None:
+        """Join the group for `topics`; without on_lost, a lost assignment goes to on_revoke."""
         self._callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost or on_revoke}
         names = lib.rd_kafka_topic_partition_list_new(len(topics))
         try:
@@ -169,7 +170,7 @@ class BatchConsumer:
             messages, n, kinds, ffi.from_buffer(data), ffi.from_buffer("int32_t[]", starts),
             ffi.from_buffer("int32_t[]", partitions), ffi.from_buffer("int64_t[]", offsets),
         )  # fmt: skip
-        others, errors = self._rest(messages, n)
+        others, errors = self._rest(messages, n) if taken < n else ([], [])
         if failure is not None:  # a rebalance callback raised: as confluent-kafka does, out of consume
             raise failure
         values = pa.Array.from_buffers(pa.binary(), taken, [None, pa.py_buffer(starts[: taken + 1]), pa.py_buffer(data)])
@@ -190,11 +191,9 @@ class BatchConsumer:
                 continue
             body = bytes(ffi.buffer(m.payload, m.len)) if m.payload != ffi.NULL else b""
             if m.err:
-                errors.append(
-                    KafkaError(m.err, body.decode("utf-8", "replace") or ffi.string(lib.rd_kafka_err2str(m.err)).decode())
-                )
+                errors.append(KafkaError(m.err, body.decode("utf-8", "replace") or _text(lib.rd_kafka_err2str(m.err))))
             else:
-                topic = ffi.string(lib.rd_kafka_topic_name(m.rkt)).decode()
+                topic = _text(lib.rd_kafka_topic_name(m.rkt))
                 others.append(Message(topic, m.partition, m.offset, body, _headers(m)))
             lib.rd_kafka_message_destroy(m)
         return others, errors
@@ -249,8 +248,7 @@ class BatchConsumer:
 
     def _rebalance(self, err: int, partitions) -> None:
         tps = [
-            TopicPartition(ffi.string(e.topic).decode(), e.partition, e.offset)
-            for e in (partitions.elems[i] for i in range(partitions.cnt))
+            TopicPartition(_text(e.topic), e.partition, e.offset) for e in (partitions.elems[i] for i in range(partitions.cnt))
         ]
         if err == ASSIGN:
             kind = "assign"
@@ -258,7 +256,9 @@ class BatchConsumer:
             kind = "lost" if lib.rd_kafka_assignment_lost(self._rk) else "revoke"
         self._assigned_in_callback = False
         try:
-            self._callbacks[kind](self, tps)
+            callback = self._callbacks.get(kind)
+            if callback is not None:
+                callback(self, tps)
         except BaseException as exc:  # noqa: BLE001 - raised again from consume(), as confluent-kafka does
             self._failure = exc
         if not self._assigned_in_callback:  # what librdkafka needs either way (confluent-kafka does it too)
@@ -287,7 +287,7 @@ def _headers(m) -> dict[str, bytes]:
     found, i = {}, 0
     name, value, size = ffi.new("char **"), ffi.new("void **"), ffi.new("size_t *")
     while lib.rd_kafka_header_get_all(headers[0], i, name, value, size) == 0:
-        found[ffi.string(name[0]).decode()] = bytes(ffi.buffer(value[0], size[0])) if value[0] != ffi.NULL else b""
+        found[_text(name[0])] = bytes(ffi.buffer(value[0], size[0])) if value[0] != ffi.NULL else b""
         i += 1
     return found
 
@@ -304,6 +304,6 @@ def _check(err: int) -> None:
 def _raise_error(error) -> None:
     if error == ffi.NULL:
         return
-    code, text = lib.rd_kafka_error_code(error), ffi.string(lib.rd_kafka_error_string(error)).decode()
+    code, text = lib.rd_kafka_error_code(error), _text(lib.rd_kafka_error_string(error))
     lib.rd_kafka_error_destroy(error)
     raise KafkaException(KafkaError(code, text))

@@ -139,7 +139,12 @@ class Ownership:
         with self._lock:
             tps = [TopicPartition(t, p) for t, p in self._owned]
             self._pending = []
-        self.health.call(self.trades.refresh, "reading market.trades", deadline=self._give_up_at, stop=self._stop)
+
+        def refresh() -> None:  # both tables the writer fences on: a stale handle is fenced on every commit, for good
+            self.trades.refresh()
+            self.rejected.refresh()
+
+        self.health.call(refresh, "reading market.trades and market.rejected", deadline=self._give_up_at, stop=self._stop)
         self.seen.clear()
         self.seen.in_step.append(self.trades.metadata.current_snapshot_id)
         if tps:
