@@ -157,6 +157,21 @@ def test_an_unknown_setting_is_a_one_line_kafka_error():
         BatchConsumer({"bootstrap.servers": "127.0.0.1:1", "no.such.setting": 1}, "t")
 
 
+def test_client_errors_go_to_the_log(caplog):
+    from k2_assets.dev.broker import free_port
+
+    consumer = BatchConsumer(consumer_config(f"127.0.0.1:{free_port()}", "nobody"), "t")  # nothing listens there
+    consumer.subscribe(["t"])
+    with caplog.at_level("DEBUG", logger="k2.kafka"):
+        deadline = time.monotonic() + 10
+        while not any("brokers are down" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            consumer.consume(10, 0.1)
+    consumer.close()
+    assert all(r.name == "k2.kafka" for r in caplog.records)
+    assert any(r.levelname == "WARNING" and "brokers are down" in r.getMessage() for r in caplog.records)
+
+
 def test_group_offsets_commit_and_watermarks(broker, topic):
     produce(broker.bootstrap, [(topic, 0, b"{}", None) for _ in range(5)])
     group = f"g-{uuid.uuid4().hex[:6]}"

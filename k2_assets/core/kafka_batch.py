@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ def _load_librdkafka() -> None:
 _load_librdkafka()
 from k2_assets.core._kafka_batch import ffi, lib  # noqa: E402 - after the library it binds to
 
+log = logging.getLogger("k2.kafka")
 CONSUMER = 1  # rd_kafka_type_t
+ALL_BROKERS_DOWN = -187  # RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN
 NO_CONSUMER_CLOSE = 0x8  # RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE
 ASSIGN, REVOKE = -175, -174  # RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, __REVOKE_PARTITIONS
 TOPIC, OTHER = 0, 1  # a message's kind, as kafka_batch.c sorts them (2: an error)
@@ -131,6 +134,7 @@ class BatchConsumer:
                 raise KafkaException(KafkaError(KafkaError._INVALID_ARG, _text(error)))
         lib.rd_kafka_conf_set_opaque(conf, self._handle)
         lib.rd_kafka_conf_set_rebalance_cb(conf, lib.k2_rebalance)
+        lib.rd_kafka_conf_set_error_cb(conf, lib.k2_error)
         self._rk = lib.rd_kafka_new(CONSUMER, conf, error, 512)  # owns conf from here on, failing or not
         if self._rk == ffi.NULL:
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG, _text(error)))
@@ -266,6 +270,13 @@ class BatchConsumer:
                 (self.incremental_assign if err == ASSIGN else self.incremental_unassign)(tps)
             except KafkaException as exc:
                 self._failure = self._failure or exc
+
+
+@ffi.def_extern()
+def k2_error(rk, err, reason, opaque) -> None:
+    """librdkafka's client-wide errors (it retries them itself): to the log, not its own stderr printer, which
+    would print one line per reconnect attempt. Every broker down is worth a warning; the rest are details."""
+    log.log(logging.WARNING if err == ALL_BROKERS_DOWN else logging.DEBUG, "Kafka client: %s", _text(reason))
 
 
 @ffi.def_extern()
