@@ -35,8 +35,7 @@ log = logging.getLogger("k2.kafka")
 CONSUMER = 1  # rd_kafka_type_t
 ALL_BROKERS_DOWN = -187  # RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN
 NO_CONSUMER_CLOSE = 0x8  # RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE
-ASSIGN, REVOKE = -175, -174  # RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, __REVOKE_PARTITIONS
-TOPIC, OTHER = 0, 1  # a message's kind, as kafka_batch.c sorts them (2: an error)
+ASSIGN = -175  # RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS (the other rebalance event is a revocation)
 Callback = Callable[["BatchConsumer", list[TopicPartition]], None]
 
 
