@@ -3,7 +3,9 @@
 K2's bars decide open and close by (exchange time, sequence) with exact decimal sums, taker-buy
 volumes and first/last sequence; the raw reference is the cheapest 1m GROUP BY DuckDB can do on
 the same table in the same run (time_bucket with min/max/sum/count and arg_min/arg_max by time
-only, no tie-break, no notional, no taker split). Targets: under 1 s, and within 2x the raw GROUP BY.
+only, no tie-break, no notional, no taker split). Targets: under 1 s, and within 1.3x the raw GROUP BY.
+Both run five times, interleaved; the verdict is on the best of each (this machine's noise is one-sided), the
+medians are printed beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from k2_assets.core import rollups
 TARGET_RATIO = 1.3  # against DuckDB's plain GROUP BY on the same Arrow data, same run
 TRADES = 10_000_000
 SYMBOLS = 10
-REPS = 3
+REPS = 5
 
 
 def make_trades(seed: int = 3) -> pa.Table:
@@ -93,6 +95,7 @@ def run() -> str:
         "k2_best_s": best,
         "raw_best_s": raw_best,
         "ratio_best": best / raw_best,
+        "ratio_median": statistics.median(k2) / statistics.median(raw),
         "one_minute_bars_with_fill_and_contract_s": full_s,
         "full_rows": full.num_rows,
         "peak_rss_mb": peak_rss_mb(),
@@ -118,7 +121,8 @@ def run() -> str:
             f"-> {'PASS' if best < 1 else 'MISS'} (< 1 s)",
             f"  raw DuckDB GROUP BY on the same Arrow data:                     best {raw_best:.2f} s, "
             f"median {statistics.median(raw):.2f} s",
-            f"  ratio {best / raw_best:.2f}x -> {results['summary'][0]['verdict']} (within {TARGET_RATIO:g}x)",
+            f"  ratio {best / raw_best:.2f}x -> {results['summary'][0]['verdict']} (within {TARGET_RATIO:g}x); "
+            f"of the medians {results['ratio_median']:.2f}x",
             f"  with empty-minute fill, VWAP and the Iceberg contract (one_minute_bars): {full_s:.2f} s",
             f"  peak RSS {peak_rss_mb():,.0f} MB",
         ]

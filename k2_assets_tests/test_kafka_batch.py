@@ -157,19 +157,26 @@ def test_an_unknown_setting_is_a_one_line_kafka_error():
         BatchConsumer({"bootstrap.servers": "127.0.0.1:1", "no.such.setting": 1}, "t")
 
 
-def test_client_errors_go_to_the_log(caplog):
+def test_client_errors_and_log_lines_go_to_the_log_not_stderr(caplog, capfd):
     from k2_assets.dev.broker import free_port
 
-    consumer = BatchConsumer(consumer_config(f"127.0.0.1:{free_port()}", "nobody"), "t")  # nothing listens there
+    # nothing listens there; a producer-only setting makes librdkafka warn about the configuration
+    config = consumer_config(f"127.0.0.1:{free_port()}", "nobody") | {"linger.ms": 5}
+    consumer = BatchConsumer(config, "t")
     consumer.subscribe(["t"])
+    messages = lambda: [r.getMessage() for r in caplog.records]  # noqa: E731
     with caplog.at_level("DEBUG", logger="k2.kafka"):
         deadline = time.monotonic() + 10
-        while not any("brokers are down" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        while not all(any(text in m for m in messages()) for text in ("brokers are down", "Kafka client FAIL")):
+            assert time.monotonic() < deadline, messages()
             consumer.consume(10, 0.1)
     consumer.close()
     assert all(r.name == "k2.kafka" for r in caplog.records)
     assert any(r.levelname == "WARNING" and "brokers are down" in r.getMessage() for r in caplog.records)
+    # a failed connection is reported once, as the error above; its log lines are details
+    assert all(r.levelname == "DEBUG" for r in caplog.records if "Kafka client FAIL" in r.getMessage())
+    assert any(r.levelname == "WARNING" and "CONFWARN" in r.getMessage() for r in caplog.records), messages()
+    assert "%" not in capfd.readouterr().err  # librdkafka's own printer writes "%<level>|<time>|<facility>|..."
 
 
 def test_group_offsets_commit_and_watermarks(broker, topic):

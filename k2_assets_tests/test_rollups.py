@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import dagster as dg
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyiceberg.expressions import And, EqualTo
 
-from k2_assets.core import rollups, writer
+from k2_assets.core import rollups, schemas, writer
 from k2_assets.defs.asx.assets import asx_trades
 from k2_assets.defs.binance.assets import binance_trades_history
 from k2_assets.defs.resources import IcebergResource
@@ -230,3 +230,77 @@ def test_each_session_is_hardened_and_sees_only_its_own_tables(tmp_path):
     (tmp_path / "x.csv").write_text("a\n1\n")
     with pytest.raises(duckdb.PermissionException):
         second.sql(f"SELECT * FROM read_csv('{tmp_path / 'x.csv'}')")
+
+
+TRADE = st.tuples(
+    st.sampled_from(["BINANCE", "ASX"]),
+    st.sampled_from(["BTCUSDT", "BHP"]),
+    st.integers(0, 1),  # day
+    st.sampled_from([0, 1, 59_999_999, 60_000_000, 299_999_999, 300_000_001, 3_600_000_000]),  # µs into the day
+    st.integers(1, 10**17),  # price, 1e-8 units
+    st.integers(1, 10**12),  # quantity, 1e-8 units
+    st.sampled_from(["BUY", "SELL", "UNKNOWN"]),
+    st.sampled_from([None, True, False]),  # price_forming
+    st.one_of(st.none(), st.tuples(st.integers(0, 10**12), st.integers(0, 50))),  # aggTrade ids: first, count - 1
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    trades=st.lists(TRADE, max_size=30),
+    interval=st.sampled_from(["1m", "5m", "1h"]),
+    first_sequence=st.sampled_from([0, 1 << 36, 1 << 61]),
+)
+def test_bars_equal_a_plain_recount_of_any_trades(trades, interval, first_sequence):
+    """Every bar field equals a recount in Python with exact decimals, for any mix of exchanges, days, sides,
+    price-forming flags, aggregate trades, equal times and sequences past what the one-integer order key holds."""
+    day0 = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [
+        {
+            "exchange": exchange,
+            "symbol": symbol,
+            "trade_date": (day0 + timedelta(days=day)).date(),
+            "exchange_timestamp": day0 + timedelta(days=day, microseconds=us),
+            "source_sequence": first_sequence + i,
+            "price": Decimal(price).scaleb(-8),
+            "quantity": Decimal(quantity).scaleb(-8),
+            "side": side,
+            "price_forming": forming,
+            "vendor_data": [] if ids is None else [("first_trade_id", str(ids[0])), ("last_trade_id", str(sum(ids)))],
+        }
+        for i, (exchange, symbol, day, us, price, quantity, side, forming, ids) in enumerate(trades)
+    ]
+    schema = schemas.arrow_schema("trade_v2")
+    table = pa.Table.from_pylist(rows, pa.schema([schema.field(name) for name in rows[0]] if rows else schema))
+    width = timedelta(microseconds=rollups.BUCKET_MICROS[interval])
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        start = day0 + (row["exchange_timestamp"] - day0) // width * width
+        groups.setdefault((row["exchange"], row["symbol"], row["trade_date"], start), []).append(row)
+    expected = []
+    for key, group in sorted(groups.items()):
+        forming = [r for r in group if r["price_forming"] is not False]
+        buying = [r for r in forming if r["side"] == "BUY"]
+        ordered = sorted(forming, key=lambda r: (r["exchange_timestamp"], r["source_sequence"]))
+        ids = [dict(r["vendor_data"]) for r in group]
+        units = [int(i.get("last_trade_id", 0)) - int(i.get("first_trade_id", 0)) + 1 for i in ids]
+        weight = {id(r): u for r, u in zip(group, units, strict=True)}
+        expected.append(
+            dict(
+                zip(("exchange", "symbol", "trade_date", "bar_start"), key),
+                open=ordered[0]["price"] if ordered else None,
+                high=max((r["price"] for r in forming), default=None),
+                low=min((r["price"] for r in forming), default=None),
+                close=ordered[-1]["price"] if ordered else None,
+                trade_count=sum(weight[id(r)] for r in forming),
+                volume=sum(r["quantity"] for r in forming),
+                quote_volume=sum(r["price"] * r["quantity"] for r in forming),
+                taker_buy_volume=sum(r["quantity"] for r in buying),
+                taker_buy_quote_volume=sum(r["price"] * r["quantity"] for r in buying),
+                first_sequence=min(r["source_sequence"] for r in group),
+                last_sequence=max(r["source_sequence"] for r in group),
+                volume_all=sum(r["quantity"] for r in group),
+                trade_count_all=sum(units),
+            )
+        )
+    assert rollups.bars_from_trades(table, interval).to_pylist() == expected

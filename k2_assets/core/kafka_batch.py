@@ -34,6 +34,7 @@ from k2_assets.core._kafka_batch import ffi, lib  # noqa: E402 - after the libra
 log = logging.getLogger("k2.kafka")
 CONSUMER = 1  # rd_kafka_type_t
 ALL_BROKERS_DOWN = -187  # RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN
+WARNING_LEVEL = 4  # syslog's LOG_WARNING, as librdkafka's log levels are
 NO_CONSUMER_CLOSE = 0x8  # RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE
 ASSIGN = -175  # RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS (the other rebalance event is a revocation)
 Callback = Callable[["BatchConsumer", list[TopicPartition]], None]
@@ -134,10 +135,15 @@ class BatchConsumer:
         lib.rd_kafka_conf_set_opaque(conf, self._handle)
         lib.rd_kafka_conf_set_rebalance_cb(conf, lib.k2_rebalance)
         lib.rd_kafka_conf_set_error_cb(conf, lib.k2_error)
+        # Log lines too go to the log, and from the consuming thread's poll (log.queue), not from librdkafka's
+        # own threads: else they are printed to stderr, one per reconnect attempt.
+        lib.rd_kafka_conf_set(conf, b"log.queue", b"true", error, 512)
+        lib.rd_kafka_conf_set_log_cb(conf, lib.k2_log)
         self._rk = lib.rd_kafka_new(CONSUMER, conf, error, 512)  # owns conf from here on, failing or not
         if self._rk == ffi.NULL:
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG, _text(error)))
         lib.rd_kafka_poll_set_consumer(self._rk)
+        lib.rd_kafka_set_log_queue(self._rk, ffi.NULL)  # the main queue, which now feeds the consumer's
         self._queue = lib.rd_kafka_queue_get_consumer(self._rk)
 
     def subscribe(
@@ -276,6 +282,15 @@ def k2_error(rk, err, reason, opaque) -> None:
     """librdkafka's client-wide errors (it retries them itself): to the log, not its own stderr printer, which
     would print one line per reconnect attempt. Every broker down is worth a warning; the rest are details."""
     log.log(logging.WARNING if err == ALL_BROKERS_DOWN else logging.DEBUG, "Kafka client: %s", _text(reason))
+
+
+@ffi.def_extern()
+def k2_log(rk, level, facility, line) -> None:
+    """librdkafka's log lines (syslog levels): warnings and worse as warnings, except broker connection failures
+    (facility FAIL), which error_cb reports already; the rest as details."""
+    facility = _text(facility)
+    warn = level <= WARNING_LEVEL and facility != "FAIL"
+    log.log(logging.WARNING if warn else logging.DEBUG, "Kafka client %s: %s", facility, _text(line))
 
 
 @ffi.def_extern()

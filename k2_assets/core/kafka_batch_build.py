@@ -51,6 +51,9 @@ void rd_kafka_conf_set_rebalance_cb(rd_kafka_conf_t *conf,
     void (*rebalance_cb)(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *partitions, void *opaque));
 void rd_kafka_conf_set_error_cb(rd_kafka_conf_t *conf,
     void (*error_cb)(rd_kafka_t *rk, int err, const char *reason, void *opaque));
+void rd_kafka_conf_set_log_cb(rd_kafka_conf_t *conf,
+    void (*log_cb)(const rd_kafka_t *rk, int level, const char *fac, const char *buf));
+rd_kafka_resp_err_t rd_kafka_set_log_queue(rd_kafka_t *rk, rd_kafka_queue_t *rkqu);
 rd_kafka_t *rd_kafka_new(int type, rd_kafka_conf_t *conf, char *errstr, size_t errstr_size);
 void rd_kafka_destroy(rd_kafka_t *rk);
 void rd_kafka_destroy_flags(rd_kafka_t *rk, int flags);
@@ -92,6 +95,7 @@ ffibuilder.cdef(
     int64_t k2_take(rd_kafka_message_t **messages, int64_t n, const uint8_t *kinds, uint8_t *data, int32_t *starts,
                     int32_t *partitions, int64_t *offsets);
     extern "Python" void k2_error(rd_kafka_t *, int, const char *, void *);
+    extern "Python" void k2_log(const rd_kafka_t *, int, const char *, const char *);
     extern "Python" void k2_rebalance(rd_kafka_t *, rd_kafka_resp_err_t, rd_kafka_topic_partition_list_t *, void *);
     """
 )

@@ -86,8 +86,8 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
         raise ValueError(f"interval must be one of {sorted(BUCKETS)}")
     width = BUCKET_MICROS[interval]
     con = session(con)
-    # Most days every trade forms a price and counts once (spot trades): then the plain aggregates, without
-    # the filters and the unit sums, which cost a third more on 10M trades.
+    # Most days every trade forms a price and counts once (spot trades): then no price-forming key, no filters
+    # and no unit sums.
     rows, every, single = _rollup_input(trades)
     con.register("trades", rows)
     forming = "" if every else " FILTER (WHERE forming)"
@@ -109,6 +109,10 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
     exchange, day = _single_value(rows.column("exchange")), _single_value(rows.column("trade_date"))
     constant = exchange is not None and day is not None
     keys = "symbol" if constant else "exchange, symbol, trade_date"
+    # Two passes: first per bucket and side (and price-forming or not), each aggregate unfiltered; then per
+    # bucket from those few rows. The taker-buy and price-forming figures then cost one more group key per
+    # trade, not a filtered copy of every sum (the exact decimal notional most of all): a sixth less on 10M trades.
+    split = "taker_buy" if every else "taker_buy, forming"
     return con.sql(
         f"""
         WITH keyed AS (
@@ -117,22 +121,30 @@ def bars_from_trades(trades: pa.Table, interval: str, con: duckdb.DuckDBPyConnec
                    price, quantity, price::DECIMAL(38,8) * quantity AS notional, side = 'BUY' AS taker_buy,
                    source_sequence{"" if every else ", forming"}{"" if single else ", units"}
             FROM trades
+        ), sided AS (
+            SELECT {keys}, bucket, {split},
+                   min(trade_order) AS first_order, arg_min(price, trade_order) AS open,
+                   max(trade_order) AS last_order, arg_max(price, trade_order) AS close,
+                   max(price) AS high, min(price) AS low, {count} AS trades, sum(quantity) AS volume,
+                   sum(notional) AS quote_volume,
+                   min(source_sequence) AS first_sequence, max(source_sequence) AS last_sequence
+            FROM keyed GROUP BY {keys}, bucket, {split}
         )
         SELECT {"$exchange AS exchange, symbol, $trade_date AS trade_date" if constant else keys},
                make_timestamptz(bucket * {width}) AS bar_start,
-               arg_min(price, trade_order){forming} AS open,
-               max(price){forming} AS high, min(price){forming} AS low,
-               arg_max(price, trade_order){forming} AS close,
-               coalesce({count}{forming}, 0)::BIGINT AS trade_count,
-               coalesce(sum(quantity){forming}, 0)::DECIMAL(28,8) AS volume,
-               coalesce(sum(notional){forming}, 0)::DECIMAL(38,16) AS quote_volume,
-               coalesce(sum(quantity){buying}, 0)::DECIMAL(28,8) AS taker_buy_volume,
-               coalesce(sum(notional){buying}, 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
-               min(source_sequence) AS first_sequence,
-               max(source_sequence) AS last_sequence,
-               sum(quantity)::DECIMAL(28,8) AS volume_all,
-               {count}::BIGINT AS trade_count_all
-        FROM keyed GROUP BY {keys}, bucket ORDER BY {keys}, bar_start
+               arg_min(open, first_order){forming} AS open,
+               max(high){forming} AS high, min(low){forming} AS low,
+               arg_max(close, last_order){forming} AS close,
+               coalesce(sum(trades){forming}, 0)::BIGINT AS trade_count,
+               coalesce(sum(volume){forming}, 0)::DECIMAL(28,8) AS volume,
+               coalesce(sum(quote_volume){forming}, 0)::DECIMAL(38,16) AS quote_volume,
+               coalesce(sum(volume){buying}, 0)::DECIMAL(28,8) AS taker_buy_volume,
+               coalesce(sum(quote_volume){buying}, 0)::DECIMAL(38,16) AS taker_buy_quote_volume,
+               min(first_sequence) AS first_sequence,
+               max(last_sequence) AS last_sequence,
+               sum(volume)::DECIMAL(28,8) AS volume_all,
+               sum(trades)::BIGINT AS trade_count_all
+        FROM sided GROUP BY {keys}, bucket ORDER BY {keys}, bar_start
     """,
         params={"exchange": exchange, "trade_date": day} if constant else None,
     ).to_arrow_table()
