@@ -9,9 +9,9 @@ production, and in a thread it would share the producer's GIL. Each measurement 
            partitions, timed from run() until stats.produced reaches N and the flush completes.
   raw (a)  a bare `websockets` client on the same URL, counting N frames: no decoding, no Kafka.
   raw (b)  a bare confluent-kafka produce loop (K2's producer config, same key and headers) of the
-           same N trades, encoded in advance by live_codec.trade_from_event + encode.
+           same N trades, encoded in advance by live_codec.message_from_event.
   profile  the per-frame cost of what BinanceProducer.handle_frame does, each piece timed alone over
-           the same frames: events_in_frame, trade_from_event, encode, Producer.produce, and
+           the same frames: events_in_frame, message_from_event, Producer.produce, and
            handle_frame whole.
 Verdict: K2 msgs/s >= 100,000. One repetition of each (the suite must stay within minutes).
 """
@@ -220,12 +220,10 @@ def per_frame_profile(bootstrap: str, topic: str, frames: list[str]) -> dict:
 
     raw: list = []
     events: list = []
-    trades: list = []
+    values: list = []
     clock("str.encode", lambda: raw.extend(f.encode() for f in frames))
     clock("events_in_frame (orjson.loads)", lambda: events.extend(live_codec.events_in_frame(f)[0] for f in raw))
-    clock("trade_from_event", lambda: trades.extend(live_codec.trade_from_event(e, ingest) for e in events))
-    values: list = []
-    clock("encode (orjson.dumps)", lambda: values.extend(live_codec.encode(t) for t in trades))
+    clock("message_from_event", lambda: values.extend(live_codec.message_from_event(e, ingest)[3] for e in events))
     producer = BinanceProducer(list(SYMBOLS), bootstrap, topic=topic, dead_letter_topic=topic + ".dlq")
     # Connected and warm before timing: the first produce would otherwise wait for metadata.
     producer.producer.list_topics(topic, timeout=10)

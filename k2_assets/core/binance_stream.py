@@ -148,7 +148,7 @@ class BinanceProducer:
         raw_bytes = raw.encode() if isinstance(raw, str) else raw
         try:
             (event,) = live_codec.events_in_frame(raw_bytes)
-            trade = live_codec.trade_from_event(event, ingest_us, self.market)
+            symbol, trade_id, trade_us, value = live_codec.message_from_event(event, ingest_us, self.market)
         except live_codec.InvalidEvent as exc:
             stats.dead_lettered += 1
             self._produce(
@@ -156,14 +156,13 @@ class BinanceProducer:
             )
             self.publish_metrics()
             return
-        symbol, trade_id = trade["symbol"], trade["source_sequence"]
         last = stats.last_trade_id.get(symbol)
         if last is not None and trade_id > last + 1:
             stats.gaps.append({"symbol": symbol, "first_missing": last + 1, "last_missing": trade_id - 1})
         if last is None or trade_id > last:
             stats.last_trade_id[symbol] = trade_id
-            self._last_trade_us[symbol] = trade["exchange_timestamp"]
-        self._produce(self.topic, symbol.encode(), live_codec.encode(trade), live_codec.HEADERS)
+            self._last_trade_us[symbol] = trade_us
+        self._produce(self.topic, symbol.encode(), value, live_codec.HEADERS)
         stats.produced += 1
         self._unpublished[symbol] = self._unpublished.get(symbol, 0) + 1
         if ingest_us - self._published_us >= METRICS_EVERY_US:

@@ -61,11 +61,19 @@ def events_in_frame(raw: bytes | str) -> list[dict]:
 
 
 def trade_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> dict:
-    """A Binance `trade` event of `market` -> a v2 trade (dict of trade_v2.avsc fields).
+    """A Binance `trade` event of `market` -> a v2 trade (dict of trade_v2.avsc fields): the message, read back."""
+    return orjson.loads(message_from_event(event, ingest_us, market)[3])
+
+
+def message_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> tuple[str, int, int, bytes]:
+    """A Binance `trade` event of `market` -> (symbol, trade id, exchange time in µs, the v2 message as JSON).
 
     A futures event says how the trade came about (X); only MARKET trades form prices. Spot trades are all MARKET.
-    On the producer's hot path (one call per frame): exact type tests instead of isinstance (which
-    also lets bool through as int), one regex per decimal, and a cache of symbols already accepted."""
+    On the producer's hot path (one call per frame): exact type tests instead of isinstance (which also lets
+    bool through as int), one regex per decimal, a cache of symbols already accepted, and the message written
+    from a template rather than a dict and a JSON encoder (half the cost). Every value placed in the template
+    unquoted is checked first to need no JSON escape: digits, decimals, an upper-case alphanumeric symbol, or
+    K2's own constants; the one free-form value (M) goes through orjson."""
     get = event.get
     if get("e") != "trade":
         raise InvalidEvent(f"event type {get('e')!r} is not 'trade'")
@@ -90,32 +98,23 @@ def trade_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> dict
         if type(trade_class) is not str or trade_class not in TRADE_CLASSES:
             raise InvalidEvent(f"trade class X {trade_class!r} is not one of {', '.join(TRADE_CLASSES)}")
     event_time = get("E")
-    vendor = {"event_time": str(event_time)} if type(event_time) is int else {}
+    vendor = f'"event_time":"{event_time}"' if type(event_time) is int else ""
     if "M" in event:
         best = event["M"]
-        vendor["is_best_match"] = "True" if best is True else str(best)
+        best = '"True"' if best is True else orjson.dumps(str(best)).decode()
+        vendor = f'{vendor},"is_best_match":{best}' if vendor else f'"is_best_match":{best}'
     exchange = market.exchange
-    return {
-        "message_id": f"{exchange}:{symbol}:{trade_id}",
-        "trade_id": str(trade_id),
-        "exchange": exchange,
-        "symbol": symbol,
-        "asset_class": "CRYPTO",
-        "currency": currency,
-        # m: the buyer is the maker, so the aggressor sold.
-        "side": "SELL" if maker else "BUY",
-        "price": price,
-        "quantity": qty,
-        "exchange_timestamp": trade_time * 1000,
-        "trade_date": _utc_day(trade_time // 86_400_000),
-        "ingest_timestamp": ingest_us,
-        "source_sequence": trade_id,
-        "trade_conditions": [],
-        "venue": None,
-        "vendor_data": vendor,
-        "trade_class": trade_class,
-        "price_forming": trade_class == PRICE_FORMING_CLASS,
-    }
+    trade_us = trade_time * 1000
+    # m: the buyer is the maker, so the aggressor sold.
+    message = (
+        f'{{"message_id":"{exchange}:{symbol}:{trade_id}","trade_id":"{trade_id}","exchange":"{exchange}",'
+        f'"symbol":"{symbol}","asset_class":"CRYPTO","currency":"{currency}","side":"{"SELL" if maker else "BUY"}",'
+        f'"price":"{price}","quantity":"{qty}","exchange_timestamp":{trade_us},'
+        f'"trade_date":"{_utc_day(trade_time // 86_400_000)}","ingest_timestamp":{ingest_us},'
+        f'"source_sequence":{trade_id},"trade_conditions":[],"venue":null,"vendor_data":{{{vendor}}},'
+        f'"trade_class":"{trade_class}","price_forming":{"true" if trade_class == PRICE_FORMING_CLASS else "false"}}}'
+    )
+    return symbol, trade_id, trade_us, message.encode()
 
 
 _DECIMAL = re.compile(DECIMAL_TEXT, re.ASCII).fullmatch

@@ -72,7 +72,7 @@ def rows_from_rest(trades: list[dict], symbol: str, now: datetime, market: Marke
         extra = {"X": PRICE_FORMING_CLASS} if market.classified else {"M": t.get("isBestMatch", True)}
         return {**common, "m": t["isBuyerMaker"], **extra}
 
-    values = [live_codec.encode(live_codec.trade_from_event(event(t), ingest_us, market)) for t in trades]
+    values = [live_codec.message_from_event(event(t), ingest_us, market)[3] for t in trades]
     messages = Messages.of(values, [0] * len(values), [0] * len(values))
     rows, rejected = live_decode.decode_batch(messages, "", source="repair", exchange=market.exchange, now=now)
     if rejected.num_rows:
