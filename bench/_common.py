@@ -55,6 +55,16 @@ class Timing:
         }
 
 
+def profile_rows(stats) -> dict[str, dict]:
+    """A pstats.Stats as {"path:line(function)": calls, own and cumulative seconds}, paths relative to the repo or
+    site-packages."""
+    rows = {}
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
+        where = os.path.relpath(filename, REPO) if filename.startswith(str(REPO)) else filename.rsplit("site-packages/", 1)[-1]
+        rows[f"{where}:{line}({func})"] = {"calls": ncalls, "own_s": round(tottime, 4), "cumulative_s": round(cumtime, 4)}
+    return rows
+
+
 def row(stage: str, k2: str, raw: str, ratio: float | None, goal: str, met: bool | None) -> dict:
     """One line of `make bench`'s closing table: K2 beside its raw limit from the same run, the ratio and the verdict."""
     verdict = "—" if met is None else ("PASS" if met else "MISS")

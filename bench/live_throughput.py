@@ -48,7 +48,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench._common import REPO, BenchUnavailable, Timing, environment, footer, progress, row, save
+from bench._common import REPO, BenchUnavailable, Timing, environment, footer, profile_rows, progress, row, save
 from k2_assets.core import catalog, live_codec, live_decode, live_writer
 from k2_assets.core.kafka import consumer_config, ensure_topics, producer_config
 from k2_assets.core.kafka_batch import BatchConsumer, Messages, lines
@@ -513,18 +513,7 @@ def k2_profile_one_batch(bootstrap: str, topic: str, home: Path, top: int = 30) 
         profile.disable()
     finally:
         writer.close()
-    stats = pstats.Stats(profile)
-    rows = []
-    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
-        where = os.path.relpath(filename, REPO) if filename.startswith(str(REPO)) else filename.rsplit("site-packages/", 1)[-1]
-        rows.append(
-            {
-                "function": f"{where}:{line}({func})",
-                "calls": ncalls,
-                "own_s": round(tottime, 4),
-                "cumulative_s": round(cumtime, 4),
-            }
-        )
+    rows = [{"function": name, **figures} for name, figures in profile_rows(pstats.Stats(profile)).items()]
     by_own = sorted(rows, key=lambda r: r["own_s"], reverse=True)[:top]
     by_cum = [r for r in sorted(rows, key=lambda r: r["cumulative_s"], reverse=True) if "k2_assets" in r["function"]][:top]
     by_cum_all = sorted(rows, key=lambda r: r["cumulative_s"], reverse=True)[:top]

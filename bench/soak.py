@@ -13,13 +13,19 @@ For every window (WINDOWS of them, 5 minutes each at 30 minutes) it reports the 
 Iceberg append: Parquet file, manifests, metadata swap) p50 and p95, the committing thread's CPU p50 and the largest
 metadata.json (to tell work that grows from waiting), freshness p95 (Binance E -> commit, every row),
 and the peak snapshots and data files of market.trades (read every tick). The last window must stay within FLAT x the first.
-`K2_BENCH_SOAK_MINUTES` shortens the run (the windows shrink with it).
+`K2_BENCH_SOAK_MINUTES` shortens the run (the windows shrink with it). Every window also reports the garbage
+collector's pauses (in commits, and in the whole process) and the objects it tracks; `K2_BENCH_PROFILE=1` adds a
+cProfile of every commit, per window, and prints the functions whose time per commit grew most from the first window
+to the last.
 """
 
 from __future__ import annotations
 
+import cProfile
+import gc
 import multiprocessing
 import os
+import pstats
 import tempfile
 import time
 import uuid
@@ -31,7 +37,7 @@ import numpy as np
 import psutil
 import pyarrow.compute as pc
 
-from bench._common import environment, footer, progress, row, save
+from bench._common import environment, footer, profile_rows, progress, row, save
 from bench.live_freshness import ProducerThread, wall_clock_walk
 from bench.live_throughput import broker, load_average, pid_cpu_seconds, temp_tables
 from k2_assets.core import catalog, live_writer, maintenance, writer
@@ -59,6 +65,7 @@ RETAIN_S = 600.0
 ORPHAN_GRACE_S = 120.0
 FLAT = 1.2
 MAINTENANCE_COUNTS = ("files_compacted", "expired", "orphans_removed")
+PROFILE = bool(os.environ.get("K2_BENCH_PROFILE"))
 FIGURES = ("rss_mb", "commit_p50_s", "commit_p95_s", "freshness_p95_s", "snapshots", "data_files")
 
 
@@ -144,24 +151,47 @@ def metadata_bytes(location: str) -> int:
         return 0
 
 
+class GcPauses:
+    """Seconds this process spent in the garbage collector so far, and its full collections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.full += info["generation"] == 2
+
+
 class Recorder:
     """What the writer did, stamped with when it did it: commit durations and every row's freshness."""
 
     def __init__(self) -> None:
-        # (monotonic end, wall seconds, the committing thread's CPU seconds, metadata.json bytes after it): CPU
-        # that rises with the wall time is work that grows; wall time alone rising is waiting (locks, fsync, I/O).
-        self.commits: list[tuple[float, float, float, int]] = []
+        # (monotonic end, wall seconds, the committing thread's CPU seconds, metadata.json bytes after it, GC seconds
+        # inside it): CPU that rises with the wall time is work that grows; wall time alone rising is waiting.
+        self.commits: list[tuple[float, float, float, int, float]] = []
         self.fresh: list[tuple[float, np.ndarray]] = []  # (monotonic, lags of the batch's rows)
         self._latency = live_writer.latency
+        self.gc = GcPauses()
+        self._gc_at = (0.0, 0)
+        self.profile = cProfile.Profile() if PROFILE else None
 
     def install(self, writer: live_writer.LiveWriter) -> live_writer.LiveWriter:
         append = writer.trades.append
 
         def timed_append(*args, **kwargs):
-            start, cpu = time.monotonic(), time.thread_time()
-            result = append(*args, **kwargs)
+            start, cpu, gc_s = time.monotonic(), time.thread_time(), self.gc.seconds
+            if self.profile is not None:
+                result = self.profile.runcall(append, *args, **kwargs)
+            else:
+                result = append(*args, **kwargs)
             wall, cpu = time.monotonic() - start, time.thread_time() - cpu
-            self.commits.append((time.monotonic(), wall, cpu, metadata_bytes(writer.trades.metadata_location)))
+            size = metadata_bytes(writer.trades.metadata_location)
+            self.commits.append((time.monotonic(), wall, cpu, size, self.gc.seconds - gc_s))
             return result
 
         writer.trades.append = timed_append
@@ -175,22 +205,33 @@ class Recorder:
     def window(self, start: float, end: float) -> dict:
         """The figures of [start, end); what came before `end` is then let go, so the bench's own records do not
         add to the RSS it measures."""
-        inside = [(wall, cpu, size) for t, wall, cpu, size in self.commits if start <= t < end]
-        commits = np.array([wall for wall, _, _ in inside])
-        commit_cpu = np.array([cpu for _, cpu, _ in inside])
+        inside = [c[1:] for c in self.commits if start <= c[0] < end]
+        commits = np.array([wall for wall, *_ in inside])
+        commit_cpu = np.array([cpu for _, cpu, *_ in inside])
         fresh = [a for t, a in self.fresh if start <= t < end]
         for records in (self.commits, self.fresh):  # in time order; in place, as the writer thread appends meanwhile
             del records[: sum(1 for t, *_ in list(records) if t < end)]
         fresh = np.concatenate(fresh) if fresh else np.array([])
-        return {
+        gc_s, full = self.gc.seconds - self._gc_at[0], self.gc.full - self._gc_at[1]
+        self._gc_at = (self.gc.seconds, self.gc.full)
+        figures = {
             "commits": len(commits),
             "commit_p50_s": float(np.percentile(commits, 50)) if len(commits) else float("nan"),
             "commit_p95_s": float(np.percentile(commits, 95)) if len(commits) else float("nan"),
             "commit_cpu_p50_s": float(np.percentile(commit_cpu, 50)) if len(commit_cpu) else float("nan"),
-            "metadata_kb_max": max((size for _, _, size in inside), default=0) / 1024,
+            "commit_gc_ms_mean": 1000 * sum(g for *_, g in inside) / max(len(inside), 1),
+            "gc_s": gc_s,
+            "gc_full": full,
+            "gc_objects": len(gc.get_objects()),
+            "metadata_kb_max": max((size for _, _, size, _ in inside), default=0) / 1024,
             "rows": len(fresh),
             "freshness_p95_s": float(np.percentile(fresh, 95)) if len(fresh) else float("nan"),
         }
+        if self.profile is not None:
+            self.profile.disable()
+            figures["profile"] = profile_rows(pstats.Stats(self.profile))
+            self.profile = cProfile.Profile()
+        return figures
 
 
 class CpuShares:
@@ -240,6 +281,7 @@ def soak(home: Path) -> dict:
         gaps = catalog.ensure_table(cat, "sequence_gaps")
         recorder = Recorder()
         live_writer.latency = recorder.latency
+        gc.callbacks.append(recorder.gc)
 
         def open_writer() -> live_writer.LiveWriter:
             return recorder.install(
@@ -309,6 +351,7 @@ def soak(home: Path) -> dict:
             stop_maintaining.set()
             drain.stop()
             live_writer.latency = recorder._latency
+            gc.callbacks.remove(recorder.gc)
             maintainer.join(120)
             for child in (feeder, maintainer):
                 if child.is_alive():
@@ -360,6 +403,8 @@ def render(results: dict) -> str:
         + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
         + f", failed runs {sum('error' in r for r in runs)}",
         *maintenance_profile(results),
+        *collector_lines(windows),
+        *profile_growth(windows),
         footer(results),
     ]
     return "\n".join(lines)
@@ -389,6 +434,32 @@ def maintenance_profile(results: dict) -> list[str]:
             f"  {i + 1}: {len(runs)} runs, {total['rows_rewritten']:,} rows, "
             f"{total['mib_in']:.0f} -> {total['mib_out']:.0f} MiB, {total['compact_attempts']} attempts; {steps}"
         )
+    return lines
+
+
+def collector_lines(windows: list[dict]) -> list[str]:
+    """The garbage collector by window: work that grows with the heap shows here, not in the table."""
+    lines = ["garbage collector by window: pauses s (full collections), mean ms of it inside a commit, objects tracked"]
+    for i, w in enumerate(windows, 1):
+        lines.append(f"  {i}: {w['gc_s']:.1f} ({w['gc_full']}), {w['commit_gc_ms_mean']:.2f} ms, {w['gc_objects']:,}")
+    return lines
+
+
+def profile_growth(windows: list[dict], top: int = 15) -> list[str]:
+    """With K2_BENCH_PROFILE: the functions whose cumulative time per commit grew most, first window to last."""
+    first, last = windows[0], windows[-1]
+    if "profile" not in first or not first["commits"] or not last["commits"]:
+        return []
+
+    def per_commit(w: dict, name: str) -> float:
+        return 1000 * w["profile"].get(name, {}).get("cumulative_s", 0.0) / w["commits"]
+
+    names = set(first["profile"]) | set(last["profile"])
+    grown = sorted(names, key=lambda n: per_commit(last, n) - per_commit(first, n), reverse=True)[:top]
+    lines = ["cProfile of the commits: cumulative ms per commit, first window -> last (calls per commit), most grown"]
+    for name in grown:
+        calls = last["profile"].get(name, {}).get("calls", 0) / last["commits"]
+        lines.append(f"  {per_commit(first, name):8.2f} -> {per_commit(last, name):8.2f}  ({calls:,.1f})  {name}")
     return lines
 
 

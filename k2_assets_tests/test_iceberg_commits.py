@@ -144,3 +144,39 @@ def test_another_process_commit_is_read_not_the_kept_parse(tmp_path, trades):
     final = cat.load_table("market.trades")
     assert len(final.metadata.snapshots) == 3 and final.scan().to_arrow().num_rows == 35
     assert final.metadata.model_dump_json() == on_disk(final)
+
+
+def test_a_reader_in_another_process_never_blocks_a_commit(tmp_path, trades):
+    """The SQLite catalog runs in WAL mode: a process that holds a read transaction open (the daemon, a backup, a
+    query) does not hold a commit back, and still sees the catalog as it was when its transaction began."""
+    cat = k2_catalog.open_catalog(f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/warehouse")
+    table = k2_catalog.ensure_table(cat, "trades")
+    table.append(trades.slice(0, 10))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_READER, f"{tmp_path}/catalog.db"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        before = reader.stdout.readline().strip()  # the reader's transaction is open from here
+        assert before == table.metadata_location
+        table.append(trades.slice(10, 10))  # in a rollback journal: "database is locked" after the 5 s busy wait
+        assert cat.load_table("market.trades").scan().to_arrow().num_rows == 20
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == before  # its snapshot of the catalog, unchanged
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+HOLDING_READER = """
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+query = "SELECT metadata_location FROM iceberg_tables WHERE table_name = 'trades'"
+con.execute("BEGIN")
+print(con.execute(query).fetchone()[0], flush=True)
+sys.stdin.readline()
+print(con.execute(query).fetchone()[0], flush=True)
+"""

@@ -15,6 +15,7 @@ from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.table import Table
 from pyiceberg.table.sorting import SortField, SortOrder
 from pyiceberg.transforms import IdentityTransform
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from k2_assets.core import iceberg_metadata_cache, schemas
@@ -71,10 +72,35 @@ def open_catalog(uri: str, warehouse: str) -> Catalog:
     # one more table exists, so one attempt per table and a last one always see them all.
     for _ in SqlCatalogBaseTable.metadata.tables:
         try:
-            return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+            return _write_ahead(SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties()))
         except (IntegrityError, OperationalError, ProgrammingError):
             pass
-    return SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties())
+    return _write_ahead(SqlCatalog("k2", uri=uri, warehouse=warehouse, **object_store_properties()))
+
+
+def _write_ahead(catalog: SqlCatalog) -> SqlCatalog:
+    """A SQLite catalog in WAL mode, synchronous=NORMAL, on every connection from now on.
+
+    In SQLite's default rollback journal every commit syncs the disk, and a reader's open transaction (the daemon,
+    the maintenance job) holds a writer's commit back. Behind compaction's writes, SQLite's own commit grew from 2
+    to 11 ms over the soak's 30 minutes. In WAL mode readers never block the writer, and a commit appends to the
+    log without a sync. A process that dies (SIGKILL) loses no commit; a power cut may lose the last ones,
+    offsets and rows together, which the writer then consumes again from Kafka: still exactly once."""
+    if catalog.engine.dialect.name != "sqlite" or catalog.engine.url.database in (None, "", ":memory:"):
+        return catalog  # an in-memory database lives only as long as its one connection
+    event.listen(catalog.engine, "connect", _sqlite_pragmas)
+    catalog.engine.dispose()  # the connection that created the catalog's tables had none of them
+    return catalog
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")  # persistent in the file; busy while another process switches it
+    except Exception as exc:  # noqa: BLE001 - sqlite3.OperationalError: the next connection tries again
+        log.debug("SQLite catalog stays in its journal mode for now: %s", one_line(exc))
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def object_store_properties() -> dict[str, str]:

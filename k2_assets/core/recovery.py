@@ -176,11 +176,22 @@ def rebuild(
 # ---------------------------------------------------------------- backup and restore
 
 
+SQLITE_LEFTOVERS = ("-wal", "-shm", "-journal")
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """The journal files beside a SQLite database: a new database at `path` would fail on a lost one's."""
+    return [p for p in (Path(f"{path}{suffix}") for suffix in SQLITE_LEFTOVERS) if p.exists()]
+
+
 def readable(catalog_uri: str) -> bool:
-    """False for a SQLite catalog file that is not a sound database (a missing one is fine: it will be created)."""
+    """False for a SQLite catalog file that is not a sound database, or a deleted one whose journal files remain
+    (a missing one is fine otherwise: it will be created)."""
     path = _sqlite_path(catalog_uri) if catalog_uri.startswith("sqlite:///") else None
-    if path is None or not path.exists():
+    if path is None:
         return True
+    if not path.exists():
+        return not _leftovers(path)
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
             return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
@@ -189,18 +200,19 @@ def readable(catalog_uri: str) -> bool:
 
 
 def set_aside_if_unreadable(catalog_uri: str, now: datetime | None = None) -> Path | None:
-    """Rename a SQLite catalog that is not a readable database out of the way (never deleted); where it went."""
+    """Rename a SQLite catalog that is not a readable database, or the journal files a deleted one left, out of the
+    way (never deleted); where they went."""
     if not catalog_uri.startswith("sqlite:///"):
         return None
     path = _sqlite_path(catalog_uri)
     if readable(catalog_uri):
         return None
     aside = path.with_name(f"{path.name}.unreadable-{(now or datetime.now(UTC)):%Y%m%dT%H%M%S}")
-    os.replace(path, aside)
-    for suffix in ("-wal", "-shm", "-journal"):
-        leftover = Path(f"{path}{suffix}")
-        if leftover.exists():
-            os.replace(leftover, Path(f"{aside}{suffix}"))
+    leftovers = _leftovers(path)
+    if path.exists():
+        os.replace(path, aside)
+    for leftover in leftovers:
+        os.replace(leftover, Path(f"{aside}{leftover.name.removeprefix(path.name)}"))
     return aside
 
 
@@ -339,8 +351,8 @@ def restore(catalog_uri: str, warehouse: str, backup_dir: Path, force: bool = Fa
         staged = target.with_name(target.name + ".restoring")
         staged.unlink(missing_ok=True)
         _sqlite_copy(copy, staged)
-        for suffix in ("-wal", "-shm", "-journal"):  # a corrupt catalog's leftovers must not replay over the copy
-            Path(f"{target}{suffix}").unlink(missing_ok=True)
+        for leftover in _leftovers(target):  # a corrupt catalog's leftovers must not replay over the copy
+            leftover.unlink()
         os.replace(staged, target)
     else:
         if not catalog_uri.startswith("postgresql"):
