@@ -63,6 +63,7 @@ def transaction_cache_only_commits(home: str, rows_path: str, properties: dict[s
     """A child's appends with K2's commit path as it was before 2026-12-02: the Transaction cache only."""
     import pyiceberg.catalog
     import pyiceberg.table
+    from pyiceberg.avro.file import AvroFile
     from pyiceberg.serializers import FromInputFile, ToOutputFile
 
     from k2_assets.core import catalog, iceberg_metadata_cache
@@ -70,6 +71,7 @@ def transaction_cache_only_commits(home: str, rows_path: str, properties: dict[s
     pyiceberg.table.update_table_metadata = pyiceberg.catalog.update_table_metadata = iceberg_metadata_cache._deep_copying
     FromInputFile.table_metadata = staticmethod(iceberg_metadata_cache._read_file)
     ToOutputFile.table_metadata = staticmethod(iceberg_metadata_cache._write_file)
+    AvroFile.__enter__ = iceberg_metadata_cache._enter_avro_file
     timed_in_child(catalog.open_catalog(URI.format(home=home), WAREHOUSE.format(home=home)), rows_path, properties, out)
 
 

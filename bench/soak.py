@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import cProfile
 import gc
+import logging
 import multiprocessing
 import os
 import pstats
@@ -32,10 +33,12 @@ import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
 import pyarrow.compute as pc
+from pyiceberg.table.update.snapshot import _ManifestMergeManager
 
 from bench._common import environment, footer, profile_rows, progress, row, save
 from bench.live_freshness import ProducerThread, wall_clock_walk
@@ -167,17 +170,66 @@ class GcPauses:
             self.full += info["generation"] == 2
 
 
-class Recorder:
-    """What the writer did, stamped with when it did it: commit durations and every row's freshness."""
+class Commit(NamedTuple):
+    """One append to market.trades. CPU that rises with the wall time is work that grows; wall time alone rising
+    is waiting."""
+
+    at: float  # monotonic, when it ended
+    wall_s: float
+    cpu_s: float  # the committing thread's (a manifest merge runs on pyiceberg's pool, so it shows as wall time)
+    metadata_bytes: int  # metadata.json after it
+    gc_s: float  # the garbage collector's pauses inside it
+    kind: str  # one of COMMIT_KINDS
+
+
+# plain: one manifest added; merging: pyiceberg's manifest merge rewrote the table's manifests into one (every
+# commit.manifest.min-count-to-merge commits); rebased: the catalog refused the first attempt (a concurrent commit,
+# maintenance's) and pyiceberg made it again on the new state.
+COMMIT_KINDS = ("plain", "merging", "rebased")
+
+
+class CommitEvents(logging.Filter):
+    """Counts, in this process, pyiceberg's manifest merges and its retries on a concurrent commit."""
 
     def __init__(self) -> None:
-        # (monotonic end, wall seconds, the committing thread's CPU seconds, metadata.json bytes after it, GC seconds
-        # inside it): CPU that rises with the wall time is work that grows; wall time alone rising is waiting.
-        self.commits: list[tuple[float, float, float, int, float]] = []
+        super().__init__()
+        self.merges = self.rebases = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.rebases += str(record.msg).startswith("Commit failed due to a concurrent update")
+        return True
+
+    @contextmanager
+    def installed(self):
+        create = _ManifestMergeManager._create_manifest
+
+        def counted(manager, *args, **kwargs):
+            self.merges += 1
+            return create(manager, *args, **kwargs)
+
+        _ManifestMergeManager._create_manifest = counted
+        logging.getLogger("pyiceberg.table").addFilter(self)
+        try:
+            yield self
+        finally:
+            _ManifestMergeManager._create_manifest = create
+            logging.getLogger("pyiceberg.table").removeFilter(self)
+
+    def kind(self, merges: int, rebases: int) -> str:
+        """The kind of a commit, from these counts before it."""
+        return "rebased" if self.rebases > rebases else "merging" if self.merges > merges else "plain"
+
+
+class Recorder:
+    """What the writer did, stamped with when it did it: commits and every row's freshness."""
+
+    def __init__(self) -> None:
+        self.commits: list[Commit] = []
         self.fresh: list[tuple[float, np.ndarray]] = []  # (monotonic, lags of the batch's rows)
         self._latency = live_writer.latency
         self.gc = GcPauses()
         self._gc_at = (0.0, 0)
+        self.events = CommitEvents()
         self.profile = cProfile.Profile() if PROFILE else None
 
     def install(self, writer: live_writer.LiveWriter) -> live_writer.LiveWriter:
@@ -185,13 +237,15 @@ class Recorder:
 
         def timed_append(*args, **kwargs):
             start, cpu, gc_s = time.monotonic(), time.thread_time(), self.gc.seconds
+            merges, rebases = self.events.merges, self.events.rebases
             if self.profile is not None:
                 result = self.profile.runcall(append, *args, **kwargs)
             else:
                 result = append(*args, **kwargs)
             wall, cpu = time.monotonic() - start, time.thread_time() - cpu
             size = metadata_bytes(writer.trades.metadata_location)
-            self.commits.append((time.monotonic(), wall, cpu, size, self.gc.seconds - gc_s))
+            kind = self.events.kind(merges, rebases)
+            self.commits.append(Commit(time.monotonic(), wall, cpu, size, self.gc.seconds - gc_s, kind))
             return result
 
         writer.trades.append = timed_append
@@ -205,9 +259,9 @@ class Recorder:
     def window(self, start: float, end: float) -> dict:
         """The figures of [start, end); what came before `end` is then let go, so the bench's own records do not
         add to the RSS it measures."""
-        inside = [c[1:] for c in self.commits if start <= c[0] < end]
-        commits = np.array([wall for wall, *_ in inside])
-        commit_cpu = np.array([cpu for _, cpu, *_ in inside])
+        inside = [c for c in self.commits if start <= c.at < end]
+        commits = np.array([c.wall_s for c in inside])
+        commit_cpu = np.array([c.cpu_s for c in inside])
         fresh = [a for t, a in self.fresh if start <= t < end]
         for records in (self.commits, self.fresh):  # in time order; in place, as the writer thread appends meanwhile
             del records[: sum(1 for t, *_ in list(records) if t < end)]
@@ -219,11 +273,12 @@ class Recorder:
             "commit_p50_s": float(np.percentile(commits, 50)) if len(commits) else float("nan"),
             "commit_p95_s": float(np.percentile(commits, 95)) if len(commits) else float("nan"),
             "commit_cpu_p50_s": float(np.percentile(commit_cpu, 50)) if len(commit_cpu) else float("nan"),
-            "commit_gc_ms_mean": 1000 * sum(g for *_, g in inside) / max(len(inside), 1),
+            "commit_gc_ms_mean": 1000 * sum(c.gc_s for c in inside) / max(len(inside), 1),
+            "kinds": kinds(inside),
             "gc_s": gc_s,
             "gc_full": full,
             "gc_objects": len(gc.get_objects()),
-            "metadata_kb_max": max((size for _, _, size, _ in inside), default=0) / 1024,
+            "metadata_kb_max": max((c.metadata_bytes for c in inside), default=0) / 1024,
             "rows": len(fresh),
             "freshness_p95_s": float(np.percentile(fresh, 95)) if len(fresh) else float("nan"),
         }
@@ -232,6 +287,23 @@ class Recorder:
             figures["profile"] = profile_rows(pstats.Stats(self.profile))
             self.profile = cProfile.Profile()
         return figures
+
+
+def kinds(commits: list[Commit]) -> dict[str, dict]:
+    """Per kind of commit: how many, wall p50 and p95, and p95 of the time off the committing thread's CPU (waiting:
+    on the disk, on pyiceberg's pool, on the other processes' use of the cores)."""
+    out = {}
+    for kind in COMMIT_KINDS:
+        some = [c for c in commits if c.kind == kind]
+        wall = np.array([c.wall_s for c in some])
+        off_cpu = np.array([c.wall_s - c.cpu_s for c in some])
+        out[kind] = {
+            "commits": len(some),
+            "p50_s": float(np.percentile(wall, 50)) if some else float("nan"),
+            "p95_s": float(np.percentile(wall, 95)) if some else float("nan"),
+            "off_cpu_p95_s": float(np.percentile(off_cpu, 95)) if some else float("nan"),
+        }
+    return out
 
 
 class CpuShares:
@@ -273,13 +345,13 @@ def soak(home: Path) -> dict:
     seconds = MINUTES * 60
     window_s = seconds / WINDOWS
     spawn = multiprocessing.get_context("spawn")
-    with broker(home) as b:
+    recorder = Recorder()
+    with broker(home) as b, recorder.events.installed():
         topic = f"bench.soak.{uuid.uuid4().hex[:6]}"
         ensure_topics(b.bootstrap, {topic: PARTITIONS, topic + ".dlq": 1})
         lake = home / "lake"
         cat, trades, rejected = temp_tables(lake)
         gaps = catalog.ensure_table(cat, "sequence_gaps")
-        recorder = Recorder()
         live_writer.latency = recorder.latency
         gc.callbacks.append(recorder.gc)
 
@@ -403,6 +475,7 @@ def render(results: dict) -> str:
         + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
         + f", failed runs {sum('error' in r for r in runs)}",
         *maintenance_profile(results),
+        *kind_lines(windows),
         *collector_lines(windows),
         *profile_growth(windows),
         footer(results),
@@ -434,6 +507,19 @@ def maintenance_profile(results: dict) -> list[str]:
             f"  {i + 1}: {len(runs)} runs, {total['rows_rewritten']:,} rows, "
             f"{total['mib_in']:.0f} -> {total['mib_out']:.0f} MiB, {total['compact_attempts']} attempts; {steps}"
         )
+    return lines
+
+
+def kind_lines(windows: list[dict]) -> list[str]:
+    """The commits by kind and window: a p95 that moves because the share of merging commits crossed 5% is not
+    a p95 that grows."""
+    lines = ["commits by kind and window: count, wall p50 / p95 s, off-CPU p95 s"]
+    for i, w in enumerate(windows, 1):
+        parts = []
+        for kind, k in w["kinds"].items():
+            times = f" {k['p50_s']:.3f} / {k['p95_s']:.3f} ({k['off_cpu_p95_s']:.3f})" if k["commits"] else ""
+            parts.append(f"{kind} {k['commits']}{times}")
+        lines.append(f"  {i}: " + "; ".join(parts))
     return lines
 
 

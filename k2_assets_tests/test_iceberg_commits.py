@@ -1,5 +1,6 @@
-"""pyiceberg's commit path as K2 runs it (`iceberg_metadata_cache`): no deep copies of the metadata, and parsed
-metadata files kept by location. Neither may change what a commit writes, what a reader sees, or an earlier state."""
+"""pyiceberg's commit path as K2 runs it (`iceberg_metadata_cache`): no deep copies of the metadata, parsed
+metadata files kept by location, and Avro readers kept by header schema. None may change what a commit writes, what
+a reader sees, or an earlier state."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pyiceberg.catalog
 import pyiceberg.table
 import pytest
 from hypothesis import strategies as st
+from pyiceberg.avro.file import AvroFile
 from pyiceberg.expressions import EqualTo
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
 from pyiceberg.types import StringType
 
 from k2_assets.core import catalog as k2_catalog
@@ -65,6 +68,7 @@ def test_the_commit_path_is_k2s():
     """The tests below would pass on stock pyiceberg too: this one says they test K2's path."""
     assert pyiceberg.catalog.update_table_metadata is iceberg_metadata_cache.update_table_metadata
     assert pyiceberg.table.update_table_metadata is iceberg_metadata_cache.update_table_metadata
+    assert AvroFile.__enter__ is iceberg_metadata_cache._enter_with_kept_reader
 
 
 @hypothesis.settings(max_examples=12, deadline=None)
@@ -180,3 +184,43 @@ print(con.execute(query).fetchone()[0], flush=True)
 sys.stdin.readline()
 print(con.execute(query).fetchone()[0], flush=True)
 """
+
+
+def entries(table, snapshot) -> list[tuple]:
+    """Every manifest of `snapshot` (its manifest list read first) and every entry of each, as plain values."""
+    out = []
+    for manifest in snapshot.manifests(table.io):
+        out.append((manifest.manifest_path, manifest.added_files_count, manifest.existing_files_count, str(manifest.partitions)))
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
+            f = entry.data_file
+            out.append(
+                (entry.status, entry.snapshot_id, f.file_path, str(f.partition), f.record_count, f.lower_bounds, f.upper_bounds)
+            )
+    return out
+
+
+def test_manifests_read_through_kept_readers_equal_pyiceberg_s_own_reads(tmp_path, trades):
+    """Two tables whose manifests' headers differ (partitioned by exchange and day, and unpartitioned), merged and
+    read in turn: every manifest list and manifest read through K2's kept readers gives what pyiceberg's own
+    `AvroFile.__enter__` gives, entry by entry."""
+    cat = k2_catalog.open_catalog(f"sqlite:///{tmp_path}/catalog.db", f"file://{tmp_path}/warehouse")
+    partitioned = k2_catalog.ensure_table(cat, "trades")
+    flat = cat.create_table(
+        "market.flat",
+        schema=partitioned.schema(),
+        partition_spec=UNPARTITIONED_PARTITION_SPEC,
+        properties=k2_catalog.TABLE_PROPERTIES,
+    )
+    for i in range(22):  # past commit.manifest.min-count-to-merge: merges read the other headers' manifests too
+        for table in (partitioned, flat):
+            table.append(on_day(trades.slice(i * 5, 5), DAYS[i % len(DAYS)]))
+    tables = [partitioned, flat]
+    kept = [[entries(t, s) for s in t.metadata.snapshots[::4]] for t in tables]
+    AvroFile.__enter__ = iceberg_metadata_cache._enter_avro_file
+    try:
+        own = [[entries(t, s) for s in t.metadata.snapshots[::4]] for t in tables]
+    finally:
+        AvroFile.__enter__ = iceberg_metadata_cache._enter_with_kept_reader
+    assert kept == own
+    assert {e[3] for e in kept[1][-1] if len(e) == 7} == {"Record[]"}, "the unpartitioned table read as itself"
+    assert len(kept[0][-1]) > len(partitioned.current_snapshot().manifests(partitioned.io)), "entries were read"
