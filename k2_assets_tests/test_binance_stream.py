@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -113,6 +115,37 @@ def test_reconnects_back_off_and_log_the_last_trade_ids(btcusdt_dir, broker, top
         {"symbol": "BTCUSDT", "first_missing": 3345206500, "last_missing": 3345206501},
         {"symbol": "BTCUSDT", "first_missing": 3345210000, "last_missing": 3345210000},
     ]
+
+
+def test_stop_during_the_handshake_ends_the_producer_at_once(broker, topic, logged):
+    """stop() while the exchange has accepted the connection and not yet answered the handshake (a reconnect in
+    progress at Ctrl-C): the producer ends at once, not after the 10 s handshake timeout, and flushes as ever."""
+    ensure_topics(broker.bootstrap, {topic + ".dlq": 1})
+    accepted = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        held = []
+
+        def accept() -> None:
+            held.append(silent.accept()[0])
+            accepted.set()
+
+        threading.Thread(target=accept, daemon=True).start()
+        producer = BinanceProducer(
+            ["BTCUSDT"],
+            broker.bootstrap,
+            base_url=f"ws://127.0.0.1:{silent.getsockname()[1]}",
+            topic=topic,
+            dead_letter_topic=topic + ".dlq",
+        )
+        with ProducerThread(producer):
+            assert accepted.wait(10), "the producer never connected"
+            time.sleep(0.3)  # its handshake request sent, the answer awaited
+            stopping = time.monotonic()
+        stopped_in = time.monotonic() - stopping
+        for conn in held:
+            conn.close()
+    assert stopped_in < 3, f"stopped {stopped_in:.1f} s after stop()"
+    assert [e["event"] for e in logged] == ["stopped"] and logged[-1]["unflushed"] == 0
 
 
 def test_connection_is_renewed_before_the_exchange_cuts_it_and_pings_are_answered(broker, topic, logged):

@@ -128,6 +128,7 @@ class BinanceProducer:
         )
         self.stop_event = asyncio.Event()
         self._ws: WSTransport | None = None
+        self._connecting: asyncio.Future | None = None
 
     def _on_error(self, error) -> None:
         _event("kafka_error", error=str(error))
@@ -228,16 +229,29 @@ class BinanceProducer:
         return self.stats
 
     async def _connection(self) -> None:
-        transport, frames = await ws_connect(
-            lambda: _Frames(self),
-            self.url,
-            websocket_handshake_timeout=10,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=30,  # a connection silent this long is pinged, and dropped if no pong in as long
-            auto_ping_reply_timeout=30,
-            max_frame_size=2**20,
+        self._connecting = asyncio.ensure_future(
+            ws_connect(
+                lambda: _Frames(self),
+                self.url,
+                websocket_handshake_timeout=10,
+                enable_auto_ping=True,
+                auto_ping_idle_timeout=30,  # a connection silent this long is pinged, and dropped if no pong in as long
+                auto_ping_reply_timeout=30,
+                max_frame_size=2**20,
+            )
         )
+        try:
+            transport, frames = await self._connecting
+        except asyncio.CancelledError:
+            if self.stop_event.is_set() and not asyncio.current_task().cancelling():
+                return  # stop() cancelled the handshake
+            raise
+        finally:
+            self._connecting = None
         self._ws = transport
+        if self.stop_event.is_set():  # stop() came after the handshake ended, before this resumed
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
         _event("connected", url=self.url, last_trade_id=dict(self.stats.last_trade_id))
         try:
             async with asyncio.timeout(self.max_connection_seconds):
@@ -253,7 +267,10 @@ class BinanceProducer:
             raise ConnectionError(frames.ended)
 
     def stop(self) -> None:
+        """End the stream (on the producer's event loop): a handshake under way is cancelled, a connection closed."""
         self.stop_event.set()
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._ws is not None:
             self._ws.send_close(WSCloseCode.OK)
             self._ws.disconnect()
