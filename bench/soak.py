@@ -8,6 +8,8 @@ Three processes beside the embedded broker, as in operation:
   maintenance      a child process: what table_maintenance_job does hourly, every MAINTENANCE_EVERY_S: compact the live
                    day (file by file, beside the writer), thin and expire snapshots, remove orphan files, on a compressed
                    schedule (below).
+  disk probe       a child process: a metadata.json-sized file written and renamed every PROBE_EVERY_S, the raw limit
+                   of a commit's file writes on this disk, per window beside the commits.
 
 For every window (WINDOWS of them, 5 minutes each at 30 minutes) it reports the writer's peak RSS, the commit latency (the
 Iceberg append: Parquet file, manifests, metadata swap) p50 and p95, the committing thread's CPU p50 and the largest
@@ -69,6 +71,8 @@ ORPHAN_GRACE_S = 120.0
 FLAT = 1.2
 MAINTENANCE_COUNTS = ("files_compacted", "expired", "orphans_removed")
 PROFILE = bool(os.environ.get("K2_BENCH_PROFILE"))
+PROBE_EVERY_S = 0.25
+PROBE_BYTES = 200 * 1024  # the soak's metadata.json
 FIGURES = ("rss_mb", "commit_p50_s", "commit_p95_s", "freshness_p95_s", "snapshots", "data_files")
 
 
@@ -85,6 +89,20 @@ def feed_and_produce(bootstrap: str, topic: str, seconds: float, out) -> None:
         time.sleep(seconds)
         feeding.stop()
     out.put({"produced": producer.stats.produced, "dead_lettered": producer.stats.dead_lettered, "error": repr(feeding.error)})
+
+
+def probe_disk(directory: Path, stop, out) -> None:
+    """The child process that measures the disk alone, the raw limit of a commit's file writes: every PROBE_EVERY_S
+    it writes a metadata.json-sized file beside the warehouse and renames it into place, as a commit does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload, samples = os.urandom(PROBE_BYTES), []
+    while not stop.wait(PROBE_EVERY_S):
+        start = time.monotonic()
+        with open(directory / "probe.tmp", "wb") as f:
+            f.write(payload)
+        os.replace(directory / "probe.tmp", directory / "probe.json")
+        samples.append((time.monotonic(), time.monotonic() - start))
+    out.put(samples)
 
 
 def maintain(catalog_uri: str, warehouse: str, stop, out) -> None:
@@ -180,6 +198,7 @@ class Commit(NamedTuple):
     metadata_bytes: int  # metadata.json after it
     gc_s: float  # the garbage collector's pauses inside it
     kind: str  # one of COMMIT_KINDS
+    queued_s: float  # of the time off CPU, how long the thread was runnable but waited for a core (the rest blocked)
 
 
 # plain: one manifest added; merging: pyiceberg's manifest merge rewrote the table's manifests into one (every
@@ -232,20 +251,33 @@ class Recorder:
         self.events = CommitEvents()
         self.profile = cProfile.Profile() if PROFILE else None
 
+    @contextmanager
+    def installed(self):
+        """Its hooks in place for the run: the freshness of every batch, the garbage collector's pauses, and the
+        counts of merges and rebases."""
+        live_writer.latency = self.latency
+        gc.callbacks.append(self.gc)
+        try:
+            with self.events.installed():
+                yield self
+        finally:
+            live_writer.latency = self._latency
+            gc.callbacks.remove(self.gc)
+
     def install(self, writer: live_writer.LiveWriter) -> live_writer.LiveWriter:
         append = writer.trades.append
 
         def timed_append(*args, **kwargs):
-            start, cpu, gc_s = time.monotonic(), time.thread_time(), self.gc.seconds
+            start, cpu, gc_s, queued = time.monotonic(), time.thread_time(), self.gc.seconds, run_queue_seconds()
             merges, rebases = self.events.merges, self.events.rebases
             if self.profile is not None:
                 result = self.profile.runcall(append, *args, **kwargs)
             else:
                 result = append(*args, **kwargs)
-            wall, cpu = time.monotonic() - start, time.thread_time() - cpu
+            wall, cpu, queued = time.monotonic() - start, time.thread_time() - cpu, run_queue_seconds() - queued
             size = metadata_bytes(writer.trades.metadata_location)
             kind = self.events.kind(merges, rebases)
-            self.commits.append(Commit(time.monotonic(), wall, cpu, size, self.gc.seconds - gc_s, kind))
+            self.commits.append(Commit(time.monotonic(), wall, cpu, size, self.gc.seconds - gc_s, kind, queued))
             return result
 
         writer.trades.append = timed_append
@@ -302,8 +334,15 @@ def kinds(commits: list[Commit]) -> dict[str, dict]:
             "p50_s": float(np.percentile(wall, 50)) if some else float("nan"),
             "p95_s": float(np.percentile(wall, 95)) if some else float("nan"),
             "off_cpu_p95_s": float(np.percentile(off_cpu, 95)) if some else float("nan"),
+            "queued_p95_s": float(np.percentile([c.queued_s for c in some], 95)) if some else float("nan"),
         }
     return out
+
+
+def run_queue_seconds() -> float:
+    """How long this thread has been runnable but waiting for a core (the scheduler's schedstat)."""
+    with open("/proc/thread-self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 class CpuShares:
@@ -346,14 +385,12 @@ def soak(home: Path) -> dict:
     window_s = seconds / WINDOWS
     spawn = multiprocessing.get_context("spawn")
     recorder = Recorder()
-    with broker(home) as b, recorder.events.installed():
+    with broker(home) as b, recorder.installed():
         topic = f"bench.soak.{uuid.uuid4().hex[:6]}"
         ensure_topics(b.bootstrap, {topic: PARTITIONS, topic + ".dlq": 1})
         lake = home / "lake"
         cat, trades, rejected = temp_tables(lake)
         gaps = catalog.ensure_table(cat, "sequence_gaps")
-        live_writer.latency = recorder.latency
-        gc.callbacks.append(recorder.gc)
 
         def open_writer() -> live_writer.LiveWriter:
             return recorder.install(
@@ -370,17 +407,19 @@ def soak(home: Path) -> dict:
             )
 
         drain = BackgroundDrain(open_writer, cycle_seconds=CYCLE_SECONDS, lease_seconds=60, detected_by="soak")
-        fed, maintained, stop_maintaining = spawn.Queue(), spawn.Queue(), spawn.Event()
+        fed, maintained, probed, stop_maintaining = spawn.Queue(), spawn.Queue(), spawn.Queue(), spawn.Event()
         feeder = spawn.Process(target=feed_and_produce, args=(b.bootstrap, topic, seconds, fed), name="soak-feed")
         maintainer = spawn.Process(
             target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_maintaining, maintained)
         )
+        prober = spawn.Process(target=probe_disk, args=(lake / "disk-probe", stop_maintaining, probed), name="soak-probe")
         me = psutil.Process()
         cpu = CpuShares({"writer": os.getpid(), "broker": b.process.pid})
         windows, errors, rss, states = [], [], [], []
         try:
             feeder.start()
             maintainer.start()
+            prober.start()
             cpu.add("maintenance", maintainer.pid)
             cpu.add("feed+producer", feeder.pid)
             started, started_at = time.monotonic(), time.time()
@@ -397,7 +436,7 @@ def soak(home: Path) -> dict:
                     figures["rss_mb"] = max(r for t, r in rss if t >= window_start)
                     inside = [state for t, state in states if t >= window_start]
                     figures.update({key: max(state[key] for state in inside) for key in inside[-1]})
-                    figures["minute"] = (now - started) / 60
+                    figures["minute"], figures["span"] = (now - started) / 60, (window_start, now)
                     figures.update(cpu.since_last(), load_1min=os.getloadavg()[0])
                     # K2's own work per trade: flat if the writer's latency grows only from its neighbours' CPU.
                     cpu_ms = figures["writer_cores"] * (now - window_start) * 1000
@@ -422,12 +461,15 @@ def soak(home: Path) -> dict:
         finally:
             stop_maintaining.set()
             drain.stop()
-            live_writer.latency = recorder._latency
-            gc.callbacks.remove(recorder.gc)
             maintainer.join(120)
-            for child in (feeder, maintainer):
+            disk = probed.get(timeout=30) if prober.is_alive() or not probed.empty() else []
+            for child in (feeder, maintainer, prober):
+                child.join(5)
                 if child.is_alive():
                     child.kill()
+        for w in windows:
+            inside = [seconds for at, seconds in disk if w["span"][0] <= at < w["span"][1]]
+            w["disk_p95_s"] = float(np.percentile(inside, 95)) if inside else float("nan")
         runs = []
         while not maintained.empty():
             runs.append(maintained.get())
@@ -445,7 +487,7 @@ def soak(home: Path) -> dict:
 def render(results: dict) -> str:
     windows, runs = results["windows"], results["maintenance_runs"]
     header = f"{'window':<8} {'minute':>6} {'RSS MB':>8} {'commit p50 s':>12} {'commit p95 s':>12} {'its CPU p50 s':>13} "
-    header += f"{'metadata KB':>11} {'fresh p95 s':>11} "
+    header += f"{'metadata KB':>11} {'disk p95 s':>10} {'fresh p95 s':>11} "
     header += f"{'snapshots':>9} {'data files':>10} {'commits':>8} {'rows':>10}  "
     header += f"{'cores: writer broker maint feed':>31} {'load':>5}"
     lines = [
@@ -458,7 +500,8 @@ def render(results: dict) -> str:
     for i, w in enumerate(windows, 1):
         lines.append(
             f"{i:<8} {w['minute']:>6.1f} {w['rss_mb']:>8.0f} {w['commit_p50_s']:>12.3f} {w['commit_p95_s']:>12.3f} "
-            f"{w['commit_cpu_p50_s']:>13.3f} {w['metadata_kb_max']:>11.0f} {w['freshness_p95_s']:>11.2f} "
+            f"{w['commit_cpu_p50_s']:>13.3f} {w['metadata_kb_max']:>11.0f} {w['disk_p95_s']:>10.3f} "
+            f"{w['freshness_p95_s']:>11.2f} "
             f"{w['snapshots']:>9} {w['data_files']:>10} {w['commits']:>8} {w['rows']:>10,}  "
             f"{w['writer_cores']:>13.2f} {w['broker_cores']:>6.2f} {w['maintenance_cores']:>5.2f} "
             f"{w['feed+producer_cores']:>4.2f} {w['load_1min']:>5.2f}"
@@ -469,7 +512,8 @@ def render(results: dict) -> str:
         + ", ".join(f"{k} {v['ratio']:.2f}x {v['verdict']}" for k, v in results["flatness"].items())
         + f" (goal <= {FLAT:g}x); writer CPU per 1,000 trades {windows[0]['writer_cpu_ms_per_1k']:.0f} -> "
         + f"{windows[-1]['writer_cpu_ms_per_1k']:.0f} ms, broker {windows[0]['broker_cores']:.2f} -> "
-        + f"{windows[-1]['broker_cores']:.2f} cores",
+        + f"{windows[-1]['broker_cores']:.2f} cores; the disk alone (a metadata.json written and renamed every "
+        + f"{PROBE_EVERY_S:g} s) p95 {windows[0]['disk_p95_s']:.3f} -> {windows[-1]['disk_p95_s']:.3f} s",
         f"table {results['table_rows']:,} rows = {results['distinct_message_ids']:,} distinct message_ids; produced "
         f"{results['produced']['produced']:,}; drain errors {len(results['errors'])}; maintenance runs {len(runs)}: "
         + ", ".join(f"{key.replace('_', ' ')} {sum(r[key] for r in runs):,}" for key in MAINTENANCE_COUNTS)
@@ -513,11 +557,12 @@ def maintenance_profile(results: dict) -> list[str]:
 def kind_lines(windows: list[dict]) -> list[str]:
     """The commits by kind and window: a p95 that moves because the share of merging commits crossed 5% is not
     a p95 that grows."""
-    lines = ["commits by kind and window: count, wall p50 / p95 s, off-CPU p95 s"]
+    lines = ["commits by kind and window: count, wall p50 / p95 s, (off-CPU p95 s, of which waiting for a core p95 s)"]
     for i, w in enumerate(windows, 1):
         parts = []
         for kind, k in w["kinds"].items():
-            times = f" {k['p50_s']:.3f} / {k['p95_s']:.3f} ({k['off_cpu_p95_s']:.3f})" if k["commits"] else ""
+            times = f" {k['p50_s']:.3f} / {k['p95_s']:.3f} ({k['off_cpu_p95_s']:.3f}, {k['queued_p95_s']:.3f})"
+            times = times if k["commits"] else ""
             parts.append(f"{kind} {k['commits']}{times}")
         lines.append(f"  {i}: " + "; ".join(parts))
     return lines

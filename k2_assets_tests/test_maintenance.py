@@ -121,6 +121,26 @@ def test_expiry_keeps_the_time_travel_window(catalog, btcusdt_dir, broker, topic
     assert len(catalog.load_table("market.trades").metadata.snapshots) == snapshots
 
 
+def test_the_merge_s_files_reach_the_disk_before_it_returns(btcusdt_dir, broker, topic, catalog, monkeypatch, tmp_path):
+    trades = written_in_small_batches(btcusdt_dir, broker, topic, catalog, trades=3000, batch_rows=1000)
+    synced, fsync = [], os.fsync
+
+    def recorded(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    rows, files = maintenance._rewrite(trades.metadata, trades.io, list(trades.scan().plan_files()))
+    assert rows == 3000 and files
+    assert sorted(synced) == sorted(os.path.realpath(urlparse(f.file_path).path) for f in files)
+
+    spaced = tmp_path / "a day" / "x%.parquet"
+    spaced.parent.mkdir()
+    spaced.write_bytes(b"PAR1")
+    flushed = maintenance.flush_to_disk([spaced.as_uri(), str(spaced), "s3://bucket/warehouse/x.parquet"])
+    assert flushed == [str(spaced), str(spaced)]  # a file URL is unquoted; an object store's upload is left alone
+
+
 def test_compacting_an_empty_partition_writes_nothing(catalog):
     from k2_assets.core import catalog as k2_catalog
 

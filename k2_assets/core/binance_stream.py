@@ -74,8 +74,13 @@ class _Frames(WSListener):
                 self.producer.handle_frame(whole, time.time_ns() // 1000)
         elif kind is WSMsgType.CLOSE:
             self.ended = f"closed by the server: {frame.get_close_code()} {frame.get_close_message() or b''!r}"
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+            hang_up(transport, frame.get_close_code())
+
+
+def hang_up(transport: WSTransport, code: WSCloseCode = WSCloseCode.OK) -> None:
+    """Send a close frame with `code`, then drop the connection."""
+    transport.send_close(code)
+    transport.disconnect()
 
 
 class BinanceProducer:
@@ -250,15 +255,13 @@ class BinanceProducer:
             self._connecting = None
         self._ws = transport
         if self.stop_event.is_set():  # stop() came after the handshake ended, before this resumed
-            transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
+            hang_up(transport)
         _event("connected", url=self.url, last_trade_id=dict(self.stats.last_trade_id))
         try:
             async with asyncio.timeout(self.max_connection_seconds):
                 await transport.wait_disconnected()
         except TimeoutError:
-            transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
+            hang_up(transport)
             return  # renew the connection before the exchange cuts it
         finally:
             self._ws = None
@@ -272,8 +275,7 @@ class BinanceProducer:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._ws is not None:
-            self._ws.send_close(WSCloseCode.OK)
-            self._ws.disconnect()
+            hang_up(self._ws)
 
     def close(self, timeout: float = 5.0) -> None:  # inside the 10 s a Ctrl-C may take; what is left is counted
         remaining = self.producer.flush(timeout)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
 from zoneinfo import ZoneInfo
 
 import pyarrow.fs as pafs
@@ -244,7 +245,30 @@ def _rewrite(metadata: TableMetadata, io: FileIO, tasks: list[FileScanTask]) -> 
     if "exchange_timestamp" in rows.column_names:
         rows = rows.sort_by(writer.SORT_KEYS)
     sized = _sized_on_disk(metadata, rows.nbytes, _bytes(task.file for task in tasks))
-    return rows.num_rows, list(_dataframe_to_data_files(sized, rows, io, uuid.uuid4()))
+    files = list(_dataframe_to_data_files(sized, rows, io, uuid.uuid4()))
+    flush_to_disk(file.file_path for file in files)
+    return rows.num_rows, files
+
+
+def flush_to_disk(locations: Iterable[str]) -> list[str]:
+    """fsync the local files among `locations` (an object store's upload is durable once done); the paths flushed.
+
+    The commit that swaps them in comes after, so a crash cannot leave the table naming files that never reached
+    the disk. And the merge's tens of MiB are written out here, in the nicer child, rather than by the kernel's
+    writeback while the live writer's commits wait behind it."""
+    flushed = []
+    for location in locations:
+        parsed = urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            continue
+        path = unquote(parsed.path) if parsed.scheme else location
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        flushed.append(path)
+    return flushed
 
 
 def _sized_on_disk(metadata: TableMetadata, bytes_in_memory: int, bytes_on_disk: int) -> TableMetadata:
