@@ -5,9 +5,9 @@ Three processes beside the embedded broker, as in operation:
   writer           this process: the sensor's BackgroundDrain (k2_assets/core/live_drain.py) around a LiveWriter built as
                    the sensor builds it (1 s micro-batches, 20 s cycles reconciling market.sequence_gaps), harvested every
                    5 s as the daemon's ticks do. Its RSS is this process's.
-  maintenance      a child process: what table_maintenance_job does hourly, every MAINTENANCE_EVERY_S: compact the live
-                   day (file by file, beside the writer), thin and expire snapshots, remove orphan files, on a compressed
-                   schedule (below).
+  maintenance      a child process: what table_maintenance_job does hourly, every MAINTENANCE_EVERY_S: compact the open
+                   days by size tier and the day before whole (beside the writer), thin and expire snapshots, remove
+                   orphan files, on a compressed schedule (below).
   disk probe       a child process: a metadata.json-sized file written and renamed every PROBE_EVERY_S, the raw limit
                    of a commit's file writes on this disk, per window beside the commits.
 
@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,7 +101,8 @@ def probe_disk(directory: Path, stop, out) -> None:
         with open(directory / "probe.tmp", "wb") as f:
             f.write(payload)
         os.replace(directory / "probe.tmp", directory / "probe.json")
-        samples.append((time.monotonic(), time.monotonic() - start))
+        end = time.monotonic()
+        samples.append((end, end - start))
     out.put(samples)
 
 
@@ -122,22 +123,28 @@ def maintain_table(cat, name: str) -> dict:
     table = cat.load_table(f"market.{name}")
     timer = StepTimer()
     with timer("compact"):
-        compacted = maintenance.compact(table, writer.partition_filter("BINANCE", datetime.now(UTC).date()), final=False)
+        # The days the hourly job compacts: the open ones by size tier, the closed one before them whole (a soak
+        # that runs past midnight UTC leaves yesterday's small files to that).
+        live = maintenance.open_days()
+        runs = [
+            maintenance.compact(table, writer.partition_filter("BINANCE", day), final=day not in live)
+            for day in maintenance.days_to_compact(lookback_days=1)
+        ]
     with timer("expire"):
         expired = maintenance.expire(
             table, timedelta(seconds=RETAIN_S), dense=timedelta(seconds=DENSE_S), thin_to=timedelta(seconds=THIN_TO_S)
         )
     with timer("orphans"):
         removed = maintenance.remove_orphan_files(table, timedelta(seconds=ORPHAN_GRACE_S))
-    merged = bool(compacted.snapshot_id)
+    merged = [run for run in runs if run.snapshot_id]
     return {
         "table": name,
         "started": timer.started,
-        "files_compacted": compacted.files_before if merged else 0,
-        "rows_rewritten": compacted.rows if merged else 0,
-        "mib_in": compacted.bytes_before / 2**20 if merged else 0.0,
-        "mib_out": compacted.bytes_after / 2**20 if merged else 0.0,
-        "compact_attempts": compacted.attempts,
+        "files_compacted": sum(run.files_before for run in merged),
+        "rows_rewritten": sum(run.rows for run in merged),
+        "mib_in": sum(run.bytes_before for run in merged) / 2**20,
+        "mib_out": sum(run.bytes_after for run in merged) / 2**20,
+        "compact_attempts": sum(run.attempts for run in merged),
         "expired": expired,
         "orphans_removed": len(removed),
         "seconds": sum(timer.wall.values()),
@@ -407,12 +414,12 @@ def soak(home: Path) -> dict:
             )
 
         drain = BackgroundDrain(open_writer, cycle_seconds=CYCLE_SECONDS, lease_seconds=60, detected_by="soak")
-        fed, maintained, probed, stop_maintaining = spawn.Queue(), spawn.Queue(), spawn.Queue(), spawn.Event()
+        fed, maintained, probed, stop_children = spawn.Queue(), spawn.Queue(), spawn.Queue(), spawn.Event()
         feeder = spawn.Process(target=feed_and_produce, args=(b.bootstrap, topic, seconds, fed), name="soak-feed")
         maintainer = spawn.Process(
-            target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_maintaining, maintained)
+            target=maintain, args=(f"sqlite:///{lake}/catalog.db", f"file://{lake}/warehouse", stop_children, maintained)
         )
-        prober = spawn.Process(target=probe_disk, args=(lake / "disk-probe", stop_maintaining, probed), name="soak-probe")
+        prober = spawn.Process(target=probe_disk, args=(lake / "disk-probe", stop_children, probed), name="soak-probe")
         me = psutil.Process()
         cpu = CpuShares({"writer": os.getpid(), "broker": b.process.pid})
         windows, errors, rss, states = [], [], [], []
@@ -459,7 +466,7 @@ def soak(home: Path) -> dict:
                     break
                 time.sleep(TICK_SECONDS)
         finally:
-            stop_maintaining.set()
+            stop_children.set()
             drain.stop()
             maintainer.join(120)
             disk = probed.get(timeout=30) if prober.is_alive() or not probed.empty() else []
@@ -492,8 +499,8 @@ def render(results: dict) -> str:
     header += f"{'cores: writer broker maint feed':>31} {'load':>5}"
     lines = [
         f"Soak — {MINUTES:g} min at {RATE:,} trades/s through the sensor's BackgroundDrain; maintenance every "
-        f"{MAINTENANCE_EVERY_S:g} s (compact the live day; every snapshot of {DENSE_S:g} s, then one per {THIN_TO_S:g} s, "
-        f"for {RETAIN_S:g} s; orphan grace {ORPHAN_GRACE_S:g} s)",
+        f"{MAINTENANCE_EVERY_S:g} s (compact the open days, the day before whole; every snapshot of {DENSE_S:g} s, "
+        f"then one per {THIN_TO_S:g} s, for {RETAIN_S:g} s; orphan grace {ORPHAN_GRACE_S:g} s)",
         header,
         "-" * len(header),
     ]
@@ -561,9 +568,12 @@ def kind_lines(windows: list[dict]) -> list[str]:
     for i, w in enumerate(windows, 1):
         parts = []
         for kind, k in w["kinds"].items():
-            times = f" {k['p50_s']:.3f} / {k['p95_s']:.3f} ({k['off_cpu_p95_s']:.3f}, {k['queued_p95_s']:.3f})"
-            times = times if k["commits"] else ""
-            parts.append(f"{kind} {k['commits']}{times}")
+            if not k["commits"]:
+                parts.append(f"{kind} 0")
+                continue
+            parts.append(
+                f"{kind} {k['commits']} {k['p50_s']:.3f} / {k['p95_s']:.3f} ({k['off_cpu_p95_s']:.3f}, {k['queued_p95_s']:.3f})"
+            )
         lines.append(f"  {i}: " + "; ".join(parts))
     return lines
 

@@ -1,6 +1,6 @@
 """pyiceberg's commit path as K2 runs it (`iceberg_metadata_cache`): no deep copies of the metadata, parsed
 metadata files kept by location, and Avro readers kept by header schema. None may change what a commit writes, what
-a reader sees, or an earlier state."""
+a reader sees, or an earlier state; a metadata file holds the bytes pyiceberg itself would write."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pyiceberg.avro.file import AvroFile
 from pyiceberg.expressions import EqualTo
 from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
+from pyiceberg.serializers import ToOutputFile
 from pyiceberg.types import StringType
 
 from k2_assets.core import catalog as k2_catalog
@@ -69,6 +70,7 @@ def test_the_commit_path_is_k2s():
     assert pyiceberg.catalog.update_table_metadata is iceberg_metadata_cache.update_table_metadata
     assert pyiceberg.table.update_table_metadata is iceberg_metadata_cache.update_table_metadata
     assert AvroFile.__enter__ is iceberg_metadata_cache._enter_with_kept_reader
+    assert ToOutputFile.table_metadata is iceberg_metadata_cache._write_metadata
 
 
 @hypothesis.settings(max_examples=12, deadline=None)
@@ -108,6 +110,8 @@ def test_every_commit_writes_what_it_holds_and_leaves_earlier_states_unchanged(t
             with table.update_schema() as update:
                 update.add_column("note", StringType())
         assert table.metadata.model_dump_json() == on_disk(table), f"after {operation}"
+        with table.io.new_input(table.metadata_location).open() as written:
+            assert written.read() == table.metadata.model_dump_json().encode(), f"{operation}: not pyiceberg's own bytes"
         for metadata, dumped in earlier:
             assert metadata.model_dump_json() == dumped, f"{operation} changed an earlier metadata in place"
         earlier.append((table.metadata, table.metadata.model_dump_json()))

@@ -15,6 +15,10 @@ between hourly maintenance runs (every commit of the hour, until expiry thins th
   directory is kept, including the file this process just wrote: one per table, so a reader that follows a writer
   holds one version, not a history of them.
 
+- `ToOutputFile.table_metadata` dumps every snapshot on every commit, each summary through pydantic's Python
+  serializer: 36 ms of a 74 ms commit at 4,400 snapshots. Each snapshot's JSON is kept from the table's last
+  write, so a commit dumps the one it adds (the commit 47 ms; the file, 6 MB there, is still written whole). The
+  bytes written are pyiceberg's own, byte for byte.
 - Every manifest and manifest list read (`AvroFile.__enter__`) parses the schema JSON in the file's header into an
   Iceberg schema and resolves a reader tree from it: 4.5 ms of the 5.2 ms a manifest read took. A table's manifests
   share a few header schemas, so the pair is kept per (header schema, read schema, read types and enums); both are
@@ -32,24 +36,32 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import operator
 import threading
 from collections import OrderedDict
 from datetime import datetime
+from typing import NamedTuple
 
 import pyiceberg.catalog
 import pyiceberg.table
 from pyiceberg.avro.decoder import new_decoder
 from pyiceberg.avro.file import _SCHEMA_KEY, AvroFile
 from pyiceberg.avro.resolver import resolve_reader
-from pyiceberg.serializers import FromInputFile, ToOutputFile
+from pyiceberg.serializers import Compressor, FromInputFile, ToOutputFile
 from pyiceberg.table import Transaction
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.update import _apply_table_update, _TableMetadataUpdateContext, _update_table_metadata_log
 from pyiceberg.table.update import update_table_metadata as _deep_copying
+from pyiceberg.typedef import UTF8
+from pyiceberg.utils.config import Config
 from pyiceberg.utils.datetime import datetime_to_millis
 
 # pyiceberg 0.12.0's functions, hashed: each copy below is used only while its original matches.
-COPIED_FROM = {"update_table_metadata": "cdfaa6553c2f4d68", "AvroFile.__enter__": "ee6d6eda1ce049c8"}
+COPIED_FROM = {
+    "update_table_metadata": "cdfaa6553c2f4d68",
+    "AvroFile.__enter__": "ee6d6eda1ce049c8",
+    "ToOutputFile.table_metadata": "5fae1315550ee2b5",
+}
 log = logging.getLogger("k2.catalog")
 
 
@@ -109,9 +121,68 @@ def _read_metadata(input_file, encoding: str = "utf-8") -> TableMetadata:
     return metadata
 
 
-def _write_metadata(metadata: TableMetadata, output_file, overwrite: bool = False) -> None:
+def _write_and_keep(metadata: TableMetadata, output_file, overwrite: bool = False) -> None:
     _write_file(metadata, output_file, overwrite)
     _keep(output_file.location, metadata)
+
+
+def _write_metadata(metadata: TableMetadata, output_file, overwrite: bool = False) -> None:
+    """pyiceberg's `ToOutputFile.table_metadata`, each snapshot serialized once (`_metadata_json`)."""
+    with output_file.create(overwrite=overwrite) as output_stream:
+        # As pyiceberg: None values are dumped only to write a None current-snapshot-id as -1.
+        exclude_none = not Config().get_bool("legacy-current-snapshot-id")
+        json_bytes = _metadata_json(metadata, _directory(output_file.location)) if exclude_none else None
+        if json_bytes is None:
+            json_bytes = metadata.model_dump_json(exclude_none=exclude_none).encode(UTF8)
+        output_stream.write(Compressor.get_compressor(output_file.location).bytes_compressor()(json_bytes))
+    _keep(output_file.location, metadata)
+
+
+class _Dumped(NamedTuple):
+    snapshots: list  # the snapshots of the table's last write, in order
+    joined: bytes  # their JSON, comma-separated
+    by_id: dict[int, tuple]  # snapshot id -> (snapshot, its JSON)
+
+
+_SNAPSHOTS_MARK = '"snapshots":[]'
+_dumped: dict[str, _Dumped] = {}  # metadata directory -> its last write's snapshots
+_dumped_lock = threading.Lock()
+
+
+def _metadata_json(metadata: TableMetadata, directory: str) -> bytes | None:
+    """The metadata as pyiceberg dumps it, with the snapshots' JSON kept from the table's last write: a snapshot
+    never changes once committed (the models are frozen; a change is a new object), and a commit adds one at the
+    end. Dumping thousands of snapshots, each summary through pydantic's Python serializer, was half of a commit at
+    depth. None where pyiceberg writes them otherwise (format v1 drops their sequence numbers)."""
+    if metadata.format_version < 2:
+        return None
+    rest = metadata.model_copy(update={"snapshots": []}).model_dump_json()
+    if rest.count(_SNAPSHOTS_MARK) != 1:
+        return None
+    snapshots = metadata.snapshots
+    with _dumped_lock:
+        last = _dumped.get(directory)
+        if last is not None and len(snapshots) >= len(last.snapshots) and all(map(operator.is_, last.snapshots, snapshots)):
+            by_id = last.by_id  # appended to: the usual commit
+            added = [_snapshot_entry(snapshot, by_id) for snapshot in snapshots[len(last.snapshots) :]]
+            joined = b",".join([last.joined, *added]) if last.joined else b",".join(added)
+        else:  # the first write here, or expiry removed some: each snapshot's JSON from its last dump
+            kept, by_id = last.by_id if last else {}, {}
+            for snapshot in snapshots:
+                entry = kept.get(snapshot.snapshot_id)
+                by_id[snapshot.snapshot_id] = entry if entry is not None and entry[0] is snapshot else (snapshot, None)
+            joined = b",".join([_snapshot_entry(snapshot, by_id) for snapshot in snapshots])
+        _dumped[directory] = _Dumped(list(snapshots), joined, by_id)
+    head, tail = rest.encode(UTF8).split(_SNAPSHOTS_MARK.encode(), 1)
+    return b"".join([head, b'"snapshots":[', joined, b"]", tail])
+
+
+def _snapshot_entry(snapshot, by_id: dict[int, tuple]) -> bytes:
+    """The snapshot's JSON, dumped now unless `by_id` holds it; `by_id` then holds it."""
+    entry = by_id.get(snapshot.snapshot_id)
+    if entry is None or entry[0] is not snapshot or entry[1] is None:
+        entry = by_id[snapshot.snapshot_id] = (snapshot, snapshot.model_dump_json().encode(UTF8))
+    return entry[1]
 
 
 _READERS_KEPT = 64
@@ -166,7 +237,11 @@ def install() -> None:
         else:
             log.warning("pyiceberg's AvroFile.__enter__ changed since K2 copied it: every read parses its header again")
         FromInputFile.table_metadata = staticmethod(_read_metadata)
-        ToOutputFile.table_metadata = staticmethod(_write_metadata)
+        if _copied_from_this_pyiceberg("ToOutputFile.table_metadata", _write_file):
+            ToOutputFile.table_metadata = staticmethod(_write_metadata)
+        else:
+            log.warning("pyiceberg's ToOutputFile.table_metadata changed since K2 copied it: every write dumps every snapshot")
+            ToOutputFile.table_metadata = staticmethod(_write_and_keep)
 
 
 _PROPERTY = property(_table_metadata)

@@ -70,24 +70,23 @@ def message_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> tu
 
     A futures event says how the trade came about (X); only MARKET trades form prices. Spot trades are all MARKET.
     On the producer's hot path (one call per frame): exact type tests instead of isinstance (which also lets
-    bool through as int), one regex per decimal, a cache of symbols already accepted, and the message written
-    from a template rather than a dict and a JSON encoder (half the cost). Every value placed in the template
-    unquoted is checked first to need no JSON escape: digits, decimals, an upper-case alphanumeric symbol, or
-    K2's own constants; the one free-form value (M) goes through orjson."""
+    bool through as int), one regex per decimal, the message's per-symbol text cached once the symbol is
+    accepted, and the message written from a template rather than a dict and a JSON encoder (half the cost).
+    Every value placed in the template unquoted is checked first to need no JSON escape: digits, decimals, an
+    upper-case alphanumeric symbol, or K2's own constants; the one free-form value (M) goes through orjson."""
     get = event.get
     if get("e") != "trade":
         raise InvalidEvent(f"event type {get('e')!r} is not 'trade'")
     symbol, trade_id, price, qty, trade_time, maker = get("s"), get("t"), get("p"), get("q"), get("T"), get("m")
-    currency = _ACCEPTED_SYMBOLS.get(symbol) if type(symbol) is str else None
-    if currency is None:
-        currency = _accept_symbol(symbol)
+    parts = _SYMBOL_PARTS.get((market.exchange, symbol)) if type(symbol) is str else None
+    if parts is None:
+        parts = _symbol_parts(market, symbol)
     if type(trade_id) is not int or trade_id < 0:
         raise InvalidEvent(f"trade id {trade_id!r} is not a non-negative integer")
-    for name, value in (("price", price), ("quantity", qty)):
-        if type(value) is not str or _DECIMAL(value) is None:
-            raise InvalidEvent(f"{name} {value!r} is not a decimal string that fits decimal(18,8)")
-        if not value.strip("0."):
-            raise InvalidEvent(f"{name} {value} must be greater than zero")
+    if type(price) is not str or _DECIMAL(price) is None or not price.strip("0."):
+        raise _invalid_decimal("price", price)
+    if type(qty) is not str or _DECIMAL(qty) is None or not qty.strip("0."):
+        raise _invalid_decimal("quantity", qty)
     if type(trade_time) is not int or trade_time <= 0:
         raise InvalidEvent(f"trade time {trade_time!r} is not epoch milliseconds")
     if type(maker) is not bool:
@@ -103,12 +102,10 @@ def message_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> tu
         best = event["M"]
         best = '"True"' if best is True else orjson.dumps(str(best)).decode()
         vendor = f'{vendor},"is_best_match":{best}' if vendor else f'"is_best_match":{best}'
-    exchange = market.exchange
     trade_us = trade_time * 1000
     # m: the buyer is the maker, so the aggressor sold.
     message = (
-        f'{{"message_id":"{exchange}:{symbol}:{trade_id}","trade_id":"{trade_id}","exchange":"{exchange}",'
-        f'"symbol":"{symbol}","asset_class":"CRYPTO","currency":"{currency}","side":"{"SELL" if maker else "BUY"}",'
+        f'{parts[0]}{trade_id}","trade_id":"{trade_id}{parts[1]}{"SELL" if maker else "BUY"}",'
         f'"price":"{price}","quantity":"{qty}","exchange_timestamp":{trade_us},'
         f'"trade_date":"{_utc_day(trade_time // 86_400_000)}","ingest_timestamp":{ingest_us},'
         f'"source_sequence":{trade_id},"trade_conditions":[],"venue":null,"vendor_data":{{{vendor}}},'
@@ -118,18 +115,30 @@ def message_from_event(event: dict, ingest_us: int, market: Market = SPOT) -> tu
 
 
 _DECIMAL = re.compile(DECIMAL_TEXT, re.ASCII).fullmatch
-_ACCEPTED_SYMBOLS: dict[str, str] = {}  # symbol -> quote currency, once validated
+# (exchange, symbol) -> the message's text before the trade id, and between the trade id and the side, once accepted
+_SYMBOL_PARTS: dict[tuple[str, str], tuple[str, str]] = {}
 
 
-def _accept_symbol(symbol) -> str:
+def _symbol_parts(market: Market, symbol) -> tuple[str, str]:
     if not isinstance(symbol, str) or not symbol.isalnum() or not symbol.isupper():
         raise InvalidEvent(f"symbol {symbol!r} is not an upper-case Binance symbol")
     currency = quote_currency(symbol)
     if currency is None:
         raise InvalidEvent(f"no known quote currency at the end of symbol {symbol}")
-    if len(_ACCEPTED_SYMBOLS) < 4096:
-        _ACCEPTED_SYMBOLS[symbol] = currency
-    return currency
+    exchange = market.exchange
+    parts = (
+        f'{{"message_id":"{exchange}:{symbol}:',
+        f'","exchange":"{exchange}","symbol":"{symbol}","asset_class":"CRYPTO","currency":"{currency}","side":"',
+    )
+    if len(_SYMBOL_PARTS) < 4096:
+        _SYMBOL_PARTS[exchange, symbol] = parts
+    return parts
+
+
+def _invalid_decimal(name: str, value) -> InvalidEvent:
+    if type(value) is not str or _DECIMAL(value) is None:
+        return InvalidEvent(f"{name} {value!r} is not a decimal string that fits decimal(18,8)")
+    return InvalidEvent(f"{name} {value} must be greater than zero")
 
 
 @lru_cache(maxsize=8)
