@@ -167,10 +167,8 @@ def _metadata_json(metadata: TableMetadata, directory: str) -> bytes | None:
             added = [_snapshot_entry(snapshot, by_id) for snapshot in snapshots[len(last.snapshots) :]]
             joined = b",".join([last.joined, *added]) if last.joined else b",".join(added)
         else:  # the first write here, or expiry removed some: each snapshot's JSON from its last dump
-            kept, by_id = last.by_id if last else {}, {}
-            for snapshot in snapshots:
-                entry = kept.get(snapshot.snapshot_id)
-                by_id[snapshot.snapshot_id] = entry if entry is not None and entry[0] is snapshot else (snapshot, None)
+            kept = last.by_id if last else {}
+            by_id = {s.snapshot_id: kept[s.snapshot_id] for s in snapshots if s.snapshot_id in kept}
             joined = b",".join([_snapshot_entry(snapshot, by_id) for snapshot in snapshots])
         _dumped[directory] = _Dumped(list(snapshots), joined, by_id)
     head, tail = rest.encode(UTF8).split(_SNAPSHOTS_MARK.encode(), 1)
@@ -180,7 +178,7 @@ def _metadata_json(metadata: TableMetadata, directory: str) -> bytes | None:
 def _snapshot_entry(snapshot, by_id: dict[int, tuple]) -> bytes:
     """The snapshot's JSON, dumped now unless `by_id` holds it; `by_id` then holds it."""
     entry = by_id.get(snapshot.snapshot_id)
-    if entry is None or entry[0] is not snapshot or entry[1] is None:
+    if entry is None or entry[0] is not snapshot:
         entry = by_id[snapshot.snapshot_id] = (snapshot, snapshot.model_dump_json().encode(UTF8))
     return entry[1]
 
